@@ -1,0 +1,39 @@
+# Makefile for usage_billing (PGXS)
+
+EXTENSION    = usage_billing
+EXTVERSION   = $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" $(EXTENSION).control)
+MODULE_big   = usage_billing
+OBJS = \
+	src/usage_billing.o \
+	src/periods.o \
+	src/catalog.o \
+	src/pricing.o \
+	src/record.o \
+	src/limits.o \
+	src/summary.o \
+	src/invoice.o \
+	src/shmem.o \
+	src/export_worker.o \
+	src/stripe_client.o
+
+DATA = $(wildcard sql/$(EXTENSION)--*.sql)
+
+PG_CPPFLAGS = -I$(srcdir)/src
+PG_CFLAGS   = -Wall -Wextra -Werror -Wno-unused-parameter -Wno-sign-compare -Wno-missing-field-initializers
+SHLIB_LINK  = -lcurl -lcjson
+
+# pg_regress: a throwaway instance with the library preloaded
+REGRESS      = $(patsubst sql/%.sql,%,$(filter-out sql/$(EXTENSION)--%,$(wildcard sql/*.sql)))
+REGRESS_OPTS = --temp-instance=tmp_check_regress --temp-config=$(srcdir)/test/regress.conf
+
+# isolation specs live in test/isolation/{specs,expected}
+ISOLATION      = $(patsubst test/isolation/specs/%.spec,%,$(wildcard test/isolation/specs/*.spec))
+ISOLATION_OPTS = --temp-instance=tmp_check_iso --temp-config=$(srcdir)/test/regress.conf \
+	--inputdir=$(srcdir)/test/isolation --outputdir=test/isolation/output_iso
+
+TAP_TESTS   = 1
+PROVE_TESTS = test/t/*.pl
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs)
+include $(PGXS)

@@ -1,0 +1,595 @@
+/* usage_billing--1.0.sql: schema, views and function declarations of version 1.0 */
+
+\echo Use "CREATE EXTENSION usage_billing" to load this file. \quit
+
+/*
+ * Vocabulary
+ *   meter      a named kind of usage ('api_calls') with an aggregation
+ *   plan       a price list: base fee per period plus one limit row per meter
+ *   period     a customer's billing period: [billing_anchor + k*period, billing_anchor + (k+1)*period)
+ *              computed in UTC with month-end clamping
+ *   ledger     usage_events: every accepted event and correction, append-only
+ *   aggregate  usage_aggregates: the per (customer, meter, period) total kept current by
+ *              increment_usage in the same transaction, so reads never scan the ledger
+ */
+
+-- ---------------------------------------------------------------------------
+-- Catalog
+-- ---------------------------------------------------------------------------
+
+CREATE TABLE usage_billing.meters (
+    meter             text PRIMARY KEY
+                      CHECK (meter <> '' AND length(meter) <= 200),
+    aggregation       text NOT NULL DEFAULT 'sum'
+                      CHECK (aggregation IN ('count', 'sum', 'max', 'last', 'unique_count')),
+    unit              text,
+    display_name      text,
+    stripe_event_name text CHECK (stripe_event_name <> '' AND length(stripe_event_name) <= 100),
+    value_property    text CHECK (value_property <> ''),
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    CHECK (aggregation <> 'unique_count' OR value_property IS NOT NULL)
+);
+COMMENT ON TABLE usage_billing.meters IS
+    'Meters: the kinds of usage apps record, with their aggregation and Stripe event name.';
+
+CREATE TABLE usage_billing.plans (
+    plan        text PRIMARY KEY CHECK (plan <> '' AND length(plan) <= 200),
+    base_price  numeric NOT NULL DEFAULT 0 CHECK (base_price >= 0),
+    currency    text NOT NULL DEFAULT 'usd' CHECK (currency ~ '^[a-z]{3}$'),
+    period      interval NOT NULL DEFAULT '1 month',
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE usage_billing.plans IS
+    'Plans: base price per billing period, currency and period length.';
+
+CREATE TABLE usage_billing.plan_limits (
+    plan            text NOT NULL REFERENCES usage_billing.plans ON DELETE CASCADE,
+    meter           text NOT NULL REFERENCES usage_billing.meters ON DELETE CASCADE,
+    included        numeric CHECK (included >= 0),
+    hard_cap        boolean NOT NULL DEFAULT false,
+    overage_price   numeric CHECK (overage_price >= 0),
+    overage_unit    numeric NOT NULL DEFAULT 1 CHECK (overage_unit > 0),
+    soft_threshold  numeric DEFAULT 0.8 CHECK (soft_threshold >= 0),
+    tiers           jsonb,
+    tier_mode       text NOT NULL DEFAULT 'graduated' CHECK (tier_mode IN ('graduated', 'volume')),
+    PRIMARY KEY (plan, meter),
+    CHECK (NOT hard_cap OR included IS NOT NULL),
+    CHECK (tiers IS NULL OR overage_price IS NULL)
+);
+COMMENT ON TABLE usage_billing.plan_limits IS
+    'Per plan and meter: included quantity, hard cap, soft threshold and overage pricing.';
+
+CREATE TABLE usage_billing.customers (
+    customer_id        text PRIMARY KEY CHECK (customer_id <> '' AND length(customer_id) <= 200),
+    plan               text NOT NULL REFERENCES usage_billing.plans,
+    billing_anchor     timestamptz NOT NULL,
+    stripe_customer_id text CHECK (stripe_customer_id <> ''),
+    status             text NOT NULL DEFAULT 'active'
+                       CHECK (status IN ('active', 'suspended', 'canceled')),
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    updated_at         timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE usage_billing.customers IS
+    'Customers: plan, billing anchor, Stripe customer id and status.';
+
+CREATE TABLE usage_billing.customer_limits (
+    customer_id text NOT NULL REFERENCES usage_billing.customers ON DELETE CASCADE,
+    meter       text NOT NULL REFERENCES usage_billing.meters ON DELETE CASCADE,
+    included    numeric NOT NULL CHECK (included >= 0),
+    hard_cap    boolean,
+    PRIMARY KEY (customer_id, meter)
+);
+COMMENT ON TABLE usage_billing.customer_limits IS
+    'Per-customer overrides of a plan limit; hard_cap NULL inherits the plan''s.';
+
+-- ---------------------------------------------------------------------------
+-- Ledger and aggregates
+-- ---------------------------------------------------------------------------
+
+CREATE TABLE usage_billing.usage_events (
+    event_id        bigint GENERATED ALWAYS AS IDENTITY,
+    customer_id     text NOT NULL,
+    meter           text NOT NULL,
+    period_start    timestamptz NOT NULL,
+    occurred_at     timestamptz NOT NULL,
+    amount          numeric NOT NULL,
+    idempotency_key text,
+    properties      jsonb,
+    kind            text NOT NULL DEFAULT 'usage' CHECK (kind IN ('usage', 'adjustment', 'void')),
+    voided_event_id bigint,
+    reason          text,
+    recorded_by     name NOT NULL DEFAULT current_user,
+    recorded_at     timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX usage_events_idempotency_idx
+    ON usage_billing.usage_events (customer_id, idempotency_key)
+    WHERE idempotency_key IS NOT NULL;
+CREATE INDEX usage_events_customer_time_idx
+    ON usage_billing.usage_events (customer_id, meter, occurred_at);
+COMMENT ON TABLE usage_billing.usage_events IS
+    'Append-only ledger of every accepted usage event and correction.';
+
+CREATE TABLE usage_billing.usage_aggregates (
+    customer_id  text NOT NULL,
+    meter        text NOT NULL,
+    period_start timestamptz NOT NULL,
+    period_end   timestamptz NOT NULL,
+    total        numeric NOT NULL DEFAULT 0,
+    event_count  bigint NOT NULL DEFAULT 0,
+    first_usage  timestamptz,
+    last_usage   timestamptz,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (customer_id, meter, period_start)
+);
+COMMENT ON TABLE usage_billing.usage_aggregates IS
+    'Current aggregate per customer, meter and billing period, kept in step with the ledger.';
+
+CREATE TABLE usage_billing.usage_unique_values (
+    customer_id  text NOT NULL,
+    meter        text NOT NULL,
+    period_start timestamptz NOT NULL,
+    value        text NOT NULL,
+    PRIMARY KEY (customer_id, meter, period_start, value)
+);
+COMMENT ON TABLE usage_billing.usage_unique_values IS
+    'Distinct values seen by unique_count meters, per customer, meter and period.';
+
+-- ---------------------------------------------------------------------------
+-- C functions: periods
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION usage_billing.period_bounds(
+    billing_anchor timestamptz, period interval, at timestamptz,
+    OUT period_start timestamptz, OUT period_end timestamptz)
+RETURNS record
+AS 'MODULE_PATHNAME', 'ub_period_bounds'
+LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.period_bounds(timestamptz, interval, timestamptz) IS
+    'The billing period [period_start, period_end) that contains "at" (UTC, month-end clamping).';
+
+-- ---------------------------------------------------------------------------
+-- Catalog administration (small helpers, PL/pgSQL)
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION usage_billing.check_name(what text, value text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF value IS NULL OR value = '' THEN
+        RAISE EXCEPTION '% must not be empty', what
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The %s given was %s.', what,
+                                  CASE WHEN value IS NULL THEN 'NULL' ELSE 'an empty string' END);
+    END IF;
+    IF length(value) > 200 THEN
+        RAISE EXCEPTION '% is too long', what
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The %s has %s characters; at most 200 are allowed.', what, length(value));
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.check_name(text, text) IS
+    'Internal: raises 22023 for an empty, NULL or over-long name.';
+
+CREATE FUNCTION usage_billing.create_meter(
+    meter text,
+    aggregation text DEFAULT 'sum',
+    unit text DEFAULT NULL,
+    display_name text DEFAULT NULL,
+    stripe_event_name text DEFAULT NULL,
+    value_property text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_billing.check_name('meter name', meter);
+    IF aggregation IS NULL OR aggregation NOT IN ('count', 'sum', 'max', 'last', 'unique_count') THEN
+        RAISE EXCEPTION 'invalid aggregation "%"', aggregation
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use one of count, sum, max, last or unique_count.';
+    END IF;
+    IF aggregation = 'unique_count' AND (value_property IS NULL OR value_property = '') THEN
+        RAISE EXCEPTION 'unique_count meter "%" needs a value_property', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Name the properties key whose distinct values are counted, e.g. value_property => ''user_id''.';
+    END IF;
+    IF stripe_event_name IS NOT NULL AND (stripe_event_name = '' OR length(stripe_event_name) > 100) THEN
+        RAISE EXCEPTION 'invalid Stripe event name for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Stripe event names must have between 1 and 100 characters.';
+    END IF;
+    IF EXISTS (SELECT 1 FROM usage_billing.meters m WHERE m.meter = create_meter.meter) THEN
+        RAISE EXCEPTION 'meter "%" already exists', meter
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    INSERT INTO usage_billing.meters (meter, aggregation, unit, display_name, stripe_event_name, value_property)
+    VALUES (meter, aggregation, unit, display_name, stripe_event_name, value_property);
+END
+$$;
+COMMENT ON FUNCTION usage_billing.create_meter(text, text, text, text, text, text) IS
+    'Creates a meter; aggregation is count, sum, max, last or unique_count.';
+
+CREATE FUNCTION usage_billing.create_plan(
+    plan text,
+    base_price numeric DEFAULT 0,
+    currency text DEFAULT 'usd',
+    period interval DEFAULT '1 month')
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_billing.check_name('plan name', plan);
+    IF base_price IS NULL OR base_price < 0 OR base_price = 'NaN'::numeric THEN
+        RAISE EXCEPTION 'invalid base price for plan "%"', plan
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The base price must be zero or positive, not %s.', coalesce(base_price::text, 'NULL'));
+    END IF;
+    IF currency IS NULL OR lower(currency) !~ '^[a-z]{3}$' THEN
+        RAISE EXCEPTION 'invalid currency "%"', currency
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use a three-letter ISO 4217 code such as usd or eur.';
+    END IF;
+    IF period IS NULL OR period <= interval '0' THEN
+        RAISE EXCEPTION 'invalid billing period for plan "%"', plan
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The period must be positive, not %s.', coalesce(period::text, 'NULL'));
+    END IF;
+    IF EXISTS (SELECT 1 FROM usage_billing.plans p WHERE p.plan = create_plan.plan) THEN
+        RAISE EXCEPTION 'plan "%" already exists', plan
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    INSERT INTO usage_billing.plans (plan, base_price, currency, period)
+    VALUES (plan, base_price, lower(currency), period);
+END
+$$;
+COMMENT ON FUNCTION usage_billing.create_plan(text, numeric, text, interval) IS
+    'Creates a plan with a base price per billing period.';
+
+CREATE FUNCTION usage_billing.validate_tiers(tiers jsonb)
+RETURNS void
+AS 'MODULE_PATHNAME', 'ub_validate_tiers'
+LANGUAGE C IMMUTABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.validate_tiers(jsonb) IS
+    'Raises 22023 unless tiers is a valid tier list (sorted, last open-ended, no negatives).';
+
+CREATE FUNCTION usage_billing.set_plan_limit(
+    plan text,
+    meter text,
+    included numeric DEFAULT NULL,
+    hard_cap boolean DEFAULT false,
+    overage_price numeric DEFAULT NULL,
+    overage_unit numeric DEFAULT 1,
+    soft_threshold numeric DEFAULT 0.8,
+    tiers jsonb DEFAULT NULL,
+    tier_mode text DEFAULT 'graduated')
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM usage_billing.plans p WHERE p.plan = set_plan_limit.plan) THEN
+        RAISE EXCEPTION 'plan "%" does not exist', plan
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM usage_billing.meters m WHERE m.meter = set_plan_limit.meter) THEN
+        RAISE EXCEPTION 'meter "%" does not exist', meter
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF included < 0 OR included = 'NaN'::numeric OR included = 'Infinity'::numeric THEN
+        RAISE EXCEPTION 'invalid included quantity for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The included quantity must be a finite number of zero or more, not %s.', included);
+    END IF;
+    IF hard_cap IS NULL THEN
+        hard_cap := false;
+    END IF;
+    IF hard_cap AND included IS NULL THEN
+        RAISE EXCEPTION 'hard cap on meter "%" needs an included quantity', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Give included, or set hard_cap => false for an unlimited meter.';
+    END IF;
+    IF overage_price < 0 OR overage_price = 'NaN'::numeric OR overage_price = 'Infinity'::numeric THEN
+        RAISE EXCEPTION 'invalid overage price for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The overage price must be a finite number of zero or more, not %s.', overage_price);
+    END IF;
+    IF overage_unit IS NULL OR overage_unit <= 0 OR overage_unit = 'NaN'::numeric OR overage_unit = 'Infinity'::numeric THEN
+        RAISE EXCEPTION 'invalid overage unit for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The overage unit must be greater than zero, not %s.', coalesce(overage_unit::text, 'NULL'));
+    END IF;
+    IF soft_threshold < 0 OR soft_threshold = 'NaN'::numeric OR soft_threshold = 'Infinity'::numeric THEN
+        RAISE EXCEPTION 'invalid soft threshold for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The soft threshold is a fraction of included and must be zero or more, not %s.', soft_threshold);
+    END IF;
+    IF tier_mode IS NULL OR tier_mode NOT IN ('graduated', 'volume') THEN
+        RAISE EXCEPTION 'invalid tier mode "%"', tier_mode
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use graduated or volume.';
+    END IF;
+    IF tiers IS NOT NULL THEN
+        IF overage_price IS NOT NULL THEN
+            RAISE EXCEPTION 'meter "%" cannot have both tiers and an overage price', meter
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Tiers price the whole quantity; express a free allowance as a first tier with unit_price 0.';
+        END IF;
+        PERFORM usage_billing.validate_tiers(tiers);
+    END IF;
+
+    INSERT INTO usage_billing.plan_limits AS l
+        (plan, meter, included, hard_cap, overage_price, overage_unit, soft_threshold, tiers, tier_mode)
+    VALUES (plan, meter, included, hard_cap, overage_price, overage_unit, soft_threshold, tiers, tier_mode)
+    ON CONFLICT ON CONSTRAINT plan_limits_pkey DO UPDATE
+        SET included = EXCLUDED.included,
+            hard_cap = EXCLUDED.hard_cap,
+            overage_price = EXCLUDED.overage_price,
+            overage_unit = EXCLUDED.overage_unit,
+            soft_threshold = EXCLUDED.soft_threshold,
+            tiers = EXCLUDED.tiers,
+            tier_mode = EXCLUDED.tier_mode;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.set_plan_limit(text, text, numeric, boolean, numeric, numeric, numeric, jsonb, text) IS
+    'Inserts or replaces the limit and pricing of a meter in a plan.';
+
+CREATE FUNCTION usage_billing.upsert_customer(
+    customer_id text,
+    plan text,
+    billing_anchor timestamptz DEFAULT NULL,
+    stripe_customer_id text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_billing.check_name('customer id', customer_id);
+    IF billing_anchor IN ('infinity'::timestamptz, '-infinity'::timestamptz) THEN
+        RAISE EXCEPTION 'invalid billing anchor for customer "%"', customer_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'The billing anchor must be a finite timestamp.';
+    END IF;
+    IF stripe_customer_id = '' THEN
+        RAISE EXCEPTION 'Stripe customer id must not be empty'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF plan IS NOT NULL AND NOT EXISTS (SELECT 1 FROM usage_billing.plans p WHERE p.plan = upsert_customer.plan) THEN
+        RAISE EXCEPTION 'plan "%" does not exist', plan
+            USING ERRCODE = 'no_data_found';
+    END IF;
+
+    UPDATE usage_billing.customers c
+       SET plan = coalesce(upsert_customer.plan, c.plan),
+           billing_anchor = coalesce(upsert_customer.billing_anchor, c.billing_anchor),
+           stripe_customer_id = coalesce(upsert_customer.stripe_customer_id, c.stripe_customer_id),
+           updated_at = now()
+     WHERE c.customer_id = upsert_customer.customer_id;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+
+    IF plan IS NULL THEN
+        RAISE EXCEPTION 'a new customer needs a plan'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Customer "%s" does not exist yet.', customer_id);
+    END IF;
+    INSERT INTO usage_billing.customers (customer_id, plan, billing_anchor, stripe_customer_id)
+    VALUES (customer_id, plan,
+            coalesce(billing_anchor, date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+            stripe_customer_id)
+    ON CONFLICT ON CONSTRAINT customers_pkey DO UPDATE
+        SET plan = EXCLUDED.plan,
+            billing_anchor = coalesce(upsert_customer.billing_anchor, usage_billing.customers.billing_anchor),
+            stripe_customer_id = coalesce(EXCLUDED.stripe_customer_id, usage_billing.customers.stripe_customer_id),
+            updated_at = now();
+END
+$$;
+COMMENT ON FUNCTION usage_billing.upsert_customer(text, text, timestamptz, text) IS
+    'Creates a customer, or changes its plan, billing anchor or Stripe id (NULL = unchanged).';
+
+CREATE FUNCTION usage_billing.set_customer_limit(
+    customer_id text, meter text, included numeric, hard_cap boolean DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM usage_billing.customers c WHERE c.customer_id = set_customer_limit.customer_id) THEN
+        RAISE EXCEPTION 'customer "%" does not exist', customer_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM usage_billing.meters m WHERE m.meter = set_customer_limit.meter) THEN
+        RAISE EXCEPTION 'meter "%" does not exist', meter
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF included IS NULL THEN
+        DELETE FROM usage_billing.customer_limits l
+         WHERE l.customer_id = set_customer_limit.customer_id AND l.meter = set_customer_limit.meter;
+        RETURN;
+    END IF;
+    IF included < 0 OR included = 'NaN'::numeric OR included = 'Infinity'::numeric THEN
+        RAISE EXCEPTION 'invalid included quantity for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The included quantity must be a finite number of zero or more, not %s.', included);
+    END IF;
+    INSERT INTO usage_billing.customer_limits AS l (customer_id, meter, included, hard_cap)
+    VALUES (customer_id, meter, included, hard_cap)
+    ON CONFLICT ON CONSTRAINT customer_limits_pkey DO UPDATE
+        SET included = EXCLUDED.included, hard_cap = EXCLUDED.hard_cap;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.set_customer_limit(text, text, numeric, boolean) IS
+    'Overrides one plan limit for one customer; included NULL removes the override.';
+
+CREATE FUNCTION usage_billing.set_customer_status(customer_id text, status text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF status IS NULL OR status NOT IN ('active', 'suspended', 'canceled') THEN
+        RAISE EXCEPTION 'invalid customer status "%"', status
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use active, suspended or canceled.';
+    END IF;
+    UPDATE usage_billing.customers c
+       SET status = set_customer_status.status, updated_at = now()
+     WHERE c.customer_id = set_customer_status.customer_id;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'customer "%" does not exist', customer_id
+            USING ERRCODE = 'no_data_found';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.set_customer_status(text, text) IS
+    'Sets a customer''s status: active, suspended or canceled (usage of non-active customers raises PT403).';
+
+-- ---------------------------------------------------------------------------
+-- Hot path and reading (C)
+-- ---------------------------------------------------------------------------
+
+CREATE FUNCTION usage_billing.increment_usage(
+    customer_id text,
+    meter text,
+    amount numeric DEFAULT 1,
+    idempotency_key text DEFAULT NULL,
+    occurred_at timestamptz DEFAULT now(),
+    properties jsonb DEFAULT NULL)
+RETURNS TABLE (
+    total numeric,
+    included numeric,
+    remaining numeric,
+    status text,
+    duplicate boolean,
+    period_start timestamptz,
+    period_end timestamptz)
+AS 'MODULE_PATHNAME', 'ub_increment_usage'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.increment_usage(text, text, numeric, text, timestamptz, jsonb) IS
+    'Records usage atomically and idempotently; raises PT402 at a hard cap.';
+
+CREATE FUNCTION usage_billing.increment_usage_batch(events jsonb)
+RETURNS TABLE (accepted bigint, duplicates bigint)
+AS 'MODULE_PATHNAME', 'ub_increment_usage_batch'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.increment_usage_batch(jsonb) IS
+    'Records a JSON array of usage events, all or nothing.';
+
+CREATE FUNCTION usage_billing.check_limit(
+    customer_id text, meter text, requested numeric DEFAULT 1)
+RETURNS TABLE (
+    allowed boolean,
+    current numeric,
+    included numeric,
+    remaining numeric,
+    status text,
+    overage_allowed boolean,
+    estimated_overage_cost numeric,
+    reason text)
+AS 'MODULE_PATHNAME', 'ub_check_limit'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.check_limit(text, text, numeric) IS
+    'Read-only: would recording "requested" succeed, and what would it cost?';
+
+CREATE FUNCTION usage_billing.get_usage_summary(
+    customer_id text, period_start timestamptz DEFAULT NULL, period_end timestamptz DEFAULT NULL)
+RETURNS TABLE (
+    meter text,
+    total numeric,
+    event_count bigint,
+    included numeric,
+    usage_percent numeric,
+    overage_quantity numeric,
+    overage_cost numeric,
+    first_usage timestamptz,
+    last_usage timestamptz)
+AS 'MODULE_PATHNAME', 'ub_get_usage_summary'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.get_usage_summary(text, timestamptz, timestamptz) IS
+    'Usage per meter for the current billing period, a given period, or any range.';
+
+CREATE FUNCTION usage_billing.calculate_overage(
+    customer_id text, period_start timestamptz DEFAULT NULL)
+RETURNS TABLE (
+    meter text,
+    total numeric,
+    included numeric,
+    overage_quantity numeric,
+    overage_cost numeric,
+    currency text)
+AS 'MODULE_PATHNAME', 'ub_calculate_overage'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.calculate_overage(text, timestamptz) IS
+    'Overage quantity and exact cost of every billed meter in a billing period.';
+
+CREATE FUNCTION usage_billing.preview_invoice(
+    customer_id text, period_start timestamptz DEFAULT NULL)
+RETURNS TABLE (
+    line text,
+    meter text,
+    quantity numeric,
+    unit_price numeric,
+    amount numeric)
+AS 'MODULE_PATHNAME', 'ub_preview_invoice'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.preview_invoice(text, timestamptz) IS
+    'Invoice lines (base, usage per billed meter, total) of a billing period, rounded to the currency''s minor unit.';
+
+-- ---------------------------------------------------------------------------
+-- Views for psql
+-- ---------------------------------------------------------------------------
+
+CREATE VIEW usage_billing.effective_limits AS
+SELECT c.customer_id, pl.meter,
+       CASE WHEN cl.customer_id IS NOT NULL THEN cl.included ELSE pl.included END AS included,
+       coalesce(cl.hard_cap, pl.hard_cap) AS hard_cap,
+       pl.overage_price, pl.overage_unit, pl.soft_threshold, pl.tiers, pl.tier_mode,
+       cl.customer_id IS NOT NULL AS overridden
+  FROM usage_billing.customers c
+  JOIN usage_billing.plan_limits pl ON pl.plan = c.plan
+  LEFT JOIN usage_billing.customer_limits cl ON cl.customer_id = c.customer_id AND cl.meter = pl.meter
+UNION ALL
+SELECT cl.customer_id, cl.meter, cl.included, coalesce(cl.hard_cap, false),
+       NULL, 1, 0.8, NULL, 'graduated', true
+  FROM usage_billing.customer_limits cl
+  JOIN usage_billing.customers c ON c.customer_id = cl.customer_id
+ WHERE NOT EXISTS (SELECT 1 FROM usage_billing.plan_limits pl WHERE pl.plan = c.plan AND pl.meter = cl.meter);
+COMMENT ON VIEW usage_billing.effective_limits IS
+    'The limit in force per customer and meter: the plan''s, with customer overrides applied.';
+
+CREATE VIEW usage_billing.current_usage AS
+SELECT c.customer_id, c.plan, m.meter, pb.period_start, pb.period_end,
+       coalesce(a.total, 0) AS total,
+       coalesce(a.event_count, 0) AS event_count,
+       l.included,
+       l.hard_cap,
+       CASE WHEN l.included > 0 THEN round(100 * coalesce(a.total, 0) / l.included, 1) END AS usage_percent,
+       c.status
+  FROM usage_billing.customers c
+  JOIN usage_billing.plans p ON p.plan = c.plan
+ CROSS JOIN LATERAL usage_billing.period_bounds(c.billing_anchor, p.period, now()) pb
+ CROSS JOIN usage_billing.meters m
+  LEFT JOIN usage_billing.effective_limits l ON l.customer_id = c.customer_id AND l.meter = m.meter
+  LEFT JOIN usage_billing.usage_aggregates a
+         ON a.customer_id = c.customer_id AND a.meter = m.meter AND a.period_start = pb.period_start
+ WHERE a.customer_id IS NOT NULL OR l.meter IS NOT NULL;
+COMMENT ON VIEW usage_billing.current_usage IS
+    'Current billing period usage per customer and meter, with limit and percent used.';
+
+-- ---------------------------------------------------------------------------
+-- Export to Stripe (worker state)
+-- ---------------------------------------------------------------------------
+-- (export section: owned by the export worker)
+

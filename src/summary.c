@@ -1,0 +1,6 @@
+/* summary.c: placeholder while the module is being written; replaced before release */
+#include "postgres.h"
+#include "fmgr.h"
+PG_FUNCTION_INFO_V1(ub_get_usage_summary);
+Datum ub_get_usage_summary(PG_FUNCTION_ARGS);
+Datum ub_get_usage_summary(PG_FUNCTION_ARGS) { ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED), errmsg("ub_get_usage_summary is not implemented yet"))); PG_RETURN_NULL(); }

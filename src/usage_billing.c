@@ -1,0 +1,57 @@
+/*-------------------------------------------------------------------------
+ * usage_billing.c
+ *	  Module entry point: _PG_init and the settings of the core.
+ *
+ * The export worker's settings, shared memory and registration live in
+ * export_worker.c; here we only call into it.  The SQL functions also work
+ * when the library is not preloaded: then the worker simply does not run.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "utils/guc.h"
+
+#include "usage_billing.h"
+
+PG_MODULE_MAGIC;
+
+int			ub_late_event_grace_seconds = -1;
+int			ub_late_event_action = UB_LATE_REJECT;
+
+static const struct config_enum_entry late_event_action_options[] = {
+	{"reject", UB_LATE_REJECT, false},
+	{"current_period", UB_LATE_CURRENT_PERIOD, false},
+	{NULL, 0, false}
+};
+
+void		_PG_init(void);
+
+/* Defines the settings and, when preloaded, starts the export machinery. */
+void
+_PG_init(void)
+{
+	DefineCustomIntVariable("usage_billing.late_event_grace",
+							"Seconds after a billing period ends during which late events still land in it.",
+							"-1 (the default) accepts events for any past period.",
+							&ub_late_event_grace_seconds,
+							-1, -1, PG_INT32_MAX,
+							PGC_SUSET,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("usage_billing.late_event_action",
+							 "What happens to an event that arrives after its period's grace window.",
+							 "reject raises an error; current_period records it in the current period.",
+							 &ub_late_event_action,
+							 UB_LATE_REJECT,
+							 late_event_action_options,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
+
+	ub_export_init();
+
+	MarkGUCPrefixReserved("usage_billing");
+}
