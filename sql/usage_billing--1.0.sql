@@ -239,6 +239,8 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = format('The period must be positive, not %s.', coalesce(period::text, 'NULL'));
     END IF;
+    -- rejects periods that mix signs ('1 month -40 days'), which have no well-defined sequence
+    PERFORM usage_billing.period_bounds(now(), period, now());
     IF EXISTS (SELECT 1 FROM usage_billing.plans p WHERE p.plan = create_plan.plan) THEN
         RAISE EXCEPTION 'plan "%" already exists', plan
             USING ERRCODE = 'unique_violation';
