@@ -10,6 +10,7 @@ OBJS = \
 	src/pricing.o \
 	src/record.o \
 	src/batch.o \
+	src/alerts.o \
 	src/limits.o \
 	src/summary.o \
 	src/invoice.o \

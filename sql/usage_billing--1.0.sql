@@ -115,6 +115,7 @@ CREATE TABLE usage_billing.usage_aggregates (
     period_start timestamptz NOT NULL,
     period_end   timestamptz NOT NULL,
     total        numeric NOT NULL DEFAULT 0,
+    previous_total numeric,     -- total before the latest event: threshold crossings
     event_count  bigint NOT NULL DEFAULT 0,
     first_usage  timestamptz,
     last_usage   timestamptz,
@@ -589,6 +590,11 @@ SELECT c.customer_id, c.plan, m.meter, pb.period_start, pb.period_end,
  WHERE a.customer_id IS NOT NULL OR l.meter IS NOT NULL;
 COMMENT ON VIEW usage_billing.current_usage IS
     'Current billing period usage per customer and meter, with limit and percent used.';
+
+-- ---------------------------------------------------------------------------
+-- Alerts (read by the hot path, so part of 1.0)
+-- ---------------------------------------------------------------------------
+-- (alerts section: owned by alerts)
 
 -- ---------------------------------------------------------------------------
 -- Export to Stripe (worker state)

@@ -32,6 +32,7 @@
 #include "utils/numeric.h"
 #include "utils/timestamp.h"
 
+#include "alerts.h"
 #include "catalog.h"
 #include "periods.h"
 #include "pricing.h"
@@ -76,10 +77,11 @@ static void place_in_period(const UbCustomer *customer, TimestampTz occurred_at,
 	" VALUES ($1, $2, $3, $4, $5, 1, $6, $6, now())" \
 	" ON CONFLICT (customer_id, meter, period_start) DO UPDATE" \
 	"    SET event_count = a.event_count + 1," \
+	"        previous_total = a.total," \
 	"        first_usage = least(a.first_usage, EXCLUDED.first_usage)," \
 	"        last_usage = greatest(a.last_usage, EXCLUDED.last_usage)," \
 	"        updated_at = now(),"
-#define AGG_UPSERT_TAIL " RETURNING a.total"
+#define AGG_UPSERT_TAIL " RETURNING a.total, a.previous_total"
 
 /* Prepares a statement on first use and keeps it for the life of the backend. */
 static SPIPlanPtr
@@ -348,6 +350,8 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 	TimestampTz period_start;
 	TimestampTz period_end;
 	Numeric		contribution;
+	Numeric		previous_total = NULL;
+	Datum		previous;
 	Datum		args[7];
 	char		nulls[7];
 	bool		isnull;
@@ -461,12 +465,21 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 			elog(ERROR, "aggregate update failed: %s", SPI_result_code_string(ret));
 		out->total = DatumGetNumericCopy(SPI_getbinval(SPI_tuptable->vals[0],
 													   SPI_tuptable->tupdesc, 1, &isnull));
+		previous = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+		previous_total = isnull ? NULL : DatumGetNumericCopy(previous);
 	}
 
 	/* the row lock taken above serializes callers: this check is exact */
 	if (limit.exists && limit.hard_cap && limit.included != NULL &&
 		ub_num_cmp(out->total, limit.included) > 0)
+	{
+		ub_alerts_hard_cap_blocked(&customer, &meter, &limit, period_start, out->total);
 		raise_hard_cap(in, &meter, &limit, out->total, contribution, period_start);
+	}
+
+	/* thresholds are only crossed where there is an included quantity */
+	if (limit.exists && limit.included != NULL)
+		ub_alerts_after_record(&customer, &meter, &limit, period_start, previous_total, out->total);
 
 	out->duplicate = false;
 	out->period_start = period_start;
