@@ -1,0 +1,112 @@
+# Upgrade from 1.0: install the previous version, record usage, ALTER EXTENSION UPDATE; nothing
+# recorded changes, recording goes on (keys recorded before still deduplicate), the 1.1 objects
+# exist, and the upgraded database has exactly the objects, flags, grants and policies of a
+# fresh 1.1 install.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+
+my $node = PostgreSQL::Test::Cluster->new('upgrade');
+$node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
+$node->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'usage_billing'
+usage_billing.export_interval = 0
+timezone = 'UTC'
+});
+$node->start;
+$node->safe_psql('postgres', 'CREATE DATABASE old; CREATE DATABASE fresh;');
+
+$node->safe_psql('old', q{
+CREATE EXTENSION usage_billing VERSION '1.0';
+SELECT usage_billing.create_meter('calls', 'sum');
+SELECT usage_billing.create_meter('users', 'unique_count', value_property => 'user');
+SELECT usage_billing.create_plan('pro', 10);
+SELECT usage_billing.set_plan_limit('pro', 'calls', included => 100, overage_price => 0.5);
+SELECT usage_billing.upsert_customer('acme', 'pro', '2025-01-01 00:00+00');
+SELECT usage_billing.set_customer_limit('acme', 'calls', 150);
+SELECT count(*) FROM generate_series(1, 40) i,
+  LATERAL usage_billing.increment_usage('acme', 'calls', i, 'k' || i, '2025-01-01'::timestamptz + i * interval '2 days');
+SELECT count(*) FROM generate_series(1, 5) i,
+  LATERAL usage_billing.increment_usage('acme', 'users', properties => jsonb_build_object('user', i % 3));
+});
+is($node->safe_psql('old', "SELECT extversion FROM pg_extension WHERE extname = 'usage_billing'"),
+	'1.0', 'version 1.0 installed');
+is($node->safe_psql('old', "SELECT count(*) FROM pg_proc WHERE proname = 'my_usage'"),
+	'0', '1.0 has no 1.1 objects');
+
+my $state_q = q{
+SELECT 'agg ' || string_agg(x::text, ' | ' ORDER BY x::text) FROM
+  (SELECT customer_id, meter, period_start, period_end, total, event_count, first_usage, last_usage
+     FROM usage_billing.usage_aggregates) x
+UNION ALL
+SELECT 'events ' || string_agg(x::text, ' | ' ORDER BY x::text) FROM
+  (SELECT event_id, customer_id, meter, period_start, occurred_at, amount, idempotency_key, properties, recorded_by
+     FROM usage_billing.usage_events) x
+UNION ALL
+SELECT 'catalog ' || (SELECT string_agg(m::text, ',' ORDER BY m::text) FROM usage_billing.meters m)
+  || (SELECT string_agg(p::text, ',' ORDER BY p::text) FROM usage_billing.plans p)
+  || (SELECT string_agg(l::text, ',' ORDER BY l::text) FROM usage_billing.plan_limits l)
+  || (SELECT string_agg(c::text, ',' ORDER BY c::text) FROM usage_billing.customers c)
+  || (SELECT string_agg(c::text, ',' ORDER BY c::text) FROM usage_billing.customer_limits c)
+  || (SELECT string_agg(u::text, ',' ORDER BY u::text) FROM usage_billing.usage_unique_values u)};
+my $before = $node->safe_psql('old', $state_q);
+
+$node->safe_psql('old', 'ALTER EXTENSION usage_billing UPDATE');
+is($node->safe_psql('old', "SELECT extversion FROM pg_extension WHERE extname = 'usage_billing'"),
+	'1.1', 'updated to 1.1');
+is($node->safe_psql('old', $state_q), $before, 'nothing recorded changed in the update');
+
+# the 1.1 objects exist and work
+is($node->safe_psql('old', q{
+SELECT count(*) FROM pg_roles WHERE rolname IN ('usage_billing_admin', 'usage_billing_writer', 'usage_billing_reader')}),
+	'3', 'the three roles exist');
+is($node->safe_psql('old', q{
+SELECT to_regprocedure('usage_billing.my_usage()') IS NOT NULL
+   AND to_regprocedure('usage_billing.current_customer_id()') IS NOT NULL
+   AND to_regprocedure('usage_billing.drop_ledger_before(timestamptz)') IS NOT NULL
+   AND to_regclass('usage_billing.settings') IS NOT NULL}), 't', 'my_usage, current_customer_id, drop_ledger_before and settings exist');
+is($node->safe_psql('old', "SELECT relrowsecurity FROM pg_class WHERE oid = 'usage_billing.usage_events'::regclass"),
+	't', 'row-level security is on after the update');
+is($node->safe_psql('old', "SELECT has_function_privilege('public', 'usage_billing.increment_usage(text,text,numeric,text,timestamptz,jsonb)', 'EXECUTE')"),
+	'f', 'PUBLIC lost EXECUTE on increment_usage');
+is($node->safe_psql('old', "SELECT duplicate FROM usage_billing.increment_usage('acme', 'calls', 1000, 'k7', '2025-01-15')"),
+	't', 'a key recorded under 1.0 still deduplicates');
+my $jan = $node->safe_psql('old',
+	"SELECT total FROM usage_billing.usage_aggregates WHERE period_start = '2025-01-01' AND meter = 'calls'");
+is($node->safe_psql('old', q{
+SELECT total FROM usage_billing.increment_usage('acme', 'calls', 2, 'after-update', '2025-01-31 12:00+00')}),
+	$jan + 2, 'recording continues on the same aggregate');
+
+# upgraded == fresh install
+$node->safe_psql('fresh', 'CREATE EXTENSION usage_billing');
+my $shape_q = q{
+SELECT 'fn ' || p.oid::regprocedure || ' secdef=' || p.prosecdef || ' vol=' || p.provolatile::text
+       || ' cfg=' || coalesce(array_to_string(p.proconfig, ';'), '') || ' acl=' || coalesce(p.proacl::text, 'default')
+  FROM pg_proc p WHERE p.pronamespace = 'usage_billing'::regnamespace
+UNION ALL
+SELECT 'rel ' || c.relname || ' kind=' || c.relkind::text || ' rls=' || c.relrowsecurity
+       || ' acl=' || coalesce(c.relacl::text, 'default') || ' opts=' || coalesce(array_to_string(c.reloptions, ';'), '')
+  FROM pg_class c WHERE c.relnamespace = 'usage_billing'::regnamespace
+UNION ALL
+SELECT 'col ' || attrelid::regclass || '.' || attname || ' ' || format_type(atttypid, atttypmod)
+       || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
+  FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+ WHERE a.attrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'usage_billing'::regnamespace)
+   AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT 'policy ' || tablename || '.' || policyname || ' ' || cmd || ' ' || array_to_string(roles, ',') || ' ' || coalesce(qual, '')
+  FROM pg_policies WHERE schemaname = 'usage_billing'
+UNION ALL
+SELECT 'schema acl=' || coalesce(nspacl::text, '') FROM pg_namespace WHERE nspname = 'usage_billing'
+UNION ALL
+SELECT 'config ' || array_to_string(extconfig::regclass[]::text[], ',') FROM pg_extension WHERE extname = 'usage_billing'
+ORDER BY 1};
+my $fresh = $node->safe_psql('fresh', $shape_q);
+my $upgraded = $node->safe_psql('old', $shape_q);
+cmp_ok(scalar(split /\n/, $fresh), '>', 50, 'the shape query sees the objects');
+is($upgraded, $fresh, 'an upgraded database has the objects, flags, grants and policies of a fresh install');
+
+$node->stop;
+done_testing();
