@@ -209,6 +209,8 @@ class Handler(BaseHTTPRequestHandler):
                                                        "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."}})
                 with lock:
                     state["replays"] += 1
+                if kind == "drop_after":
+                    return self.drop()
                 return self.answer(saved[1], saved[2], {"Idempotent-Replayed": "true"})
         try:
             status, body, headers, lost = self.process(raw, kind)

@@ -194,12 +194,15 @@ sub ub_in_sync
 	return JSON::PP->new->canonical->encode($e) eq JSON::PP->new->canonical->encode($t);
 }
 
-# Wakes the worker and waits until the mock holds the expected totals; returns whether it did.
+# Wakes the worker and waits until the mock holds the expected totals and the worker has
+# recorded every outcome (no pending outbox row); returns whether it did.
 sub ub_export_and_wait
 {
 	my ($node, $m, $timeout) = @_;
 	$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
-	return ub_wait_for(sub { ub_in_sync($node, $m) }, $timeout // 30);
+	return ub_wait_for(sub {
+		ub_in_sync($node, $m) && $node->safe_psql('postgres',
+			q{SELECT count(*) FROM usage_billing.export_outbox WHERE status = 'pending'}) eq '0' }, $timeout // 30);
 }
 
 # The worker's pid, or '' when it does not run.
