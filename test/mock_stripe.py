@@ -25,7 +25,9 @@ Control endpoints (tests only):
                        max requests in any 1 s window, max concurrent requests
   POST /_mock/faults   {"kind": K, "count": N, "retry_after": S, "seconds": S} queued
                        for the next N requests; K is one of
-                       500 | 429 | 429_retry_after | hang | drop_after | close | 400_should_retry_false
+                       500 | 429 | 429_retry_after | hang (sleep, drop, nothing recorded) |
+                       slow (record, sleep, answer) | drop_after (record, drop) | close |
+                       400_should_retry_false
   POST /_mock/config   {"rate_limit": N}  (429 beyond N requests per second; 0 = off)
   POST /_mock/reset    forget everything
 
@@ -223,6 +225,8 @@ class Handler(BaseHTTPRequestHandler):
                 state["idem"][ikey] = (raw, status, body)
         if lost:
             return self.drop()
+        if kind == "slow":
+            time.sleep(float(fault.get("seconds", 30)))
         self.answer(status, body, headers)
 
     def process(self, raw, kind):
