@@ -17,7 +17,8 @@ OBJS = \
 	src/invoice.o \
 	src/shmem.o \
 	src/export_worker.o \
-	src/stripe_client.o
+	src/stripe_client.o \
+	src/export_outbox.o
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 
