@@ -7,6 +7,7 @@ OBJS = \
 	src/usage_billing.o \
 	src/periods.o \
 	src/catalog.o \
+	src/catalog_cache.o \
 	src/pricing.o \
 	src/record.o \
 	src/batch.o \
@@ -16,7 +17,8 @@ OBJS = \
 	src/invoice.o \
 	src/shmem.o \
 	src/export_worker.o \
-	src/stripe_client.o
+	src/stripe_client.o \
+	src/export_outbox.o
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 
