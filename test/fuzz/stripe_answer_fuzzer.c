@@ -1,0 +1,226 @@
+/*-------------------------------------------------------------------------
+ * stripe_answer_fuzzer.c
+ *	  libFuzzer harness for the pure C part of the Stripe client: what the
+ *	  export worker does with an HTTP answer (header lines, body chunks, the
+ *	  error JSON, the classification into SENT / RETRY / FAILED) and how it
+ *	  form-encodes the fields of a meter event.
+ *
+ * src/stripe_client.c is included whole so that its static functions can be
+ * called.  It is linked against libcurl, cJSON and the frontend builds of
+ * libpgcommon / libpgport (palloc, StringInfo, snprintf, pg_prng); the few
+ * backend symbols it references are stubbed below, and reaching ereport() or
+ * CHECK_FOR_INTERRUPTS() from the fuzzed paths aborts (a finding).
+ *
+ * Input: the first byte chooses the mode, the rest is the data.
+ *   mode 0  an HTTP answer: header lines up to the first empty line, then the
+ *           body, delivered in chunks whose sizes come from the data
+ *   mode 1  one form field value (NUL-free), encoded as the request does
+ *   mode 2  the raw bytes handed to the Stripe error parser
+ *-------------------------------------------------------------------------
+ */
+#include "../../src/stripe_client.c"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+/* --- backend stubs -------------------------------------------------------- */
+
+volatile sig_atomic_t InterruptPending = false;
+sigjmp_buf *PG_exception_stack = NULL;
+ErrorContextCallback *error_context_stack = NULL;
+
+TimestampTz
+GetCurrentTimestamp(void)
+{
+	return 0;
+}
+
+void
+ProcessInterrupts(void)
+{
+	abort();
+}
+
+bool
+errstart_cold(int elevel, const char *domain)
+{
+	fprintf(stderr, "ereport(%d) reached from a fuzzed path\n", elevel);
+	abort();
+}
+
+void
+errfinish(const char *filename, int lineno, const char *funcname)
+{
+	abort();
+}
+
+int
+errcode(int sqlerrcode)
+{
+	return 0;
+}
+
+int
+errmsg(const char *fmt,...)
+{
+	return 0;
+}
+
+void
+pg_re_throw(void)
+{
+	abort();
+}
+
+/* --- the harness ---------------------------------------------------------- */
+
+static const UbStripeConfig cfg = {
+	.api_base = "http://127.0.0.1:1", .api_key = "sk_test_fuzz", .stripe_version = NULL,
+	.concurrency = 1, .max_rps = 10, .connect_timeout_ms = 1000, .timeout_ms = 1000,
+	.backoff_base_ms = 100, .backoff_max_ms = 60000
+};
+
+/* a NUL within the first n bytes of a fixed buffer, or abort */
+static void
+check_terminated(const char *buf, size_t n, const char *what)
+{
+	if (memchr(buf, '\0', n) == NULL)
+	{
+		fprintf(stderr, "%s is not NUL-terminated within its %zu bytes\n", what, n);
+		abort();
+	}
+}
+
+static void
+fuzz_answer(const uint8_t *data, size_t size)
+{
+	static UbSlot slot;			/* big: UB_MAX_BODY */
+	UbMeterEvent ev;
+	size_t		pos = 0;
+	CURLcode	result;
+
+	memset(&slot, 0, sizeof(slot));
+	memset(&ev, 0, sizeof(ev));
+	ev.attempts = size > 0 ? data[0] % 40 : 0;
+	result = (size > 1 && data[1] % 4 == 0) ? CURLE_OPERATION_TIMEDOUT : CURLE_OK;
+	if (result != CURLE_OK && size > 2)
+	{
+		size_t		n = Min(size - 2, sizeof(slot.errbuf) - 1);
+
+		memcpy(slot.errbuf, data + 2, n);
+		slot.errbuf[n] = '\0';
+	}
+	pos = Min(size, 2);
+
+	/* header lines up to an empty line */
+	while (pos < size)
+	{
+		const uint8_t *nl = memchr(data + pos, '\n', size - pos);
+		size_t		len = nl ? (size_t) (nl - (data + pos)) + 1 : size - pos;
+
+		if (len == 1 || (len == 2 && data[pos] == '\r'))
+		{
+			pos += len;
+			break;
+		}
+		ub_header_cb((char *) data + pos, 1, len, &slot);
+		pos += len;
+	}
+	check_terminated(slot.request_id, sizeof(slot.request_id), "request_id");
+	check_terminated(slot.retry_after, sizeof(slot.retry_after), "retry_after");
+	check_terminated(slot.should_retry, sizeof(slot.should_retry), "should_retry");
+
+	/* the body, in chunks */
+	while (pos < size)
+	{
+		size_t		chunk = 1 + (data[pos] * 97u) % 8192;
+
+		chunk = Min(chunk, size - pos);
+		if (ub_write_cb((char *) data + pos, 1, chunk, &slot) != chunk)
+			abort();
+		pos += chunk;
+	}
+	if (slot.body_len > UB_MAX_BODY || slot.body[slot.body_len] != '\0')
+		abort();
+
+	slot.ev = &ev;
+	slot.easy = curl_easy_init();
+	if (slot.easy == NULL)
+		return;
+	(void) ub_slot_finish(&slot, result, &cfg);
+	curl_easy_cleanup(slot.easy);
+
+	check_terminated(ev.error, sizeof(ev.error), "error");
+	check_terminated(ev.request_id, sizeof(ev.request_id), "request_id");
+	if (ev.outcome != UB_OUT_SENT && ev.outcome != UB_OUT_RETRY && ev.outcome != UB_OUT_FAILED)
+		abort();
+	if (ev.outcome == UB_OUT_RETRY && (ev.retry_in_ms < 0 || ev.retry_in_ms > 3600 * 1000))
+		abort();
+	/* the key never appears in what is recorded (unless the answer itself carried it) */
+	if (strstr(ev.error, cfg.api_key) != NULL &&
+		memmem(data, size, cfg.api_key, strlen(cfg.api_key)) == NULL)
+	{
+		fprintf(stderr, "the API key leaked into the error: %s\n", ev.error);
+		abort();
+	}
+}
+
+static void
+fuzz_form_field(const uint8_t *data, size_t size)
+{
+	char	   *value = malloc(size + 1);
+	StringInfoData buf;
+	const char *p;
+
+	memcpy(value, data, size);
+	value[size] = '\0';
+	initStringInfo(&buf);
+	ub_append_field(&buf, "payload%5Bstripe_customer_id%5D", value);
+	ub_append_field(&buf, "identifier", value);
+	/* nothing but unreserved characters, %XX escapes and the separators */
+	for (p = buf.data; *p; p++)
+	{
+		if (!(isalnum((unsigned char) *p) || strchr("-._~%=&", *p)))
+		{
+			fprintf(stderr, "unescaped byte 0x%02x in the form body\n", (unsigned char) *p);
+			abort();
+		}
+	}
+	pfree(buf.data);
+	free(value);
+}
+
+static void
+fuzz_error_json(const uint8_t *data, size_t size)
+{
+	char		type[UB_HEADER_LEN];
+	char		code[UB_HEADER_LEN];
+	char		message[UB_ERROR_LEN];
+
+	ub_parse_error((const char *) data, size, type, code, message);
+	check_terminated(type, sizeof(type), "type");
+	check_terminated(code, sizeof(code), "code");
+	check_terminated(message, sizeof(message), "message");
+}
+
+int			LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
+
+int
+LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+	if (size == 0)
+		return 0;
+	switch (data[0] % 3)
+	{
+		case 0:
+			fuzz_answer(data + 1, size - 1);
+			break;
+		case 1:
+			fuzz_form_field(data + 1, size - 1);
+			break;
+		default:
+			fuzz_error_json(data + 1, size - 1);
+			break;
+	}
+	return 0;
+}
