@@ -361,14 +361,15 @@ DECLARE
     admin_writes text[] := ARRAY[
         'create_meter', 'create_plan', 'set_plan_limit', 'upsert_customer', 'set_customer_limit',
         'set_customer_status', 'set_tenant_claim', 'drop_ledger_before', 'acknowledge_alert',
-        'flush_alerts', 'void_usage', 'adjust_usage', 'export_now', 'export_plan',
-        'set_export_settings', 'retry_export', 'reset_export'];
+        'flush_alerts', 'void_usage', 'adjust_usage', 'retry_failed_exports'];
+    -- needs no table access (wakes the worker through shared memory)
+    admin_calls text[] := ARRAY['export_now'];
     writer_writes text[] := ARRAY['increment_usage', 'increment_usage_batch'];
     -- functions that read: SECURITY INVOKER (row-level security applies inside them)
     writer_reads text[] := ARRAY['check_limit', 'period_bounds', 'current_customer_id'];
     reader_reads text[] := ARRAY[
         'check_limit', 'period_bounds', 'current_customer_id', 'my_usage', 'get_usage_summary',
-        'calculate_overage', 'preview_invoice', 'pending_alerts', 'export_identifier',
+        'calculate_overage', 'preview_invoice', 'pending_alerts',
         'usage_history', 'usage_forecast', 'recommend_plan', 'usage_report'];
     f record;
 BEGIN
@@ -379,7 +380,7 @@ BEGIN
         IF f.name = ANY (admin_writes) OR f.name = ANY (writer_writes) THEN
             EXECUTE format('ALTER FUNCTION %s SECURITY DEFINER', f.sig);
         END IF;
-        IF f.name = ANY (admin_writes) OR f.name = ANY (reader_reads) THEN
+        IF f.name = ANY (admin_writes) OR f.name = ANY (admin_calls) OR f.name = ANY (reader_reads) THEN
             EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO usage_billing_admin', f.sig);
         END IF;
         IF f.name = ANY (writer_writes) OR f.name = ANY (writer_reads) THEN
