@@ -144,7 +144,10 @@ SELECT * FROM usage_billing.calculate_overage('sec_tenant_b');
 ROLLBACK TO s;
 SELECT * FROM usage_billing.preview_invoice('sec_tenant_b');
 ROLLBACK TO s;
+-- check_limit reads through the backend's catalog cache, which RLS cannot filter: not granted
 SELECT allowed, current, reason FROM usage_billing.check_limit('sec_tenant_b', 'sec_calls');
+ROLLBACK TO s;
+SELECT allowed, current, reason FROM usage_billing.check_limit('sec_tenant_a', 'sec_calls');
 ROLLBACK TO s;
 -- and tenant A cannot record usage, nor write anything
 SELECT total FROM usage_billing.increment_usage('sec_tenant_a', 'sec_calls', 1);
@@ -207,6 +210,13 @@ SELECT usage_billing.grant_tenant_access('postgres');
 SELECT usage_billing.grant_tenant_access('sec_no_such_role');
 SET ROLE sec_admin;
 SELECT usage_billing.grant_tenant_access('sec_nobody');
+RESET ROLE;
+
+-- the Stripe key settings are invisible to the roles (superuser only)
+SET ROLE sec_admin;
+SHOW usage_billing.stripe_api_key;
+SELECT count(*) AS key_rows_in_pg_settings FROM pg_settings WHERE name LIKE 'usage_billing.stripe_api_key%';
+SELECT current_setting('usage_billing.stripe_api_key', true) IS NULL AS hidden_from_current_setting;
 RESET ROLE;
 
 -- ---------------------------------------------------------------------------

@@ -303,8 +303,11 @@ RETURNS name[]
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
+    -- not check_limit: its customer and limit lookups go through the backend-local catalog
+    -- cache (catalog_cache.c), which every role of a backend shares, so row-level security
+    -- cannot filter them
     SELECT ARRAY['my_usage', 'current_customer_id', 'period_bounds', 'get_usage_summary',
-                 'calculate_overage', 'preview_invoice', 'check_limit']::name[]
+                 'calculate_overage', 'preview_invoice']::name[]
 $$;
 COMMENT ON FUNCTION usage_billing.tenant_functions() IS
     'Internal: the functions a tenant role may execute (SECURITY DEFINER ones are skipped, my_usage aside).';
