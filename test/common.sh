@@ -62,6 +62,10 @@ ub_find_pg() {
             PG_CONFIG=$(command -v pg_config || true)
         fi
     fi
+    case "$PG_CONFIG" in
+        */*) ;;
+        ?*) PG_CONFIG=$(command -v "$PG_CONFIG" || true) ;;
+    esac
     [ -n "$PG_CONFIG" ] && [ -x "$PG_CONFIG" ] || ub_die "pg_config not found (install postgresql-server-dev-15 or set PG_CONFIG)"
     PGBIN=$("$PG_CONFIG" --bindir)
     local v
