@@ -11,6 +11,7 @@ answer could not be read, 3 when it was not understood.  --print shows the recei
 The flattening accepts the shapes a mock is likely to use:
   {"cus_1": {"api_calls": 5}}                          customer -> event -> number
   {"cus_1": {"api_calls": {"<period>": 5, ...}}}       ... -> per-period numbers (summed)
+  {"cus_1|api_calls": 5}                               "customer|event" -> number (test/mock_stripe.py)
   {"totals": <any of these>}                           wrapped
   [{"customer": "cus_1", "event_name": "api_calls", "value": 5}, ...]   records
 """
@@ -72,6 +73,14 @@ def flatten(data):
                 return None
             out[(c, e)] = out.get((c, e), Decimal(0)) + v
         return out
+    if isinstance(data, dict) and data and all(isinstance(k, str) and "|" in k for k in data):
+        for k, v in data.items():
+            c, e = k.split("|", 1)
+            s = sum_leaves(v)
+            if s is None:
+                return None
+            out[(c, e)] = out.get((c, e), Decimal(0)) + s
+        return out
     if isinstance(data, dict):
         for c, per_event in data.items():
             if not isinstance(per_event, dict):
@@ -121,11 +130,12 @@ def main():
         else:
             verdict = "differs"
             ok = False
-        rows.append((key[0], key[1], g, exp[0] if exp else "-", verdict))
+        rows.append((key[0], key[1], g, exp[1] if exp else "-", exp[0] if exp else "-", verdict))
     if show:
-        print(f"{'stripe customer':<16} {'event_name':<12} {'stripe total':>12} {'db total':>10}  check")
-        for c, e, g, d, v in rows:
-            print(f"{c:<16} {e:<12} {g.normalize():>12f} {str(d):>10}  {v}")
+        print(f"{'stripe customer':<16} {'event_name':<12} {'in stripe':>10} {'db: current period':>19} "
+              f"{'db: all periods':>16}  check")
+        for c, e, g, cur, allp, v in rows:
+            print(f"{c:<16} {e:<12} {g.normalize():>10f} {str(cur):>19} {str(allp):>16}  {v}")
     return 0 if ok else 1
 
 

@@ -67,7 +67,7 @@ ub_initdb "$TMP"
 # The mock Stripe, when the export side of the project has delivered it.
 MOCK_URL=""
 if [ -f test/mock_stripe.py ]; then
-    python3 test/mock_stripe.py --port 0 --port-file "$TMP/mock.port" >"$TMP/mock.log" 2>&1 &
+    python3 test/mock_stripe.py --port 0 --port-file "$TMP/mock.port" --key sk_test_demo >"$TMP/mock.log" 2>&1 &
     MOCK_PID=$!
     for _ in $(seq 1 100); do
         if [ -s "$TMP/mock.port" ] || ! kill -0 "$MOCK_PID" 2>/dev/null; then break; fi
@@ -128,8 +128,8 @@ else
     ub_log "export_now(): waking the export worker, waiting up to ${EXPORT_TIMEOUT}s for the mock"
     # what the database holds per Stripe customer and event: all periods, and the current one
     psql_val "
-        SELECT c.stripe_customer_id, m.stripe_event_name, sum(a.total),
-               coalesce(sum(a.total) FILTER (WHERE now() >= a.period_start AND now() < a.period_end), 0)
+        SELECT c.stripe_customer_id, m.stripe_event_name, sum(floor(a.total)),
+               coalesce(sum(floor(a.total)) FILTER (WHERE now() >= a.period_start AND now() < a.period_end), 0)
           FROM usage_billing.usage_aggregates a
           JOIN usage_billing.customers c USING (customer_id)
           JOIN usage_billing.meters m USING (meter)
@@ -150,8 +150,10 @@ else
     python3 test/mock_totals.py "$MOCK_URL/_mock/totals" "$TMP/expected.tsv" --print || true
     if [ "$(psql_val "SELECT to_regclass('usage_billing.export_status') IS NOT NULL")" = t ]; then
         echo
-        echo "--- usage_billing.export_status"
-        psql_demo -c "SELECT * FROM usage_billing.export_status ORDER BY 1, 2, 3"
+        echo "--- usage_billing.export_status (Stripe accepts events of the past 35 days only: January 2025"
+        echo "    cannot be sent any more and shows why; the current period's usage is exported)"
+        psql_demo -c "SELECT customer_id, meter, period_start, total, exported, pending, attempts, last_error
+                        FROM usage_billing.export_status ORDER BY 1, 2, 3"
     fi
     if [ "$matched" = unknown ]; then
         ub_warn "could not interpret the mock's /_mock/totals answer (printed above): compare by eye"
