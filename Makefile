@@ -9,6 +9,7 @@ OBJS = \
 	src/catalog.o \
 	src/pricing.o \
 	src/record.o \
+	src/batch.o \
 	src/limits.o \
 	src/summary.o \
 	src/invoice.o \

@@ -1,9 +1,524 @@
-/* record.c: placeholder while the module is being written; replaced before release */
+/*-------------------------------------------------------------------------
+ * record.c
+ *	  increment_usage: record one usage event, atomically and idempotently.
+ *
+ * A call appends the event to the ledger (usage_events) and folds it into
+ * the aggregate of its (customer, meter, period) in the same transaction,
+ * so reads never scan the ledger.  The aggregate row is updated with
+ * INSERT ... ON CONFLICT DO UPDATE: concurrent callers on the same row queue
+ * on its row lock and each sees the committed total of the ones before it,
+ * which makes the hard-cap check after the update exact at the boundary.
+ * A call that would pass a hard cap raises PT402 after its writes, and the
+ * error rolls them back: nothing is half-written.
+ *
+ * Idempotency: the ledger has a unique index on (customer_id,
+ * idempotency_key).  The event is inserted with ON CONFLICT DO NOTHING; a
+ * conflict means the key was recorded before (or by a concurrent call that
+ * committed first) and we return the state of the original event's meter and
+ * period with duplicate = true, checking nothing else.  Because validation
+ * errors must not hide a duplicate, every error after the customer lookup is
+ * "deferred": before raising it we look whether the key is a duplicate.
+ *-------------------------------------------------------------------------
+ */
 #include "postgres.h"
+
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
 #include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "utils/builtins.h"
+#include "utils/jsonb.h"
+#include "utils/numeric.h"
+#include "utils/timestamp.h"
+
+#include "catalog.h"
+#include "periods.h"
+#include "pricing.h"
+#include "record.h"
+#include "usage_billing.h"
+
 PG_FUNCTION_INFO_V1(ub_increment_usage);
-Datum ub_increment_usage(PG_FUNCTION_ARGS);
-Datum ub_increment_usage(PG_FUNCTION_ARGS) { ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED), errmsg("ub_increment_usage is not implemented yet"))); PG_RETURN_NULL(); }
-PG_FUNCTION_INFO_V1(ub_increment_usage_batch);
-Datum ub_increment_usage_batch(PG_FUNCTION_ARGS);
-Datum ub_increment_usage_batch(PG_FUNCTION_ARGS) { ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED), errmsg("ub_increment_usage_batch is not implemented yet"))); PG_RETURN_NULL(); }
+
+/* An error found while validating, raised only if the call is not a duplicate. */
+typedef struct DeferredError
+{
+	int			sqlstate;
+	char	   *message;
+	char	   *detail;
+	char	   *hint;
+} DeferredError;
+
+static SPIPlanPtr event_insert_plan = NULL;
+static SPIPlanPtr unique_insert_plan = NULL;
+static SPIPlanPtr agg_add_plan = NULL;
+static SPIPlanPtr agg_max_plan = NULL;
+static SPIPlanPtr agg_last_plan = NULL;
+static SPIPlanPtr original_plan = NULL;
+static SPIPlanPtr agg_read_plan = NULL;
+
+static SPIPlanPtr prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types);
+static bool validate_event(const UbEventInput *in, const UbCustomer *customer,
+						   bool meter_found, const UbMeter *meter, char **unique_value,
+						   DeferredError *err);
+static bool lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *out);
+static void raise_deferred(const DeferredError *err);
+static char *num_str(Numeric n);
+static void raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const UbLimit *limit,
+						   Numeric total, Numeric contribution, TimestampTz period_start);
+static void place_in_period(const UbCustomer *customer, TimestampTz occurred_at,
+							TimestampTz *start, TimestampTz *end);
+
+#define AGG_UPSERT_HEAD \
+	"INSERT INTO usage_billing.usage_aggregates AS a" \
+	"       (customer_id, meter, period_start, period_end, total, event_count," \
+	"        first_usage, last_usage, updated_at)" \
+	" VALUES ($1, $2, $3, $4, $5, 1, $6, $6, now())" \
+	" ON CONFLICT (customer_id, meter, period_start) DO UPDATE" \
+	"    SET event_count = a.event_count + 1," \
+	"        first_usage = least(a.first_usage, EXCLUDED.first_usage)," \
+	"        last_usage = greatest(a.last_usage, EXCLUDED.last_usage)," \
+	"        updated_at = now(),"
+#define AGG_UPSERT_TAIL " RETURNING a.total"
+
+/* Prepares a statement on first use and keeps it for the life of the backend. */
+static SPIPlanPtr
+prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types)
+{
+	if (*slot == NULL)
+	{
+		SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
+
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "SPI_keepplan failed");
+		*slot = plan;
+	}
+	return *slot;
+}
+
+/* Raises a deferred error. */
+static void
+raise_deferred(const DeferredError *err)
+{
+	ereport(ERROR,
+			(errcode(err->sqlstate),
+			 errmsg_internal("%s", err->message),
+			 err->detail ? errdetail_internal("%s", err->detail) : 0,
+			 err->hint ? errhint("%s", err->hint) : 0));
+}
+
+#define DEFER(err, code, msg, det, hnt) \
+	do { \
+		(err)->sqlstate = (code); (err)->message = (msg); \
+		(err)->detail = (det); (err)->hint = (hnt); \
+		return false; \
+	} while (0)
+
+/*
+ * Checks everything about an event that does not need a write.  Returns false
+ * with *err filled when the event must be refused; for unique_count meters
+ * sets *unique_value to the property's value.
+ */
+static bool
+validate_event(const UbEventInput *in, const UbCustomer *customer,
+			   bool meter_found, const UbMeter *meter, char **unique_value,
+			   DeferredError *err)
+{
+	if (strcmp(customer->status, "active") != 0)
+		DEFER(err, ERRCODE_UB_NOT_ACTIVE,
+			  psprintf("customer \"%s\" is %s", in->customer_id, customer->status),
+			  psprintf("Usage can only be recorded for active customers."),
+			  pstrdup("Reactivate the customer with usage_billing.set_customer_status()."));
+
+	if (!meter_found)
+		DEFER(err, ERRCODE_NO_DATA_FOUND,
+			  psprintf("meter \"%s\" does not exist", in->meter),
+			  NULL,
+			  pstrdup("Create it with usage_billing.create_meter()."));
+
+	if (in->amount == NULL)
+		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+			  psprintf("amount must not be NULL"),
+			  psprintf("Meter \"%s\" was given a NULL amount.", in->meter), NULL);
+	if (ub_num_is_special(in->amount))
+		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+			  psprintf("amount must be a finite number"),
+			  psprintf("Meter \"%s\" was given %s.", in->meter,
+					   num_str(in->amount)),
+			  NULL);
+	if ((meter->aggregation == UB_AGG_SUM || meter->aggregation == UB_AGG_COUNT ||
+		 meter->aggregation == UB_AGG_UNIQUE_COUNT) &&
+		ub_num_cmp(in->amount, ub_num_zero()) < 0)
+		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+			  psprintf("amount must not be negative"),
+			  psprintf("Meter \"%s\" aggregates with %s and was given %s.", in->meter,
+					   ub_aggregation_name(meter->aggregation),
+					   num_str(in->amount)),
+			  pstrdup("Correct recorded usage with usage_billing.adjust_usage() or usage_billing.void_usage()."));
+
+	if (in->occurred_at_null)
+		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+			  psprintf("occurred_at must not be NULL"),
+			  NULL,
+			  pstrdup("Omit occurred_at to record the event at the current time."));
+	if (TIMESTAMP_NOT_FINITE(in->occurred_at))
+		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+			  psprintf("occurred_at must be a finite timestamp"),
+			  NULL, NULL);
+
+	if (in->properties != NULL &&
+		(!JB_ROOT_IS_OBJECT(in->properties) || JB_ROOT_IS_SCALAR(in->properties)))
+		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+			  psprintf("properties must be a JSON object"),
+			  psprintf("The properties given were a JSON %s.",
+					   JB_ROOT_IS_ARRAY(in->properties) && !JB_ROOT_IS_SCALAR(in->properties) ? "array" : "scalar"),
+			  NULL);
+
+	*unique_value = NULL;
+	if (meter->aggregation == UB_AGG_UNIQUE_COUNT)
+	{
+		JsonbValue	v;
+		JsonbValue *found = NULL;
+
+		if (in->properties != NULL)
+			found = getKeyJsonValueFromContainer(&in->properties->root, meter->value_property,
+												 strlen(meter->value_property), &v);
+		if (found == NULL || v.type == jbvNull)
+			DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+				  psprintf("unique_count event for meter \"%s\" lacks property \"%s\"",
+						   in->meter, meter->value_property),
+				  psprintf("A unique_count meter counts distinct values of properties->>'%s'.",
+						   meter->value_property),
+				  psprintf("Pass properties => '{\"%s\": ...}'.", meter->value_property));
+		if (v.type == jbvString)
+			*unique_value = pnstrdup(v.val.string.val, v.val.string.len);
+		else if (v.type == jbvNumeric)
+			*unique_value = DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(v.val.numeric)));
+		else if (v.type == jbvBool)
+			*unique_value = pstrdup(v.val.boolean ? "true" : "false");
+		else
+			*unique_value = JsonbToCString(NULL, v.val.binary.data, v.val.binary.len);
+	}
+	return true;
+}
+
+/*
+ * The billing period an event lands in.  Late events (whose period ended
+ * more than usage_billing.late_event_grace ago) are refused or, by setting,
+ * moved to the current period; by default every past period accepts them.
+ */
+static void
+place_in_period(const UbCustomer *customer, TimestampTz occurred_at,
+				TimestampTz *start, TimestampTz *end)
+{
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
+
+	ub_period_containing(customer->billing_anchor, &customer->period, occurred_at, start, end);
+	if (ub_late_event_grace_seconds < 0 || *end > now)
+		return;
+	if (*end + (int64) ub_late_event_grace_seconds * USECS_PER_SEC >= now)
+		return;
+
+	if (ub_late_event_action == UB_LATE_CURRENT_PERIOD)
+	{
+		ub_period_containing(customer->billing_anchor, &customer->period, now, start, end);
+		return;
+	}
+	ereport(ERROR,
+			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+			 errmsg("event for customer \"%s\" is too late for its billing period", customer->customer_id),
+			 errdetail("The event occurred at %s; its billing period ended at %s and accepts late events for %d seconds.",
+					   pstrdup(timestamptz_to_str(occurred_at)), pstrdup(timestamptz_to_str(*end)),
+					   ub_late_event_grace_seconds),
+			 errhint("Record it with a current occurred_at, or set usage_billing.late_event_action = 'current_period'.")));
+}
+
+/*
+ * If (customer, key) was recorded before, fills *out with the current state
+ * of the original event's meter and period and returns true.
+ */
+static bool
+lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *out)
+{
+	Oid			types2[2] = {TEXTOID, TEXTOID};
+	Oid			types3[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
+	Datum		args[3];
+	bool		isnull;
+	char	   *meter;
+	TimestampTz period_start;
+	UbCustomer	customer;
+	UbMeter		m;
+	UbLimit		limit;
+	bool		meter_found;
+	bool		agg_found;
+
+	prepare_once(&original_plan,
+				 "SELECT meter, period_start FROM usage_billing.usage_events"
+				 " WHERE customer_id = $1 AND idempotency_key = $2", 2, types2);
+	args[0] = CStringGetTextDatum(customer_id);
+	args[1] = CStringGetTextDatum(key);
+	if (SPI_execute_plan(original_plan, args, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "duplicate lookup failed");
+	if (SPI_processed == 0)
+		return false;
+	meter = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
+	period_start = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+													 SPI_tuptable->tupdesc, 2, &isnull));
+
+	prepare_once(&agg_read_plan,
+				 "SELECT total, period_end FROM usage_billing.usage_aggregates"
+				 " WHERE customer_id = $1 AND meter = $2 AND period_start = $3", 3, types3);
+	args[1] = CStringGetTextDatum(meter);
+	args[2] = TimestampTzGetDatum(period_start);
+	if (SPI_execute_plan(agg_read_plan, args, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "aggregate lookup failed");
+
+	out->duplicate = true;
+	out->period_start = period_start;
+	agg_found = (SPI_processed > 0);
+	if (agg_found)
+	{
+		out->total = DatumGetNumericCopy(SPI_getbinval(SPI_tuptable->vals[0],
+													   SPI_tuptable->tupdesc, 1, &isnull));
+		out->period_end = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
+															SPI_tuptable->tupdesc, 2, &isnull));
+	}
+	else
+	{
+		out->total = ub_num_zero();
+		out->period_end = period_start;
+	}
+
+	memset(&limit, 0, sizeof(limit));
+	if (ub_lookup_usage_target(customer_id, meter, &customer, &m, &meter_found, &limit) &&
+		!agg_found)
+	{
+		/* aggregate row gone (retention): recompute the period's end */
+		TimestampTz s;
+
+		ub_period_containing(customer.billing_anchor, &customer.period, period_start, &s, &out->period_end);
+	}
+	out->included = limit.exists ? limit.included : NULL;
+	out->remaining = ub_remaining(&limit, out->total);
+	out->status = ub_usage_status(&limit, out->total);
+	return true;
+}
+
+/* Numeric as text, for messages. */
+static char *
+num_str(Numeric n)
+{
+	return DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(n)));
+}
+
+/* Raises PT402: the message names the meter and the limit, the detail the usage. */
+static void
+raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const UbLimit *limit,
+			   Numeric total, Numeric contribution, TimestampTz period_start)
+{
+	bool		additive = (meter->aggregation != UB_AGG_MAX && meter->aggregation != UB_AGG_LAST);
+
+	ereport(ERROR,
+			(errcode(ERRCODE_UB_HARD_CAP),
+			 errmsg("usage of meter \"%s\" would exceed the limit of %s",
+					in->meter, num_str(limit->included)),
+			 additive ?
+			 errdetail("Customer \"%s\" has used %s of %s in the billing period starting %s; this call adds %s.",
+					   in->customer_id, num_str(ub_num_sub(total, contribution)),
+					   num_str(limit->included), timestamptz_to_str(period_start),
+					   num_str(contribution)) :
+			 errdetail("This call would set the value of customer \"%s\" to %s, above the limit of %s in the billing period starting %s.",
+					   in->customer_id, num_str(total), num_str(limit->included),
+					   timestamptz_to_str(period_start)),
+			 errhint("Upgrade the plan or raise the limit to record more usage.")));
+}
+
+/* Records one event; see the file header for the protocol. */
+void
+ub_record_event(const UbEventInput *in, UbRecordResult *out)
+{
+	UbCustomer	customer;
+	UbMeter		meter;
+	UbLimit		limit;
+	bool		meter_found = false;
+	char	   *unique_value = NULL;
+	DeferredError err;
+	TimestampTz period_start;
+	TimestampTz period_end;
+	Numeric		contribution;
+	Datum		args[7];
+	char		nulls[7];
+	bool		isnull;
+	int			ret;
+
+	ub_check_name("customer id", in->customer_id, UB_MAX_NAME_LEN);
+	ub_check_name("meter name", in->meter, UB_MAX_NAME_LEN);
+	if (in->idempotency_key != NULL)
+		ub_check_name("idempotency key", in->idempotency_key, UB_MAX_KEY_LEN);
+
+	if (!ub_lookup_usage_target(in->customer_id, in->meter, &customer, &meter,
+								&meter_found, &limit))
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("customer \"%s\" does not exist", in->customer_id),
+				 errhint("Create it with usage_billing.upsert_customer().")));
+
+	if (!validate_event(in, &customer, meter_found, &meter, &unique_value, &err))
+	{
+		if (in->idempotency_key != NULL && lookup_duplicate(in->customer_id, in->idempotency_key, out))
+			return;
+		raise_deferred(&err);
+	}
+
+	place_in_period(&customer, in->occurred_at, &period_start, &period_end);
+
+	/* the ledger first: its unique index decides whether this is a duplicate */
+	{
+		Oid			types[7] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+		NUMERICOID, TEXTOID, JSONBOID};
+
+		prepare_once(&event_insert_plan,
+					 "INSERT INTO usage_billing.usage_events"
+					 "       (customer_id, meter, period_start, occurred_at, amount,"
+					 "        idempotency_key, properties)"
+					 " VALUES ($1, $2, $3, $4, $5, $6, $7)"
+					 " ON CONFLICT (customer_id, idempotency_key)"
+					 "   WHERE idempotency_key IS NOT NULL DO NOTHING", 7, types);
+		args[0] = CStringGetTextDatum(in->customer_id);
+		args[1] = CStringGetTextDatum(in->meter);
+		args[2] = TimestampTzGetDatum(period_start);
+		args[3] = TimestampTzGetDatum(in->occurred_at);
+		args[4] = NumericGetDatum(in->amount);
+		args[5] = in->idempotency_key ? CStringGetTextDatum(in->idempotency_key) : (Datum) 0;
+		args[6] = in->properties ? JsonbPGetDatum(in->properties) : (Datum) 0;
+		memset(nulls, ' ', sizeof(nulls));
+		nulls[5] = in->idempotency_key ? ' ' : 'n';
+		nulls[6] = in->properties ? ' ' : 'n';
+		ret = SPI_execute_plan(event_insert_plan, args, nulls, false, 0);
+		if (ret != SPI_OK_INSERT)
+			elog(ERROR, "ledger insert failed: %s", SPI_result_code_string(ret));
+		if (SPI_processed == 0)
+		{
+			if (!lookup_duplicate(in->customer_id, in->idempotency_key, out))
+				elog(ERROR, "idempotency conflict without an original event");
+			return;
+		}
+	}
+
+	/* what the event adds to the aggregate */
+	switch (meter.aggregation)
+	{
+		case UB_AGG_COUNT:
+			contribution = ub_num_int(1);
+			break;
+		case UB_AGG_UNIQUE_COUNT:
+			{
+				Oid			types[4] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TEXTOID};
+
+				prepare_once(&unique_insert_plan,
+							 "INSERT INTO usage_billing.usage_unique_values"
+							 "       (customer_id, meter, period_start, value)"
+							 " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING", 4, types);
+				args[3] = CStringGetTextDatum(unique_value);
+				ret = SPI_execute_plan(unique_insert_plan, args, NULL, false, 0);
+				if (ret != SPI_OK_INSERT)
+					elog(ERROR, "unique value insert failed: %s", SPI_result_code_string(ret));
+				contribution = ub_num_int(SPI_processed > 0 ? 1 : 0);
+			}
+			break;
+		default:
+			contribution = in->amount;
+			break;
+	}
+
+	{
+		Oid			types[6] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+		NUMERICOID, TIMESTAMPTZOID};
+		SPIPlanPtr	plan;
+
+		if (meter.aggregation == UB_AGG_MAX)
+			plan = prepare_once(&agg_max_plan, AGG_UPSERT_HEAD
+								" total = greatest(a.total, EXCLUDED.total)" AGG_UPSERT_TAIL,
+								6, types);
+		else if (meter.aggregation == UB_AGG_LAST)
+			/* the latest occurred_at wins; on a tie the later call does */
+			plan = prepare_once(&agg_last_plan, AGG_UPSERT_HEAD
+								" total = CASE WHEN EXCLUDED.last_usage >= a.last_usage"
+								"              THEN EXCLUDED.total ELSE a.total END" AGG_UPSERT_TAIL,
+								6, types);
+		else
+			plan = prepare_once(&agg_add_plan, AGG_UPSERT_HEAD
+								" total = a.total + EXCLUDED.total" AGG_UPSERT_TAIL,
+								6, types);
+
+		args[3] = TimestampTzGetDatum(period_end);
+		args[4] = NumericGetDatum(contribution);
+		args[5] = TimestampTzGetDatum(in->occurred_at);
+		ret = SPI_execute_plan(plan, args, NULL, false, 0);
+		if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
+			elog(ERROR, "aggregate update failed: %s", SPI_result_code_string(ret));
+		out->total = DatumGetNumericCopy(SPI_getbinval(SPI_tuptable->vals[0],
+													   SPI_tuptable->tupdesc, 1, &isnull));
+	}
+
+	/* the row lock taken above serializes callers: this check is exact */
+	if (limit.exists && limit.hard_cap && limit.included != NULL &&
+		ub_num_cmp(out->total, limit.included) > 0)
+		raise_hard_cap(in, &meter, &limit, out->total, contribution, period_start);
+
+	out->duplicate = false;
+	out->period_start = period_start;
+	out->period_end = period_end;
+	out->included = limit.exists ? limit.included : NULL;
+	out->remaining = ub_remaining(&limit, out->total);
+	out->status = ub_usage_status(&limit, out->total);
+}
+
+/* SQL: increment_usage(customer_id, meter, amount, idempotency_key, occurred_at, properties) */
+Datum
+ub_increment_usage(PG_FUNCTION_ARGS)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	UbEventInput in;
+	UbRecordResult out;
+	Datum		values[7];
+	bool		nulls[7];
+	MemoryContext caller_cxt = CurrentMemoryContext;
+
+	InitMaterializedSRF(fcinfo, 0);
+
+	memset(&in, 0, sizeof(in));
+	in.customer_id = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
+	in.meter = PG_ARGISNULL(1) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(1));
+	in.amount = PG_ARGISNULL(2) ? NULL : PG_GETARG_NUMERIC(2);
+	in.idempotency_key = PG_ARGISNULL(3) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(3));
+	in.occurred_at_null = PG_ARGISNULL(4);
+	in.occurred_at = PG_ARGISNULL(4) ? 0 : PG_GETARG_TIMESTAMPTZ(4);
+	in.properties = PG_ARGISNULL(5) ? NULL : PG_GETARG_JSONB_P(5);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	ub_record_event(&in, &out);
+
+	/* the result outlives SPI: copy it out before SPI_finish */
+	{
+		MemoryContext spi_cxt = MemoryContextSwitchTo(caller_cxt);
+
+		memset(nulls, 0, sizeof(nulls));
+		values[0] = NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(out.total)));
+		nulls[1] = (out.included == NULL);
+		values[1] = out.included ? NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(out.included))) : (Datum) 0;
+		nulls[2] = (out.remaining == NULL);
+		values[2] = out.remaining ? NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(out.remaining))) : (Datum) 0;
+		values[3] = CStringGetTextDatum(out.status);
+		values[4] = BoolGetDatum(out.duplicate);
+		values[5] = TimestampTzGetDatum(out.period_start);
+		values[6] = TimestampTzGetDatum(out.period_end);
+		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+		MemoryContextSwitchTo(spi_cxt);
+	}
+	SPI_finish();
+	return (Datum) 0;
+}
