@@ -1,7 +1,9 @@
 -- check_limit: projection, statuses, hard caps, overrides, plan changes, bad input
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
+SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS usage_billing;
+RESET client_min_messages;
 
 -- sets the current-period aggregate of a customer's meter (what increment_usage keeps)
 CREATE FUNCTION pg_temp.set_current(text, text, numeric) RETURNS void
@@ -14,6 +16,17 @@ LANGUAGE sql AS $$
      CROSS JOIN LATERAL usage_billing.period_bounds(cu.billing_anchor, p.period, now()) b
      WHERE cu.customer_id = $1
     ON CONFLICT (customer_id, meter, period_start) DO UPDATE SET total = EXCLUDED.total
+$$;
+
+-- the SQLSTATE and message of a statement's error
+CREATE FUNCTION pg_temp.error_of(text) RETURNS text
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE $1;
+    RETURN 'no error';
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE || ': ' || SQLERRM;
+END
 $$;
 
 SELECT usage_billing.create_meter('cl_api');                       -- sum
@@ -149,6 +162,7 @@ SELECT usage_billing.set_customer_status('cl_acme', 'suspended');
 SELECT * FROM usage_billing.check_limit('cl_acme', 'cl_capped', 1);
 SELECT usage_billing.set_customer_status('cl_acme', 'canceled');
 SELECT * FROM usage_billing.check_limit('cl_acme', 'cl_capped', 1);
+SELECT * FROM usage_billing.check_limit('cl_acme', 'cl_nometer', 1);
 SELECT usage_billing.set_customer_status('cl_acme', 'active');
 SELECT allowed, reason FROM usage_billing.check_limit('cl_acme', 'cl_capped', 1);
 
@@ -170,3 +184,25 @@ SELECT provolatile FROM pg_proc WHERE oid = 'usage_billing.check_limit(text, tex
 
 -- named arguments as PostgREST sends them
 SELECT allowed, status FROM usage_billing.check_limit(customer_id => 'cl_acme', meter => 'cl_api', requested => 2);
+
+-- check_limit agrees with increment_usage, which moves current
+SELECT usage_billing.upsert_customer('cl_live', 'cl_basic');
+SELECT allowed, current, remaining, status FROM usage_billing.check_limit('cl_live', 'cl_capped', 10);
+SELECT total, remaining, status FROM usage_billing.increment_usage('cl_live', 'cl_capped', 6);
+SELECT allowed, current, remaining, status, reason FROM usage_billing.check_limit('cl_live', 'cl_capped', 5);
+SELECT allowed, current, remaining, status, reason FROM usage_billing.check_limit('cl_live', 'cl_capped', 4);
+SELECT total, remaining, status FROM usage_billing.increment_usage('cl_live', 'cl_capped', 4);
+SELECT allowed, current, remaining, status, reason FROM usage_billing.check_limit('cl_live', 'cl_capped', 1);
+SELECT pg_temp.error_of($$SELECT usage_billing.increment_usage('cl_live', 'cl_capped', 1)$$);
+SELECT allowed, current, reason FROM usage_billing.check_limit('cl_live', 'cl_capped', 0);
+-- max: a smaller reading never raises the aggregate
+SELECT total FROM usage_billing.increment_usage('cl_live', 'cl_peak', 9);
+SELECT allowed, current, status, reason FROM usage_billing.check_limit('cl_live', 'cl_peak', 3);
+SELECT allowed, current, status, reason FROM usage_billing.check_limit('cl_live', 'cl_peak', 10.5);
+SELECT pg_temp.error_of($$SELECT usage_billing.increment_usage('cl_live', 'cl_peak', 10.5)$$);
+SELECT pg_temp.error_of($$SELECT usage_billing.increment_usage('cl_live', 'cl_peak', 3)$$);
+-- unique_count: current counts distinct values
+SELECT total FROM usage_billing.increment_usage('cl_live', 'cl_users', properties => '{"user_id": "u1"}');
+SELECT total FROM usage_billing.increment_usage('cl_live', 'cl_users', properties => '{"user_id": "u2"}');
+SELECT total FROM usage_billing.increment_usage('cl_live', 'cl_users', properties => '{"user_id": "u1"}');
+SELECT allowed, current, remaining, status FROM usage_billing.check_limit('cl_live', 'cl_users');

@@ -1,7 +1,9 @@
 -- calculate_overage and preview_invoice: the worked example, periods, overrides, plan changes
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
+SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS usage_billing;
+RESET client_min_messages;
 
 -- sets the aggregate of a customer's meter in the billing period containing "at"
 CREATE FUNCTION pg_temp.set_total(text, text, timestamptz, numeric) RETURNS void

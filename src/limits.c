@@ -206,9 +206,13 @@ ub_check_limit(PG_FUNCTION_ARGS)
 		r.reason = "unknown customer";
 		goto done;
 	}
+	/* the same order of refusals as increment_usage: status, then meter, then amount */
+	if (strcmp(customer.status, "active") != 0)
+		r.reason = psprintf("customer %s", customer.status);
 	if (meter == NULL || !meter_found)
 	{
-		r.reason = "unknown meter";
+		if (r.reason == NULL)
+			r.reason = "unknown meter";
 		goto done;
 	}
 
@@ -220,10 +224,9 @@ ub_check_limit(PG_FUNCTION_ARGS)
 	r.has_overage_allowed = true;
 	r.overage_allowed = ub_limit_is_billed(&limit) && !limit.hard_cap;
 
-	if (strcmp(customer.status, "active") != 0)
+	if (r.reason != NULL)
 	{
-		r.reason = psprintf("customer %s", customer.status);
-		/* still say where the request would land, for the caller's message */
+		/* refused anyway; still say where the request would land */
 		if (RequestedIsValid(requested, m.aggregation))
 		{
 			projection = ProjectTotal(m.aggregation, r.current, requested);
