@@ -390,7 +390,8 @@ ub_get_usage_summary(PG_FUNCTION_ARGS)
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("invalid usage summary range"),
 					 errdetail("period_end (%s) must be later than period_start (%s).",
-							   timestamptz_to_str(to), timestamptz_to_str(from))));
+							   pstrdup(timestamptz_to_str(to)),
+							   pstrdup(timestamptz_to_str(from)))));
 	}
 
 	/* a range is a billing period when it starts and ends exactly where one does */
