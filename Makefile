@@ -11,6 +11,7 @@ OBJS = \
 	src/record.o \
 	src/batch.o \
 	src/limits.o \
+	src/target_cache.o \
 	src/summary.o \
 	src/invoice.o \
 	src/shmem.o \

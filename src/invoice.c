@@ -108,7 +108,7 @@ ub_calculate_overage(PG_FUNCTION_ARGS)
 	PricedPeriod pp;
 	ListCell   *lc;
 
-	InitMaterializedSRF(fcinfo, 0);
+	ub_init_srf(fcinfo);
 	rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
@@ -171,7 +171,7 @@ ub_preview_invoice(PG_FUNCTION_ARGS)
 	Numeric		sum;
 	const char *currency;
 
-	InitMaterializedSRF(fcinfo, 0);
+	ub_init_srf(fcinfo);
 	rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 
 	if (SPI_connect() != SPI_OK_CONNECT)

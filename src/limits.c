@@ -3,10 +3,11 @@
  *	  check_limit: would increment_usage(requested) succeed, and what then?
  *
  * check_limit is read-only and sits on the hot path next to
- * increment_usage: one saved-plan lookup of customer, meter and effective
- * limit (ub_lookup_usage_target), then one saved-plan read of the meter's
- * aggregate in the customer's current billing period by primary key.  It
- * never scans the ledger and never raises for bad input: an unknown
+ * increment_usage: the customer, meter and effective limit come from the
+ * backend's target cache (target_cache.c, filled by ub_lookup_usage_target
+ * and emptied on every catalog change), then one probe of usage_aggregates'
+ * primary key reads the meter's aggregate in the customer's current billing
+ * period; no SPI, no executor, no ledger.  It never raises for bad input: an unknown
  * customer or meter, or an invalid requested quantity, answers
  * allowed = false with a reason.
  *
@@ -31,8 +32,6 @@
 #include "postgres.h"
 
 #include "access/xact.h"
-#include "catalog/pg_type.h"
-#include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "utils/builtins.h"
@@ -48,8 +47,6 @@
 PG_FUNCTION_INFO_V1(ub_check_limit);
 
 #define CHECK_LIMIT_COLS 8
-
-static SPIPlanPtr total_plan = NULL;
 
 /* One result row of check_limit; NULL pointers become SQL NULLs. */
 typedef struct CheckResult
@@ -68,43 +65,6 @@ typedef struct CheckResult
 static bool RequestedIsValid(Numeric requested, UbAggregation agg);
 static Numeric ProjectTotal(UbAggregation agg, Numeric current, Numeric requested);
 static void EmitResult(FunctionCallInfo fcinfo, const CheckResult *r);
-
-/* The meter's aggregate total in one period, 0 when nothing was recorded. */
-Numeric
-ub_current_total(const char *customer_id, const char *meter, TimestampTz period_start)
-{
-	Datum		args[3];
-	int			ret;
-	Numeric		total;
-	bool		isnull;
-
-	if (total_plan == NULL)
-	{
-		Oid			types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
-		SPIPlanPtr	plan;
-
-		plan = SPI_prepare("SELECT a.total FROM usage_billing.usage_aggregates a"
-						   " WHERE a.customer_id = $1 AND a.meter = $2 AND a.period_start = $3",
-						   3, types);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		total_plan = plan;
-	}
-	args[0] = CStringGetTextDatum(customer_id);
-	args[1] = CStringGetTextDatum(meter);
-	args[2] = TimestampTzGetDatum(period_start);
-	ret = SPI_execute_plan(total_plan, args, NULL, true, 1);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "aggregate lookup failed: %s", SPI_result_code_string(ret));
-	if (SPI_processed == 0)
-		return ub_num_zero();
-	total = DatumGetNumericCopy(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc,
-											  1, &isnull));
-	SPI_freetuptable(SPI_tuptable);
-	return isnull ? ub_num_zero() : total;
-}
 
 /* The same rule increment_usage applies to its amount: finite, and not negative where it adds up. */
 static bool
@@ -193,14 +153,11 @@ ub_check_limit(PG_FUNCTION_ARGS)
 	TimestampTz period_end;
 	Numeric		projection;
 
-	InitMaterializedSRF(fcinfo, 0);
+	ub_init_srf(fcinfo);
 	memset(&r, 0, sizeof(r));
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-
 	if (customer_id == NULL ||
-		!ub_lookup_usage_target(customer_id, meter != NULL ? meter : "", &customer, &m,
+		!ub_cached_usage_target(customer_id, meter != NULL ? meter : "", &customer, &m,
 								&meter_found, &limit))
 	{
 		r.reason = "unknown customer";
@@ -254,6 +211,5 @@ ub_check_limit(PG_FUNCTION_ARGS)
 
 done:
 	EmitResult(fcinfo, &r);
-	SPI_finish();
 	return (Datum) 0;
 }

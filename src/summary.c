@@ -357,7 +357,7 @@ ub_get_usage_summary(PG_FUNCTION_ARGS)
 	List	   *limits = NIL;
 	ListCell   *lc;
 
-	InitMaterializedSRF(fcinfo, 0);
+	ub_init_srf(fcinfo);
 	rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
