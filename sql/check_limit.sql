@@ -206,3 +206,29 @@ SELECT total FROM usage_billing.increment_usage('cl_live', 'cl_users', propertie
 SELECT total FROM usage_billing.increment_usage('cl_live', 'cl_users', properties => '{"user_id": "u2"}');
 SELECT total FROM usage_billing.increment_usage('cl_live', 'cl_users', properties => '{"user_id": "u1"}');
 SELECT allowed, current, remaining, status FROM usage_billing.check_limit('cl_live', 'cl_users');
+
+-- the backend's cache of limits follows the session's own changes, and forgets rolled-back ones
+SELECT included FROM usage_billing.check_limit('cl_live', 'cl_capped');
+BEGIN;
+SELECT usage_billing.set_plan_limit('cl_basic', 'cl_capped', included => 50, hard_cap => true);
+SELECT included, allowed FROM usage_billing.check_limit('cl_live', 'cl_capped', 30);
+ROLLBACK;
+SELECT included, allowed FROM usage_billing.check_limit('cl_live', 'cl_capped', 30);
+BEGIN;
+SAVEPOINT s;
+SELECT usage_billing.set_customer_limit('cl_live', 'cl_capped', 70);
+SELECT included FROM usage_billing.check_limit('cl_live', 'cl_capped');
+ROLLBACK TO SAVEPOINT s;
+SELECT included FROM usage_billing.check_limit('cl_live', 'cl_capped');
+COMMIT;
+-- plain DML on the catalog tables counts too
+UPDATE usage_billing.plan_limits SET included = 12 WHERE plan = 'cl_basic' AND meter = 'cl_capped';
+SELECT included, remaining FROM usage_billing.check_limit('cl_live', 'cl_capped');
+UPDATE usage_billing.customers SET status = 'suspended' WHERE customer_id = 'cl_live';
+SELECT allowed, reason FROM usage_billing.check_limit('cl_live', 'cl_capped');
+UPDATE usage_billing.customers SET status = 'active' WHERE customer_id = 'cl_live';
+SELECT allowed, reason FROM usage_billing.check_limit('cl_live', 'cl_capped');
+-- a search_path without pg_catalog first does not change the answer of a first lookup
+SET search_path = public;
+SELECT allowed, current, included FROM usage_billing.check_limit('cl_other', 'cl_jobs', 3);
+RESET search_path;
