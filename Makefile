@@ -7,16 +7,19 @@ OBJS = \
 	src/usage_billing.o \
 	src/periods.o \
 	src/catalog.o \
+	src/catalog_cache.o \
 	src/pricing.o \
 	src/record.o \
 	src/batch.o \
+	src/alerts.o \
 	src/limits.o \
 	src/target_cache.o \
 	src/summary.o \
 	src/invoice.o \
 	src/shmem.o \
 	src/export_worker.o \
-	src/stripe_client.o
+	src/stripe_client.o \
+	src/export_outbox.o
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 

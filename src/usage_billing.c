@@ -52,6 +52,7 @@ _PG_init(void)
 							 NULL, NULL, NULL);
 
 	ub_export_init();
+	ub_alerts_init();
 
 	MarkGUCPrefixReserved("usage_billing");
 }

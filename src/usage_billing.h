@@ -27,4 +27,7 @@ extern int	ub_late_event_action;
 /* defined in export_worker.c: GUCs, shared memory and the worker */
 extern void ub_export_init(void);
 
+/* defined in alerts.c: shared memory for alerts that outlive a failed call */
+extern void ub_alerts_init(void);
+
 #endif							/* USAGE_BILLING_H */
