@@ -13,7 +13,6 @@ OBJS = \
 	src/batch.o \
 	src/alerts.o \
 	src/limits.o \
-	src/target_cache.o \
 	src/summary.o \
 	src/invoice.o \
 	src/shmem.o \

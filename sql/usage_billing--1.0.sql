@@ -575,26 +575,6 @@ SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION usage_billing.preview_invoice(text, timestamptz) IS
     'Invoice lines (base, usage per billed meter, total) of a billing period, rounded to the currency''s minor unit.';
 
--- Backends cache customers, meters and effective limits for check_limit; any change to the
--- catalog tables empties every backend's cache (a relcache invalidation, sent at commit).
-CREATE FUNCTION usage_billing.catalog_changed()
-RETURNS trigger
-AS 'MODULE_PATHNAME', 'ub_catalog_changed'
-LANGUAGE C;
-COMMENT ON FUNCTION usage_billing.catalog_changed() IS
-    'Internal trigger: tells every backend to forget its cached customers, meters and limits.';
-
-CREATE TRIGGER catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.meters
-    FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
-CREATE TRIGGER catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.plans
-    FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
-CREATE TRIGGER catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.plan_limits
-    FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
-CREATE TRIGGER catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.customers
-    FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
-CREATE TRIGGER catalog_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.customer_limits
-    FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
-
 -- ---------------------------------------------------------------------------
 -- Views for psql
 -- ---------------------------------------------------------------------------

@@ -10,8 +10,7 @@
  * ledger keeps every period query independent of the number of events.
  *
  * The summary.c functions run between SPI_connect and SPI_finish and
- * return what lives in the SPI procedure context; the target_cache.c ones
- * need no SPI connection and return what lives in the caller's context.
+ * return what lives in the SPI procedure context.
  *-------------------------------------------------------------------------
  */
 #ifndef UB_READING_H
@@ -52,13 +51,6 @@ ub_init_srf(FunctionCallInfo fcinfo)
 		flags = MAT_SRF_USE_EXPECTED_DESC;
 	InitMaterializedSRF(fcinfo, flags);
 }
-
-/* target_cache.c: no SPI connection needed */
-extern bool ub_cached_usage_target(const char *customer_id, const char *meter,
-								   UbCustomer *customer, UbMeter *m, bool *meter_found,
-								   UbLimit *limit);
-extern Numeric ub_current_total(const char *customer_id, const char *meter,
-								TimestampTz period_start);
 
 /* summary.c */
 extern void ub_require_customer(const char *customer_id, UbCustomer *customer);
