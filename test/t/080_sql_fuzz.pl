@@ -136,7 +136,7 @@ sub rtext
 	return lit(pick("'; DROP TABLE usage_billing.usage_events; --", '%s%s%n%x', '\\', '"', '$$', 'NaN',
 			'-1', ' ', "a\tb\nc", 'public.lower', 'usage_billing', chr(0x202E) . 'evil', 'x' x 201,
 			'x' x 2700, 'é' x 3000)) if $r < 0.85;
-	return lit(random_chars(200 + int(rand(3000)), 'unicode')) if $r < 0.97;
+	return lit(random_chars(200 + int(rand(3000)), 'unicode')) if $r < 0.985;
 	# very long strings, generated on the server: 10 MB and 4 MB of 4-byte characters
 	$big_count++;
 	return pick("repeat('x', 10000000)", "repeat(chr(128512), 1000000)",
@@ -200,7 +200,7 @@ sub rjsonb
 {
 	my $r = rand;
 	return 'NULL' if $r < 0.05;
-	if ($r < 0.15)
+	if ($r < 0.11)
 	{
 		$big_count++;
 		return pick("(repeat('[', 100000) || repeat(']', 100000))::jsonb",
