@@ -164,10 +164,45 @@ SELECT usage_billing.set_tenant_claim('role');
 ROLLBACK TO s;
 SELECT usage_billing.upsert_customer('sec_tenant_a', 'sec_plan', stripe_customer_id => 'cus_evil');
 ROLLBACK TO s;
--- the alert view reads shared memory of every tenant: not granted
-SELECT count(*) FROM usage_billing.alerts;
-ROLLBACK TO s;
 COMMIT;
+
+-- every table a tenant may read, whatever tables later versions add: no other customer's row
+CREATE FUNCTION pg_temp.sec_leak_check(me text) RETURNS text LANGUAGE plpgsql AS $$
+DECLARE
+    t regclass;
+    n bigint;
+    checked int := 0;
+    leaks bigint := 0;
+BEGIN
+    FOR t IN SELECT c.oid::regclass FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid
+              WHERE c.relnamespace = 'usage_billing'::regnamespace AND a.attname = 'customer_id'
+                AND c.relkind IN ('r', 'v') AND has_table_privilege(c.oid, 'SELECT')
+    LOOP
+        EXECUTE format('SELECT count(*) FROM %s WHERE customer_id IS DISTINCT FROM %L', t, me) INTO n;
+        leaks := leaks + n;
+        checked := checked + 1;
+    END LOOP;
+    RETURN format('relations checked: %s, rows of other customers seen: %s',
+                  CASE WHEN checked >= 7 THEN 'at least 7' ELSE checked::text END,
+                  CASE WHEN leaks > 0 THEN 'some' ELSE '0' END);
+END
+$$;
+BEGIN;
+SET LOCAL ROLE authenticated;
+SET LOCAL request.jwt.claims = '{"sub": "sec_tenant_a"}';
+SELECT pg_temp.sec_leak_check('sec_tenant_a') AS tenant_a;
+COMMIT;
+-- (the check sees other customers' rows where it should: a staff role)
+SET ROLE sec_reader;
+SELECT pg_temp.sec_leak_check('sec_tenant_a') AS reader;
+RESET ROLE;
+-- not granted to tenants: the alerts view (it shows hard-cap alerts of every customer still in
+-- shared memory), export state, and check_limit
+SELECT r AS relation, has_table_privilege('authenticated', r, 'SELECT') AS tenant_can_read
+  FROM (SELECT to_regclass(x) AS r
+          FROM unnest(ARRAY['usage_billing.alerts', 'usage_billing.export_status', 'usage_billing.export_state',
+                            'usage_billing.export_outbox', 'usage_billing.export_attempts']) x) s
+ WHERE r IS NOT NULL AND has_table_privilege('authenticated', r, 'SELECT');
 
 -- a request without claims, with an unknown customer, with garbage claims: no rows
 BEGIN;
