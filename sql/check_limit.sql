@@ -232,3 +232,7 @@ SELECT allowed, reason FROM usage_billing.check_limit('cl_live', 'cl_capped');
 SET search_path = public;
 SELECT allowed, current, included FROM usage_billing.check_limit('cl_other', 'cl_jobs', 3);
 RESET search_path;
+
+-- called in the select list (no expected row type from FROM) it answers the same
+SELECT usage_billing.check_limit('cl_live', 'cl_capped', 1);
+SELECT (usage_billing.check_limit('cl_live', 'cl_capped', 5)).reason;
