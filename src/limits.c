@@ -163,7 +163,9 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 						   idx->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
 						   TimestampTzGetDatum(period_start));
 
-	scan = index_beginscan(rel, idx, GetActiveSnapshot(), 3, 0);
+	scan = index_beginscan(rel, idx,
+						   ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot(),
+						   3, 0);
 	index_rescan(scan, keys, 3, NULL, 0);
 	slot = table_slot_create(rel, NULL);
 	if (index_getnext_slot(scan, ForwardScanDirection, slot))
