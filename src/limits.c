@@ -10,9 +10,8 @@
  * period: on a cache hit no SPI, no executor, no ledger.  The function is
  * declared without SET search_path (a function SET costs about a fifth of a
  * cached call); the SQL of a miss runs under a search_path we set ourselves.
- * It never raises for bad input: an unknown
- * customer or meter, or an invalid requested quantity, answers
- * allowed = false with a reason.
+ * It never raises for bad input: an unknown customer or meter, or an
+ * invalid requested quantity, answers allowed = false with a reason.
  *
  * Words used here:
  *   current     the meter's aggregate in the current billing period (0
@@ -210,7 +209,7 @@ LookupTarget(const char *customer_id, const char *meter, UbCustomer *customer, U
 	return found;
 }
 
-/* The same rule increment_usage applies to its amount: finite, and not negative where it adds up. */
+/* increment_usage's rule for amounts: finite, and not negative where it adds up. */
 static bool
 RequestedIsValid(Numeric requested, UbAggregation agg)
 {
