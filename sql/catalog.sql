@@ -190,4 +190,5 @@ SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
 -- C instead: a function SET costs a fifth
 -- of a cached check_limit, so its C code sets the search_path around the SQL it runs
 SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
- WHERE n.nspname = 'usage_billing' AND NOT coalesce(p.proconfig::text LIKE '%search_path%', false);
+ WHERE n.nspname = 'usage_billing' AND NOT coalesce(p.proconfig::text LIKE '%search_path%', false)
+ ORDER BY 1;

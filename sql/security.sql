@@ -39,11 +39,12 @@ SELECT p.oid::regprocedure AS executable_by_public
   FROM pg_proc p
  WHERE p.pronamespace = 'usage_billing'::regnamespace
    AND (p.proacl IS NULL OR EXISTS (SELECT 1 FROM aclexplode(p.proacl) a WHERE a.grantee = 0));
--- every function pins its search_path (check_limit, for speed, sets it in C around its only SQL;
--- the hijack test below covers it)
+-- every function pins its search_path (check_limit, increment_usage and increment_usage_batch,
+-- for speed, pin it in C around the SQL they run; the hijack test below covers them)
 SELECT p.oid::regprocedure AS unpinned
   FROM pg_proc p
- WHERE p.pronamespace = 'usage_billing'::regnamespace AND p.proname <> 'check_limit'
+ WHERE p.pronamespace = 'usage_billing'::regnamespace
+   AND p.proname NOT IN ('check_limit', 'increment_usage', 'increment_usage_batch')
    AND NOT coalesce(p.proconfig @> ARRAY['search_path=pg_catalog, pg_temp'], false);
 -- SECURITY DEFINER functions, and who may run them
 SELECT p.proname,
