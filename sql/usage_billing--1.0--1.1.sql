@@ -38,11 +38,24 @@
 DO $roles$
 DECLARE
     r text;
+    existing record;
 BEGIN
     FOREACH r IN ARRAY ARRAY['usage_billing_admin', 'usage_billing_writer', 'usage_billing_reader']
     LOOP
-        IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = r) THEN
+        SELECT rolsuper, rolbypassrls, rolcanlogin INTO existing
+          FROM pg_catalog.pg_roles WHERE rolname = r;
+        IF NOT FOUND THEN
             EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', r);
+        ELSIF existing.rolsuper OR existing.rolbypassrls THEN
+            -- a role made beforehand (by someone else?) would defeat row-level security
+            RAISE EXCEPTION 'role "%" already exists with SUPERUSER or BYPASSRLS', r
+                USING ERRCODE = 'insufficient_privilege',
+                      DETAIL = 'usage_billing grants this role access to billing data and relies on row-level security applying to it.',
+                      HINT = pg_catalog.format('Drop the role or ALTER ROLE %I NOSUPERUSER NOBYPASSRLS, then retry.', r);
+        ELSIF existing.rolcanlogin THEN
+            RAISE WARNING 'role "%" already exists and can log in', r
+                USING DETAIL = 'usage_billing reuses it; the roles it creates itself are NOLOGIN.',
+                      HINT = 'Check who can log in as this role and who is a member of it.';
         END IF;
     END LOOP;
 END

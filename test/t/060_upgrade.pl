@@ -108,5 +108,15 @@ my $upgraded = $node->safe_psql('old', $shape_q);
 cmp_ok(scalar(split /\n/, $fresh), '>', 50, 'the shape query sees the objects');
 is($upgraded, $fresh, 'an upgraded database has the objects, flags, grants and policies of a fresh install');
 
+# roles are cluster-wide: one made beforehand with BYPASSRLS (or SUPERUSER) stops the install
+$node->safe_psql('postgres', 'CREATE DATABASE squat; ALTER ROLE usage_billing_reader BYPASSRLS;');
+my ($ret, $out, $err) = $node->psql('squat', 'CREATE EXTENSION usage_billing');
+isnt($ret, 0, 'install refused while usage_billing_reader has BYPASSRLS');
+like($err, qr/role "usage_billing_reader" already exists with SUPERUSER or BYPASSRLS/, 'with a clear message');
+$node->safe_psql('postgres', 'ALTER ROLE usage_billing_reader NOBYPASSRLS; ALTER ROLE usage_billing_writer LOGIN;');
+($ret, $out, $err) = $node->psql('squat', 'CREATE EXTENSION usage_billing');
+is($ret, 0, 'install succeeds once the role is fixed');
+like($err, qr/WARNING:  role "usage_billing_writer" already exists and can log in/, 'a pre-existing LOGIN role is reported');
+
 $node->stop;
 done_testing();
