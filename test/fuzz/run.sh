@@ -1,6 +1,8 @@
 #!/bin/bash
 # test/fuzz/run.sh [SECONDS]: builds the libFuzzer harnesses (clang -fsanitize=fuzzer,address)
-# and runs each for a bounded time (default 20 s) on its corpus in test/fuzz/corpus/<name>.
+# and runs each for a bounded time (SECONDS, else $FUZZ_SECONDS, else 20 s) on its corpus in
+# test/fuzz/corpus/<name>.  test/run_tests.sh runs it as its "fuzz" stage.
+# Needs clang and libFuzzer: apt-get install clang libclang-rt-14-dev (fails loudly without).
 # New inputs found go to a scratch directory, not to the kept corpus (pass KEEP=1 to merge
 # them in).  Exit status: 0 when no harness found a crash, a leak or a timeout.
 #
@@ -11,9 +13,13 @@
 # SQL level by test/t/080_sql_fuzz.pl instead.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-secs=${1:-20}
+secs=${1:-${FUZZ_SECONDS:-20}}
 pg_config=${PG_CONFIG:-pg_config}
 cc=${CLANG:-clang}
+if ! command -v "$cc" >/dev/null; then
+	echo "test/fuzz/run.sh: $cc not found: apt-get install clang libclang-rt-14-dev" >&2
+	exit 1
+fi
 inc=$($pg_config --includedir-server)
 libdir=$($pg_config --libdir)
 pkglibdir=$($pg_config --pkglibdir)
