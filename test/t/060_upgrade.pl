@@ -118,5 +118,31 @@ $node->safe_psql('postgres', 'ALTER ROLE usage_billing_reader NOBYPASSRLS; ALTER
 is($ret, 0, 'install succeeds once the role is fixed');
 like($err, qr/WARNING:  role "usage_billing_writer" already exists and can log in/, 'a pre-existing LOGIN role is reported');
 
+# DROP EXTENSION removes every object of the extension; its schema (which the extension depends
+# on, not the other way round) stays, empty, with its USAGE grants; DROP SCHEMA removes them; the
+# roles are cluster-wide and stay
+$node->safe_psql('squat', q{
+CREATE ROLE squat_tenant NOLOGIN;
+SELECT usage_billing.grant_tenant_access('squat_tenant');
+DROP EXTENSION usage_billing;
+});
+my $left_q = q{
+SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = 'usage_billing') || ' schema, '
+    || (SELECT count(*) FROM pg_class WHERE relnamespace = (SELECT oid FROM pg_namespace WHERE nspname = 'usage_billing'))
+    + (SELECT count(*) FROM pg_proc WHERE pronamespace = (SELECT oid FROM pg_namespace WHERE nspname = 'usage_billing')) || ' objects, '
+    || (SELECT count(*) FROM pg_roles WHERE rolname LIKE 'usage\_billing\_%') || ' roles, '
+    || (SELECT count(*) FROM pg_shdepend d JOIN pg_roles r ON r.oid = d.refobjid
+         WHERE d.dbid = (SELECT oid FROM pg_database WHERE datname = 'squat')
+           AND r.rolname IN ('squat_tenant', 'usage_billing_admin', 'usage_billing_writer', 'usage_billing_reader'))
+    || ' privileges left'};
+is($node->safe_psql('squat', $left_q), '1 schema, 0 objects, 3 roles, 4 privileges left',
+	'DROP EXTENSION leaves the empty schema with its USAGE grants, and the roles');
+$node->safe_psql('squat', 'DROP SCHEMA usage_billing');
+is($node->safe_psql('squat', $left_q), '0 schema, 0 objects, 3 roles, 0 privileges left',
+	'DROP SCHEMA removes the last privileges; the cluster-wide roles stay');
+$node->safe_psql('postgres', 'DROP ROLE squat_tenant');
+$node->safe_psql('squat', 'CREATE EXTENSION usage_billing');
+pass('the extension installs again over the roles it left');
+
 $node->stop;
 done_testing();
