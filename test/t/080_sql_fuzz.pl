@@ -7,11 +7,14 @@
 # kinds: "valid" calls on a set of valid customers (must succeed; their contributions are
 # tracked), "invalid" calls on those same customers (must fail and change nothing), and "any"
 # calls everywhere else (junk customers with extreme billing anchors, random names, every
-# function with random arguments of its declared types).
+# function with random arguments of its declared types), and "tenant" calls run as PostgREST
+# runs them (SET LOCAL ROLE authenticated, hostile request.jwt.claims: other customers, unicode,
+# 10 MB, invalid JSON) that probe every readable table, view and reading function for another
+# customer's rows, and try to write.
 #
 # Passes when: the postmaster never restarts (same pid, no "terminated by signal" in the log),
 # no failure is an internal error (SQLSTATE class XX), every valid call succeeded, every
-# invalid call failed, and afterwards the valid customers' totals equal the sum of the valid
+# invalid call failed, no tenant call saw another customer or wrote anything, and afterwards the valid customers' totals equal the sum of the valid
 # calls alone, and aggregates equal the ledger for every customer's current period.
 # FUZZ_SECONDS (default 50) bounds the generation; FUZZ_SEED makes a run reproducible.
 use strict;
@@ -83,6 +86,20 @@ BEGIN
     END;
 END $$;
 GRANT INSERT, SELECT ON public.fz_result, public.fz_expect TO fuzzer;
+-- the PostgREST tenant role: end users, with hostile claims
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'authenticated') THEN
+    CREATE ROLE authenticated NOLOGIN;
+  END IF;
+END $$;
+SELECT usage_billing.grant_tenant_access('authenticated');
+GRANT authenticated TO fuzzer;
+GRANT INSERT ON public.fz_result TO authenticated;
+-- raised by the tenant probes when they see another customer (volatile: never folded at plan time)
+CREATE FUNCTION public.fz_leak(what text) RETURNS int LANGUAGE plpgsql VOLATILE AS $$
+BEGIN
+    RAISE EXCEPTION 'tenant leak: %', what USING ERRCODE = 'UBLK1';
+END $$;
 });
 # plans of the junk customers with extreme periods
 $node->safe_psql('postgres', q{
@@ -268,7 +285,7 @@ sub generic_call
 
 my $id = 0;
 my @valid_keys;
-my %count = (valid => 0, invalid => 0, read => 0, any => 0);
+my %count = (valid => 0, invalid => 0, read => 0, any => 0, tenant => 0, tenant_write => 0);
 
 sub valid_customer { return 'fz_valid_' . (1 + int(rand($valid_customers))); }
 
@@ -388,6 +405,42 @@ sub next_call
 				"SELECT usage_billing.set_customer_limit(" . lit(pick(@junk_customers)) . ', ' . rtext() . ', ' . rnum() . ', ' . rbool() . ')',
 				"SELECT usage_billing.set_customer_status(" . lit(pick(@junk_customers)) . ', ' . rtext() . ')'), []);
 	}
+	if ($r < 0.90)
+	{
+		# an end user through PostgREST, with hostile claims: sees its own rows or nothing, writes nothing
+		my $who = pick(map({ "fz_valid_$_" } 1 .. $valid_customers), @junk_customers);
+		my $claims = pick(
+			lit(qq({"sub": "$who", "role": "authenticated"})), lit(qq({"customer_id": "$who"})),
+			lit('{"sub": ' . pick('null', '1', '[]', '{"sub": "fz_valid_1"}', '"fz_valid_1 "', '""', 'true') . '}'),
+			lit('{"sub": "' . (random_chars(1 + int(rand(30)), 'unicode') =~ s/["\\]//gr) . '"}'),
+			lit(pick('not json', '[', '{"sub": "fz_valid_1"', '["fz_valid_1"]', '', '{"sub": "\u0000"}', 'null')),
+			"'{\"sub\": \"' || repeat('x', 10000000) || '\"}'", "repeat('[', 100000)", rtext());
+		my $target = pick(map({ "fz_valid_$_" } 1 .. $valid_customers), $who, @junk_customers);
+		my $rel = pick('customers', 'customer_limits', 'usage_events', 'usage_aggregates', 'usage_unique_values',
+			'current_usage', 'effective_limits');
+		# public.fz_leak() (SQLSTATE UBLK1) marks a leak: rows or answers about another customer
+		my $mismatch = "usage_billing.current_customer_id() IS DISTINCT FROM " . lit($target);
+		my ($kind, $q) = ('tenant', pick(
+				"SELECT public.fz_leak(customer_id) FROM usage_billing.$rel WHERE customer_id IS DISTINCT FROM usage_billing.current_customer_id()",
+				"SELECT count(*) FROM usage_billing.my_usage()",
+				"SELECT count(CASE WHEN $mismatch THEN public.fz_leak('summary') END) FROM usage_billing.get_usage_summary(" . lit($target) . ', ' . rts() . ', ' . rts() . ')',
+				"SELECT count(CASE WHEN $mismatch THEN public.fz_leak('overage') END) FROM usage_billing.calculate_overage(" . lit($target) . ', ' . rts() . ')',
+				"SELECT count(CASE WHEN $mismatch THEN public.fz_leak('invoice') END) FROM usage_billing.preview_invoice(" . lit($target) . ', ' . rts() . ')'));
+		if (rand() < 0.25)
+		{
+			$kind = 'tenant_write';
+			$q = pick(
+				'SELECT * FROM usage_billing.increment_usage(' . lit($target) . ", 'fz_sum', 1)",
+				'SELECT * FROM usage_billing.increment_usage_batch(' . lit(qq([{"customer_id": "$target", "meter": "fz_sum"}])) . '::jsonb)',
+				"INSERT INTO usage_billing.usage_events (customer_id, meter, period_start, occurred_at, amount) VALUES (" . lit($target) . ", 'fz_sum', now(), now(), 1)",
+				"UPDATE usage_billing.usage_aggregates SET total = total + 1",
+				"DELETE FROM usage_billing.usage_events",
+				"SELECT usage_billing.upsert_customer(" . lit($target) . ", 'fz_junk_plan')",
+				"SELECT usage_billing.set_tenant_claim('role')",
+				"SELECT * FROM usage_billing.check_limit(" . lit($target) . ", 'fz_sum')");
+		}
+		return ($kind, $q, [], $claims);
+	}
 	# every function of the schema with random arguments of its types
 	my $sql = generic_call();
 	# never hand a random call a valid customer or its plan (they come only from literals we chose)
@@ -402,11 +455,14 @@ while (time - $t0 < $seconds)
 	for (1 .. 250)
 	{
 		$id++;
-		my ($kind, $sql, $exp) = next_call();
+		my ($kind, $sql, $exp, $claims) = next_call();
 		die "valid customer leaked into a random call: $sql" if $kind eq 'any' && $sql =~ /'fz_valid_|'fz_plan'/;
 		my $tag = 'fz' . int(rand(1e9));
 		$tag = 'fz' . int(rand(1e9)) while index($sql, "\$$tag\$") >= 0;
-		$script .= "SELECT public.fz_try($id, '$kind', \$$tag\$$sql\$$tag\$);\n";
+		my $call = "SELECT public.fz_try($id, '$kind', \$$tag\$$sql\$$tag\$);";
+		$call = "BEGIN; SET LOCAL ROLE authenticated; SELECT set_config('request.jwt.claims', $claims, true) IS NULL; $call COMMIT;"
+		  if defined $claims;
+		$script .= "$call\n";
 		for my $e (@$exp)
 		{
 			$script .= sprintf("INSERT INTO public.fz_expect VALUES (%d, %s, %s, %s);\n", $id, lit($e->[0]), lit($e->[1]), $e->[2]);
@@ -432,8 +488,9 @@ my $log = slurp_file($node->logfile);
 unlike($log, qr/terminated by signal|was terminated by exception|PANIC:/, 'no backend crashed');
 
 my $tried = $node->safe_psql('postgres', 'SELECT count(*) FROM public.fz_result');
-note(sprintf('fuzz: %d calls generated (%d valid, %d invalid, %d reads, %d any; %d huge values) in %.0f s; %s recorded',
-		$calls, $count{valid}, $count{invalid}, $count{read}, $count{any}, $big_count, $elapsed, $tried));
+note(sprintf('fuzz: %d calls generated (%d valid, %d invalid, %d reads, %d any, %d tenant reads, %d tenant writes; %d huge values) in %.0f s; %s recorded',
+		$calls, $count{valid}, $count{invalid}, $count{read}, $count{any}, $count{tenant}, $count{tenant_write},
+		$big_count, $elapsed, $tried));
 cmp_ok($tried, '>=', 1000, 'thousands of calls ran');
 cmp_ok($tried, '>=', $calls * 0.99, 'every generated call ran to an answer');
 my $states = $node->safe_psql('postgres',
@@ -449,6 +506,21 @@ SELECT coalesce(string_agg(sqlstate || ': ' || message || ' [' || query || ']', 
 is($node->safe_psql('postgres', q{
 SELECT coalesce(string_agg(id::text, ', '), '') FROM public.fz_result WHERE kind = 'invalid' AND sqlstate = '00000'}),
 	'', 'every certainly-invalid call failed');
+is($node->safe_psql('postgres', q{
+SELECT coalesce(string_agg(sqlstate || ': ' || message || ' [' || query || ']', E'\n'), '')
+  FROM (SELECT * FROM public.fz_result WHERE kind = 'tenant' AND sqlstate = 'UBLK1' LIMIT 10) f}),
+	'', 'no tenant request saw another customer\'s rows or answers, whatever its claims');
+is($node->safe_psql('postgres', q{
+SELECT coalesce(string_agg(sqlstate || ' [' || coalesce(query, '') || ']', E'\n'), '')
+  FROM (SELECT * FROM public.fz_result WHERE kind = 'tenant_write' AND sqlstate <> '42501' LIMIT 10) f}),
+	'', 'every tenant write was refused with 42501');
+# control: the same probe run by a staff role does see other customers
+$node->psql('postgres', q{SELECT public.fz_try(0, 'control', $q$SELECT public.fz_leak(customer_id) FROM usage_billing.usage_aggregates WHERE customer_id IS DISTINCT FROM usage_billing.current_customer_id()$q$)},
+	extra_params => [ '-U', 'fuzzer' ]);
+is($node->safe_psql('postgres', q{SELECT sqlstate FROM public.fz_result WHERE kind = 'control'}),
+	'UBLK1', 'the leak probe fires for a role that sees every customer');
+cmp_ok($node->safe_psql('postgres', q{SELECT count(*) FROM public.fz_result WHERE kind = 'tenant' AND sqlstate = '00000'}),
+	'>', 0, 'some tenant reads succeeded (the probe is not vacuous)');
 my $totals = $node->safe_psql('postgres', q{
 SELECT coalesce(string_agg(format('%s/%s: expected %s, got %s', customer_id, meter, e, a), E'\n'), '')
   FROM (SELECT customer_id, meter, sum(contribution) e FROM public.fz_expect GROUP BY 1, 2) x
