@@ -52,7 +52,21 @@ SELECT p.proname,
               WHERE a.privilege_type = 'EXECUTE' AND r.rolname <> 'postgres' ORDER BY 1) AS grantees
   FROM pg_proc p
  WHERE p.pronamespace = 'usage_billing'::regnamespace AND p.prosecdef
+   AND p.proname IN ('create_meter', 'create_plan', 'set_plan_limit', 'upsert_customer', 'set_customer_limit',
+                     'set_customer_status', 'increment_usage', 'increment_usage_batch', 'set_tenant_claim',
+                     'drop_ledger_before')
  ORDER BY 1;
+-- every SECURITY DEFINER function (those of later sections too) is executable by one role only
+SELECT p.oid::regprocedure AS definer_not_for_one_role
+  FROM pg_proc p
+ WHERE p.pronamespace = 'usage_billing'::regnamespace AND p.prosecdef
+   AND (SELECT count(*) FROM aclexplode(p.proacl) a JOIN pg_roles r ON r.oid = a.grantee
+         WHERE a.privilege_type = 'EXECUTE' AND NOT r.rolsuper) <> 1;
+-- and every function that writes is one of them (insight and alert functions when present)
+SELECT p.oid::regprocedure AS writer_not_definer
+  FROM pg_proc p
+ WHERE p.pronamespace = 'usage_billing'::regnamespace AND NOT p.prosecdef
+   AND p.proname IN ('void_usage', 'adjust_usage', 'acknowledge_alert', 'flush_alerts', 'retry_failed_exports');
 -- every table with a customer_id has row-level security
 SELECT c.relname
   FROM pg_class c JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = 'customer_id'

@@ -216,6 +216,12 @@ BEGIN
        AND a.period_start = u.period_start AND a.period_end <= before;
     GET DIAGNOSTICS n_values = ROW_COUNT;
 
+    -- void markers of dropped events (corrections, when present) go with them
+    IF to_regclass('usage_billing.voided_events') IS NOT NULL THEN
+        EXECUTE 'DELETE FROM usage_billing.voided_events v
+                  WHERE NOT EXISTS (SELECT 1 FROM usage_billing.usage_events e WHERE e.event_id = v.event_id)';
+    END IF;
+
     RETURN QUERY SELECT n_periods, n_events, n_values;
 END
 $$;
@@ -334,7 +340,8 @@ DECLARE
     t text;
 BEGIN
     FOREACH t IN ARRAY ARRAY['customers', 'customer_limits', 'usage_events', 'usage_aggregates',
-                             'usage_unique_values', 'alert_log', 'export_state', 'export_outbox']
+                             'usage_unique_values', 'alert_log', 'export_state', 'export_outbox',
+                             'voided_events']
     LOOP
         CONTINUE WHEN to_regclass('usage_billing.' || t) IS NULL;
         EXECUTE format('ALTER TABLE usage_billing.%I ENABLE ROW LEVEL SECURITY', t);
@@ -420,7 +427,7 @@ BEGIN
     FOREACH t IN ARRAY ARRAY['meters', 'plans', 'plan_limits', 'customers', 'customer_limits',
                              'usage_events', 'usage_aggregates', 'usage_unique_values', 'settings',
                              'alert_log', 'export_state', 'export_outbox', 'export_attempts',
-                             'export_settings']
+                             'export_settings', 'voided_events']
     LOOP
         CONTINUE WHEN to_regclass('usage_billing.' || t) IS NULL;
         PERFORM pg_catalog.pg_extension_config_dump('usage_billing.' || t, '');
