@@ -63,7 +63,11 @@ SELECT count(*) FROM generate_series(1, 15) i,
 SELECT * FROM usage_billing.increment_usage_batch(
   '[{"customer_id": "acme", "meter": "calls", "amount": 0.25, "idempotency_key": "batch-1"},
     {"customer_id": "globex", "meter": "calls", "amount": 2, "idempotency_key": "batch-2"}]');
+-- export state and outbox (the worker is off: plan without sending)
+SELECT usage_billing.export_plan();
 });
+cmp_ok($node->safe_psql('src', 'SELECT count(*) FROM usage_billing.export_outbox'), '>', 0,
+	'the export outbox has rows to dump');
 
 # the state we compare: every table in a canonical order, and every reading function
 my @tables = split /\n/, $node->safe_psql('src', q{
@@ -102,8 +106,9 @@ sub reads
 
 my %before = map { $_ => table_state('src', $_) } @tables;
 my $reads_before = reads('src');
-my $seq_before = $node->safe_psql('src',
-	"SELECT last_value FROM usage_billing.usage_events_event_id_seq");
+my $seq_q = "SELECT string_agg(sequencename || '=' || coalesce(last_value::text, 'unused'), ', ' ORDER BY 1) FROM pg_sequences WHERE schemaname = 'usage_billing'";
+my $seq_before = $node->safe_psql('src', $seq_q);
+like($seq_before, qr/usage_events_event_id_seq=\d+/, "sequences before the dump: $seq_before");
 
 my $dump = $node->basedir . '/src.dump';
 $node->command_ok([ 'pg_dump', '-Fc', '-f', $dump, 'src' ], 'pg_dump -Fc');
@@ -118,8 +123,7 @@ is(reads('dst'), $reads_before, 'summaries, overage, invoices, limits and views 
 cmp_ok($reads_before =~ tr/\n//, '>', 60, 'the compared reads are not empty');
 unlike($reads_before, qr/ERROR|not implemented/, 'every compared read succeeded');
 like($reads_before, qr/total\s*\|[^\n]*\n/, 'the compared reads include invoice totals');
-is($node->safe_psql('dst', "SELECT last_value FROM usage_billing.usage_events_event_id_seq"),
-	$seq_before, 'the ledger identity sequence is restored');
+is($node->safe_psql('dst', $seq_q), $seq_before, 'the identity sequences (ledger, outbox) are restored');
 is($node->safe_psql('dst', "SELECT extversion FROM pg_extension WHERE extname = 'usage_billing'"),
 	'1.1', 'the restored extension is at 1.1');
 
