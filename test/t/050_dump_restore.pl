@@ -165,5 +165,33 @@ for my $t (@tables)
 	is(table_state('dst_plain', $t), $before{$t}, "table $t restored identically from a plain dump");
 }
 
+# into a fresh cluster, as documented: roles first (pg_dumpall --roles-only), then the database
+my $other = PostgreSQL::Test::Cluster->new('dump_other');
+$other->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
+$other->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'usage_billing'
+usage_billing.export_interval = 0
+timezone = 'UTC'
+});
+$other->start;
+my $roles = $node->basedir . '/roles.sql';
+$node->command_ok([ 'pg_dumpall', '--roles-only', '-f', $roles ], 'pg_dumpall --roles-only');
+# (the bootstrap superuser exists on both sides: its CREATE ROLE fails harmlessly)
+$other->psql('postgres', undef, extra_params => [ '-q', '-f', $roles ]);
+$other->safe_psql('postgres', 'CREATE DATABASE billing');
+$other->command_checks_all([ 'pg_restore', '--exit-on-error', '-d', 'billing', $dump ],
+	0, [qr/^$/], [qr/^$/], 'pg_restore into a fresh cluster, without errors');
+my @mismatch;
+for my $t (@tables)
+{
+	my $got = $other->safe_psql('billing',
+		"SELECT count(*) || ' rows, md5 ' || coalesce(md5(string_agg(x::text, E'\\n' ORDER BY x::text)), '-') FROM usage_billing.$t x");
+	push @mismatch, $t if $got ne $before{$t};
+}
+is("@mismatch", '', 'every table is identical in the fresh cluster');
+is($other->safe_psql('billing', $acl_q), $node->safe_psql('src', $acl_q),
+	'grants and policies are identical in the fresh cluster');
+$other->stop;
+
 $node->stop;
 done_testing();
