@@ -15,6 +15,10 @@
  *	 flush		inserting pending alerts into alert_log, in some transaction
  *				that can write
  *
+ * The notification payload is {"customer_id", "meter", "period_start",
+ * "kind", "value", "included"} with period_start in UTC ("...Z"), whatever
+ * the session's TimeZone.
+ *
  * Crossings are decided in C from the previous and new total that the hot
  * path already has: a call that crosses nothing runs no SQL at all.  A
  * crossing inserts the alert with ON CONFLICT DO NOTHING on its key and
@@ -256,7 +260,8 @@ insert_alert(const char *customer_id, const char *meter, TimestampTz period_star
 			"  RETURNING l.customer_id, l.meter, l.period_start, l.kind, l.value, l.included)"
 			" SELECT pg_catalog.pg_notify('usage_billing_alerts',"
 			"          pg_catalog.json_build_object('customer_id', customer_id, 'meter', meter,"
-			"            'period_start', period_start, 'kind', kind,"
+			"            'period_start', (pg_catalog.to_json(period_start AT TIME ZONE 'UTC') #>> '{}') || 'Z',"
+			"            'kind', kind,"
 			"            'value', value, 'included', included)::text)"
 			"   FROM ins", 7, types);
 		if (plan == NULL)
