@@ -11,6 +11,8 @@ OBJS = \
 	src/record.o \
 	src/batch.o \
 	src/alerts.o \
+	src/corrections.o \
+	src/insight.o \
 	src/limits.o \
 	src/summary.o \
 	src/invoice.o \
