@@ -7,6 +7,7 @@ OBJS = \
 	src/usage_billing.o \
 	src/periods.o \
 	src/catalog.o \
+	src/catalog_cache.o \
 	src/pricing.o \
 	src/record.o \
 	src/batch.o \

@@ -8,7 +8,8 @@
  * neither is unlimited and not billed.
  *
  * Every lookup is one SPI execution of a plan prepared once per backend
- * (SPI_keepplan), so the hot path pays no parse or plan cost.  Results are
+ * (SPI_keepplan), so the hot path pays no parse or plan cost; usage targets
+ * are also cached per backend (catalog_cache.c).  Results are
  * palloc'd in the caller's memory context (the SPI procedure context when
  * called between SPI_connect and SPI_finish).
  *-------------------------------------------------------------------------
@@ -24,6 +25,7 @@
 #include "utils/timestamp.h"
 
 #include "catalog.h"
+#include "catalog_cache.h"
 #include "pricing.h"
 #include "usage_billing.h"
 
@@ -156,6 +158,11 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 	HeapTuple	tup;
 	TupleDesc	desc;
 	char	   *agg;
+	uint64		generation;
+
+	if (ub_cache_get(customer_id, meter, customer, m, meter_found, limit))
+		return true;
+	generation = ub_cache_generation();
 
 	if (target_plan == NULL)
 	{
@@ -207,6 +214,7 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 			fill_limit(tup, desc, 12, limit);
 	}
 	SPI_freetuptable(SPI_tuptable);
+	ub_cache_put(generation, customer_id, meter, customer, m, *meter_found, limit);
 	return true;
 }
 

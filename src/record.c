@@ -50,11 +50,6 @@ typedef struct DeferredError
 	char	   *hint;
 } DeferredError;
 
-static SPIPlanPtr event_insert_plan = NULL;
-static SPIPlanPtr unique_insert_plan = NULL;
-static SPIPlanPtr agg_add_plan = NULL;
-static SPIPlanPtr agg_max_plan = NULL;
-static SPIPlanPtr agg_last_plan = NULL;
 static SPIPlanPtr original_plan = NULL;
 static SPIPlanPtr agg_read_plan = NULL;
 
@@ -70,18 +65,105 @@ static void raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const U
 static void place_in_period(const UbCustomer *customer, TimestampTz occurred_at,
 							TimestampTz *start, TimestampTz *end);
 
-#define AGG_UPSERT_HEAD \
+/*
+ * The statements of the hot path.  Parameters: $1 customer_id, $2 meter,
+ * $3 period_start, $4 occurred_at, $5 amount, $6 idempotency_key,
+ * $7 properties, $8 period_end, $9 the aggregate contribution (the amount;
+ * 1 for count; 0 or 1 for unique_count; the unique value for its insert).
+ */
+#define LEDGER_INSERT \
+	"INSERT INTO usage_billing.usage_events" \
+	"       (customer_id, meter, period_start, occurred_at, amount," \
+	"        idempotency_key, properties)" \
+	" VALUES ($1, $2, $3, $4, $5, $6, $7)"
+#define LEDGER_ON_CONFLICT \
+	" ON CONFLICT (customer_id, idempotency_key)" \
+	"   WHERE idempotency_key IS NOT NULL DO NOTHING"
+#define AGG_INSERT \
 	"INSERT INTO usage_billing.usage_aggregates AS a" \
 	"       (customer_id, meter, period_start, period_end, total, event_count," \
-	"        first_usage, last_usage, updated_at)" \
-	" VALUES ($1, $2, $3, $4, $5, 1, $6, $6, now())" \
+	"        first_usage, last_usage, updated_at) "
+#define AGG_ROW "$1, $2, $3, $8, $9, 1, $4, $4, now()"
+#define AGG_ON_CONFLICT \
 	" ON CONFLICT (customer_id, meter, period_start) DO UPDATE" \
 	"    SET event_count = a.event_count + 1," \
 	"        previous_total = a.total," \
 	"        first_usage = least(a.first_usage, EXCLUDED.first_usage)," \
 	"        last_usage = greatest(a.last_usage, EXCLUDED.last_usage)," \
 	"        updated_at = now(),"
-#define AGG_UPSERT_TAIL " RETURNING a.total, a.previous_total"
+#define AGG_SET_ADD		" total = a.total + EXCLUDED.total"
+#define AGG_SET_MAX		" total = greatest(a.total, EXCLUDED.total)"
+/* the latest occurred_at wins; on a tie the later call does */
+#define AGG_SET_LAST \
+	" total = CASE WHEN EXCLUDED.last_usage >= a.last_usage" \
+	"              THEN EXCLUDED.total ELSE a.total END"
+#define AGG_RETURNING	" RETURNING a.total, a.previous_total"
+
+#define COMBINED(ledger_tail, set) \
+	"WITH ev AS (" LEDGER_INSERT ledger_tail " RETURNING 1) " \
+	AGG_INSERT "SELECT " AGG_ROW " FROM ev" AGG_ON_CONFLICT set AGG_RETURNING
+
+static Oid	record_types[9] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	NUMERICOID, TEXTOID, JSONBOID, TIMESTAMPTZOID, NUMERICOID};
+
+/* The ledger insert alone, with or without the idempotency arbiter. */
+static SPIPlanPtr
+ledger_plan(bool keyed)
+{
+	static SPIPlanPtr plans[2];
+
+	if (keyed)
+		return prepare_once(&plans[1], LEDGER_INSERT LEDGER_ON_CONFLICT, 7, record_types);
+	/* without a key there is nothing to conflict on: skip the arbiter check */
+	return prepare_once(&plans[0], LEDGER_INSERT, 7, record_types);
+}
+
+/* Adds a unique_count value to the period's set; inserts a row when it is new. */
+static SPIPlanPtr
+unique_plan(void)
+{
+	static SPIPlanPtr plan;
+	static Oid	types[9] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	NUMERICOID, TEXTOID, JSONBOID, TIMESTAMPTZOID, TEXTOID};
+
+	return prepare_once(&plan,
+						"INSERT INTO usage_billing.usage_unique_values"
+						"       (customer_id, meter, period_start, value)"
+						" VALUES ($1, $2, $3, $9) ON CONFLICT DO NOTHING", 9, types);
+}
+
+/* The aggregate upsert alone, additive (unique_count). */
+static SPIPlanPtr
+aggregate_plan(void)
+{
+	static SPIPlanPtr plan;
+
+	return prepare_once(&plan, AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT AGG_SET_ADD AGG_RETURNING,
+						9, record_types);
+}
+
+/* Ledger insert and aggregate upsert in one statement. */
+static SPIPlanPtr
+combined_plan(UbAggregation agg, bool keyed)
+{
+	static SPIPlanPtr plans[3][2];
+
+	switch (agg)
+	{
+		case UB_AGG_MAX:
+			return keyed ?
+				prepare_once(&plans[1][1], COMBINED(LEDGER_ON_CONFLICT, AGG_SET_MAX), 9, record_types) :
+				prepare_once(&plans[1][0], COMBINED("", AGG_SET_MAX), 9, record_types);
+		case UB_AGG_LAST:
+			return keyed ?
+				prepare_once(&plans[2][1], COMBINED(LEDGER_ON_CONFLICT, AGG_SET_LAST), 9, record_types) :
+				prepare_once(&plans[2][0], COMBINED("", AGG_SET_LAST), 9, record_types);
+		default:
+			return keyed ?
+				prepare_once(&plans[0][1], COMBINED(LEDGER_ON_CONFLICT, AGG_SET_ADD), 9, record_types) :
+				prepare_once(&plans[0][0], COMBINED("", AGG_SET_ADD), 9, record_types);
+	}
+}
 
 /* Prepares a statement on first use and keeps it for the life of the backend. */
 static SPIPlanPtr
@@ -352,8 +434,8 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 	Numeric		contribution;
 	Numeric		previous_total = NULL;
 	Datum		previous;
-	Datum		args[7];
-	char		nulls[7];
+	Datum		args[9];
+	char		nulls[9];
 	bool		isnull;
 	int			ret;
 
@@ -378,29 +460,28 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 
 	place_in_period(&customer, in->occurred_at, &period_start, &period_end);
 
-	/* the ledger first: its unique index decides whether this is a duplicate */
-	{
-		Oid			types[7] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-		NUMERICOID, TEXTOID, JSONBOID};
+	/*
+	 * Ledger and aggregate in one statement where we can: the aggregate
+	 * upsert reads the rows the ledger insert returned, so a duplicate key
+	 * (no ledger row) leaves the aggregate alone and returns nothing.
+	 * unique_count needs the ledger's verdict before it touches the set of
+	 * distinct values, so it takes three statements.
+	 */
+	args[0] = CStringGetTextDatum(in->customer_id);
+	args[1] = CStringGetTextDatum(in->meter);
+	args[2] = TimestampTzGetDatum(period_start);
+	args[3] = TimestampTzGetDatum(in->occurred_at);
+	args[4] = NumericGetDatum(in->amount);
+	args[5] = in->idempotency_key ? CStringGetTextDatum(in->idempotency_key) : (Datum) 0;
+	args[6] = in->properties ? JsonbPGetDatum(in->properties) : (Datum) 0;
+	args[7] = TimestampTzGetDatum(period_end);
+	memset(nulls, ' ', sizeof(nulls));
+	nulls[5] = in->idempotency_key ? ' ' : 'n';
+	nulls[6] = in->properties ? ' ' : 'n';
 
-		prepare_once(&event_insert_plan,
-					 "INSERT INTO usage_billing.usage_events"
-					 "       (customer_id, meter, period_start, occurred_at, amount,"
-					 "        idempotency_key, properties)"
-					 " VALUES ($1, $2, $3, $4, $5, $6, $7)"
-					 " ON CONFLICT (customer_id, idempotency_key)"
-					 "   WHERE idempotency_key IS NOT NULL DO NOTHING", 7, types);
-		args[0] = CStringGetTextDatum(in->customer_id);
-		args[1] = CStringGetTextDatum(in->meter);
-		args[2] = TimestampTzGetDatum(period_start);
-		args[3] = TimestampTzGetDatum(in->occurred_at);
-		args[4] = NumericGetDatum(in->amount);
-		args[5] = in->idempotency_key ? CStringGetTextDatum(in->idempotency_key) : (Datum) 0;
-		args[6] = in->properties ? JsonbPGetDatum(in->properties) : (Datum) 0;
-		memset(nulls, ' ', sizeof(nulls));
-		nulls[5] = in->idempotency_key ? ' ' : 'n';
-		nulls[6] = in->properties ? ' ' : 'n';
-		ret = SPI_execute_plan(event_insert_plan, args, nulls, false, 0);
+	if (meter.aggregation == UB_AGG_UNIQUE_COUNT)
+	{
+		ret = SPI_execute_plan(ledger_plan(in->idempotency_key != NULL), args, nulls, false, 0);
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "ledger insert failed: %s", SPI_result_code_string(ret));
 		if (SPI_processed == 0)
@@ -409,65 +490,34 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 				elog(ERROR, "idempotency conflict without an original event");
 			return;
 		}
+		args[8] = CStringGetTextDatum(unique_value);
+		ret = SPI_execute_plan(unique_plan(), args, nulls, false, 0);
+		if (ret != SPI_OK_INSERT)
+			elog(ERROR, "unique value insert failed: %s", SPI_result_code_string(ret));
+		contribution = ub_num_int(SPI_processed > 0 ? 1 : 0);
+		args[8] = NumericGetDatum(contribution);
+		ret = SPI_execute_plan(aggregate_plan(), args, nulls, false, 0);
 	}
-
-	/* what the event adds to the aggregate */
-	switch (meter.aggregation)
+	else
 	{
-		case UB_AGG_COUNT:
-			contribution = ub_num_int(1);
-			break;
-		case UB_AGG_UNIQUE_COUNT:
-			{
-				Oid			types[4] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TEXTOID};
-
-				prepare_once(&unique_insert_plan,
-							 "INSERT INTO usage_billing.usage_unique_values"
-							 "       (customer_id, meter, period_start, value)"
-							 " VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING", 4, types);
-				args[3] = CStringGetTextDatum(unique_value);
-				ret = SPI_execute_plan(unique_insert_plan, args, NULL, false, 0);
-				if (ret != SPI_OK_INSERT)
-					elog(ERROR, "unique value insert failed: %s", SPI_result_code_string(ret));
-				contribution = ub_num_int(SPI_processed > 0 ? 1 : 0);
-			}
-			break;
-		default:
-			contribution = in->amount;
-			break;
+		contribution = meter.aggregation == UB_AGG_COUNT ? ub_num_int(1) : in->amount;
+		args[8] = NumericGetDatum(contribution);
+		ret = SPI_execute_plan(combined_plan(meter.aggregation, in->idempotency_key != NULL),
+							   args, nulls, false, 0);
 	}
-
+	if (ret != SPI_OK_INSERT_RETURNING)
+		elog(ERROR, "aggregate update failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
 	{
-		Oid			types[6] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-		NUMERICOID, TIMESTAMPTZOID};
-		SPIPlanPtr	plan;
-
-		if (meter.aggregation == UB_AGG_MAX)
-			plan = prepare_once(&agg_max_plan, AGG_UPSERT_HEAD
-								" total = greatest(a.total, EXCLUDED.total)" AGG_UPSERT_TAIL,
-								6, types);
-		else if (meter.aggregation == UB_AGG_LAST)
-			/* the latest occurred_at wins; on a tie the later call does */
-			plan = prepare_once(&agg_last_plan, AGG_UPSERT_HEAD
-								" total = CASE WHEN EXCLUDED.last_usage >= a.last_usage"
-								"              THEN EXCLUDED.total ELSE a.total END" AGG_UPSERT_TAIL,
-								6, types);
-		else
-			plan = prepare_once(&agg_add_plan, AGG_UPSERT_HEAD
-								" total = a.total + EXCLUDED.total" AGG_UPSERT_TAIL,
-								6, types);
-
-		args[3] = TimestampTzGetDatum(period_end);
-		args[4] = NumericGetDatum(contribution);
-		args[5] = TimestampTzGetDatum(in->occurred_at);
-		ret = SPI_execute_plan(plan, args, NULL, false, 0);
-		if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
-			elog(ERROR, "aggregate update failed: %s", SPI_result_code_string(ret));
-		out->total = DatumGetNumericCopy(SPI_getbinval(SPI_tuptable->vals[0],
-													   SPI_tuptable->tupdesc, 1, &isnull));
-		previous = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
-		previous_total = isnull ? NULL : DatumGetNumericCopy(previous);
+		/* the ledger insert conflicted: a duplicate key */
+		if (!lookup_duplicate(in->customer_id, in->idempotency_key, out))
+			elog(ERROR, "idempotency conflict without an original event");
+		return;
 	}
+	out->total = DatumGetNumericCopy(SPI_getbinval(SPI_tuptable->vals[0],
+												   SPI_tuptable->tupdesc, 1, &isnull));
+	previous = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	previous_total = isnull ? NULL : DatumGetNumericCopy(previous);
 
 	/* the row lock taken above serializes callers: this check is exact */
 	if (limit.exists && limit.hard_cap && limit.included != NULL &&
@@ -500,7 +550,8 @@ ub_increment_usage(PG_FUNCTION_ARGS)
 	bool		nulls[7];
 	MemoryContext caller_cxt = CurrentMemoryContext;
 
-	InitMaterializedSRF(fcinfo, 0);
+	/* the planner's expected row type spares a catalog walk per call */
+	InitMaterializedSRF(fcinfo, rsinfo->expectedDesc ? MAT_SRF_USE_EXPECTED_DESC : 0);
 
 	memset(&in, 0, sizeof(in));
 	in.customer_id = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));

@@ -1,0 +1,260 @@
+/*-------------------------------------------------------------------------
+ * catalog_cache.c
+ *	  Backend-local cache of usage targets: customer, meter, effective limit.
+ *
+ * The hot path needs, for every call, the customer with its plan, the meter
+ * and the limit in force.  Reading them through SPI costs an executor start
+ * per call, so each backend keeps what it read in a hash table keyed by
+ * (customer_id, meter).
+ *
+ * Invalidation rides on PostgreSQL's own machinery: statement triggers on
+ * the catalog tables (meters, plans, plan_limits, customers,
+ * customer_limits) call ub_catalog_changed(), which queues a relcache
+ * invalidation of the changed table.  At commit it reaches every backend; our
+ * relcache callback then drops the whole cache.  Each lookup first accepts
+ * pending invalidation messages, so a committed change (a new plan, a
+ * suspension) applies to the very next call everywhere.  A generation
+ * counter keeps a lookup that raced with an invalidation from caching what
+ * it read before the change.  On abort, PostgreSQL replays the aborted
+ * transaction's invalidations locally, so nothing uncommitted survives.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "catalog/namespace.h"
+#include "commands/trigger.h"
+#include "fmgr.h"
+#include "storage/sinval.h"
+#include "utils/datum.h"
+#include "utils/hsearch.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/numeric.h"
+#include "utils/rel.h"
+
+#include "catalog_cache.h"
+#include "pricing.h"
+#include "usage_billing.h"
+
+PG_FUNCTION_INFO_V1(ub_catalog_changed);
+
+/* a bound on memory: past this many entries we start over */
+#define UB_CACHE_MAX_ENTRIES	200000
+
+typedef struct UbTargetKey
+{
+	char		customer_id[UB_MAX_NAME_LEN + 1];
+	char		meter[UB_MAX_NAME_LEN + 1];
+} UbTargetKey;
+
+typedef struct UbTargetEntry
+{
+	UbTargetKey	key;
+	UbCustomer	customer;
+	UbMeter		meter;
+	bool		meter_found;
+	UbLimit		limit;
+} UbTargetEntry;
+
+static HTAB *target_cache = NULL;
+static MemoryContext target_cxt = NULL;
+static uint64 generation = 0;
+static bool callback_registered = false;
+
+/* Drops every cached target; entries' memory goes with the context. */
+static void
+reset_cache(void)
+{
+	generation++;
+	if (target_cxt != NULL)
+		MemoryContextReset(target_cxt);
+	target_cache = NULL;
+}
+
+/* Relcache callback: any change to any relation may be one of our catalog tables. */
+static void
+relcache_callback(Datum arg, Oid relid)
+{
+	/*
+	 * Looking up whether relid is one of ours would need catalog access,
+	 * which is not allowed here.  Relcache invalidations are rare outside of
+	 * DDL and our own triggers, so simply start over.
+	 */
+	if (target_cache != NULL)
+		reset_cache();
+	else
+		generation++;
+}
+
+/* Creates the hash table on first use. */
+static void
+ensure_cache(void)
+{
+	HASHCTL		ctl;
+
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(relcache_callback, (Datum) 0);
+		callback_registered = true;
+	}
+	if (target_cxt == NULL)
+		target_cxt = AllocSetContextCreate(CacheMemoryContext, "usage_billing target cache",
+										   ALLOCSET_DEFAULT_SIZES);
+	if (target_cache != NULL)
+		return;
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(UbTargetKey);
+	ctl.entrysize = sizeof(UbTargetEntry);
+	ctl.hcxt = target_cxt;
+	target_cache = hash_create("usage_billing targets", 1024, &ctl,
+							   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+}
+
+/* Builds a zero-padded key; false when the names are too long to cache. */
+static bool
+make_key(const char *customer_id, const char *meter, UbTargetKey *key)
+{
+	size_t		cl = strlen(customer_id);
+	size_t		ml = strlen(meter);
+
+	if (cl > UB_MAX_NAME_LEN || ml > UB_MAX_NAME_LEN)
+		return false;
+	memset(key, 0, sizeof(*key));
+	memcpy(key->customer_id, customer_id, cl);
+	memcpy(key->meter, meter, ml);
+	return true;
+}
+
+static char *
+copy_str(const char *s)
+{
+	return s ? pstrdup(s) : NULL;
+}
+
+static Numeric
+copy_num(Numeric n)
+{
+	return n ? DatumGetNumericCopy(NumericGetDatum(n)) : NULL;
+}
+
+/* Deep-copies a target into CurrentMemoryContext. */
+static void
+copy_target(const UbCustomer *sc, const UbMeter *sm, bool meter_found, const UbLimit *sl,
+			UbCustomer *c, UbMeter *m, UbLimit *l)
+{
+	c->customer_id = copy_str(sc->customer_id);
+	c->plan = copy_str(sc->plan);
+	c->billing_anchor = sc->billing_anchor;
+	c->period = sc->period;
+	c->status = copy_str(sc->status);
+	c->stripe_customer_id = copy_str(sc->stripe_customer_id);
+	c->base_price = copy_num(sc->base_price);
+	c->currency = copy_str(sc->currency);
+
+	memset(l, 0, sizeof(UbLimit));
+	if (!meter_found)
+		return;
+	m->meter = copy_str(sm->meter);
+	m->aggregation = sm->aggregation;
+	m->value_property = copy_str(sm->value_property);
+	m->stripe_event_name = copy_str(sm->stripe_event_name);
+
+	l->meter = m->meter;
+	l->exists = sl->exists;
+	l->aggregation = sl->aggregation;
+	l->included = copy_num(sl->included);
+	l->hard_cap = sl->hard_cap;
+	l->overage_price = copy_num(sl->overage_price);
+	l->overage_unit = copy_num(sl->overage_unit);
+	l->soft_threshold = copy_num(sl->soft_threshold);
+	if (sl->tiers != NULL)
+	{
+		const UbTiers *st = sl->tiers;
+		UbTiers    *t = palloc0(offsetof(UbTiers, tiers) + st->ntiers * sizeof(UbTier));
+
+		t->volume = st->volume;
+		t->ntiers = st->ntiers;
+		for (int i = 0; i < st->ntiers; i++)
+		{
+			t->tiers[i].up_to = copy_num(st->tiers[i].up_to);
+			t->tiers[i].unit_price = copy_num(st->tiers[i].unit_price);
+			t->tiers[i].flat_fee = copy_num(st->tiers[i].flat_fee);
+		}
+		l->tiers = t;
+	}
+}
+
+/* The current generation; take it before reading what you will put. */
+uint64
+ub_cache_generation(void)
+{
+	ensure_cache();
+	/* let committed catalog changes of other backends reach us first */
+	AcceptInvalidationMessages();
+	return generation;
+}
+
+/* Fills the target from the cache; false on a miss. */
+bool
+ub_cache_get(const char *customer_id, const char *meter,
+			 UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit)
+{
+	UbTargetKey	key;
+	UbTargetEntry *entry;
+
+	ensure_cache();
+	AcceptInvalidationMessages();
+	if (target_cache == NULL)
+		ensure_cache();
+	if (!make_key(customer_id, meter, &key))
+		return false;
+	entry = hash_search(target_cache, &key, HASH_FIND, NULL);
+	if (entry == NULL)
+		return false;
+	*meter_found = entry->meter_found;
+	copy_target(&entry->customer, &entry->meter, entry->meter_found, &entry->limit,
+				customer, m, limit);
+	return true;
+}
+
+/* Remembers a target read under the given generation, unless it changed since. */
+void
+ub_cache_put(uint64 read_generation, const char *customer_id, const char *meter,
+			 const UbCustomer *customer, const UbMeter *m, bool meter_found,
+			 const UbLimit *limit)
+{
+	UbTargetKey	key;
+	UbTargetEntry *entry;
+	bool		found;
+	MemoryContext old;
+
+	if (read_generation != generation || !make_key(customer_id, meter, &key))
+		return;
+	ensure_cache();
+	if (hash_get_num_entries(target_cache) >= UB_CACHE_MAX_ENTRIES)
+	{
+		reset_cache();
+		ensure_cache();
+	}
+	entry = hash_search(target_cache, &key, HASH_ENTER, &found);
+	old = MemoryContextSwitchTo(target_cxt);
+	entry->meter_found = meter_found;
+	copy_target(customer, m, meter_found, limit, &entry->customer, &entry->meter, &entry->limit);
+	MemoryContextSwitchTo(old);
+}
+
+/* Trigger: a catalog table changed; every backend drops its cache at commit. */
+Datum
+ub_catalog_changed(PG_FUNCTION_ARGS)
+{
+	TriggerData *trigdata = (TriggerData *) fcinfo->context;
+
+	if (!CALLED_AS_TRIGGER(fcinfo))
+		ereport(ERROR,
+				(errcode(ERRCODE_E_R_I_E_TRIGGER_PROTOCOL_VIOLATED),
+				 errmsg("ub_catalog_changed must be called as a trigger")));
+	CacheInvalidateRelcache(trigdata->tg_relation);
+	PG_RETURN_POINTER(NULL);
+}
