@@ -7,9 +7,15 @@
 -- ---------------------------------------------------------------------------
 -- (insight section: owned by insight)
 
--- a void names its original; one void per original makes voiding twice a no-op
-CREATE UNIQUE INDEX usage_events_void_idx
-    ON usage_billing.usage_events (voided_event_id) WHERE kind = 'void';
+-- One row per voided usage event: makes voiding twice a no-op and lets readers
+-- skip voided events by primary key, without an index on the hot path's ledger.
+CREATE TABLE usage_billing.voided_events (
+    event_id    bigint PRIMARY KEY,     -- the original usage_events.event_id
+    customer_id text NOT NULL,
+    voided_at   timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE usage_billing.voided_events IS
+    'Usage events voided by void_usage; the void itself is a ledger row of kind ''void''.';
 
 CREATE FUNCTION usage_billing.void_usage(customer_id text, idempotency_key text, reason text)
 RETURNS void

@@ -5,7 +5,7 @@
  * Vocabulary
  *	 original	a ledger row of kind 'usage', found by its idempotency key
  *	 void		a ledger row of kind 'void' whose voided_event_id names the
- *				original; the original stops counting anywhere (aggregates,
+ *				original (also listed in voided_events); the original stops counting anywhere (aggregates,
  *				history, invoices).  Its amount is minus the original's, so
  *				that for sum meters sum(amount) over the ledger is the total.
  *	 adjustment	a ledger row of kind 'adjustment' whose amount (the delta) is
@@ -20,8 +20,9 @@
  * correction row records who (recorded_by), when (recorded_at) and why
  * (reason).  The aggregate row is locked (SELECT ... FOR UPDATE) before it
  * is read, so corrections are exact under concurrency with increment_usage,
- * which takes the same row lock; a unique index on voided_event_id (kind
- * 'void') makes a second void of the same event a no-op, also when two
+ * which takes the same row lock; the primary key of voided_events (one row
+ * per voided original, kept outside the ledger so the hot path pays for no
+ * extra index) makes a second void of the same event a no-op, also when two
  * sessions void it at once.  Corrections never count in event_count (a void
  * removes its original from it), never raise alerts, ignore hard caps (they
  * are an administrator's act) and are accepted for any past period whatever
@@ -143,13 +144,13 @@ recompute_period(const char *customer_id, const char *meter, TimestampTz period_
 				 "  FROM usage_billing.usage_events e"
 				 " WHERE e.customer_id = $1 AND e.meter = $2 AND e.period_start = $3"
 				 "   AND e.kind = 'usage'"
-				 "   AND NOT EXISTS (SELECT 1 FROM usage_billing.usage_events v"
-				 "                    WHERE v.kind = 'void' AND v.voided_event_id = e.event_id)",
+				 "   AND NOT EXISTS (SELECT 1 FROM usage_billing.voided_events v"
+				 "                    WHERE v.event_id = e.event_id)",
 				 3, types);
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = CStringGetTextDatum(meter);
 	args[2] = TimestampTzGetDatum(period_start);
-	if (SPI_execute_plan(recompute_plan, args, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
+	if (SPI_execute_plan(recompute_plan, args, NULL, false, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "period recompute failed");
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
@@ -178,15 +179,15 @@ drop_unique_value(const char *customer_id, const char *meter, TimestampTz period
 				 "SELECT 1 FROM usage_billing.usage_events e"
 				 " WHERE e.customer_id = $1 AND e.meter = $2 AND e.period_start = $3"
 				 "   AND e.kind = 'usage' AND e.properties ->> $4 = $5"
-				 "   AND NOT EXISTS (SELECT 1 FROM usage_billing.usage_events v"
-				 "                    WHERE v.kind = 'void' AND v.voided_event_id = e.event_id)"
+				 "   AND NOT EXISTS (SELECT 1 FROM usage_billing.voided_events v"
+				 "                    WHERE v.event_id = e.event_id)"
 				 " LIMIT 1", 5, types);
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = CStringGetTextDatum(meter);
 	args[2] = TimestampTzGetDatum(period_start);
 	args[3] = CStringGetTextDatum(property);
 	args[4] = CStringGetTextDatum(value);
-	if (SPI_execute_plan(unique_still_plan, args, NULL, true, 1) != SPI_OK_SELECT)
+	if (SPI_execute_plan(unique_still_plan, args, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "unique value lookup failed");
 	if (SPI_processed > 0)
 		return 0;
@@ -285,11 +286,13 @@ ub_void_usage(PG_FUNCTION_ARGS)
 		char		nulls7[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
 
 		prepare_once(&void_insert_plan,
+					 "WITH marked AS ("
+					 "  INSERT INTO usage_billing.voided_events (event_id, customer_id)"
+					 "  VALUES ($6, $1) ON CONFLICT (event_id) DO NOTHING RETURNING event_id)"
 					 "INSERT INTO usage_billing.usage_events"
 					 "       (customer_id, meter, period_start, occurred_at, amount, kind,"
 					 "        voided_event_id, reason)"
-					 " VALUES ($1, $2, $3, $4, -$5, 'void', $6, $7)"
-					 " ON CONFLICT (voided_event_id) WHERE kind = 'void' DO NOTHING",
+					 " SELECT $1, $2, $3, $4, -$5, 'void', marked.event_id, $7 FROM marked",
 					 7, types7);
 		args7[0] = CStringGetTextDatum(customer_id);
 		args7[1] = CStringGetTextDatum(meter_name);

@@ -242,8 +242,8 @@ ub_usage_history(PG_FUNCTION_ARGS)
 			"   WHERE e.customer_id = $1 AND e.meter = $2"
 			"     AND e.occurred_at >= b.s AND e.occurred_at < b.e"
 			"     AND (e.kind = 'adjustment' OR (e.kind = 'usage' AND NOT EXISTS ("
-			"          SELECT 1 FROM usage_billing.usage_events v"
-			"           WHERE v.kind = 'void' AND v.voided_event_id = e.event_id)))"
+			"          SELECT 1 FROM usage_billing.voided_events v"
+			"           WHERE v.event_id = e.event_id)))"
 			"     ), 0)"
 			"  FROM pg_catalog.unnest($3, $4) AS b(s, e)"
 			" ORDER BY b.s", history_expression(meter.aggregation));
