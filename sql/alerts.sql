@@ -1,7 +1,9 @@
 -- alerts: soft_limit / limit_reached crossings, hard_cap_blocked, acknowledge_alert
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
+SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS usage_billing;
+RESET client_min_messages;
 \set VERBOSITY default
 
 SELECT usage_billing.create_meter('al_requests', 'sum', 'requests');

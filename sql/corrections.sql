@@ -1,7 +1,9 @@
 -- corrections: void_usage and adjust_usage, append-only, aggregates follow at once
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
+SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS usage_billing;
+RESET client_min_messages;
 \set VERBOSITY default
 
 SELECT usage_billing.create_meter('co_calls', 'sum', 'calls');

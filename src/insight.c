@@ -238,14 +238,14 @@ ub_usage_history(PG_FUNCTION_ARGS)
 	{
 		char	   *sql = psprintf(
 			"SELECT b.s, coalesce(("
-			"  SELECT %s FROM usage_billing.usage_events e"
+			"  SELECT (%s)::numeric FROM usage_billing.usage_events e"
 			"   WHERE e.customer_id = $1 AND e.meter = $2"
 			"     AND e.occurred_at >= b.s AND e.occurred_at < b.e"
 			"     AND (e.kind = 'adjustment' OR (e.kind = 'usage' AND NOT EXISTS ("
 			"          SELECT 1 FROM usage_billing.voided_events v"
 			"           WHERE v.event_id = e.event_id)))"
 			"     ), 0)"
-			"  FROM pg_catalog.unnest($3, $4) AS b(s, e)"
+			"  FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4)) AS b(s, e)"
 			" ORDER BY b.s", history_expression(meter.aggregation));
 
 		plan = prepare_once(&history_plans[meter.aggregation], sql, 5, types);
@@ -627,7 +627,7 @@ ub_usage_report(PG_FUNCTION_ARGS)
 	Datum		values[1];
 	bool		nulls[1] = {false};
 
-	InitMaterializedSRF(fcinfo, 0);
+	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	require_customer(customer_id, &customer);
@@ -659,9 +659,11 @@ ub_usage_report(PG_FUNCTION_ARGS)
 			appendStringInfo(&buf, "  %s / %s", num_str(mu->current), num_str(mu->limit->included));
 		}
 		else
-			appendStringInfo(&buf, "%*s  %s (unlimited)", UB_BAR_WIDTH + 6, "", num_str(mu->current));
+			appendStringInfo(&buf, "%*s  %s", UB_BAR_WIDTH + 6, "", num_str(mu->current));
 		if (mu->unit != NULL)
 			appendStringInfo(&buf, " %s", mu->unit);
+		if (!limited)
+			appendStringInfoString(&buf, " (unlimited)");
 		if (cost != NULL)
 			appendStringInfo(&buf, ", overage %s %s",
 							 num_str(ub_round_money(cost, customer.currency)), customer.currency);
