@@ -1,5 +1,7 @@
 -- increment_usage_batch: all or nothing, same rules as increment_usage
+SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS usage_billing;
+RESET client_min_messages;
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 

@@ -1,5 +1,7 @@
 -- increment_usage: aggregations, idempotency, periods, hard caps, errors
+SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS usage_billing;
+RESET client_min_messages;
 SET timezone = 'UTC';
 SET datestyle = 'ISO, YMD';
 \set VERBOSITY default
