@@ -19,7 +19,8 @@ OBJS = \
 	src/invoice.o \
 	src/shmem.o \
 	src/export_worker.o \
-	src/stripe_client.o
+	src/stripe_client.o \
+	src/export_outbox.o
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 
@@ -42,3 +43,9 @@ PROVE_TESTS = test/t/*.pl
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# Benchmark of issue 4 (numbers, not a test): throwaway cluster, pgbench ours vs naive baselines.
+# Needs the extension installed (make install). BENCH_SECONDS=10 per run by default.
+.PHONY: bench
+bench:
+	PG_CONFIG=$(PG_CONFIG) bash $(srcdir)/test/bench/run.sh

@@ -50,3 +50,37 @@ SELECT * FROM usage_billing.increment_usage_batch(NULL);
 SELECT customer_id, meter, total, event_count FROM usage_billing.usage_aggregates
  WHERE customer_id LIKE 'bat_%' ORDER BY 1, 2;
 SELECT count(*) FROM usage_billing.usage_events WHERE customer_id LIKE 'bat_%';
+
+-- every aggregation in bulk gives what single calls give
+SELECT usage_billing.create_meter('bat_count', 'count');
+SELECT usage_billing.create_meter('bat_max', 'max');
+SELECT usage_billing.create_meter('bat_last', 'last');
+SELECT usage_billing.upsert_customer('bat_bulk', 'bat_plan', '2025-01-01 00:00+00');
+SELECT usage_billing.upsert_customer('bat_single', 'bat_plan', '2025-01-01 00:00+00');
+CREATE TEMP TABLE bat_events AS
+SELECT g AS position,
+       (ARRAY['bat_calls', 'bat_count', 'bat_max', 'bat_last', 'bat_users'])[1 + g % 5] AS meter,
+       (g * 7 % 13) - CASE WHEN g % 5 IN (2, 3) THEN 4 ELSE 0 END AS amount,
+       CASE WHEN g % 4 = 0 THEN 'k' || (g % 24) END AS idempotency_key,
+       timestamptz '2025-01-20 00:00+00' + (g * 37 % 50) * interval '1 day' AS occurred_at,
+       jsonb_build_object('user', 'u' || (g % 6)) AS properties
+  FROM generate_series(1, 120) g;
+SELECT * FROM usage_billing.increment_usage_batch(
+    (SELECT jsonb_agg(jsonb_build_object('customer_id', 'bat_bulk', 'meter', meter, 'amount', amount,
+                                         'idempotency_key', idempotency_key, 'occurred_at', occurred_at,
+                                         'properties', properties) ORDER BY position)
+       FROM bat_events));
+SELECT count(*) FILTER (WHERE NOT r.duplicate) AS accepted, count(*) FILTER (WHERE r.duplicate) AS duplicates
+  FROM bat_events e,
+       LATERAL usage_billing.increment_usage('bat_single', e.meter, e.amount, e.idempotency_key,
+                                             e.occurred_at, e.properties) r;
+SELECT b.meter, b.period_start, b.total, b.event_count, b.first_usage, b.last_usage,
+       (b.total, b.event_count, b.first_usage, b.last_usage)
+         IS NOT DISTINCT FROM (s.total, s.event_count, s.first_usage, s.last_usage) AS same_as_single
+  FROM usage_billing.usage_aggregates b
+  FULL JOIN usage_billing.usage_aggregates s
+    ON s.customer_id = 'bat_single' AND s.meter = b.meter AND s.period_start = b.period_start
+ WHERE b.customer_id = 'bat_bulk'
+ ORDER BY 1, 2;
+SELECT (SELECT count(*) FROM usage_billing.usage_events WHERE customer_id = 'bat_bulk') AS bulk_ledger,
+       (SELECT count(*) FROM usage_billing.usage_events WHERE customer_id = 'bat_single') AS single_ledger;

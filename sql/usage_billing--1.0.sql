@@ -705,3 +705,321 @@ COMMENT ON FUNCTION usage_billing.acknowledge_alert(text, text, timestamptz, tex
 -- ---------------------------------------------------------------------------
 -- (export section: owned by the export worker)
 
+
+/*
+ * Vocabulary of the export
+ *   target       what Stripe must hold for one (customer, meter, period): floor(total).  Stripe
+ *                takes whole numbers only; the fraction is carried (it is sent once the total
+ *                crosses the next whole number), so Stripe holds exactly floor(total).
+ *   additive     sum and count meters: Stripe adds events up (meter formula sum), so we send
+ *                deltas.  max, last and unique_count meters send the current whole value to a
+ *                Stripe meter with formula last.
+ *   outbox row   one meter event we have decided to send, written and committed before any
+ *                HTTP request: value, deterministic identifier, Idempotency-Key, timestamp.
+ *                A resend after any failure sends the same row again, and Stripe drops the
+ *                duplicate identifier.
+ *   planned      the level Stripe will hold once every non-discarded outbox row is delivered.
+ *   exported     the level Stripe has confirmed (HTTP 200).
+ */
+
+CREATE TABLE usage_billing.export_state (
+    customer_id      text NOT NULL,
+    meter            text NOT NULL,
+    period_start     timestamptz NOT NULL,
+    planned          numeric NOT NULL DEFAULT 0,
+    exported         numeric NOT NULL DEFAULT 0,
+    exported_seq     integer NOT NULL DEFAULT 0,
+    last_seq         integer NOT NULL DEFAULT 0,
+    last_ts          bigint,
+    attempts         bigint NOT NULL DEFAULT 0,
+    last_attempt_at  timestamptz,
+    last_http_status integer,
+    last_request_id  text,
+    last_error       text,
+    PRIMARY KEY (customer_id, meter, period_start)
+);
+COMMENT ON TABLE usage_billing.export_state IS
+    'Export bookkeeping per customer, meter and period: planned and Stripe-confirmed whole-number levels, last attempt.';
+
+CREATE TABLE usage_billing.export_outbox (
+    outbox_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    customer_id        text NOT NULL,
+    meter              text NOT NULL,
+    period_start       timestamptz NOT NULL,
+    seq                integer NOT NULL,
+    stripe_customer_id text NOT NULL,
+    event_name         text NOT NULL,
+    value              numeric NOT NULL CHECK (value >= 0 AND value = trunc(value)),
+    additive           boolean NOT NULL,
+    identifier         text NOT NULL UNIQUE CHECK (length(identifier) <= 100),
+    idempotency_key    text NOT NULL CHECK (length(idempotency_key) <= 255),
+    event_ts           bigint NOT NULL,
+    status             text NOT NULL DEFAULT 'pending'
+                       CHECK (status IN ('pending', 'sent', 'failed', 'discarded')),
+    attempts           integer NOT NULL DEFAULT 0,
+    next_attempt_at    timestamptz NOT NULL DEFAULT now(),
+    last_attempt_at    timestamptz,
+    last_http_status   integer,
+    last_request_id    text,
+    last_error         text,
+    created_at         timestamptz NOT NULL DEFAULT now(),
+    sent_at            timestamptz,
+    UNIQUE (customer_id, meter, period_start, seq)
+);
+CREATE INDEX export_outbox_open_idx
+    ON usage_billing.export_outbox (customer_id, meter, period_start, seq)
+    WHERE status IN ('pending', 'failed');
+COMMENT ON TABLE usage_billing.export_outbox IS
+    'Meter events decided before sending (value, identifier, Idempotency-Key, timestamp); resent unchanged until Stripe confirms.';
+
+CREATE TABLE usage_billing.export_attempts (
+    outbox_id    bigint NOT NULL REFERENCES usage_billing.export_outbox ON DELETE CASCADE,
+    attempt      integer NOT NULL,
+    attempted_at timestamptz NOT NULL DEFAULT now(),
+    outcome      text NOT NULL CHECK (outcome IN ('sent', 'retry', 'failed')),
+    http_status  integer,
+    request_id   text,
+    error        text,
+    duration_ms  integer,
+    PRIMARY KEY (outbox_id, attempt)
+);
+COMMENT ON TABLE usage_billing.export_attempts IS
+    'One row per HTTP attempt of an outbox row: HTTP status (0 = no answer), Stripe Request-Id, error message.';
+
+CREATE FUNCTION usage_billing.export_identifier(customer_id text, meter text, period_start timestamptz, seq integer)
+RETURNS text
+LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+SET search_path = pg_catalog, pg_temp
+RETURN 'ub-' || left(md5(customer_id || chr(31) || meter || chr(31)
+                         || extract(epoch FROM period_start)::bigint::text), 24) || '-' || seq::text;
+COMMENT ON FUNCTION usage_billing.export_identifier(text, text, timestamptz, integer) IS
+    'The deterministic Stripe identifier of the seq-th meter event of a customer, meter and period.';
+
+CREATE FUNCTION usage_billing.export_plan(max_rows integer DEFAULT 10000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+/*
+ * Writes the outbox rows that bring Stripe from "planned" to floor(total), at most one open
+ * (pending or failed) row per customer, meter and period.  Timestamps: now, clamped into the
+ * period (at most period_end - 1 s, at least period_start); for formula-last meters strictly
+ * after the previous event of the period when the period leaves room.  A period whose events
+ * would be older than Stripe's 35-day window (less a one-hour margin) is not sent: its row is
+ * created failed with that reason, so the gap shows in export_status instead of landing in the
+ * wrong Stripe period.  A lowered sum/count total is never sent (no negative events): it shows
+ * as needs_manual_credit.
+ */
+DECLARE
+    n integer;
+    now_s bigint := extract(epoch FROM clock_timestamp())::bigint;
+    horizon bigint := extract(epoch FROM clock_timestamp() - interval '35 days' + interval '1 hour')::bigint;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be positive'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- one planner at a time (the worker; a manual call waits)
+    PERFORM pg_advisory_xact_lock(7245170349586201);
+
+    WITH cand AS (
+        SELECT a.customer_id, a.meter, a.period_start, a.period_end,
+               floor(a.total) AS target,
+               m.aggregation IN ('sum', 'count') AS additive,
+               m.stripe_event_name, c.stripe_customer_id,
+               coalesce(s.planned, 0) AS planned,
+               coalesce(s.last_seq, 0) + 1 AS seq,
+               s.last_ts
+          FROM usage_billing.usage_aggregates a
+          JOIN usage_billing.meters m ON m.meter = a.meter
+          JOIN usage_billing.customers c ON c.customer_id = a.customer_id
+          LEFT JOIN usage_billing.export_state s
+                 ON s.customer_id = a.customer_id AND s.meter = a.meter AND s.period_start = a.period_start
+         WHERE m.stripe_event_name IS NOT NULL
+           AND c.stripe_customer_id IS NOT NULL
+           AND a.total >= 0
+           AND extract(epoch FROM a.period_start) <= now_s + 240
+           AND CASE WHEN m.aggregation IN ('sum', 'count')
+                    THEN floor(a.total) > coalesce(s.planned, 0)
+                    ELSE floor(a.total) <> coalesce(s.planned, 0) END
+           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_outbox o
+                            WHERE o.customer_id = a.customer_id AND o.meter = a.meter
+                              AND o.period_start = a.period_start
+                              AND o.status IN ('pending', 'failed'))
+         ORDER BY a.period_start, a.customer_id, a.meter
+         LIMIT max_rows
+    ), timed AS (
+        SELECT cand.*,
+               greatest(least(now_s, extract(epoch FROM period_end)::bigint - 1),
+                        extract(epoch FROM period_start)::bigint) AS ts_raw
+          FROM cand
+    ), ev AS (
+        SELECT timed.*,
+               CASE WHEN NOT additive AND last_ts IS NOT NULL AND ts_raw <= last_ts
+                         AND last_ts + 1 < extract(epoch FROM period_end)::bigint
+                    THEN last_ts + 1 ELSE ts_raw END AS event_ts,
+               usage_billing.export_identifier(customer_id, meter, period_start, seq::integer) AS ident
+          FROM timed
+    ), ins AS (
+        INSERT INTO usage_billing.export_outbox
+            (customer_id, meter, period_start, seq, stripe_customer_id, event_name, value, additive,
+             identifier, idempotency_key, event_ts, status, last_error)
+        SELECT customer_id, meter, period_start, seq, stripe_customer_id, stripe_event_name,
+               CASE WHEN additive THEN target - planned ELSE target END, additive,
+               ident, ident, event_ts,
+               CASE WHEN event_ts < horizon THEN 'failed' ELSE 'pending' END,
+               CASE WHEN event_ts < horizon
+                    THEN 'the period ended more than 35 days ago: Stripe no longer accepts events for it' END
+          FROM ev
+        RETURNING customer_id, meter, period_start, seq, event_ts
+    )
+    INSERT INTO usage_billing.export_state AS s (customer_id, meter, period_start, planned, last_seq, last_ts)
+    SELECT i.customer_id, i.meter, i.period_start, e.target, i.seq, i.event_ts
+      FROM ins i
+      JOIN ev e ON e.customer_id = i.customer_id AND e.meter = i.meter AND e.period_start = i.period_start
+    ON CONFLICT (customer_id, meter, period_start) DO UPDATE
+        SET planned = EXCLUDED.planned, last_seq = EXCLUDED.last_seq, last_ts = EXCLUDED.last_ts;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.export_plan(integer) IS
+    'Internal (export worker): writes the outbox rows that bring Stripe to floor(total); returns how many.';
+
+CREATE FUNCTION usage_billing.export_record(
+    outbox_id bigint, outcome text, http_status integer, request_id text, error text,
+    retry_in_ms integer, rotate_key boolean, duration_ms integer)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+/* Records one attempt's outcome: sent (Stripe holds it), retry (later, same identifier), failed. */
+DECLARE
+    r usage_billing.export_outbox;
+BEGIN
+    UPDATE usage_billing.export_outbox o
+       SET attempts = o.attempts + 1,
+           status = CASE outcome WHEN 'sent' THEN 'sent' WHEN 'failed' THEN 'failed' ELSE 'pending' END,
+           next_attempt_at = clock_timestamp() + make_interval(secs => coalesce(retry_in_ms, 0) / 1000.0),
+           last_attempt_at = clock_timestamp(),
+           last_http_status = http_status,
+           last_request_id = request_id,
+           last_error = error,
+           sent_at = CASE WHEN outcome = 'sent' THEN clock_timestamp() END,
+           idempotency_key = CASE WHEN rotate_key
+                                  THEN o.identifier || '-k' || (o.attempts + 1)::text
+                                  ELSE o.idempotency_key END
+     WHERE o.outbox_id = export_record.outbox_id AND o.status = 'pending'
+    RETURNING o.* INTO r;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    INSERT INTO usage_billing.export_attempts (outbox_id, attempt, outcome, http_status, request_id, error, duration_ms)
+    VALUES (r.outbox_id, r.attempts, outcome, http_status, request_id, error, duration_ms);
+    UPDATE usage_billing.export_state s
+       SET exported = CASE WHEN outcome <> 'sent' THEN s.exported
+                           WHEN r.additive THEN s.exported + r.value
+                           WHEN r.seq > s.exported_seq THEN r.value
+                           ELSE s.exported END,
+           exported_seq = CASE WHEN outcome = 'sent' THEN greatest(s.exported_seq, r.seq) ELSE s.exported_seq END,
+           attempts = s.attempts + 1,
+           last_attempt_at = r.last_attempt_at,
+           last_http_status = r.last_http_status,
+           last_request_id = r.last_request_id,
+           last_error = r.last_error
+     WHERE s.customer_id = r.customer_id AND s.meter = r.meter AND s.period_start = r.period_start;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.export_record(bigint, text, integer, text, text, integer, boolean, integer) IS
+    'Internal (export worker): records the outcome of one HTTP attempt of an outbox row.';
+
+CREATE FUNCTION usage_billing.retry_failed_exports(customer_id text DEFAULT NULL)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+/*
+ * Discards failed outbox rows (Stripe refused them, so it holds nothing of them) and lowers
+ * "planned" accordingly: the next cycle plans them again with a fresh identifier and the
+ * current Stripe customer id and event name.  For after fixing a customer id or a meter.
+ */
+DECLARE
+    n bigint;
+BEGIN
+    PERFORM pg_advisory_xact_lock(7245170349586201);
+    WITH d AS (
+        UPDATE usage_billing.export_outbox o
+           SET status = 'discarded'
+         WHERE o.status = 'failed'
+           AND (retry_failed_exports.customer_id IS NULL OR o.customer_id = retry_failed_exports.customer_id)
+        RETURNING o.customer_id, o.meter, o.period_start, o.value, o.additive
+    ), agg AS (
+        SELECT d.customer_id, d.meter, d.period_start, sum(d.value) AS value, bool_and(d.additive) AS additive,
+               count(*) AS n
+          FROM d GROUP BY 1, 2, 3
+    ), upd AS (
+        UPDATE usage_billing.export_state s
+           SET planned = CASE WHEN agg.additive THEN s.planned - agg.value ELSE s.exported END
+          FROM agg
+         WHERE s.customer_id = agg.customer_id AND s.meter = agg.meter AND s.period_start = agg.period_start
+        RETURNING agg.n
+    )
+    SELECT coalesce(sum(upd.n), 0) INTO n FROM upd;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.retry_failed_exports(text) IS
+    'Discards failed exports (all, or one customer''s) so that the worker plans and sends them again.';
+
+CREATE FUNCTION usage_billing.export_now()
+RETURNS void
+AS 'MODULE_PATHNAME', 'ub_export_now'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.export_now() IS
+    'Wakes the export worker so that it runs an export cycle at once.';
+REVOKE ALL ON FUNCTION usage_billing.export_now() FROM PUBLIC;
+
+CREATE VIEW usage_billing.export_status AS
+SELECT a.customer_id, a.meter, a.period_start, a.period_end,
+       c.stripe_customer_id,
+       m.stripe_event_name AS event_name,
+       m.aggregation,
+       a.total,
+       floor(a.total) AS target,
+       coalesce(s.exported, 0) AS exported,
+       CASE WHEN m.aggregation IN ('sum', 'count')
+            THEN greatest(floor(a.total) - coalesce(s.exported, 0), 0)
+            WHEN floor(a.total) = coalesce(s.exported, 0) THEN 0
+            ELSE floor(a.total) END AS pending,
+       coalesce(o.failed, 0) AS failed,
+       coalesce(o.pending_events, 0) AS pending_events,
+       coalesce(o.failed_events, 0) AS failed_events,
+       CASE WHEN m.aggregation IN ('sum', 'count')
+            THEN greatest(coalesce(s.planned, 0) - floor(a.total), 0) ELSE 0 END AS needs_manual_credit,
+       coalesce(s.attempts, 0) AS attempts,
+       s.last_attempt_at,
+       s.last_http_status,
+       s.last_request_id,
+       coalesce(o.failed_error, s.last_error) AS last_error,
+       CASE WHEN c.stripe_customer_id IS NULL THEN 'no_stripe_customer'
+            WHEN coalesce(o.failed_events, 0) > 0 THEN 'failed'
+            WHEN m.aggregation IN ('sum', 'count') AND coalesce(s.planned, 0) > floor(a.total)
+                 THEN 'needs_manual_credit'
+            WHEN coalesce(s.exported, 0) = floor(a.total) THEN 'in_sync'
+            ELSE 'pending' END AS state
+  FROM usage_billing.usage_aggregates a
+  JOIN usage_billing.meters m ON m.meter = a.meter AND m.stripe_event_name IS NOT NULL
+  JOIN usage_billing.customers c ON c.customer_id = a.customer_id
+  LEFT JOIN usage_billing.export_state s
+         ON s.customer_id = a.customer_id AND s.meter = a.meter AND s.period_start = a.period_start
+  LEFT JOIN LATERAL (
+        SELECT sum(ob.value) FILTER (WHERE ob.status = 'failed') AS failed,
+               count(*) FILTER (WHERE ob.status = 'pending') AS pending_events,
+               count(*) FILTER (WHERE ob.status = 'failed') AS failed_events,
+               max(ob.last_error) FILTER (WHERE ob.status = 'failed') AS failed_error
+          FROM usage_billing.export_outbox ob
+         WHERE ob.customer_id = a.customer_id AND ob.meter = a.meter
+           AND ob.period_start = a.period_start AND ob.status IN ('pending', 'failed')) o ON true;
+COMMENT ON VIEW usage_billing.export_status IS
+    'Per customer, meter and period: database total, what Stripe confirmed (exported), what is pending or failed and why.';

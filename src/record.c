@@ -419,18 +419,69 @@ raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const UbLimit *limi
 			 errhint("Upgrade the plan or raise the limit to record more usage.")));
 }
 
+/*
+ * Checks an event and resolves everything recording it needs.  Returns false
+ * when the event is invalid but its idempotency key was recorded before: then
+ * *dup holds the original's state and nothing must be written.
+ */
+bool
+ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbRecordResult *dup)
+{
+	bool		meter_found = false;
+	DeferredError err;
+
+	ub_check_name("customer id", in->customer_id, UB_MAX_NAME_LEN);
+	ub_check_name("meter name", in->meter, UB_MAX_NAME_LEN);
+	if (in->idempotency_key != NULL)
+		ub_check_name("idempotency key", in->idempotency_key, UB_MAX_KEY_LEN);
+
+	if (!ub_lookup_usage_target(in->customer_id, in->meter, &pe->customer, &pe->meter,
+								&meter_found, &pe->limit))
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("customer \"%s\" does not exist", in->customer_id),
+				 errhint("Create it with usage_billing.upsert_customer().")));
+
+	if (!validate_event(in, &pe->customer, meter_found, &pe->meter, &pe->unique_value, &err))
+	{
+		if (in->idempotency_key != NULL && lookup_duplicate(in->customer_id, in->idempotency_key, dup))
+			return false;
+		raise_deferred(&err);
+	}
+
+	place_in_period(&pe->customer, in->occurred_at, &pe->period_start, &pe->period_end);
+	return true;
+}
+
+/*
+ * After an aggregate took new usage: refuses it at a hard cap (PT402, which
+ * rolls the writes back) or lets the alerts look at the crossing.
+ */
+void
+ub_finish_aggregate(const UbEventInput *in, const UbPreparedEvent *pe,
+					Numeric previous_total, Numeric total, Numeric contribution)
+{
+	const UbLimit *limit = &pe->limit;
+
+	/* the row lock taken by the upsert serializes callers: this check is exact */
+	if (limit->exists && limit->hard_cap && limit->included != NULL &&
+		ub_num_cmp(total, limit->included) > 0)
+	{
+		ub_alerts_hard_cap_blocked(&pe->customer, &pe->meter, limit, pe->period_start, total);
+		raise_hard_cap(in, &pe->meter, limit, total, contribution, pe->period_start);
+	}
+
+	/* thresholds are only crossed where there is an included quantity */
+	if (limit->exists && limit->included != NULL)
+		ub_alerts_after_record(&pe->customer, &pe->meter, limit, pe->period_start,
+							   previous_total, total);
+}
+
 /* Records one event; see the file header for the protocol. */
 void
 ub_record_event(const UbEventInput *in, UbRecordResult *out)
 {
-	UbCustomer	customer;
-	UbMeter		meter;
-	UbLimit		limit;
-	bool		meter_found = false;
-	char	   *unique_value = NULL;
-	DeferredError err;
-	TimestampTz period_start;
-	TimestampTz period_end;
+	UbPreparedEvent pe;
 	Numeric		contribution;
 	Numeric		previous_total = NULL;
 	Datum		previous;
@@ -439,26 +490,8 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 	bool		isnull;
 	int			ret;
 
-	ub_check_name("customer id", in->customer_id, UB_MAX_NAME_LEN);
-	ub_check_name("meter name", in->meter, UB_MAX_NAME_LEN);
-	if (in->idempotency_key != NULL)
-		ub_check_name("idempotency key", in->idempotency_key, UB_MAX_KEY_LEN);
-
-	if (!ub_lookup_usage_target(in->customer_id, in->meter, &customer, &meter,
-								&meter_found, &limit))
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("customer \"%s\" does not exist", in->customer_id),
-				 errhint("Create it with usage_billing.upsert_customer().")));
-
-	if (!validate_event(in, &customer, meter_found, &meter, &unique_value, &err))
-	{
-		if (in->idempotency_key != NULL && lookup_duplicate(in->customer_id, in->idempotency_key, out))
-			return;
-		raise_deferred(&err);
-	}
-
-	place_in_period(&customer, in->occurred_at, &period_start, &period_end);
+	if (!ub_prepare_event(in, &pe, out))
+		return;
 
 	/*
 	 * Ledger and aggregate in one statement where we can: the aggregate
@@ -469,17 +502,17 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 	 */
 	args[0] = CStringGetTextDatum(in->customer_id);
 	args[1] = CStringGetTextDatum(in->meter);
-	args[2] = TimestampTzGetDatum(period_start);
+	args[2] = TimestampTzGetDatum(pe.period_start);
 	args[3] = TimestampTzGetDatum(in->occurred_at);
 	args[4] = NumericGetDatum(in->amount);
 	args[5] = in->idempotency_key ? CStringGetTextDatum(in->idempotency_key) : (Datum) 0;
 	args[6] = in->properties ? JsonbPGetDatum(in->properties) : (Datum) 0;
-	args[7] = TimestampTzGetDatum(period_end);
+	args[7] = TimestampTzGetDatum(pe.period_end);
 	memset(nulls, ' ', sizeof(nulls));
 	nulls[5] = in->idempotency_key ? ' ' : 'n';
 	nulls[6] = in->properties ? ' ' : 'n';
 
-	if (meter.aggregation == UB_AGG_UNIQUE_COUNT)
+	if (pe.meter.aggregation == UB_AGG_UNIQUE_COUNT)
 	{
 		ret = SPI_execute_plan(ledger_plan(in->idempotency_key != NULL), args, nulls, false, 0);
 		if (ret != SPI_OK_INSERT)
@@ -490,7 +523,7 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 				elog(ERROR, "idempotency conflict without an original event");
 			return;
 		}
-		args[8] = CStringGetTextDatum(unique_value);
+		args[8] = CStringGetTextDatum(pe.unique_value);
 		ret = SPI_execute_plan(unique_plan(), args, nulls, false, 0);
 		if (ret != SPI_OK_INSERT)
 			elog(ERROR, "unique value insert failed: %s", SPI_result_code_string(ret));
@@ -500,9 +533,9 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 	}
 	else
 	{
-		contribution = meter.aggregation == UB_AGG_COUNT ? ub_num_int(1) : in->amount;
+		contribution = pe.meter.aggregation == UB_AGG_COUNT ? ub_num_int(1) : in->amount;
 		args[8] = NumericGetDatum(contribution);
-		ret = SPI_execute_plan(combined_plan(meter.aggregation, in->idempotency_key != NULL),
+		ret = SPI_execute_plan(combined_plan(pe.meter.aggregation, in->idempotency_key != NULL),
 							   args, nulls, false, 0);
 	}
 	if (ret != SPI_OK_INSERT_RETURNING)
@@ -519,24 +552,14 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 	previous = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	previous_total = isnull ? NULL : DatumGetNumericCopy(previous);
 
-	/* the row lock taken above serializes callers: this check is exact */
-	if (limit.exists && limit.hard_cap && limit.included != NULL &&
-		ub_num_cmp(out->total, limit.included) > 0)
-	{
-		ub_alerts_hard_cap_blocked(&customer, &meter, &limit, period_start, out->total);
-		raise_hard_cap(in, &meter, &limit, out->total, contribution, period_start);
-	}
-
-	/* thresholds are only crossed where there is an included quantity */
-	if (limit.exists && limit.included != NULL)
-		ub_alerts_after_record(&customer, &meter, &limit, period_start, previous_total, out->total);
+	ub_finish_aggregate(in, &pe, previous_total, out->total, contribution);
 
 	out->duplicate = false;
-	out->period_start = period_start;
-	out->period_end = period_end;
-	out->included = limit.exists ? limit.included : NULL;
-	out->remaining = ub_remaining(&limit, out->total);
-	out->status = ub_usage_status(&limit, out->total);
+	out->period_start = pe.period_start;
+	out->period_end = pe.period_end;
+	out->included = pe.limit.exists ? pe.limit.included : NULL;
+	out->remaining = ub_remaining(&pe.limit, out->total);
+	out->status = ub_usage_status(&pe.limit, out->total);
 }
 
 /* SQL: increment_usage(customer_id, meter, amount, idempotency_key, occurred_at, properties) */

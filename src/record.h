@@ -10,6 +10,8 @@
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
 
+#include "catalog.h"
+
 /* One usage event as the caller gave it; NULL pointers are SQL NULLs. */
 typedef struct UbEventInput
 {
@@ -34,7 +36,21 @@ typedef struct UbRecordResult
 	TimestampTz period_end;
 } UbRecordResult;
 
-/* Must run between SPI_connect and SPI_finish. */
+/* An event checked and resolved, ready to be written. */
+typedef struct UbPreparedEvent
+{
+	UbCustomer	customer;
+	UbMeter		meter;
+	UbLimit		limit;
+	char	   *unique_value;	/* unique_count: the property's value */
+	TimestampTz period_start;
+	TimestampTz period_end;
+} UbPreparedEvent;
+
+/* All of these must run between SPI_connect and SPI_finish. */
 extern void ub_record_event(const UbEventInput *in, UbRecordResult *out);
+extern bool ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbRecordResult *dup);
+extern void ub_finish_aggregate(const UbEventInput *in, const UbPreparedEvent *pe,
+								Numeric previous_total, Numeric total, Numeric contribution);
 
 #endif							/* UB_RECORD_H */

@@ -1,0 +1,18 @@
+/*-------------------------------------------------------------------------
+ * shmem.h
+ *	  Shared state of the export worker: who it is and how to wake it.
+ *-------------------------------------------------------------------------
+ */
+#ifndef UB_SHMEM_H
+#define UB_SHMEM_H
+
+#include "storage/latch.h"
+
+extern void ub_shmem_init(void);
+extern bool ub_shmem_available(void);
+extern void ub_shmem_set_worker(Latch *latch);
+extern void ub_shmem_clear_worker(void);
+extern pid_t ub_shmem_wake_worker(void);
+extern void ub_shmem_count_cycle(int64 sent, int64 failed);
+
+#endif							/* UB_SHMEM_H */

@@ -1,0 +1,282 @@
+#!/usr/bin/env bash
+# test/bench/run.sh: the benchmark of issue 4 ("make bench").  Numbers, not tests.
+#
+# Starts its own throwaway cluster (unix socket in a temp dir, run by the postgres user when we
+# are root), loads 10,000 customers and the naive baselines, then runs pgbench -M prepared with 8
+# clients and 2 threads for BENCH_SECONDS (default 10) per run, alternating ours and the baseline
+# (A B A B) and averaging the two runs of each side.  Prints one table:
+#   workload | ours | baseline | ratio | target | met
+# A side that fails (e.g. a function not implemented yet) shows ERR and the run goes on.
+#
+# The extension must be installed (make install) in the PostgreSQL of PG_CONFIG (default: the
+# system's 15).  Server settings: shared_buffers 1GB, max_connections 50, synchronous_commit on
+# and fsync on (the defaults: every call is a durable commit, for ours and the baselines alike),
+# max_wal_size 4GB so that no checkpoint is forced inside a run.
+#
+# Environment:
+#   BENCH_SECONDS   seconds per pgbench run (default 10)
+#   BENCH_ONLY      space-separated subset of: inc_spread inc_hot check_limit summary batch disk
+#   BENCH_OUT       also write the table to this file
+#   UB_KEEP_TMP=1   keep the temp dir (cluster, pgbench logs)
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+# shellcheck source=test/common.sh
+. test/common.sh
+
+SECS=${BENCH_SECONDS:-10}
+CLIENTS=8
+THREADS=2
+ONLY=${BENCH_ONLY:-inc_spread inc_hot check_limit summary batch disk}
+TMP=""
+ROWS=()        # "workload|ours|baseline|ratio|target|met"
+NOTES=()
+
+cleanup() {
+    local rc=$?
+    set +e
+    if [ -n "$TMP" ]; then
+        ub_pg_stop "$TMP"
+        if [ "${UB_KEEP_TMP:-0}" = 1 ]; then echo "kept $TMP"; else rm -rf "$TMP"; fi
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+want() { case " $ONLY " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+
+ub_find_pg
+if [ ! -f "$("$PG_CONFIG" --sharedir)/extension/usage_billing.control" ]; then
+    ub_die "usage_billing is not installed in $("$PG_CONFIG" --sharedir): run make install first"
+fi
+
+TMP=$(ub_mktemp_pg usage_billing_bench)
+PORT=$((55000 + RANDOM % 1000))
+ub_initdb "$TMP"
+ub_conf "$TMP" \
+    "# usage_billing benchmark (throwaway)" \
+    "listen_addresses = ''" \
+    "port = $PORT" \
+    "unix_socket_directories = '$TMP'" \
+    "shared_preload_libraries = 'usage_billing'" \
+    "usage_billing.export_interval = 0" \
+    "max_connections = 50" \
+    "shared_buffers = 1GB" \
+    "synchronous_commit = on" \
+    "max_wal_size = 4GB" \
+    "checkpoint_timeout = 30min" \
+    "timezone = 'UTC'"
+ub_pg_start "$TMP"
+cp -r test/bench/scripts "$TMP/scripts"
+if ub_is_root; then chown -R postgres: "$TMP/scripts"; fi
+
+psql_b() { ub_as_pg "$PGBIN/psql" -X -q -h "$TMP" -p "$PORT" -v ON_ERROR_STOP=1 "$@"; }
+val() { psql_b -d bench -At -c "$1" 2>>"$TMP/psql.err"; }
+
+psql_b -d postgres -c "CREATE DATABASE bench"
+ub_log "loading: 10,000 customers, naive counter table, naive ledger with 1,000,000 + 1,000 rows"
+psql_b -d bench -f - <test/bench/setup.sql >/dev/null
+
+# Our side of the summary workload: 1,000,000 events for "big" and 1,000 for "small" in the
+# current period, recorded through increment_usage_batch (100 calls of 10,000 events).
+LOADED=no
+if want summary; then
+    ub_log "loading ours: 1,000,000 events for 'big' and 1,000 for 'small' via increment_usage_batch"
+    t0=$SECONDS
+    if psql_b -d bench >"$TMP/load.log" 2>&1 <<'EOF'
+SELECT format('SELECT accepted FROM usage_billing.increment_usage_batch((SELECT jsonb_agg(jsonb_build_object(%L, %L, %L, %L, %L, 1)) FROM generate_series(1, 10000)))',
+              'customer_id', 'big', 'meter', 'api_calls', 'amount')
+  FROM generate_series(1, 100) \gexec
+SELECT accepted FROM usage_billing.increment_usage_batch((SELECT jsonb_agg(jsonb_build_object('customer_id', 'small', 'meter', 'api_calls', 'amount', 1)) FROM generate_series(1, 1000)));
+EOF
+    then
+        LOADED=yes
+        ub_log "loaded in $((SECONDS - t0))s"
+    else
+        NOTES+=("summary load failed: $(grep -m1 ERROR "$TMP/load.log" || tail -n 1 "$TMP/load.log")")
+    fi
+fi
+
+# pgbench_run SCRIPTS...: one pgbench run; prints "TPS PROCESSED" or "ERR first-error-line".
+pgbench_run() {
+    local out rc=0 tps n
+    out=$(mktemp "$TMP/pgbench.XXXXXX")
+    ub_as_pg "$PGBIN/pgbench" -n -M prepared -c "$CLIENTS" -j "$THREADS" -T "$SECS" \
+        -h "$TMP" -p "$PORT" "$@" bench >"$out" 2>&1 || rc=$?
+    tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$out" | tail -n 1)
+    n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
+    if [ "$rc" -ne 0 ] || [ -z "$tps" ] || [ -z "$n" ] || [ "$n" = 0 ] || grep -q 'aborted in command' "$out"; then
+        echo "ERR $(grep -m1 -E 'ERROR|error' "$out" | cut -c1-160)"
+    else
+        echo "$tps $n"
+    fi
+}
+
+# ab NAME "OURS ARGS" "BASELINE ARGS": A B A B; sets OURS/BASE (mean TPS or ERR), OURS_N/BASE_N
+# (transactions processed, summed) and notes the first error of a side.
+ab() {
+    local name=$1 a=$2 b=$3 i r side
+    local -a oa ob
+    read -r -a oa <<<"$a"
+    read -r -a ob <<<"$b"
+    OURS=0; BASE=0; OURS_N=0; BASE_N=0
+    local ours_err="" base_err=""
+    if [ "$a" = SKIP ]; then ours_err="skipped"; oa=(-f -); fi
+    ub_log "$name: ours = $(basename -- "${oa[*]: -1}"), baseline = $(basename -- "${ob[*]: -1}"), 2 x 2 runs of ${SECS}s"
+    for i in 1 2; do
+        for side in ours base; do
+            if [ "$side" = ours ]; then
+                [ -n "$ours_err" ] && continue
+                r=$(pgbench_run "${oa[@]}")
+            else
+                [ -n "$base_err" ] && continue
+                r=$(pgbench_run "${ob[@]}")
+            fi
+            echo "    run $i $side: $r"
+            if [ "${r%% *}" = ERR ]; then
+                if [ "$side" = ours ]; then ours_err=${r#ERR }; else base_err=${r#ERR }; fi
+                continue
+            fi
+            if [ "$side" = ours ]; then
+                OURS=$(awk -v x="$OURS" -v y="${r%% *}" 'BEGIN { print x + y / 2 }')
+                OURS_N=$((OURS_N + ${r##* }))
+            else
+                BASE=$(awk -v x="$BASE" -v y="${r%% *}" 'BEGIN { print x + y / 2 }')
+                BASE_N=$((BASE_N + ${r##* }))
+            fi
+        done
+    done
+    if [ -n "$ours_err" ]; then OURS=ERR; [ "$ours_err" = skipped ] || NOTES+=("$name, ours: $ours_err"); fi
+    if [ -n "$base_err" ]; then BASE=ERR; NOTES+=("$name, baseline: $base_err"); fi
+}
+
+# row WORKLOAD OURS BASE MIN-RATIO UNIT [SCALE]: adds a table row; ratio = ours / baseline.
+row() {
+    local w=$1 o=$2 b=$3 min=$4 unit=$5 scale=${6:-1} ratio="-" met="-" os bs
+    if [ "$o" != ERR ]; then o=$(awk -v x="$o" -v s="$scale" 'BEGIN { printf "%.0f", x * s }'); os="$o $unit"; else os=ERR; fi
+    if [ "$b" != ERR ]; then b=$(awk -v x="$b" -v s="$scale" 'BEGIN { printf "%.0f", x * s }'); bs="$b $unit"; else bs=ERR; fi
+    if [ "$o" != ERR ] && [ "$b" != ERR ] && awk -v b="$b" 'BEGIN { exit !(b > 0) }'; then
+        ratio=$(awk -v x="$o" -v y="$b" 'BEGIN { printf "%.2fx", x / y }')
+        if [ "$min" = report ]; then
+            met="-"
+        elif awk -v x="$o" -v y="$b" -v m="$min" 'BEGIN { exit !(x / y >= m) }'; then
+            met=yes
+        else
+            met=NO
+        fi
+    fi
+    if [ "$min" = report ]; then min="report"; else min=">= ${min}x"; fi
+    ROWS+=("$w|$os|$bs|$ratio|$min|$met")
+}
+
+S="$TMP/scripts"
+
+if want inc_spread; then
+    ab "increment_usage, 10,000 customers" "-f $S/inc_spread.sql" "-f $S/naive_counter_spread.sql"
+    row "increment_usage spread (10,000 customers) vs naive counter" "$OURS" "$BASE" 1.0 TPS
+    SINGLE_TPS=$OURS
+fi
+
+if want inc_hot; then
+    before_o=$(val "SELECT coalesce(sum(total), 0) FROM usage_billing.get_usage_summary('hot') WHERE meter = 'api_calls'" || echo ERR)
+    before_b=$(val "SELECT coalesce(sum(count), 0) FROM usage WHERE user_id = 'hot'" || echo ERR)
+    ab "increment_usage, one hot customer" "-f $S/inc_hot.sql" "-f $S/naive_counter_hot.sql"
+    row "increment_usage hot key vs naive counter hot key" "$OURS" "$BASE" 2.5 TPS
+    after_o=$(val "SELECT coalesce(sum(total), 0) FROM usage_billing.get_usage_summary('hot') WHERE meter = 'api_calls'" || echo ERR)
+    after_b=$(val "SELECT coalesce(sum(count), 0) FROM usage WHERE user_id = 'hot'" || echo ERR)
+    for side in ours baseline; do
+        if [ "$side" = ours ]; then b0=$before_o; b1=$after_o; n=$OURS_N; else b0=$before_b; b1=$after_b; n=$BASE_N; fi
+        if [ "$b0" = ERR ] || [ "$b1" = ERR ] || [ "$n" = 0 ]; then
+            NOTES+=("hot key exactness, $side: not measured")
+        else
+            d=$(awk -v x="$b1" -v y="$b0" 'BEGIN { printf "%.0f", x - y }')
+            if [ "$d" = "$n" ]; then v=exact; else v="NOT EXACT"; fi
+            NOTES+=("hot key exactness, $side: $n calls committed, total grew by $d: $v")
+        fi
+    done
+fi
+
+if want check_limit; then
+    ab "check_limit, 10,000 customers" "-f $S/check_limit_spread.sql" "-f $S/select1.sql"
+    row "check_limit spread vs SELECT 1" "$OURS" "$BASE" 0.8 TPS
+fi
+
+if want summary; then
+    if [ "$LOADED" = yes ]; then
+        ab "get_usage_summary, 1,000,000 vs 1,000 events" "-f $S/summary_big.sql" "-f $S/summary_small.sql"
+        row "get_usage_summary 1M events vs 1k events (ours both)" "$OURS" "$BASE" 0.9 TPS
+        big=$OURS
+    else
+        row "get_usage_summary 1M events vs 1k events (ours both)" ERR ERR 0.9 TPS
+        big=ERR
+    fi
+    # the naive ledger side runs even when ours could not be loaded
+    ab "get_usage_summary vs naive ledger sum, 1,000,000 events" \
+        "$([ "$LOADED" = yes ] && echo "-f $S/summary_big.sql" || echo SKIP)" "-f $S/naive_ledger_sum.sql"
+    row "get_usage_summary 1M events vs naive ledger sum 1M rows" "$OURS" "$BASE" 100 TPS
+fi
+
+if want batch; then
+    # 50 batches of 100 events over disjoint customer ranges, sent as a jsonb parameter
+    batch_args=()
+    for k in $(seq 0 49); do
+        json=$(awk -v k="$k" 'BEGIN { printf "["; for (i = 1; i <= 100; i++) printf "%s{\"customer_id\":\"c%d\",\"meter\":\"api_calls\",\"amount\":1}", (i > 1 ? "," : ""), k * 100 + i; printf "]" }')
+        printf 'SELECT * FROM usage_billing.increment_usage_batch(:ev%d::jsonb);\n' "$k" >"$S/batch_$k.sql"
+        batch_args+=("-D" "ev$k=$json" "-f" "$S/batch_$k.sql")
+    done
+    if ub_is_root; then chown postgres: "$S"/batch_*.sql; fi
+    # ab() splits on blanks, so pass the batch arguments through a file-free route
+    OURS=0; OURS_N=0; BASE=0; BASE_N=0; oerr=""; berr=""
+    ub_log "batch ingestion: ours = increment_usage_batch (100 events per call), baseline = single increment_usage calls"
+    for i in 1 2; do
+        if [ -z "$oerr" ]; then
+            r=$(pgbench_run "${batch_args[@]}"); echo "    run $i ours (calls/s): $r"
+            if [ "${r%% *}" = ERR ]; then oerr=${r#ERR }; else OURS=$(awk -v x="$OURS" -v y="${r%% *}" 'BEGIN { print x + y / 2 }'); fi
+        fi
+        if [ -z "$berr" ]; then
+            r=$(pgbench_run -f "$S/inc_spread.sql"); echo "    run $i base (calls/s): $r"
+            if [ "${r%% *}" = ERR ]; then berr=${r#ERR }; else BASE=$(awk -v x="$BASE" -v y="${r%% *}" 'BEGIN { print x + y / 2 }'); fi
+        fi
+    done
+    [ -z "$oerr" ] || { OURS=ERR; NOTES+=("batch, ours: $oerr"); }
+    [ -z "$berr" ] || { BASE=ERR; NOTES+=("batch, single calls: $berr"); }
+    if [ "$OURS" != ERR ]; then OURS=$(awk -v x="$OURS" 'BEGIN { print x * 100 }'); fi
+    row "increment_usage_batch (100/call) vs single increment_usage" "$OURS" "$BASE" 10 "events/s"
+fi
+
+if want disk; then
+    psql_b -d bench -c "VACUUM ANALYZE" -c "CHECKPOINT" >/dev/null 2>&1 || true
+    ours_b=$(val "
+        SELECT round(sum(pg_total_relation_size(c.oid))::numeric
+                     / nullif((SELECT count(*) FROM usage_billing.usage_events), 0))
+          FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'usage_billing' AND c.relkind IN ('r', 'p', 'm')
+           AND c.relname NOT IN ('meters', 'plans', 'plan_limits', 'customers', 'customer_limits')" || true)
+    base_b=$(val "SELECT round(pg_total_relation_size('usage_records')::numeric / nullif(count(*), 0)) FROM usage_records" || true)
+    ev=$(val "SELECT count(*) FROM usage_billing.usage_events" || echo "?")
+    [ -n "$ours_b" ] || ours_b=ERR
+    [ -n "$base_b" ] || base_b=ERR
+    NOTES+=("disk: ours = all usage_billing tables but the catalog, with indexes and TOAST, over $ev ledger rows; baseline = usage_records with its 2 indexes over its rows; after VACUUM")
+    row "disk per event (lower is better) vs naive ledger" "$ours_b" "$base_b" report "B"
+fi
+
+# --- the table ---------------------------------------------------------------------------------
+{
+    echo
+    echo "usage_billing benchmark -- $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), $(awk '/MemTotal/ { printf "%.0f GB", $2 / 1048576 }' /proc/meminfo) RAM"
+    echo "$("$PGBIN/postgres" --version), pgbench -M prepared -c $CLIENTS -j $THREADS -T $SECS, A B A B (mean of 2 runs per side), shared_buffers 1GB, synchronous_commit on"
+    echo
+    printf '| %-58s | %-16s | %-16s | %-8s | %-9s | %-4s |\n' workload ours baseline ratio target met
+    printf '|%s|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..60})" "$(printf -- '-%.0s' {1..18})" "$(printf -- '-%.0s' {1..18})" "$(printf -- '-%.0s' {1..10})" "$(printf -- '-%.0s' {1..11})" "$(printf -- '-%.0s' {1..6})"
+    for r in "${ROWS[@]}"; do
+        IFS='|' read -r w o b ra t m <<<"$r"
+        printf '| %-58s | %-16s | %-16s | %-8s | %-9s | %-4s |\n' "$w" "$o" "$b" "$ra" "$t" "$m"
+    done
+    if [ "${#NOTES[@]}" -gt 0 ]; then
+        echo
+        for n in "${NOTES[@]}"; do echo "- $n"; done
+    fi
+} | tee "$TMP/table.txt"
+if [ -n "${BENCH_OUT:-}" ]; then cp "$TMP/table.txt" "$BENCH_OUT"; fi

@@ -1,0 +1,3 @@
+-- ours: one usage event for a random one of 10,000 customers
+\set c random(1, 10000)
+SELECT * FROM usage_billing.increment_usage('c' || :c::int, 'api_calls', 1);

@@ -1,0 +1,112 @@
+# 040_ops.pl - operations: the API key stays secret (SHOW, pg_settings, log, status
+# view), the key file, SIGHUP reload of stripe_api_base and export_interval, and the
+# requests-per-second ceiling.
+use strict;
+use warnings;
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use Time::HiRes qw(time sleep);
+
+our $UB_KEY;
+do './test/t/01_lib.pl' or die "01_lib.pl: $@ $!";
+
+# the mock expects another key: every request is refused with 401
+my $wrong = ub_start_mock(key => 'sk_test_somethingelse');
+my $node = ub_node('ops', $wrong, "log_min_messages = debug1\nlog_statement = 'all'\n");
+ub_customers($node, 1, 30);
+my $all = q{SELECT customer_id FROM usage_billing.customers};
+$node->safe_psql('postgres', q{CREATE ROLE alice LOGIN; GRANT USAGE ON SCHEMA usage_billing TO alice;});
+
+# --- key secrecy ---
+my ($ret, $out, $err) = $node->psql('postgres', 'SHOW usage_billing.stripe_api_key',
+	extra_params => [ '-U', 'alice' ]);
+isnt($ret, 0, 'non-superuser cannot SHOW the key');
+like($err, qr/must be superuser|permission denied|privileges of pg_read_all_settings/, 'refused with a privilege error');
+unlike("$out $err", qr/\Q$UB_KEY\E/, 'the refusal does not contain the key');
+($ret, $out, $err) = $node->psql('postgres', q{SELECT current_setting('usage_billing.stripe_api_key')},
+	extra_params => [ '-U', 'alice' ]);
+isnt($ret, 0, 'non-superuser cannot read it with current_setting()');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM pg_settings WHERE name = 'usage_billing.stripe_api_key'},
+	extra_params => [ '-U', 'alice' ]), '0', 'not in pg_settings for a non-superuser');
+is($node->safe_psql('postgres', q{SELECT count(*) FROM pg_settings WHERE name = 'usage_billing.stripe_api_key'}),
+	'0', 'not in pg_settings at all (GUC_NO_SHOW_ALL)');
+($ret, $out, $err) = $node->psql('postgres', 'SHOW ALL', extra_params => [ '-U', 'alice' ]);
+unlike($out, qr/\Q$UB_KEY\E/, 'not in SHOW ALL');
+is($node->safe_psql('postgres', 'SHOW usage_billing.stripe_api_key'), $UB_KEY, 'a superuser can SHOW it');
+
+# a faulty run: 401 on every request, and a failing cycle, with the log at debug1
+ub_add_usage($node, $all, 'api_calls', 4);
+$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
+ok(ub_wait_for(sub { $node->safe_psql('postgres', q{SELECT count(*) FROM usage_billing.export_attempts
+  WHERE http_status = 401}) >= 10 }, 20), '401s recorded');
+like($node->safe_psql('postgres', q{SELECT last_error FROM usage_billing.export_status WHERE customer_id = 'c1'}),
+	qr/Invalid API Key/, "Stripe's 401 message in export_status");
+is($node->safe_psql('postgres', q{SELECT count(*) FROM usage_billing.export_outbox WHERE status = 'failed'}),
+	'0', 'a bad key fails no row for good (401 is retried)');
+$node->safe_psql('postgres', q{ALTER FUNCTION usage_billing.export_record(bigint, text, integer, text, text, integer, boolean, integer) RENAME TO er_away});
+ub_add_usage($node, q{'c1'}, 'api_calls', 1);
+$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
+ok(ub_wait_for(sub { slurp_file($node->logfile) =~ /export_record\(.*does not exist/ }, 15), 'a cycle failed');
+$node->safe_psql('postgres', q{ALTER FUNCTION usage_billing.er_away(bigint, text, integer, text, text, integer, boolean, integer) RENAME TO export_record});
+my $everything = $node->safe_psql('postgres', q{
+SELECT coalesce(string_agg(t::text, ' '), '') FROM (
+  SELECT s::text AS t FROM usage_billing.export_status s
+  UNION ALL SELECT o::text FROM usage_billing.export_outbox o
+  UNION ALL SELECT a::text FROM usage_billing.export_attempts a) x});
+unlike($everything, qr/\Q$UB_KEY\E/, 'key absent from export_status, outbox and attempts');
+unlike(slurp_file($node->logfile), qr/\Q$UB_KEY\E/, 'key absent from the server log');
+
+# the key file, used when stripe_api_key is empty
+my $good = ub_start_mock();
+my $keyfile = $node->data_dir . '/stripe.key';
+open(my $fh, '>', $keyfile) or die;
+print $fh "$UB_KEY\n";
+close $fh;
+chmod 0600, $keyfile;
+$node->append_conf('postgresql.conf', qq{
+usage_billing.stripe_api_key = ''
+usage_billing.stripe_api_key_file = '$keyfile'
+usage_billing.stripe_api_base = '$good->{url}'
+});
+$node->reload;
+sleep(0.5);
+ok(ub_export_and_wait($node, $good, 30), 'key file and reloaded stripe_api_base: in sync');
+is_deeply(ub_mock_totals($node, $good), ub_expected_totals($node), 'totals equal on the new base URL');
+is(ub_mock_get($wrong, 'stats')->{accepted}, 0, 'the old base URL got nothing accepted');
+unlike(slurp_file($node->logfile), qr/\Q$UB_KEY\E/, 'key still absent from the server log');
+
+# --- SIGHUP reload of the interval (export_now is not called here) ---
+$node->safe_psql('postgres', q{ALTER SYSTEM SET usage_billing.export_interval = 1; SELECT pg_reload_conf();});
+ub_add_usage($node, q{'c2'}, 'api_calls', 5);
+ok(ub_wait_for(sub { ub_in_sync($node, $good) }, 10), 'export_interval = 1 after reload: exported without export_now');
+$node->safe_psql('postgres', q{ALTER SYSTEM SET usage_billing.export_interval = 0; SELECT pg_reload_conf();});
+sleep(1.5);
+ub_add_usage($node, q{'c2'}, 'api_calls', 5);
+sleep(3);
+ok(!ub_in_sync($node, $good), 'export_interval = 0: no periodic export');
+ok(ub_export_and_wait($node, $good, 10), 'export_now still exports with interval 0');
+
+# --- the requests-per-second ceiling ---
+my $paced = ub_start_mock();
+$node->safe_psql('postgres', qq{ALTER SYSTEM SET usage_billing.export_max_rps = 5;
+ALTER SYSTEM SET usage_billing.stripe_api_base = '$paced->{url}'; SELECT pg_reload_conf();});
+sleep(0.5);
+ub_add_usage($node, $all, 'api_calls', 1);
+my $t0 = time();
+$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
+ok(ub_wait_for(sub { ub_mock_get($paced, 'stats')->{accepted} >= 30 }, 20), '30 events sent at 5 per second');
+my $took = time() - $t0;
+my $st = ub_mock_get($paced, 'stats');
+ok($st->{max_window} <= 6, "at most 5 (+1 at a window edge) requests in any 1 s window: $st->{max_window}");
+ok($took >= 4, sprintf('pacing took %.1f s for 30 requests', $took));
+
+# --- DROP DATABASE is never held up by the worker (it absorbs procsignal barriers) ---
+$node->safe_psql('postgres', 'CREATE DATABASE scratch');
+$t0 = time();
+$node->safe_psql('postgres', 'DROP DATABASE scratch');
+ok(time() - $t0 < 5, sprintf('DROP DATABASE of another database took %.1f s', time() - $t0));
+is(ub_worker_pid($node) ne '', 1, 'worker still running');
+
+$node->stop;
+done_testing();
