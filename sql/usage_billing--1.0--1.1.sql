@@ -16,6 +16,7 @@ CREATE TABLE usage_billing.voided_events (
 );
 COMMENT ON TABLE usage_billing.voided_events IS
     'Usage events voided by void_usage; the void itself is a ledger row of kind ''void''.';
+SELECT pg_catalog.pg_extension_config_dump('usage_billing.voided_events', '');
 
 CREATE FUNCTION usage_billing.void_usage(customer_id text, idempotency_key text, reason text)
 RETURNS void

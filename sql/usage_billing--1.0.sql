@@ -640,6 +640,7 @@ CREATE INDEX alert_log_unacknowledged_idx
     ON usage_billing.alert_log (created_at) WHERE acknowledged_at IS NULL;
 COMMENT ON TABLE usage_billing.alert_log IS
     'Recorded alerts, one per customer, meter, period and kind; read them through usage_billing.alerts.';
+SELECT pg_catalog.pg_extension_config_dump('usage_billing.alert_log', '');
 
 CREATE FUNCTION usage_billing.pending_alerts(
     OUT customer_id text, OUT meter text, OUT period_start timestamptz, OUT kind text,
