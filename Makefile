@@ -14,6 +14,7 @@ OBJS = \
 	src/alerts.o \
 	src/corrections.o \
 	src/insight.o \
+	src/report.o \
 	src/limits.o \
 	src/summary.o \
 	src/invoice.o \

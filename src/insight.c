@@ -12,6 +12,8 @@
  *				the whole period by elapsed time; the current total otherwise
  *	 complete	a billing period that ended before the current one started
  *
+ * usage_report, which formats the same numbers for psql, lives in report.c.
+ *
  * History reads the ledger (a chart range need not be a billing period);
  * everything else reads the aggregates, which corrections keep current.
  * Prices come from pricing.c: these functions only decide which totals to
@@ -26,8 +28,6 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
-#include "mb/pg_wchar.h"
-#include "lib/stringinfo.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
@@ -36,6 +36,7 @@
 #include "utils/tuplestore.h"
 
 #include "catalog.h"
+#include "insight.h"
 #include "periods.h"
 #include "pricing.h"
 #include "usage_billing.h"
@@ -43,22 +44,9 @@
 PG_FUNCTION_INFO_V1(ub_usage_history);
 PG_FUNCTION_INFO_V1(ub_usage_forecast);
 PG_FUNCTION_INFO_V1(ub_recommend_plan);
-PG_FUNCTION_INFO_V1(ub_usage_report);
 
 #define UB_MAX_BUCKETS		100000
 #define UB_MAX_PERIODS		1000
-#define UB_BAR_WIDTH		20
-
-/* One meter of the current period, as forecast and report need it. */
-typedef struct MeterUsage
-{
-	char	   *meter;
-	UbAggregation aggregation;
-	char	   *unit;
-	Numeric		current;
-	Numeric		last_period;
-	UbLimit    *limit;			/* NULL: no limit row */
-} MeterUsage;
 
 static SPIPlanPtr history_plans[5] = {NULL, NULL, NULL, NULL, NULL};
 static SPIPlanPtr meter_usage_plan = NULL;
@@ -83,8 +71,8 @@ prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types)
 }
 
 /* Looks the customer up or raises P0002, as the other reading functions do. */
-static void
-require_customer(const char *customer_id, UbCustomer *customer)
+void
+ub_insight_customer(const char *customer_id, UbCustomer *customer)
 {
 	ub_check_name("customer id", customer_id, UB_MAX_NAME_LEN);
 	if (!ub_lookup_customer(customer_id, customer))
@@ -94,8 +82,8 @@ require_customer(const char *customer_id, UbCustomer *customer)
 }
 
 /* Copies a Datum of the result into the caller's context while SPI is connected. */
-static Datum
-numeric_result(Numeric n, MemoryContext cxt)
+Datum
+ub_numeric_result(Numeric n, MemoryContext cxt)
 {
 	MemoryContext old = MemoryContextSwitchTo(cxt);
 	Datum		d = NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(n)));
@@ -105,8 +93,8 @@ numeric_result(Numeric n, MemoryContext cxt)
 }
 
 /* Text Datum in the caller's context. */
-static Datum
-text_result(const char *s, MemoryContext cxt)
+Datum
+ub_text_result(const char *s, MemoryContext cxt)
 {
 	MemoryContext old = MemoryContextSwitchTo(cxt);
 	Datum		d = CStringGetTextDatum(s);
@@ -265,7 +253,7 @@ ub_usage_history(PG_FUNCTION_ARGS)
 		bool		isnull;
 
 		values[0] = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull);
-		values[1] = numeric_result(DatumGetNumeric(SPI_getbinval(SPI_tuptable->vals[i],
+		values[1] = ub_numeric_result(DatumGetNumeric(SPI_getbinval(SPI_tuptable->vals[i],
 																 SPI_tuptable->tupdesc, 2, &isnull)),
 								   caller_cxt);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
@@ -278,8 +266,8 @@ ub_usage_history(PG_FUNCTION_ARGS)
  * The customer's meters with usage in the current or the previous period or
  * an effective limit, with both totals, ordered by meter.
  */
-static List *
-meter_usage(const UbCustomer *customer, TimestampTz current_start, TimestampTz previous_start)
+List *
+ub_meter_usage(const UbCustomer *customer, TimestampTz current_start, TimestampTz previous_start)
 {
 	Oid			types[3] = {TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 	Datum		args[3];
@@ -308,7 +296,7 @@ meter_usage(const UbCustomer *customer, TimestampTz current_start, TimestampTz p
 	{
 		HeapTuple	tup = SPI_tuptable->vals[i];
 		TupleDesc	desc = SPI_tuptable->tupdesc;
-		MeterUsage *mu = palloc0(sizeof(MeterUsage));
+		UbMeterUsage *mu = palloc0(sizeof(UbMeterUsage));
 		bool		isnull;
 		ListCell   *lc;
 
@@ -330,8 +318,8 @@ meter_usage(const UbCustomer *customer, TimestampTz current_start, TimestampTz p
 }
 
 /* The current period and the one before it. */
-static void
-current_periods(const UbCustomer *customer, TimestampTz now, TimestampTz *start,
+void
+ub_current_periods(const UbCustomer *customer, TimestampTz now, TimestampTz *start,
 				TimestampTz *end, TimestampTz *previous_start)
 {
 	TimestampTz pe;
@@ -342,7 +330,7 @@ current_periods(const UbCustomer *customer, TimestampTz now, TimestampTz *start,
 
 /* The projection of a meter's current total over the whole period. */
 static Numeric
-project(const MeterUsage *mu, TimestampTz start, TimestampTz end, TimestampTz now)
+project(const UbMeterUsage *mu, TimestampTz start, TimestampTz end, TimestampTz now)
 {
 	if (mu->aggregation != UB_AGG_SUM && mu->aggregation != UB_AGG_COUNT)
 		return mu->current;
@@ -369,31 +357,31 @@ ub_usage_forecast(PG_FUNCTION_ARGS)
 	InitMaterializedSRF(fcinfo, 0);
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	require_customer(customer_id, &customer);
-	current_periods(&customer, now, &start, &end, &previous_start);
-	meters = meter_usage(&customer, start, previous_start);
+	ub_insight_customer(customer_id, &customer);
+	ub_current_periods(&customer, now, &start, &end, &previous_start);
+	meters = ub_meter_usage(&customer, start, previous_start);
 
 	foreach(lc, meters)
 	{
-		MeterUsage *mu = (MeterUsage *) lfirst(lc);
+		UbMeterUsage *mu = (UbMeterUsage *) lfirst(lc);
 		Numeric		projected = project(mu, start, end, now);
 		Numeric		cost = mu->limit ? ub_usage_cost(mu->limit, projected) : NULL;
 		Datum		values[6];
 		bool		nulls[6] = {false, false, false, false, false, false};
 
-		values[0] = text_result(mu->meter, caller_cxt);
-		values[1] = numeric_result(mu->current, caller_cxt);
-		values[2] = numeric_result(projected, caller_cxt);
-		values[3] = numeric_result(mu->last_period, caller_cxt);
+		values[0] = ub_text_result(mu->meter, caller_cxt);
+		values[1] = ub_numeric_result(mu->current, caller_cxt);
+		values[2] = ub_numeric_result(projected, caller_cxt);
+		values[3] = ub_numeric_result(mu->last_period, caller_cxt);
 		if (ub_num_cmp(mu->last_period, ub_num_zero()) == 0)
 			nulls[4] = true;
 		else
-			values[4] = numeric_result(ub_num_div(ub_num_mul(ub_num_int(100),
+			values[4] = ub_numeric_result(ub_num_div(ub_num_mul(ub_num_int(100),
 															 ub_num_sub(projected, mu->last_period)),
 												  mu->last_period), caller_cxt);
 		nulls[5] = (cost == NULL);
 		if (cost != NULL)
-			values[5] = numeric_result(cost, caller_cxt);
+			values[5] = ub_numeric_result(cost, caller_cxt);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	SPI_finish();
@@ -449,7 +437,7 @@ ub_recommend_plan(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	require_customer(customer_id, &customer);
+	ub_insight_customer(customer_id, &customer);
 
 	/* the last complete periods, newest first */
 	starts = palloc(sizeof(Datum) * periods);
@@ -544,133 +532,9 @@ ub_recommend_plan(PG_FUNCTION_ARGS)
 		Datum		values[3];
 		bool		nulls[3] = {false, false, false};
 
-		values[0] = text_result(costs[i].plan, caller_cxt);
-		values[1] = numeric_result(costs[i].cost, caller_cxt);
+		values[0] = ub_text_result(costs[i].plan, caller_cxt);
+		values[1] = ub_numeric_result(costs[i].cost, caller_cxt);
 		values[2] = BoolGetDatum(strcmp(costs[i].plan, customer.plan) == 0);
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-	}
-	SPI_finish();
-	return (Datum) 0;
-}
-
-/* A timestamp as "YYYY-MM-DD HH:MI UTC", whatever the session's TimeZone. */
-static char *
-utc_minute(TimestampTz t)
-{
-	struct pg_tm tm;
-	fsec_t		fsec;
-
-	if (timestamp2tm(t, NULL, &tm, &fsec, NULL, NULL) != 0)
-		elog(ERROR, "timestamp out of range");
-	return psprintf("%04d-%02d-%02d %02d:%02d UTC", tm.tm_year, tm.tm_mon, tm.tm_mday,
-					tm.tm_hour, tm.tm_min);
-}
-
-/* Numeric as text. */
-static char *
-num_str(Numeric n)
-{
-	return DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(n)));
-}
-
-/* "████░░░░ 62 %": the share of included used, full past 100 %. */
-static void
-append_bar(StringInfo buf, Numeric total, Numeric included)
-{
-	bool		utf8 = (GetDatabaseEncoding() == PG_UTF8);
-	const char *full = utf8 ? "\u2588" : "#";
-	const char *empty = utf8 ? "\u2591" : ".";
-	int			filled;
-	Numeric		percent;
-
-	if (ub_num_cmp(included, ub_num_zero()) == 0)
-	{
-		filled = ub_num_cmp(total, ub_num_zero()) > 0 ? UB_BAR_WIDTH : 0;
-		percent = NULL;
-	}
-	else
-	{
-		Numeric		share = ub_num_div(total, included);
-		Numeric		cells = ub_num_mul(share, ub_num_int(UB_BAR_WIDTH));
-
-		filled = ub_num_cmp(cells, ub_num_int(UB_BAR_WIDTH)) >= 0 ? UB_BAR_WIDTH :
-			DatumGetInt32(DirectFunctionCall1(numeric_int4,
-											  DirectFunctionCall2(numeric_trunc, NumericGetDatum(cells),
-																  Int32GetDatum(0))));
-		percent = DatumGetNumeric(DirectFunctionCall2(numeric_round,
-													  NumericGetDatum(ub_num_mul(share, ub_num_int(100))),
-													  Int32GetDatum(0)));
-	}
-	for (int i = 0; i < UB_BAR_WIDTH; i++)
-		appendStringInfoString(buf, i < filled ? full : empty);
-	if (percent != NULL)
-		appendStringInfo(buf, " %3s %%", num_str(percent));
-	else
-		appendStringInfoString(buf, "   - %");
-}
-
-/* SQL: usage_report(customer_id) -> (line): a psql-friendly report of the current period */
-Datum
-ub_usage_report(PG_FUNCTION_ARGS)
-{
-	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
-	MemoryContext caller_cxt = CurrentMemoryContext;
-	char	   *customer_id = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
-	UbCustomer	customer;
-	TimestampTz start,
-				end,
-				previous_start;
-	List	   *meters;
-	ListCell   *lc;
-	int			width = 5;
-	StringInfoData buf;
-	Datum		values[1];
-	bool		nulls[1] = {false};
-
-	InitMaterializedSRF(fcinfo, MAT_SRF_USE_EXPECTED_DESC);
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	require_customer(customer_id, &customer);
-	current_periods(&customer, GetCurrentTransactionStartTimestamp(), &start, &end, &previous_start);
-	meters = meter_usage(&customer, start, previous_start);
-
-	initStringInfo(&buf);
-	appendStringInfo(&buf, "customer %s, plan %s, period %s .. %s",
-					 customer.customer_id, customer.plan, utc_minute(start), utc_minute(end));
-	values[0] = text_result(buf.data, caller_cxt);
-	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-
-	foreach(lc, meters)
-		width = Max(width, pg_mbstrlen(((MeterUsage *) lfirst(lc))->meter));
-
-	foreach(lc, meters)
-	{
-		MeterUsage *mu = (MeterUsage *) lfirst(lc);
-		bool		limited = (mu->limit != NULL && mu->limit->included != NULL);
-		Numeric		cost = mu->limit ? ub_usage_cost(mu->limit, mu->current) : NULL;
-
-		resetStringInfo(&buf);
-		appendStringInfoString(&buf, mu->meter);
-		for (int i = pg_mbstrlen(mu->meter); i < width + 2; i++)
-			appendStringInfoChar(&buf, ' ');
-		if (limited)
-		{
-			append_bar(&buf, mu->current, mu->limit->included);
-			appendStringInfo(&buf, "  %s / %s", num_str(mu->current), num_str(mu->limit->included));
-		}
-		else
-			appendStringInfo(&buf, "%*s  %s", UB_BAR_WIDTH + 6, "", num_str(mu->current));
-		if (mu->unit != NULL)
-			appendStringInfo(&buf, " %s", mu->unit);
-		if (!limited)
-			appendStringInfoString(&buf, " (unlimited)");
-		if (cost != NULL)
-			appendStringInfo(&buf, ", overage %s %s",
-							 num_str(ub_round_money(cost, customer.currency)), customer.currency);
-		else
-			appendStringInfoString(&buf, ", not billed");
-		appendStringInfo(&buf, ", ends %s", utc_minute(end));
-		values[0] = text_result(buf.data, caller_cxt);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}
 	SPI_finish();
