@@ -22,6 +22,7 @@
 #include "utils/datum.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "catalog.h"
@@ -187,7 +188,15 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 	}
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = CStringGetTextDatum(meter);
-	ret = SPI_execute_plan(target_plan, args, NULL, true, 1);
+
+	/*
+	 * What we cache must be at least as new as the invalidations we have
+	 * processed, or a change committed after the statement's (or a repeatable
+	 * read transaction's) snapshot would be cached as if it never happened.
+	 * Read with a fresh snapshot, as PostgreSQL reads its own catalogs.
+	 */
+	ret = SPI_execute_snapshot(target_plan, args, NULL, GetLatestSnapshot(), InvalidSnapshot,
+							   true, false, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "usage target lookup failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)

@@ -1,6 +1,361 @@
-/* limits.c: placeholder while the module is being written; replaced before release */
+/*-------------------------------------------------------------------------
+ * limits.c
+ *	  check_limit: would increment_usage(requested) succeed, and what then?
+ *
+ * check_limit is read-only and sits on the hot path next to
+ * increment_usage: the customer, meter and effective limit come from the
+ * backend's catalog cache (catalog_cache.c; on a miss ub_lookup_usage_target
+ * reads them through SPI and fills it), then one probe of usage_aggregates'
+ * primary key reads the meter's aggregate in the customer's current billing
+ * period: on a cache hit no SPI, no executor, no ledger.  The function is
+ * declared without SET search_path (a function SET costs about a fifth of a
+ * cached call); the SQL of a miss runs under a search_path we set ourselves.
+ * It never raises for bad input: an unknown
+ * customer or meter, or an invalid requested quantity, answers
+ * allowed = false with a reason.
+ *
+ * Words used here:
+ *   current     the meter's aggregate in the current billing period (0
+ *               when nothing was recorded yet)
+ *   projection  the aggregate increment_usage(requested) would leave:
+ *               current + requested (sum, count), greatest(current,
+ *               requested) (max), requested (last), current + 1
+ *               (unique_count: we cannot know whether the value is new, so
+ *               we assume the worst case)
+ *
+ * allowed, status and estimated_overage_cost use the projection.
+ * remaining is included - current floored at 0, i.e. what is still left
+ * before this request, the same quantity increment_usage reports after a
+ * call; it is NULL when the meter is unlimited.  estimated_overage_cost is
+ * NULL when the meter is not billed.  overage_allowed says that usage past
+ * included is billed rather than refused: the meter is billed and has no
+ * hard cap.
+ *-------------------------------------------------------------------------
+ */
 #include "postgres.h"
+
+#include "access/genam.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "executor/spi.h"
+#include "executor/tuptable.h"
 #include "fmgr.h"
+#include "funcapi.h"
+#include "utils/builtins.h"
+#include "utils/fmgroids.h"
+#include "utils/guc.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/numeric.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "catalog.h"
+#include "catalog_cache.h"
+#include "periods.h"
+#include "pricing.h"
+#include "reading.h"
+#include "usage_billing.h"
+
 PG_FUNCTION_INFO_V1(ub_check_limit);
-Datum ub_check_limit(PG_FUNCTION_ARGS);
-Datum ub_check_limit(PG_FUNCTION_ARGS) { ereport(ERROR, (errcode(ERRCODE_FEATURE_NOT_SUPPORTED), errmsg("ub_check_limit is not implemented yet"))); PG_RETURN_NULL(); }
+
+#define CHECK_LIMIT_COLS 8
+
+/* One result row of check_limit; NULL pointers become SQL NULLs. */
+typedef struct CheckResult
+{
+	bool		allowed;
+	Numeric		current;
+	Numeric		included;
+	Numeric		remaining;
+	const char *status;
+	bool		has_overage_allowed;
+	bool		overage_allowed;
+	Numeric		estimated_overage_cost;
+	const char *reason;
+} CheckResult;
+
+/* where the aggregates live; looked up once, forgotten on any relcache invalidation */
+static Oid	aggregates_relid = InvalidOid;
+static Oid	aggregates_pkey = InvalidOid;
+static AttrNumber aggregates_total_attnum = InvalidAttrNumber;
+static bool aggregates_callback_registered = false;
+
+static void ForgetAggregatesRelation(Datum arg, Oid relid);
+static void LookupAggregatesRelation(void);
+static Numeric CurrentTotal(const char *customer_id, const char *meter,
+							TimestampTz period_start);
+static bool LookupTarget(const char *customer_id, const char *meter, UbCustomer *customer,
+						 UbMeter *m, bool *meter_found, UbLimit *limit, bool *spi_connected);
+static bool RequestedIsValid(Numeric requested, UbAggregation agg);
+static Numeric ProjectTotal(UbAggregation agg, Numeric current, Numeric requested);
+static void EmitResult(FunctionCallInfo fcinfo, const CheckResult *r);
+
+/* Relcache callback: the extension may have been dropped and created again. */
+static void
+ForgetAggregatesRelation(Datum arg, Oid relid)
+{
+	aggregates_relid = InvalidOid;
+	aggregates_pkey = InvalidOid;
+	aggregates_total_attnum = InvalidAttrNumber;
+}
+
+/* Finds usage_aggregates, its primary key and its total column. */
+static void
+LookupAggregatesRelation(void)
+{
+	Oid			nsp;
+
+	if (!aggregates_callback_registered)
+	{
+		CacheRegisterRelcacheCallback(ForgetAggregatesRelation, (Datum) 0);
+		aggregates_callback_registered = true;
+	}
+	if (OidIsValid(aggregates_relid))
+		return;
+	nsp = get_namespace_oid("usage_billing", false);
+	aggregates_relid = get_relname_relid("usage_aggregates", nsp);
+	aggregates_pkey = get_relname_relid("usage_aggregates_pkey", nsp);
+	if (!OidIsValid(aggregates_relid) || !OidIsValid(aggregates_pkey))
+		elog(ERROR, "usage_billing.usage_aggregates or its primary key is missing");
+	aggregates_total_attnum = get_attnum(aggregates_relid, "total");
+	if (aggregates_total_attnum == InvalidAttrNumber)
+		elog(ERROR, "usage_billing.usage_aggregates has no column \"total\"");
+}
+
+/*
+ * The meter's aggregate total in one period, 0 when nothing was recorded:
+ * one probe of the primary key (customer_id, meter, period_start) with the
+ * statement's snapshot.
+ */
+static Numeric
+CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_start)
+{
+	Relation	rel;
+	Relation	idx;
+	Oid			relid;
+	Oid			pkey;
+	AttrNumber	total_attnum;
+	ScanKeyData keys[3];
+	IndexScanDesc scan;
+	TupleTableSlot *slot;
+	Numeric		total = NULL;
+
+	LookupAggregatesRelation();
+	/* keep our own copies: opening a relation may process an invalidation */
+	relid = aggregates_relid;
+	pkey = aggregates_pkey;
+	total_attnum = aggregates_total_attnum;
+	rel = table_open(relid, AccessShareLock);
+	idx = index_open(pkey, AccessShareLock);
+
+	/* compare in the index's own collations, as the planner would */
+	ScanKeyEntryInitialize(&keys[0], 0, 1, BTEqualStrategyNumber, InvalidOid,
+						   idx->rd_indcollation[0], F_TEXTEQ,
+						   CStringGetTextDatum(customer_id));
+	ScanKeyEntryInitialize(&keys[1], 0, 2, BTEqualStrategyNumber, InvalidOid,
+						   idx->rd_indcollation[1], F_TEXTEQ,
+						   CStringGetTextDatum(meter));
+	ScanKeyEntryInitialize(&keys[2], 0, 3, BTEqualStrategyNumber, InvalidOid,
+						   idx->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
+						   TimestampTzGetDatum(period_start));
+
+	scan = index_beginscan(rel, idx, GetActiveSnapshot(), 3, 0);
+	index_rescan(scan, keys, 3, NULL, 0);
+	slot = table_slot_create(rel, NULL);
+	if (index_getnext_slot(scan, ForwardScanDirection, slot))
+	{
+		bool		isnull;
+		Datum		d = slot_getattr(slot, total_attnum, &isnull);
+
+		if (!isnull)
+			total = DatumGetNumericCopy(d);
+	}
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	index_close(idx, AccessShareLock);
+	table_close(rel, AccessShareLock);
+
+	return total != NULL ? total : ub_num_zero();
+}
+
+/*
+ * The usage target from the backend's catalog cache; on a miss, connects SPI
+ * (the caller must SPI_finish when *spi_connected) and reads it with a safe
+ * search_path.
+ */
+static bool
+LookupTarget(const char *customer_id, const char *meter, UbCustomer *customer, UbMeter *m,
+			 bool *meter_found, UbLimit *limit, bool *spi_connected)
+{
+	int			guc_level;
+	bool		found;
+
+	if (ub_cache_get(customer_id, meter, customer, m, meter_found, limit))
+		return true;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	*spi_connected = true;
+	guc_level = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	found = ub_lookup_usage_target(customer_id, meter, customer, m, meter_found, limit);
+	AtEOXact_GUC(true, guc_level);
+	return found;
+}
+
+/* The same rule increment_usage applies to its amount: finite, and not negative where it adds up. */
+static bool
+RequestedIsValid(Numeric requested, UbAggregation agg)
+{
+	if (requested == NULL || ub_num_is_special(requested))
+		return false;
+	if ((agg == UB_AGG_SUM || agg == UB_AGG_COUNT || agg == UB_AGG_UNIQUE_COUNT) &&
+		ub_num_cmp(requested, ub_num_zero()) < 0)
+		return false;
+	return true;
+}
+
+/* The aggregate the period would have after increment_usage(requested). */
+static Numeric
+ProjectTotal(UbAggregation agg, Numeric current, Numeric requested)
+{
+	switch (agg)
+	{
+		case UB_AGG_SUM:
+		case UB_AGG_COUNT:
+			return ub_num_add(current, requested);
+		case UB_AGG_MAX:
+			return ub_num_max(current, requested);
+		case UB_AGG_LAST:
+			return requested;
+		case UB_AGG_UNIQUE_COUNT:
+			return ub_num_add(current, ub_num_int(1));
+	}
+	elog(ERROR, "unknown aggregation %d", (int) agg);
+	pg_unreachable();
+}
+
+/* Puts the single result row into the materialized result set. */
+static void
+EmitResult(FunctionCallInfo fcinfo, const CheckResult *r)
+{
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
+	Datum		values[CHECK_LIMIT_COLS];
+	bool		nulls[CHECK_LIMIT_COLS];
+
+	memset(nulls, 0, sizeof(nulls));
+	values[0] = BoolGetDatum(r->allowed);
+#define NUMERIC_COL(i, v) \
+	do { if ((v) == NULL) nulls[i] = true; else values[i] = NumericGetDatum(v); } while (0)
+	NUMERIC_COL(1, r->current);
+	NUMERIC_COL(2, r->included);
+	NUMERIC_COL(3, r->remaining);
+#undef NUMERIC_COL
+	if (r->status == NULL)
+		nulls[4] = true;
+	else
+		values[4] = CStringGetTextDatum(r->status);
+	if (!r->has_overage_allowed)
+		nulls[5] = true;
+	else
+		values[5] = BoolGetDatum(r->overage_allowed);
+	if (r->estimated_overage_cost == NULL)
+		nulls[6] = true;
+	else
+		values[6] = NumericGetDatum(r->estimated_overage_cost);
+	if (r->reason == NULL)
+		nulls[7] = true;
+	else
+		values[7] = CStringGetTextDatum(r->reason);
+
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+}
+
+/*
+ * SQL: check_limit(customer_id, meter, requested) answers without writing
+ * whether increment_usage(requested) would succeed, and with which status.
+ */
+Datum
+ub_check_limit(PG_FUNCTION_ARGS)
+{
+	char	   *customer_id = PG_ARGISNULL(0) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(0));
+	char	   *meter = PG_ARGISNULL(1) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(1));
+	Numeric		requested = PG_ARGISNULL(2) ? NULL : PG_GETARG_NUMERIC(2);
+	UbCustomer	customer;
+	UbMeter		m;
+	UbLimit		limit;
+	bool		meter_found = false;
+	CheckResult r;
+	TimestampTz period_start;
+	TimestampTz period_end;
+	Numeric		projection;
+	bool		spi_connected = false;
+
+	ub_init_srf(fcinfo);
+	memset(&r, 0, sizeof(r));
+
+	/* on a miss the target lives in SPI memory: emit the row before SPI_finish */
+	if (customer_id == NULL ||
+		!LookupTarget(customer_id, meter != NULL ? meter : "", &customer, &m,
+					  &meter_found, &limit, &spi_connected))
+	{
+		r.reason = "unknown customer";
+		goto done;
+	}
+	/* the same order of refusals as increment_usage: status, then meter, then amount */
+	if (strcmp(customer.status, "active") != 0)
+		r.reason = psprintf("customer %s", customer.status);
+	if (meter == NULL || !meter_found)
+	{
+		if (r.reason == NULL)
+			r.reason = "unknown meter";
+		goto done;
+	}
+
+	ub_period_containing(customer.billing_anchor, &customer.period,
+						 GetCurrentTransactionStartTimestamp(), &period_start, &period_end);
+	r.current = CurrentTotal(customer_id, meter, period_start);
+	r.included = limit.exists ? limit.included : NULL;
+	r.remaining = ub_remaining(&limit, r.current);
+	r.has_overage_allowed = true;
+	r.overage_allowed = ub_limit_is_billed(&limit) && !limit.hard_cap;
+
+	if (r.reason != NULL)
+	{
+		/* refused anyway; still say where the request would land */
+		if (RequestedIsValid(requested, m.aggregation))
+		{
+			projection = ProjectTotal(m.aggregation, r.current, requested);
+			r.status = ub_usage_status(&limit, projection);
+			r.estimated_overage_cost = ub_usage_cost(&limit, projection);
+		}
+		goto done;
+	}
+	if (!RequestedIsValid(requested, m.aggregation))
+	{
+		r.reason = "invalid requested quantity";
+		goto done;
+	}
+
+	projection = ProjectTotal(m.aggregation, r.current, requested);
+	r.status = ub_usage_status(&limit, projection);
+	r.estimated_overage_cost = ub_usage_cost(&limit, projection);
+	if (limit.exists && limit.hard_cap && limit.included != NULL &&
+		ub_num_cmp(projection, limit.included) > 0)
+	{
+		r.reason = "hard cap";
+		goto done;
+	}
+	r.allowed = true;
+
+done:
+	EmitResult(fcinfo, &r);
+	if (spi_connected)
+		SPI_finish();
+	return (Datum) 0;
+}
