@@ -129,3 +129,32 @@ SELECT kind, value FROM usage_billing.alerts WHERE customer_id = 'co_b' ORDER BY
 -- event_count counts live usage events only
 SELECT meter, total, event_count FROM usage_billing.usage_aggregates
  WHERE customer_id = 'co_b' AND meter = 'co_calls';
+
+-- limits, summaries and invoices follow at once
+SELECT usage_billing.upsert_customer('co_inv', 'co_plan', '2025-01-01 00:00+00');
+SELECT total FROM usage_billing.increment_usage('co_inv', 'co_calls', 150, 'co-i1', '2025-01-05');
+SELECT total FROM usage_billing.increment_usage('co_inv', 'co_calls', 30, 'co-i2', '2025-01-06');
+SELECT line, quantity, amount FROM usage_billing.preview_invoice('co_inv', '2025-01-01');
+SELECT usage_billing.void_usage('co_inv', 'co-i2', 'duplicate upload');
+SELECT line, quantity, amount FROM usage_billing.preview_invoice('co_inv', '2025-01-01');
+SELECT meter, total, overage_quantity, overage_cost FROM usage_billing.calculate_overage('co_inv', '2025-01-01');
+SELECT usage_billing.adjust_usage('co_inv', 'co_calls', -60, 'sla credit', '2025-01-20');
+SELECT line, quantity, amount FROM usage_billing.preview_invoice('co_inv', '2025-01-01');
+-- the period's summary (aggregates) and a range that reads the ledger agree
+SELECT meter, total, event_count, overage_cost
+  FROM usage_billing.get_usage_summary('co_inv', '2025-01-01', '2025-02-01');
+SELECT meter, total, event_count
+  FROM usage_billing.get_usage_summary('co_inv', '2025-01-01', '2025-01-31');
+-- a hard cap frees up when usage is voided
+SELECT usage_billing.create_plan('co_capped', 0);
+SELECT usage_billing.set_plan_limit('co_capped', 'co_calls', included => 10, hard_cap => true);
+SELECT usage_billing.upsert_customer('co_cap', 'co_capped');
+SELECT total FROM usage_billing.increment_usage('co_cap', 'co_calls', 8, 'co-k1');
+SELECT total FROM usage_billing.increment_usage('co_cap', 'co_calls', 2, 'co-k2');
+SELECT allowed, current, remaining, reason FROM usage_billing.check_limit('co_cap', 'co_calls', 5);
+SELECT usage_billing.void_usage('co_cap', 'co-k1', 'test data');
+SELECT allowed, current, remaining, reason FROM usage_billing.check_limit('co_cap', 'co_calls', 5);
+SELECT total, remaining, status FROM usage_billing.increment_usage('co_cap', 'co_calls', 5);
+-- an adjustment may take a capped total past the cap: it is an administrator's act
+SELECT usage_billing.adjust_usage('co_cap', 'co_calls', 6, 'contractual minimum');
+SELECT allowed, current, remaining, status, reason FROM usage_billing.check_limit('co_cap', 'co_calls', 1);
