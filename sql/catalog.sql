@@ -186,7 +186,8 @@ SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
  WHERE n.nspname = 'usage_billing' AND c.relkind IN ('r', 'v') AND obj_description(c.oid, 'pg_class') IS NULL;
 SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
  WHERE n.nspname = 'usage_billing' AND obj_description(p.oid, 'pg_proc') IS NULL;
--- and pins its search_path; check_limit is the one exception: a function SET costs a fifth
+-- and pins its search_path; check_limit, increment_usage and increment_usage_batch pin it in
+-- C instead: a function SET costs a fifth
 -- of a cached check_limit, so its C code sets the search_path around the SQL it runs
 SELECT p.proname FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
  WHERE n.nspname = 'usage_billing' AND NOT coalesce(p.proconfig::text LIKE '%search_path%', false);

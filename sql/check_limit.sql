@@ -228,7 +228,11 @@ UPDATE usage_billing.customers SET status = 'suspended' WHERE customer_id = 'cl_
 SELECT allowed, reason FROM usage_billing.check_limit('cl_live', 'cl_capped');
 UPDATE usage_billing.customers SET status = 'active' WHERE customer_id = 'cl_live';
 SELECT allowed, reason FROM usage_billing.check_limit('cl_live', 'cl_capped');
--- a search_path without pg_catalog first does not change the answer of a first lookup
+-- the caller's search_path does not matter, also for a lookup that misses the cache
 SET search_path = public;
 SELECT allowed, current, included FROM usage_billing.check_limit('cl_other', 'cl_jobs', 3);
 RESET search_path;
+
+-- called in the select list (no expected row type from FROM) it answers the same
+SELECT usage_billing.check_limit('cl_live', 'cl_capped', 1);
+SELECT (usage_billing.check_limit('cl_live', 'cl_capped', 5)).reason;

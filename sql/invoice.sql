@@ -126,6 +126,33 @@ SELECT at, o.total, o.overage_cost
        LATERAL usage_billing.calculate_overage('inv_monthend', v.at) o
  WHERE o.meter = 'orders';
 
+-- the worked example again, recorded event by event through increment_usage: several readings of
+-- the last-value storage meter (one arriving late), a retried idempotency key
+SELECT usage_billing.upsert_customer('inv_real', 'inv_growth', billing_anchor => '2025-01-01 00:00:00+00');
+SELECT count(*) AS recorded, count(*) FILTER (WHERE r.duplicate) AS duplicates
+  FROM (VALUES ('orders', 1000, 'o-1', '2025-01-03 09:00:00+00'::timestamptz),
+               ('orders', 250, 'o-2', '2025-01-28 17:00:00+00'),
+               ('orders', 250, 'o-2', '2025-01-28 17:00:00+00'),          -- a retry: not counted twice
+               ('invoices', 500, 'i-1', '2025-01-10 00:00:00+00'),
+               ('invoices', 480, 'i-2', '2025-01-31 23:59:59+00'),
+               ('storage_gb', 30, 's-1', '2025-01-05 00:00:00+00'),
+               ('storage_gb', 52, 's-2', '2025-01-20 00:00:00+00'),
+               ('storage_gb', 45, 's-3', '2025-01-31 12:00:00+00'),
+               ('storage_gb', 60, 's-4', '2025-01-10 00:00:00+00'),        -- late, older: not the last
+               ('api_calls', 20000, 'a-1', '2025-01-15 00:00:00+00'),
+               ('api_calls', 30000, 'a-2', '2025-01-16 00:00:00+00'),
+               ('ai_jobs', 100, 'j-1', '2025-01-02 00:00:00+00'),
+               ('ai_jobs', 20, 'j-2', '2025-01-30 00:00:00+00'),
+               ('ai_jobs', 7, 'j-3', '2025-02-01 00:00:00+00')) e(meter, amount, key, at),
+       LATERAL usage_billing.increment_usage('inv_real', e.meter, e.amount, e.key, e.at) r;
+SELECT * FROM usage_billing.preview_invoice('inv_real', '2025-01-15');
+SELECT line, meter, amount FROM usage_billing.preview_invoice('inv_real', '2025-02-15') WHERE amount <> 0;
+-- the same January from the ledger (a range one microsecond short of the period) agrees
+SELECT s.meter, s.total, s.event_count, o.total AS billed_total
+  FROM usage_billing.get_usage_summary('inv_real', '2025-01-01 00:00:00+00', '2025-01-31 23:59:59.999999+00') s
+  JOIN usage_billing.calculate_overage('inv_real', '2025-01-15') o USING (meter)
+ ORDER BY s.meter;
+
 -- unknown customer: P0002, for both (message and hint once in full)
 SELECT * FROM usage_billing.preview_invoice('inv_nobody', '2025-01-15');
 SELECT pg_temp.error_of($$SELECT * FROM usage_billing.preview_invoice('inv_nobody', '2025-01-15')$$);

@@ -78,6 +78,17 @@ SELECT meter, total, included
 -- a period with no usage: only the meters with a limit, at 0
 SELECT * FROM usage_billing.get_usage_summary('su_acme', '2025-03-31 00:00:00+00', '2025-04-30 00:00:00+00');
 
+-- before the anchor too: Jan 15 lies in [Dec 31, Jan 31), a billing period, so limits are filled;
+-- the same start with another end is a plain range
+SELECT meter, total, included, usage_percent
+  FROM usage_billing.get_usage_summary('su_acme', '2025-01-15 00:00:00+00') WHERE meter = 'su_api';
+SELECT meter, total, included, usage_percent
+  FROM usage_billing.get_usage_summary('su_acme', '2024-12-31 00:00:00+00', '2025-01-31 00:00:00+00')
+ WHERE meter = 'su_api';
+SELECT meter, total, included, usage_percent
+  FROM usage_billing.get_usage_summary('su_acme', '2024-12-31 00:00:00+00', '2025-01-30 00:00:00+00')
+ WHERE meter = 'su_api';
+
 -- any other range: totals recomputed from the ledger with each meter's aggregation, no limit columns
 -- two whole periods: sum 1750, last = the latest reading (50), max 10, 3 distinct users
 SELECT * FROM usage_billing.get_usage_summary('su_acme', '2025-01-31 00:00:00+00', '2025-03-31 00:00:00+00');

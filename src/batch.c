@@ -19,6 +19,7 @@
  */
 #include "postgres.h"
 
+#include "catalog/namespace.h"
 #include "executor/spi.h"
 #include "utils/datum.h"
 #include "fmgr.h"
@@ -567,6 +568,7 @@ ub_increment_usage_batch(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
+	ub_push_safe_search_path();
 
 	/* every event is checked before anything is written */
 	for (int i = 0; i < n; i++)
@@ -613,6 +615,7 @@ ub_increment_usage_batch(PG_FUNCTION_ARGS)
 		else
 			accepted++;
 	}
+	PopOverrideSearchPath();
 	SPI_finish();
 
 	values[0] = Int64GetDatum(accepted);

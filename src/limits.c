@@ -10,9 +10,8 @@
  * period: on a cache hit no SPI, no executor, no ledger.  The function is
  * declared without SET search_path (a function SET costs about a fifth of a
  * cached call); the SQL of a miss runs under a search_path we set ourselves.
- * It never raises for bad input: an unknown
- * customer or meter, or an invalid requested quantity, answers
- * allowed = false with a reason.
+ * It never raises for bad input: an unknown customer or meter, or an
+ * invalid requested quantity, answers allowed = false with a reason.
  *
  * Words used here:
  *   current     the meter's aggregate in the current billing period (0
@@ -163,7 +162,9 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 						   idx->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
 						   TimestampTzGetDatum(period_start));
 
-	scan = index_beginscan(rel, idx, GetActiveSnapshot(), 3, 0);
+	scan = index_beginscan(rel, idx,
+						   ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot(),
+						   3, 0);
 	index_rescan(scan, keys, 3, NULL, 0);
 	slot = table_slot_create(rel, NULL);
 	if (index_getnext_slot(scan, ForwardScanDirection, slot))
@@ -208,7 +209,7 @@ LookupTarget(const char *customer_id, const char *meter, UbCustomer *customer, U
 	return found;
 }
 
-/* The same rule increment_usage applies to its amount: finite, and not negative where it adds up. */
+/* increment_usage's rule for amounts: finite, and not negative where it adds up. */
 static bool
 RequestedIsValid(Numeric requested, UbAggregation agg)
 {

@@ -48,6 +48,7 @@ typedef struct UbPreparedEvent
 } UbPreparedEvent;
 
 /* All of these must run between SPI_connect and SPI_finish. */
+extern void ub_push_safe_search_path(void);
 extern void ub_record_event(const UbEventInput *in, UbRecordResult *out);
 extern bool ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbRecordResult *dup);
 extern void ub_finish_aggregate(const UbEventInput *in, const UbPreparedEvent *pe,
