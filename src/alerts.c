@@ -79,6 +79,7 @@ PG_FUNCTION_INFO_V1(ub_pending_alerts);
 
 #define UB_ALERT_SLOTS		256
 #define UB_ALERT_NUM_LEN	64
+#define UB_FLUSH_BATCH		8
 
 typedef enum UbSlotState
 {
@@ -378,70 +379,71 @@ ub_alerts_hard_cap_blocked(const UbCustomer *customer, const UbMeter *meter,
 }
 
 /*
- * Inserts this database's pending refusals into alert_log; the slots are
- * marked flushed when this transaction commits.  Must run inside SPI.
+ * Inserts this database's pending refusals into alert_log, a few at a time
+ * so the hot path never allocates much; the slots are marked flushed when
+ * this transaction commits.  Must run inside SPI.
  */
 static int
 flush_pending(void)
 {
 	UbAlertQueue *q = get_queue();
-	UbAlertSlot *copy;
-	int		   *index;
-	int			n = 0;
+	UbAlertSlot copy[UB_FLUSH_BATCH];
+	int			index[UB_FLUSH_BATCH];
 	int			inserted = 0;
+	int			n;
 
 	if (pg_atomic_read_u32(&q->npending) == 0)
 		return 0;
 
-	copy = palloc(sizeof(UbAlertSlot) * UB_ALERT_SLOTS);
-	index = palloc(sizeof(int) * UB_ALERT_SLOTS);
-	queue_lock(q, LW_SHARED);
-	for (int i = 0; i < UB_ALERT_SLOTS; i++)
+	do
 	{
-		bool		mine = false;
+		n = 0;
+		queue_lock(q, LW_SHARED);
+		for (int i = 0; i < UB_ALERT_SLOTS && n < UB_FLUSH_BATCH; i++)
+		{
+			bool		mine = false;
 
-		if (q->slots[i].state != SLOT_PENDING || q->slots[i].dboid != MyDatabaseId)
-			continue;
-		for (int j = 0; j < nflushed; j++)
-			if (flushed[j].slot == i && flushed[j].generation == q->slots[i].generation)
-				mine = true;
-		if (mine)
-			continue;
-		copy[n] = q->slots[i];
-		index[n++] = i;
-	}
-	queue_unlock(q);
+			if (q->slots[i].state != SLOT_PENDING || q->slots[i].dboid != MyDatabaseId)
+				continue;
+			for (int j = 0; j < nflushed; j++)
+				if (flushed[j].slot == i && flushed[j].generation == q->slots[i].generation)
+					mine = true;
+			if (mine)
+				continue;
+			copy[n] = q->slots[i];
+			index[n++] = i;
+		}
+		queue_unlock(q);
 
-	if (n > 0 && !callbacks_registered)
-	{
-		RegisterXactCallback(alerts_xact_callback, NULL);
-		RegisterSubXactCallback(alerts_subxact_callback, NULL);
-		callbacks_registered = true;
-	}
+		if (n > 0 && !callbacks_registered)
+		{
+			RegisterXactCallback(alerts_xact_callback, NULL);
+			RegisterSubXactCallback(alerts_subxact_callback, NULL);
+			callbacks_registered = true;
+		}
 
-	for (int i = 0; i < n; i++)
-	{
-		bool		vnull,
-					inull;
-		Datum		value = slot_to_numeric(copy[i].value, &vnull);
-		Datum		included = slot_to_numeric(copy[i].included, &inull);
+		for (int i = 0; i < n; i++)
+		{
+			bool		vnull,
+						inull;
+			Datum		value = slot_to_numeric(copy[i].value, &vnull);
+			Datum		included = slot_to_numeric(copy[i].included, &inull);
 
-		if (insert_alert(copy[i].customer_id, copy[i].meter, copy[i].period_start,
-						 "hard_cap_blocked",
-						 vnull ? NULL : DatumGetNumeric(value),
-						 inull ? NULL : DatumGetNumeric(included),
-						 copy[i].created_at))
-			inserted++;
-		/* not remembered: the slot stays pending and a later flush is a no-op */
-		if (nflushed >= UB_ALERT_SLOTS)
-			continue;
-		flushed[nflushed].slot = index[i];
-		flushed[nflushed].generation = copy[i].generation;
-		flushed[nflushed].subid = GetCurrentSubTransactionId();
-		nflushed++;
-	}
-	pfree(copy);
-	pfree(index);
+			if (insert_alert(copy[i].customer_id, copy[i].meter, copy[i].period_start,
+							 "hard_cap_blocked",
+							 vnull ? NULL : DatumGetNumeric(value),
+							 inull ? NULL : DatumGetNumeric(included),
+							 copy[i].created_at))
+				inserted++;
+			/* not remembered: the slot stays pending and a later flush is a no-op */
+			if (nflushed >= UB_ALERT_SLOTS)
+				return inserted;
+			flushed[nflushed].slot = index[i];
+			flushed[nflushed].generation = copy[i].generation;
+			flushed[nflushed].subid = GetCurrentSubTransactionId();
+			nflushed++;
+		}
+	} while (n == UB_FLUSH_BATCH);
 	return inserted;
 }
 
