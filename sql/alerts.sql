@@ -108,6 +108,24 @@ SELECT total FROM usage_billing.increment_usage('al_c', 'al_requests', 1, occurr
 SELECT count(*) AS pending FROM usage_billing.pending_alerts() WHERE customer_id = 'al_c';
 SELECT meter, period_start, kind, value, included
   FROM usage_billing.alert_log WHERE customer_id = 'al_c' ORDER BY period_start, kind;
+-- batches alert like single calls, once per customer, meter and period; the value
+-- is the total after the batch (the batch adds each group in one step)
+\o results/alerts_notify.txt
+SELECT * FROM usage_billing.increment_usage_batch('[
+  {"customer_id": "al_b", "meter": "al_requests", "amount": 10, "occurred_at": "2025-03-02T00:00:00Z"},
+  {"customer_id": "al_b", "meter": "al_requests", "amount": 85, "occurred_at": "2025-03-03T00:00:00Z"},
+  {"customer_id": "al_b", "meter": "al_requests", "amount": 1, "occurred_at": "2025-03-04T00:00:00Z"},
+  {"customer_id": "al_a", "meter": "al_requests", "amount": 200, "occurred_at": "2025-03-04T00:00:00Z"}]');
+\o
+\! sed -E 's/PID [0-9]+/PID N/' results/alerts_notify.txt
+SELECT customer_id, kind, value FROM usage_billing.alerts
+ WHERE period_start = '2025-03-01' ORDER BY customer_id, kind;
+-- a batch refused at a hard cap records nothing but the refusal
+SELECT * FROM usage_billing.increment_usage_batch('[
+  {"customer_id": "al_c", "meter": "al_requests", "amount": 4, "occurred_at": "2025-03-02T00:00:00Z"},
+  {"customer_id": "al_c", "meter": "al_requests", "amount": 7, "occurred_at": "2025-03-03T00:00:00Z"}]');
+SELECT kind, value FROM usage_billing.alerts
+ WHERE customer_id = 'al_c' AND period_start = '2025-03-01' ORDER BY kind;
 UNLISTEN *;
 
 -- acknowledge_alert
