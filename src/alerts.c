@@ -360,8 +360,14 @@ ub_alerts_hard_cap_blocked(const UbCustomer *customer, const UbMeter *meter,
 	slot = free_slot >= 0 ? free_slot : oldest_flushed;
 	if (slot < 0)
 	{
-		q->dropped++;
+		uint64		dropped = ++q->dropped;
+
 		queue_unlock(q);
+		ereport(LOG,
+				(errmsg("usage_billing alert queue is full, hard_cap_blocked alert not recorded"),
+				 errdetail("Customer \"%s\", meter \"%s\"; %llu alerts dropped since the server started.",
+						   customer->customer_id, meter->meter, (unsigned long long) dropped),
+				 errhint("Call usage_billing.flush_alerts() more often, for example by running the export worker.")));
 		return;
 	}
 
