@@ -47,6 +47,26 @@ $node->safe_psql('postgres', q{SELECT usage_billing.increment_usage('q_c', 'q_ca
 is($node->safe_psql('postgres', $logged), '1', 'flushed by the next successful call of another session');
 $node->restart;
 is($node->safe_psql('postgres', $alerts), '1', 'a flushed alert survives a restart');
+
+# a burst of refusals in 300 different periods: 256 slots, the rest is logged as dropped
+$node->safe_psql('postgres', q{
+DO $$ BEGIN
+    FOR k IN 1..300 LOOP
+        BEGIN
+            PERFORM usage_billing.increment_usage('q_c', 'q_gb', 11,
+                occurred_at => '2030-01-15'::timestamptz + k * interval '1 month');
+        EXCEPTION WHEN SQLSTATE 'PT402' THEN NULL;
+        END;
+    END LOOP;
+END $$;
+});
+is($node->safe_psql('postgres', 'SELECT count(*) FROM usage_billing.pending_alerts()'), '256',
+	'the queue holds 256 pending refusals');
+like(slurp_file($node->logfile), qr/alert queue is full.*\n.*44 alerts dropped/,
+	'the dropped refusals are logged');
+is($node->safe_psql('postgres', 'SELECT usage_billing.flush_alerts()'), '256', 'one flush records them all');
+is($node->safe_psql('postgres', $logged), '257', 'all in alert_log');
+is($node->safe_psql('postgres', 'SELECT count(*) FROM usage_billing.pending_alerts()'), '0', 'nothing pending');
 $node->stop;
 
 # not preloaded: the queue belongs to the refused session
