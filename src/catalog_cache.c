@@ -22,6 +22,7 @@
 #include "postgres.h"
 
 #include "catalog/namespace.h"
+#include "common/hashfn.h"
 #include "commands/trigger.h"
 #include "fmgr.h"
 #include "storage/sinval.h"
@@ -87,6 +88,28 @@ relcache_callback(Datum arg, Oid relid)
 		generation++;
 }
 
+/* Hashes only the used bytes of the key, not its 402-byte padding. */
+static uint32
+target_key_hash(const void *key, Size keysize)
+{
+	const UbTargetKey *k = (const UbTargetKey *) key;
+	uint32		h = hash_bytes((const unsigned char *) k->customer_id, strlen(k->customer_id));
+
+	return hash_combine(h, hash_bytes((const unsigned char *) k->meter, strlen(k->meter)));
+}
+
+/* Compares two keys as the strings they hold; 0 means equal. */
+static int
+target_key_match(const void *key1, const void *key2, Size keysize)
+{
+	const UbTargetKey *a = (const UbTargetKey *) key1;
+	const UbTargetKey *b = (const UbTargetKey *) key2;
+
+	if (strcmp(a->customer_id, b->customer_id) != 0)
+		return 1;
+	return strcmp(a->meter, b->meter) != 0;
+}
+
 /* Creates the hash table on first use. */
 static void
 ensure_cache(void)
@@ -107,9 +130,11 @@ ensure_cache(void)
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(UbTargetKey);
 	ctl.entrysize = sizeof(UbTargetEntry);
+	ctl.hash = target_key_hash;
+	ctl.match = target_key_match;
 	ctl.hcxt = target_cxt;
 	target_cache = hash_create("usage_billing targets", 1024, &ctl,
-							   HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
+							   HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
 }
 
 /* Builds a zero-padded key; false when the names are too long to cache. */
@@ -121,9 +146,8 @@ make_key(const char *customer_id, const char *meter, UbTargetKey *key)
 
 	if (cl > UB_MAX_NAME_LEN || ml > UB_MAX_NAME_LEN)
 		return false;
-	memset(key, 0, sizeof(*key));
-	memcpy(key->customer_id, customer_id, cl);
-	memcpy(key->meter, meter, ml);
+	memcpy(key->customer_id, customer_id, cl + 1);
+	memcpy(key->meter, meter, ml + 1);
 	return true;
 }
 

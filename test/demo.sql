@@ -95,6 +95,7 @@ SELECT line, meter, quantity, unit_price, amount
 
 \echo
 \echo '--- the current billing period: a little usage now, then the summary and a limit check'
+\echo '    (the pro plan includes 0 of everything: all usage is billed as overage, so status is over_limit)'
 SELECT total, status, period_start, period_end
   FROM usage_billing.increment_usage('acme', 'api_calls', amount => 1500,
         idempotency_key => 'demo-now-api-' || to_char(now(), 'YYYY-MM'));

@@ -32,10 +32,21 @@ LOGDIR=""
 WORK=$PWD
 COPY=""
 
+# Stops throwaway servers a killed stage left behind (pg_ctl starts them in their own session).
+stop_leftover_servers() {
+    local pidfile
+    [ -n "${PGBIN:-}" ] || return 0
+    while IFS= read -r pidfile; do
+        ub_warn "stopping a server left behind in ${pidfile%/postmaster.pid}"
+        ub_as_pg "$PGBIN/pg_ctl" -D "${pidfile%/postmaster.pid}" -m immediate -w -t 30 stop >/dev/null 2>&1
+    done < <(find "$WORK" -path '*tmp_check*' -name postmaster.pid 2>/dev/null)
+}
+
 # Whatever happens, say how many passed and failed, on the last line.
 finish() {
     local rc=$?
     set +e
+    stop_leftover_servers
     if [ -n "$LOGDIR" ]; then rm -rf "$LOGDIR"; fi
     if [ -n "$COPY" ] && [ "$rc" -eq 0 ]; then rm -rf "$COPY"; fi
     if [ "$rc" -ne 0 ] && [ "$FAILED" -eq 0 ]; then FAILED=1; fi
@@ -121,6 +132,9 @@ count_stage() {
 }
 
 # --- 3. the stages -----------------------------------------------------------------------------
+# no stale output from an earlier run may explain this run's failures
+rm -rf "$WORK/regression.diffs" "$WORK/regression.out" "$WORK/results" \
+    "$WORK/test/isolation/output_iso" "$WORK"/tmp_check*
 shopt -s nullglob
 regress_tests=("$WORK"/sql/*.sql)
 iso_specs=("$WORK"/test/isolation/specs/*.spec)

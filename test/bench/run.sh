@@ -17,6 +17,7 @@
 #   BENCH_SECONDS   seconds per pgbench run (default 10)
 #   BENCH_ONLY      space-separated subset of: inc_spread inc_hot check_limit summary batch disk
 #   BENCH_OUT       also write the table to this file
+#   BENCH_LOAD_TIMEOUT  seconds allowed for loading the 1,000,000 events (default 600)
 #   UB_KEEP_TMP=1   keep the temp dir (cluster, pgbench logs)
 set -euo pipefail
 
@@ -28,6 +29,7 @@ SECS=${BENCH_SECONDS:-10}
 CLIENTS=8
 THREADS=2
 ONLY=${BENCH_ONLY:-inc_spread inc_hot check_limit summary batch disk}
+LOAD_TIMEOUT=${BENCH_LOAD_TIMEOUT:-600}
 TMP=""
 ROWS=()        # "workload|ours|baseline|ratio|target|met"
 NOTES=()
@@ -85,7 +87,8 @@ LOADED=no
 if want summary; then
     ub_log "loading ours: 1,000,000 events for 'big' and 1,000 for 'small' via increment_usage_batch"
     t0=$SECONDS
-    if psql_b -d bench >"$TMP/load.log" 2>&1 <<'EOF'
+    if ub_as_pg timeout --kill-after=10 "$LOAD_TIMEOUT" "$PGBIN/psql" -X -q -h "$TMP" -p "$PORT" \
+            -v ON_ERROR_STOP=1 -d bench >"$TMP/load.log" 2>&1 <<'EOF'
 SELECT format('SELECT accepted FROM usage_billing.increment_usage_batch((SELECT jsonb_agg(jsonb_build_object(%L, %L, %L, %L, %L, 1)) FROM generate_series(1, 10000)))',
               'customer_id', 'big', 'meter', 'api_calls', 'amount')
   FROM generate_series(1, 100) \gexec
@@ -95,7 +98,7 @@ EOF
         LOADED=yes
         ub_log "loaded in $((SECONDS - t0))s"
     else
-        NOTES+=("summary load failed: $(grep -m1 ERROR "$TMP/load.log" || tail -n 1 "$TMP/load.log")")
+        NOTES+=("summary load failed after $((SECONDS - t0))s (limit ${LOAD_TIMEOUT}s): $(grep -m1 ERROR "$TMP/load.log" || tail -n 1 "$TMP/load.log")")
     fi
 fi
 
