@@ -12,6 +12,9 @@ OBJS = \
 	src/record.o \
 	src/batch.o \
 	src/alerts.o \
+	src/corrections.o \
+	src/insight.o \
+	src/report.o \
 	src/limits.o \
 	src/summary.o \
 	src/invoice.o \

@@ -622,6 +622,87 @@ COMMENT ON VIEW usage_billing.current_usage IS
 -- ---------------------------------------------------------------------------
 -- (alerts section: owned by alerts)
 
+/*
+ * alert_log holds the alerts recorded by transactions; usage_billing.alerts
+ * adds the hard_cap_blocked alerts still waiting in shared memory (see
+ * src/alerts.c), so a refusal is visible at once, before anything flushes it.
+ */
+CREATE TABLE usage_billing.alert_log (
+    customer_id     text NOT NULL,
+    meter           text NOT NULL,
+    period_start    timestamptz NOT NULL,
+    kind            text NOT NULL CHECK (kind IN ('soft_limit', 'limit_reached', 'hard_cap_blocked')),
+    value           numeric,
+    included        numeric,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    acknowledged_at timestamptz,
+    PRIMARY KEY (customer_id, meter, period_start, kind)
+);
+CREATE INDEX alert_log_unacknowledged_idx
+    ON usage_billing.alert_log (created_at) WHERE acknowledged_at IS NULL;
+COMMENT ON TABLE usage_billing.alert_log IS
+    'Recorded alerts, one per customer, meter, period and kind; read them through usage_billing.alerts.';
+SELECT pg_catalog.pg_extension_config_dump('usage_billing.alert_log', '');
+
+CREATE FUNCTION usage_billing.pending_alerts(
+    OUT customer_id text, OUT meter text, OUT period_start timestamptz, OUT kind text,
+    OUT value numeric, OUT included numeric, OUT created_at timestamptz)
+RETURNS SETOF record
+AS 'MODULE_PATHNAME', 'ub_pending_alerts'
+LANGUAGE C VOLATILE STRICT
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.pending_alerts() IS
+    'Internal: hard_cap_blocked alerts of this database not yet flushed into alert_log.';
+
+CREATE FUNCTION usage_billing.flush_alerts()
+RETURNS integer
+AS 'MODULE_PATHNAME', 'ub_flush_alerts'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.flush_alerts() IS
+    'Records pending hard_cap_blocked alerts in alert_log and notifies them; returns how many were new.';
+
+CREATE VIEW usage_billing.alerts AS
+SELECT l.customer_id, l.meter, l.period_start, l.kind, l.value, l.included,
+       l.created_at, l.acknowledged_at
+  FROM usage_billing.alert_log l
+UNION ALL
+SELECT p.customer_id, p.meter, p.period_start, p.kind, p.value, p.included,
+       p.created_at, NULL::timestamptz
+  FROM usage_billing.pending_alerts() p
+ WHERE NOT EXISTS (SELECT 1 FROM usage_billing.alert_log l
+                    WHERE l.customer_id = p.customer_id AND l.meter = p.meter
+                      AND l.period_start = p.period_start AND l.kind = p.kind);
+COMMENT ON VIEW usage_billing.alerts IS
+    'Alerts per customer, meter, billing period and kind: soft_limit, limit_reached, hard_cap_blocked.';
+
+CREATE FUNCTION usage_billing.acknowledge_alert(
+    customer_id text, meter text, period_start timestamptz, kind text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    -- a hard_cap_blocked alert may still be waiting in shared memory
+    PERFORM usage_billing.flush_alerts();
+    UPDATE usage_billing.alert_log l
+       SET acknowledged_at = coalesce(l.acknowledged_at, now())
+     WHERE l.customer_id = acknowledge_alert.customer_id
+       AND l.meter = acknowledge_alert.meter
+       AND l.period_start = acknowledge_alert.period_start
+       AND l.kind = acknowledge_alert.kind;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'alert does not exist'
+            USING ERRCODE = 'no_data_found',
+                  DETAIL = format('There is no %s alert for customer "%s", meter "%s" and the period starting %s.',
+                                  coalesce(kind, 'NULL'), customer_id, meter, period_start),
+                  HINT = 'List alerts with SELECT * FROM usage_billing.alerts.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.acknowledge_alert(text, text, timestamptz, text) IS
+    'Marks an alert as acknowledged (the first acknowledgement time is kept); unknown alert: P0002.';
+
 -- ---------------------------------------------------------------------------
 -- Export to Stripe (worker state)
 -- ---------------------------------------------------------------------------

@@ -33,6 +33,7 @@
 static SPIPlanPtr customer_plan = NULL;
 static SPIPlanPtr target_plan = NULL;
 static SPIPlanPtr limits_plan = NULL;
+static SPIPlanPtr plan_limits_plan = NULL;
 
 /* Prepares a statement once per backend and keeps it. */
 static SPIPlanPtr
@@ -251,6 +252,48 @@ ub_customer_limits(const UbCustomer *customer)
 	ret = SPI_execute_plan(limits_plan, args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "limit lookup failed: %s", SPI_result_code_string(ret));
+
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		UbLimit    *l = palloc0(sizeof(UbLimit));
+
+		l->meter = col_text(tup, desc, 1);
+		l->aggregation = ub_parse_aggregation(col_text(tup, desc, 2));
+		l->exists = true;
+		fill_limit(tup, desc, 3, l);
+		result = lappend(result, l);
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return result;
+}
+
+/* The limits of a plan as written, ignoring customer overrides (plan comparisons), ordered by meter. */
+List *
+ub_plan_limits(const char *plan)
+{
+	Datum		args[1];
+	int			ret;
+	List	   *result = NIL;
+
+	if (plan_limits_plan == NULL)
+	{
+		Oid			types[1] = {TEXTOID};
+
+		plan_limits_plan = prepare_saved(
+			"SELECT l.meter, m.aggregation,"
+			"       l.included, l.hard_cap, l.overage_price, l.overage_unit,"
+			"       l.soft_threshold, l.tiers, l.tier_mode"
+			"  FROM usage_billing.plan_limits l"
+			"  JOIN usage_billing.meters m ON m.meter = l.meter"
+			" WHERE l.plan = $1"
+			" ORDER BY l.meter", 1, types);
+	}
+	args[0] = CStringGetTextDatum(plan);
+	ret = SPI_execute_plan(plan_limits_plan, args, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "plan limit lookup failed: %s", SPI_result_code_string(ret));
 
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{

@@ -62,6 +62,7 @@ extern bool ub_lookup_usage_target(const char *customer_id, const char *meter,
 								   UbCustomer *customer, UbMeter *m, bool *meter_found,
 								   UbLimit *limit);
 extern List *ub_customer_limits(const UbCustomer *customer);
+extern List *ub_plan_limits(const char *plan);
 
 extern UbAggregation ub_parse_aggregation(const char *name);
 extern const char *ub_aggregation_name(UbAggregation agg);

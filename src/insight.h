@@ -1,0 +1,31 @@
+/*-------------------------------------------------------------------------
+ * insight.h
+ *	  Helpers shared by the analytics (insight.c) and the psql report (report.c).
+ *-------------------------------------------------------------------------
+ */
+#ifndef UB_INSIGHT_H
+#define UB_INSIGHT_H
+
+#include "catalog.h"
+
+/* One meter of a customer's current period, with the previous period's total. */
+typedef struct UbMeterUsage
+{
+	char	   *meter;
+	UbAggregation aggregation;
+	char	   *unit;
+	Numeric		current;
+	Numeric		last_period;
+	UbLimit    *limit;			/* NULL: no limit row */
+} UbMeterUsage;
+
+/* All of these run between SPI_connect and SPI_finish. */
+extern void ub_insight_customer(const char *customer_id, UbCustomer *customer);
+extern void ub_current_periods(const UbCustomer *customer, TimestampTz now, TimestampTz *start,
+							   TimestampTz *end, TimestampTz *previous_start);
+extern List *ub_meter_usage(const UbCustomer *customer, TimestampTz current_start,
+							TimestampTz previous_start);
+extern Datum ub_numeric_result(Numeric n, MemoryContext cxt);
+extern Datum ub_text_result(const char *s, MemoryContext cxt);
+
+#endif							/* UB_INSIGHT_H */
