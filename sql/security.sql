@@ -344,6 +344,12 @@ SELECT total FROM usage_billing.increment_usage('sec_ret', 'sec_calls', 12, 'ret
 SELECT total FROM usage_billing.increment_usage('sec_ret', 'sec_calls', 8, 'ret-2', '2024-02-05 00:00+00');
 SELECT total FROM usage_billing.increment_usage('sec_ret', 'sec_users', occurred_at => '2024-01-06 00:00+00', properties => '{"user": "x"}');
 SELECT total FROM usage_billing.increment_usage('sec_ret', 'sec_calls', 5, 'ret-now');
+-- a voided event in January: its correction and its void marker are ledger data too
+SELECT total FROM usage_billing.increment_usage('sec_ret', 'sec_calls', 100, 'ret-void', '2024-01-20 00:00+00');
+SET ROLE sec_admin;
+SELECT usage_billing.void_usage('sec_ret', 'ret-void', 'sent twice by the client');
+RESET ROLE;
+SELECT count(*) AS void_markers FROM usage_billing.voided_events WHERE customer_id = 'sec_ret';
 CREATE TEMP TABLE sec_ret_before AS
 SELECT meter, period_start, total, event_count FROM usage_billing.usage_aggregates WHERE customer_id = 'sec_ret';
 CREATE TEMP TABLE sec_ret_reads AS
@@ -367,6 +373,7 @@ SELECT * FROM usage_billing.drop_ledger_before('2024-02-01 00:00+00');
 SELECT meter, period_start < '2025-01-01' AS old_period, amount
   FROM usage_billing.usage_events WHERE customer_id = 'sec_ret' ORDER BY occurred_at;
 SELECT count(*) AS unique_rows_left FROM usage_billing.usage_unique_values WHERE customer_id = 'sec_ret';
+SELECT count(*) AS void_markers_left FROM usage_billing.voided_events WHERE customer_id = 'sec_ret';
 -- aggregates unchanged
 SELECT a.meter, a.period_start, a.total, a.event_count
   FROM usage_billing.usage_aggregates a
