@@ -118,6 +118,25 @@ SELECT customer_id, meter, included, overridden FROM usage_billing.effective_lim
  WHERE customer_id LIKE 'sec\_%' ORDER BY 1, 2;
 SELECT total FROM usage_billing.increment_usage('sec_tenant_a', 'sec_calls', 1);
 SELECT usage_billing.upsert_customer('sec_tenant_c', 'sec_plan');
+-- every view and reading function of the schema works for a reader
+DO $$
+DECLARE
+    v regclass;
+BEGIN
+    FOR v IN SELECT c.oid::regclass FROM pg_class c
+              WHERE c.relnamespace = 'usage_billing'::regnamespace AND c.relkind = 'v' ORDER BY 1
+    LOOP
+        EXECUTE format('SELECT count(*) FROM %s', v);
+    END LOOP;
+END
+$$;
+SELECT count(*) >= 0 AS summary_ok FROM usage_billing.get_usage_summary('sec_tenant_b');
+SELECT count(*) >= 0 AS invoice_ok FROM usage_billing.preview_invoice('sec_tenant_b');
+SELECT count(*) >= 0 AS overage_ok FROM usage_billing.calculate_overage('sec_tenant_b');
+SELECT allowed FROM usage_billing.check_limit('sec_tenant_b', 'sec_calls');
+SELECT count(*) > 0 AS history_ok FROM usage_billing.usage_history('sec_tenant_b', 'sec_calls', now() - interval '2 days');
+SELECT count(*) > 0 AS forecast_ok FROM usage_billing.usage_forecast('sec_tenant_b');
+SELECT count(*) > 0 AS report_ok FROM usage_billing.usage_report('sec_tenant_b');
 RESET ROLE;
 
 -- a role with no grant: nothing at all
