@@ -425,6 +425,10 @@ BEGIN
                        ' USING (true) WITH CHECK (true)', t);
         EXECUTE format('CREATE POLICY tenant_own_rows ON usage_billing.%I FOR SELECT TO PUBLIC'
                        ' USING (customer_id = (SELECT usage_billing.current_customer_id()))', t);
+        EXECUTE format('COMMENT ON POLICY staff_all ON usage_billing.%I IS %L', t,
+                       'The three usage_billing roles see every row (they write only through functions).');
+        EXECUTE format('COMMENT ON POLICY tenant_own_rows ON usage_billing.%I IS %L', t,
+                       'Any other role sees the rows of the customer named by its request: usage_billing.current_customer_id().');
     END LOOP;
 END
 $rls$;
