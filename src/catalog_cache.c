@@ -63,29 +63,62 @@ static MemoryContext target_cxt = NULL;
 static uint64 generation = 0;
 static bool callback_registered = false;
 
+/* the catalog tables whose changes invalidate the cache; resolved lazily */
+#define UB_CATALOG_TABLES 5
+static const char *const catalog_table_names[UB_CATALOG_TABLES] = {
+	"meters", "plans", "plan_limits", "customers", "customer_limits"
+};
+static Oid	catalog_table_oids[UB_CATALOG_TABLES];
+static bool catalog_oids_valid = false;
+
 /* Drops every cached target; entries' memory goes with the context. */
 static void
 reset_cache(void)
 {
 	generation++;
+	catalog_oids_valid = false;
 	if (target_cxt != NULL)
 		MemoryContextReset(target_cxt);
 	target_cache = NULL;
 }
 
-/* Relcache callback: any change to any relation may be one of our catalog tables. */
+/* Finds the OIDs of our catalog tables (outside of any invalidation callback). */
+static void
+resolve_catalog_oids(void)
+{
+	Oid			nsp;
+
+	if (catalog_oids_valid)
+		return;
+	nsp = get_namespace_oid("usage_billing", true);
+	for (int i = 0; i < UB_CATALOG_TABLES; i++)
+		catalog_table_oids[i] = OidIsValid(nsp) ?
+			get_relname_relid(catalog_table_names[i], nsp) : InvalidOid;
+	catalog_oids_valid = OidIsValid(nsp);
+}
+
+/*
+ * Relcache callback.  Only invalidations of our catalog tables (sent by their
+ * triggers, or by DDL on them) and "everything" resets matter: autovacuum's
+ * ANALYZE of the ledger, for one, invalidates the ledger's relcache entry all
+ * the time and must not empty the cache.
+ */
 static void
 relcache_callback(Datum arg, Oid relid)
 {
-	/*
-	 * Looking up whether relid is one of ours would need catalog access,
-	 * which is not allowed here.  Relcache invalidations are rare outside of
-	 * DDL and our own triggers, so simply start over.
-	 */
+	bool		ours = !catalog_oids_valid || !OidIsValid(relid);
+
+	for (int i = 0; !ours && i < UB_CATALOG_TABLES; i++)
+		ours = (catalog_table_oids[i] == relid);
+	if (!ours)
+		return;
 	if (target_cache != NULL)
 		reset_cache();
 	else
+	{
 		generation++;
+		catalog_oids_valid = false;
+	}
 }
 
 /* Hashes only the used bytes of the key, not its 402-byte padding. */
@@ -126,6 +159,7 @@ ensure_cache(void)
 										   ALLOCSET_DEFAULT_SIZES);
 	if (target_cache != NULL)
 		return;
+	resolve_catalog_oids();
 
 	memset(&ctl, 0, sizeof(ctl));
 	ctl.keysize = sizeof(UbTargetKey);
