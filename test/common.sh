@@ -6,6 +6,7 @@
 #   pg user     the OS user that owns throwaway clusters: "postgres" when we run as root, else
 #               ourselves (initdb refuses to run as root)
 
+# shellcheck disable=SC2034  # used by the scripts that source this file
 UB_PACKAGES=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev libcjson-dev
              libipc-run-perl python3 build-essential)
 
@@ -66,7 +67,9 @@ ub_find_pg() {
         */*) ;;
         ?*) PG_CONFIG=$(command -v "$PG_CONFIG" || true) ;;
     esac
-    [ -n "$PG_CONFIG" ] && [ -x "$PG_CONFIG" ] || ub_die "pg_config not found (install postgresql-server-dev-15 or set PG_CONFIG)"
+    if [ -z "$PG_CONFIG" ] || [ ! -x "$PG_CONFIG" ]; then
+        ub_die "pg_config not found (install postgresql-server-dev-15 or set PG_CONFIG)"
+    fi
     PGBIN=$("$PG_CONFIG" --bindir)
     local v
     v=$("$PG_CONFIG" --version)

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317  # functions called from traps
 # test/run_tests.sh: quick start, command 2 -- runs every test; .ci/run runs exactly this.
 #
 # As root on Debian bookworm: installs the missing packages, builds with -Werror (Makefile),
@@ -102,7 +103,7 @@ run_stage() {
 
 # count_stage NAME LOG RC: adds the stage's results to PASSED/FAILED.
 count_stage() {
-    local name=$1 log=$2 rc=$3 p=0 f=0 tests files
+    local name=$1 log=$2 rc=$3 p=0 f=0 tests
     case "$name" in
         tap)
             # prove: "Files=2, Tests=17, ..." and per failed file "(Wstat: 256 ... Tests: 5 Failed: 1)"
