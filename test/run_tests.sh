@@ -137,12 +137,15 @@ count_stage() {
 rm -rf "$WORK/regression.diffs" "$WORK/regression.out" "$WORK/results" \
     "$WORK/test/isolation/output_iso" "$WORK"/tmp_check*
 shopt -s nullglob
-regress_tests=("$WORK"/sql/*.sql)
+regress_tests=()
+for f in "$WORK"/sql/*.sql; do
+    case "${f##*/}" in usage_billing--*) ;; *) regress_tests+=("$f") ;; esac   # not install/upgrade scripts
+done
 iso_specs=("$WORK"/test/isolation/specs/*.spec)
 tap_tests=("$WORK"/test/t/*.pl)
 shopt -u nullglob
 
-if [ "${#regress_tests[@]}" -gt 1 ]; then      # one is the install script
+if [ "${#regress_tests[@]}" -gt 0 ]; then
     run_stage regress ISOLATION= TAP_TESTS=
 else
     ub_warn "no pg_regress tests (sql/*.sql)"
