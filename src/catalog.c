@@ -16,8 +16,17 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "executor/tuptable.h"
+#include "utils/fmgroids.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/jsonb.h"
@@ -145,48 +154,103 @@ ub_lookup_customer(const char *customer_id, UbCustomer *customer)
 }
 
 /*
- * Looks up, in one round, the customer, the meter and the effective limit of
- * that meter for the customer: what every hot-path call needs.  Returns false
- * when the customer does not exist; *meter_found says whether the meter does.
+ * Reads the row of usage_billing.<relname> whose primary key equals keyvals,
+ * straight from the index, and copies the named columns.  This is the cache
+ * miss path of the hot path: an executor start per miss costs more than the
+ * whole call, and a new connection misses on every customer it meets.
  */
-bool
-ub_lookup_usage_target(const char *customer_id, const char *meter,
-					   UbCustomer *customer, UbMeter *m, bool *meter_found,
-					   UbLimit *limit)
+static bool
+probe_row(const char *relname, int nkeys, const Datum *keyvals, Snapshot snap,
+		  int ncols, const char *const *colnames, Datum *values, bool *nulls)
+{
+	Oid			nsp = get_namespace_oid("usage_billing", false);
+	Oid			relid = get_relname_relid(relname, nsp);
+	Relation	rel;
+	Relation	idx;
+	TupleDesc	desc;
+	ScanKeyData keys[2];
+	IndexScanDesc scan;
+	TupleTableSlot *slot;
+	bool		found;
+
+	Assert(nkeys <= 2);
+	if (!OidIsValid(relid))
+		elog(ERROR, "usage_billing.%s is missing", relname);
+	rel = table_open(relid, AccessShareLock);
+	idx = index_open(RelationGetPrimaryKeyIndex(rel), AccessShareLock);
+	desc = RelationGetDescr(rel);
+
+	/* text keys, compared in the index's own collations as the planner would */
+	for (int k = 0; k < nkeys; k++)
+		ScanKeyEntryInitialize(&keys[k], 0, k + 1, BTEqualStrategyNumber, InvalidOid,
+							   idx->rd_indcollation[k], F_TEXTEQ, keyvals[k]);
+	scan = index_beginscan(rel, idx, snap, nkeys, 0);
+	index_rescan(scan, keys, nkeys, NULL, 0);
+	slot = table_slot_create(rel, NULL);
+	found = index_getnext_slot(scan, ForwardScanDirection, slot);
+	for (int c = 0; found && c < ncols; c++)
+	{
+		int			attnum = InvalidAttrNumber;
+
+		for (int a = 0; a < desc->natts; a++)
+		{
+			Form_pg_attribute att = TupleDescAttr(desc, a);
+
+			if (!att->attisdropped && strcmp(NameStr(att->attname), colnames[c]) == 0)
+			{
+				attnum = a + 1;
+				break;
+			}
+		}
+		if (attnum == InvalidAttrNumber)
+			elog(ERROR, "usage_billing.%s has no column \"%s\"", relname, colnames[c]);
+		values[c] = slot_getattr(slot, attnum, &nulls[c]);
+		if (!nulls[c])
+			values[c] = datumCopy(values[c], TupleDescAttr(desc, attnum - 1)->attbyval,
+								  TupleDescAttr(desc, attnum - 1)->attlen);
+	}
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	index_close(idx, AccessShareLock);
+	table_close(rel, AccessShareLock);
+	return found;
+}
+
+/*
+ * The part of a target that does not depend on the customer: the plan, the
+ * meter and the plan's limit row for it.  Few distinct, so cached by
+ * (plan, meter) and read with SQL on a miss.
+ */
+static void
+lookup_plan_part(const char *plan, const char *meter, uint64 generation,
+				 UbCustomer *plan_part, UbMeter *m, bool *meter_found, UbLimit *plan_limit)
 {
 	Datum		args[2];
 	int			ret;
 	HeapTuple	tup;
 	TupleDesc	desc;
 	char	   *agg;
-	uint64		generation;
+	bool		isnull;
 
-	if (ub_cache_get(customer_id, meter, customer, m, meter_found, limit))
-		return true;
-	generation = ub_cache_generation();
+	if (ub_static_cache_get(plan, meter, plan_part, m, meter_found, plan_limit))
+		return;
 
 	if (target_plan == NULL)
 	{
 		Oid			types[2] = {TEXTOID, TEXTOID};
 
 		target_plan = prepare_saved(
-			"SELECT " CUSTOMER_COLUMNS ","
+			"SELECT p.period, p.base_price, p.currency,"
 			"       m.aggregation, m.value_property, m.stripe_event_name,"
-			"       (pl.plan IS NOT NULL OR cl.customer_id IS NOT NULL),"
-			"       CASE WHEN cl.customer_id IS NOT NULL THEN cl.included ELSE pl.included END,"
-			"       coalesce(cl.hard_cap, pl.hard_cap, false),"
-			"       pl.overage_price, pl.overage_unit,"
-			"       CASE WHEN pl.plan IS NULL THEN 0.8 ELSE pl.soft_threshold END,"
-			"       pl.tiers, pl.tier_mode"
-			"  FROM usage_billing.customers c"
-			"  JOIN usage_billing.plans p ON p.plan = c.plan"
+			"       pl.plan IS NOT NULL,"
+			"       pl.included, pl.hard_cap, pl.overage_price, pl.overage_unit,"
+			"       pl.soft_threshold, pl.tiers, pl.tier_mode"
+			"  FROM usage_billing.plans p"
 			"  LEFT JOIN usage_billing.meters m ON m.meter = $2"
-			"  LEFT JOIN usage_billing.plan_limits pl ON pl.plan = c.plan AND pl.meter = $2"
-			"  LEFT JOIN usage_billing.customer_limits cl"
-			"         ON cl.customer_id = c.customer_id AND cl.meter = $2"
-			" WHERE c.customer_id = $1", 2, types);
+			"  LEFT JOIN usage_billing.plan_limits pl ON pl.plan = p.plan AND pl.meter = $2"
+			" WHERE p.plan = $1", 2, types);
 	}
-	args[0] = CStringGetTextDatum(customer_id);
+	args[0] = CStringGetTextDatum(plan);
 	args[1] = CStringGetTextDatum(meter);
 
 	/*
@@ -198,31 +262,106 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 	ret = SPI_execute_snapshot(target_plan, args, NULL, GetLatestSnapshot(), InvalidSnapshot,
 							   true, false, 1);
 	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "usage target lookup failed: %s", SPI_result_code_string(ret));
+		elog(ERROR, "plan lookup failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
-		return false;
+		elog(ERROR, "plan \"%s\" of a customer does not exist", plan);
 
 	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
-	fill_customer(customer_id, tup, desc, customer);
+	memset(plan_part, 0, sizeof(UbCustomer));
+	plan_part->plan = pstrdup(plan);
+	plan_part->period = *DatumGetIntervalP(SPI_getbinval(tup, desc, 1, &isnull));
+	plan_part->base_price = col_numeric(tup, desc, 2);
+	plan_part->currency = col_text(tup, desc, 3);
 
-	memset(limit, 0, sizeof(UbLimit));
-	agg = col_text(tup, desc, 8);
+	memset(plan_limit, 0, sizeof(UbLimit));
+	agg = col_text(tup, desc, 4);
 	*meter_found = (agg != NULL);
 	if (*meter_found)
 	{
 		m->meter = pstrdup(meter);
 		m->aggregation = ub_parse_aggregation(agg);
-		m->value_property = col_text(tup, desc, 9);
-		m->stripe_event_name = col_text(tup, desc, 10);
-
-		limit->meter = m->meter;
-		limit->aggregation = m->aggregation;
-		limit->exists = col_bool(tup, desc, 11);
-		if (limit->exists)
-			fill_limit(tup, desc, 12, limit);
+		m->value_property = col_text(tup, desc, 5);
+		m->stripe_event_name = col_text(tup, desc, 6);
+		plan_limit->meter = m->meter;
+		plan_limit->aggregation = m->aggregation;
+		plan_limit->exists = col_bool(tup, desc, 7);
+		if (plan_limit->exists)
+			fill_limit(tup, desc, 8, plan_limit);
 	}
 	SPI_freetuptable(SPI_tuptable);
+	ub_static_cache_put(generation, plan, meter, plan_part, m, *meter_found, plan_limit);
+}
+
+/*
+ * Looks up the customer, the meter and the effective limit of that meter for
+ * the customer: what every hot-path call needs.  Returns false when the
+ * customer does not exist; *meter_found says whether the meter does.
+ */
+bool
+ub_lookup_usage_target(const char *customer_id, const char *meter,
+					   UbCustomer *customer, UbMeter *m, bool *meter_found,
+					   UbLimit *limit)
+{
+	static const char *const customer_cols[] = {"plan", "billing_anchor", "stripe_customer_id", "status"};
+	static const char *const override_cols[] = {"included", "hard_cap"};
+	Datum		keys[2];
+	Datum		cv[4];
+	bool		cn[4];
+	Datum		ov[2];
+	bool		on[2];
+	bool		overridden;
+	Snapshot	snap;
+	uint64		generation;
+	UbCustomer	plan_part;
+
+	if (ub_cache_get(customer_id, meter, customer, m, meter_found, limit))
+		return true;
+	generation = ub_cache_generation();
+
+	/* fresh, for the same reason as in lookup_plan_part */
+	snap = RegisterSnapshot(GetLatestSnapshot());
+	keys[0] = CStringGetTextDatum(customer_id);
+	keys[1] = CStringGetTextDatum(meter);
+	if (!probe_row("customers", 1, keys, snap, 4, customer_cols, cv, cn))
+	{
+		UnregisterSnapshot(snap);
+		return false;
+	}
+	overridden = probe_row("customer_limits", 2, keys, snap, 2, override_cols, ov, on);
+	UnregisterSnapshot(snap);
+
+	lookup_plan_part(TextDatumGetCString(cv[0]), meter, generation, &plan_part, m, meter_found, limit);
+
+	customer->customer_id = pstrdup(customer_id);
+	customer->plan = TextDatumGetCString(cv[0]);
+	customer->billing_anchor = DatumGetTimestampTz(cv[1]);
+	customer->stripe_customer_id = cn[2] ? NULL : TextDatumGetCString(cv[2]);
+	customer->status = TextDatumGetCString(cv[3]);
+	customer->period = plan_part.period;
+	customer->base_price = plan_part.base_price;
+	customer->currency = plan_part.currency;
+
+	/* the override replaces included, and hard_cap unless it leaves it NULL */
+	if (*meter_found && overridden)
+	{
+		if (!limit->exists)
+		{
+			limit->exists = true;
+			limit->hard_cap = false;
+			limit->overage_price = NULL;
+			limit->overage_unit = ub_num_int(1);
+			limit->soft_threshold = DatumGetNumeric(DirectFunctionCall3(numeric_in,
+																		CStringGetDatum("0.8"),
+																		ObjectIdGetDatum(InvalidOid),
+																		Int32GetDatum(-1)));
+			limit->tiers = NULL;
+		}
+		limit->included = DatumGetNumeric(ov[0]);
+		if (!on[1])
+			limit->hard_cap = DatumGetBool(ov[1]);
+	}
+
 	ub_cache_put(generation, customer_id, meter, customer, m, *meter_found, limit);
 	return true;
 }

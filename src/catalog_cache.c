@@ -59,33 +59,68 @@ typedef struct UbTargetEntry
 } UbTargetEntry;
 
 static HTAB *target_cache = NULL;
+static HTAB *static_cache = NULL;	/* (plan, meter) -> plan, meter and plan limit */
 static MemoryContext target_cxt = NULL;
 static uint64 generation = 0;
 static bool callback_registered = false;
+
+/* the catalog tables whose changes invalidate the cache; resolved lazily */
+#define UB_CATALOG_TABLES 5
+static const char *const catalog_table_names[UB_CATALOG_TABLES] = {
+	"meters", "plans", "plan_limits", "customers", "customer_limits"
+};
+static Oid	catalog_table_oids[UB_CATALOG_TABLES];
+static bool catalog_oids_valid = false;
 
 /* Drops every cached target; entries' memory goes with the context. */
 static void
 reset_cache(void)
 {
 	generation++;
+	catalog_oids_valid = false;
 	if (target_cxt != NULL)
 		MemoryContextReset(target_cxt);
 	target_cache = NULL;
+	static_cache = NULL;
 }
 
-/* Relcache callback: any change to any relation may be one of our catalog tables. */
+/* Finds the OIDs of our catalog tables (outside of any invalidation callback). */
+static void
+resolve_catalog_oids(void)
+{
+	Oid			nsp;
+
+	if (catalog_oids_valid)
+		return;
+	nsp = get_namespace_oid("usage_billing", true);
+	for (int i = 0; i < UB_CATALOG_TABLES; i++)
+		catalog_table_oids[i] = OidIsValid(nsp) ?
+			get_relname_relid(catalog_table_names[i], nsp) : InvalidOid;
+	catalog_oids_valid = OidIsValid(nsp);
+}
+
+/*
+ * Relcache callback.  Only invalidations of our catalog tables (sent by their
+ * triggers, or by DDL on them) and "everything" resets matter: autovacuum's
+ * ANALYZE of the ledger, for one, invalidates the ledger's relcache entry all
+ * the time and must not empty the cache.
+ */
 static void
 relcache_callback(Datum arg, Oid relid)
 {
-	/*
-	 * Looking up whether relid is one of ours would need catalog access,
-	 * which is not allowed here.  Relcache invalidations are rare outside of
-	 * DDL and our own triggers, so simply start over.
-	 */
+	bool		ours = !catalog_oids_valid || !OidIsValid(relid);
+
+	for (int i = 0; !ours && i < UB_CATALOG_TABLES; i++)
+		ours = (catalog_table_oids[i] == relid);
+	if (!ours)
+		return;
 	if (target_cache != NULL)
 		reset_cache();
 	else
+	{
 		generation++;
+		catalog_oids_valid = false;
+	}
 }
 
 /* Hashes only the used bytes of the key, not its 402-byte padding. */
@@ -110,12 +145,26 @@ target_key_match(const void *key1, const void *key2, Size keysize)
 	return strcmp(a->meter, b->meter) != 0;
 }
 
-/* Creates the hash table on first use. */
-static void
-ensure_cache(void)
+/* Creates a hash table of targets in the cache's context. */
+static HTAB *
+create_table(const char *name)
 {
 	HASHCTL		ctl;
 
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(UbTargetKey);
+	ctl.entrysize = sizeof(UbTargetEntry);
+	ctl.hash = target_key_hash;
+	ctl.match = target_key_match;
+	ctl.hcxt = target_cxt;
+	return hash_create(name, 1024, &ctl,
+					   HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+}
+
+/* Creates the hash tables on first use. */
+static void
+ensure_cache(void)
+{
 	if (!callback_registered)
 	{
 		CacheRegisterRelcacheCallback(relcache_callback, (Datum) 0);
@@ -126,15 +175,9 @@ ensure_cache(void)
 										   ALLOCSET_DEFAULT_SIZES);
 	if (target_cache != NULL)
 		return;
-
-	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(UbTargetKey);
-	ctl.entrysize = sizeof(UbTargetEntry);
-	ctl.hash = target_key_hash;
-	ctl.match = target_key_match;
-	ctl.hcxt = target_cxt;
-	target_cache = hash_create("usage_billing targets", 1024, &ctl,
-							   HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+	resolve_catalog_oids();
+	target_cache = create_table("usage_billing targets");
+	static_cache = create_table("usage_billing plan targets");
 }
 
 /* Builds a zero-padded key; false when the names are too long to cache. */
@@ -220,21 +263,21 @@ ub_cache_generation(void)
 	return generation;
 }
 
-/* Fills the target from the cache; false on a miss. */
-bool
-ub_cache_get(const char *customer_id, const char *meter,
-			 UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit)
+/* Looks a key up in one of the tables; false on a miss. */
+static bool
+cache_get(bool statics, const char *name, const char *meter,
+		  UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit)
 {
-	UbTargetKey	key;
+	UbTargetKey key;
 	UbTargetEntry *entry;
 
 	ensure_cache();
 	AcceptInvalidationMessages();
 	if (target_cache == NULL)
 		ensure_cache();
-	if (!make_key(customer_id, meter, &key))
+	if (!make_key(name, meter, &key))
 		return false;
-	entry = hash_search(target_cache, &key, HASH_FIND, NULL);
+	entry = hash_search(statics ? static_cache : target_cache, &key, HASH_FIND, NULL);
 	if (entry == NULL)
 		return false;
 	*meter_found = entry->meter_found;
@@ -243,30 +286,69 @@ ub_cache_get(const char *customer_id, const char *meter,
 	return true;
 }
 
-/* Remembers a target read under the given generation, unless it changed since. */
+/* Stores a key read under the given generation, unless the catalog changed since. */
+static void
+cache_put(bool statics, uint64 read_generation, const char *name, const char *meter,
+		  const UbCustomer *customer, const UbMeter *m, bool meter_found,
+		  const UbLimit *limit)
+{
+	UbTargetKey key;
+	UbTargetEntry *entry;
+	MemoryContext old;
+	HTAB	   *table;
+
+	if (read_generation != generation || !make_key(name, meter, &key))
+		return;
+	ensure_cache();
+	table = statics ? static_cache : target_cache;
+	if (hash_get_num_entries(table) >= UB_CACHE_MAX_ENTRIES)
+	{
+		reset_cache();
+		ensure_cache();
+		table = statics ? static_cache : target_cache;
+	}
+	entry = hash_search(table, &key, HASH_ENTER, NULL);
+	old = MemoryContextSwitchTo(target_cxt);
+	entry->meter_found = meter_found;
+	copy_target(customer, m, meter_found, limit, &entry->customer, &entry->meter, &entry->limit);
+	MemoryContextSwitchTo(old);
+}
+
+/* Fills the target of (customer, meter) from the cache; false on a miss. */
+bool
+ub_cache_get(const char *customer_id, const char *meter,
+			 UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit)
+{
+	return cache_get(false, customer_id, meter, customer, m, meter_found, limit);
+}
+
+/* Remembers the target of (customer, meter). */
 void
 ub_cache_put(uint64 read_generation, const char *customer_id, const char *meter,
 			 const UbCustomer *customer, const UbMeter *m, bool meter_found,
 			 const UbLimit *limit)
 {
-	UbTargetKey	key;
-	UbTargetEntry *entry;
-	bool		found;
-	MemoryContext old;
+	cache_put(false, read_generation, customer_id, meter, customer, m, meter_found, limit);
+}
 
-	if (read_generation != generation || !make_key(customer_id, meter, &key))
-		return;
-	ensure_cache();
-	if (hash_get_num_entries(target_cache) >= UB_CACHE_MAX_ENTRIES)
-	{
-		reset_cache();
-		ensure_cache();
-	}
-	entry = hash_search(target_cache, &key, HASH_ENTER, &found);
-	old = MemoryContextSwitchTo(target_cxt);
-	entry->meter_found = meter_found;
-	copy_target(customer, m, meter_found, limit, &entry->customer, &entry->meter, &entry->limit);
-	MemoryContextSwitchTo(old);
+/*
+ * The same for what does not depend on the customer: a plan (in the customer
+ * fields), a meter and the plan's own limit row for it, keyed (plan, meter).
+ */
+bool
+ub_static_cache_get(const char *plan, const char *meter,
+					UbCustomer *plan_part, UbMeter *m, bool *meter_found, UbLimit *limit)
+{
+	return cache_get(true, plan, meter, plan_part, m, meter_found, limit);
+}
+
+/* Remembers the plan part of (plan, meter). */
+void
+ub_static_cache_put(uint64 read_generation, const char *plan, const char *meter,
+					const UbCustomer *plan_part, const UbMeter *m, bool meter_found,
+					const UbLimit *limit)
+{
+	cache_put(true, read_generation, plan, meter, plan_part, m, meter_found, limit);
 }
 
 /* Trigger: a catalog table changed; every backend drops its cache at commit. */

@@ -15,4 +15,11 @@ extern void ub_cache_put(uint64 generation, const char *customer_id, const char 
 						 const UbCustomer *customer, const UbMeter *m, bool meter_found,
 						 const UbLimit *limit);
 
+extern bool ub_static_cache_get(const char *plan, const char *meter,
+								UbCustomer *plan_part, UbMeter *m, bool *meter_found,
+								UbLimit *limit);
+extern void ub_static_cache_put(uint64 generation, const char *plan, const char *meter,
+								const UbCustomer *plan_part, const UbMeter *m, bool meter_found,
+								const UbLimit *limit);
+
 #endif							/* UB_CATALOG_CACHE_H */

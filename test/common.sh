@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # test/common.sh: shell helpers shared by setup_and_demo.sh, run_tests.sh and bench/run.sh.
 #
 # Sourced, not executed.  Words used here:
@@ -6,6 +7,7 @@
 #   pg user     the OS user that owns throwaway clusters: "postgres" when we run as root, else
 #               ourselves (initdb refuses to run as root)
 
+# shellcheck disable=SC2034  # used by the scripts that source this file
 UB_PACKAGES=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev libcjson-dev
              libipc-run-perl python3 build-essential)
 
@@ -66,7 +68,9 @@ ub_find_pg() {
         */*) ;;
         ?*) PG_CONFIG=$(command -v "$PG_CONFIG" || true) ;;
     esac
-    [ -n "$PG_CONFIG" ] && [ -x "$PG_CONFIG" ] || ub_die "pg_config not found (install postgresql-server-dev-15 or set PG_CONFIG)"
+    if [ -z "$PG_CONFIG" ] || [ ! -x "$PG_CONFIG" ]; then
+        ub_die "pg_config not found (install postgresql-server-dev-15 or set PG_CONFIG)"
+    fi
     PGBIN=$("$PG_CONFIG" --bindir)
     local v
     v=$("$PG_CONFIG" --version)
@@ -100,9 +104,23 @@ ub_make_install() {
         make -s PG_CONFIG="$PG_CONFIG" install
     elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
         sudo -n make -s PG_CONFIG="$PG_CONFIG" install
+    elif ub_installed_matches; then
+        ub_log "cannot write $libdir, but the installed copy is identical to this build: using it"
     else
-        ub_die "cannot write $libdir or $sharedir: run as root, or 'sudo make install' first and set UB_SKIP_INSTALL=1, or point PG_CONFIG at a PostgreSQL you own"
+        ub_die "cannot write $libdir or $sharedir and the installed copy differs from this build: run as root, or 'sudo make install' first, or point PG_CONFIG at a PostgreSQL you own"
     fi
+}
+
+# True when the installed library, control file and SQL scripts are byte-identical to the tree's.
+ub_installed_matches() {
+    local libdir sharedir f
+    libdir=$("$PG_CONFIG" --pkglibdir)
+    sharedir=$("$PG_CONFIG" --sharedir)/extension
+    cmp -s usage_billing.so "$libdir/usage_billing.so" || return 1
+    cmp -s usage_billing.control "$sharedir/usage_billing.control" || return 1
+    for f in sql/usage_billing--*.sql; do
+        cmp -s "$f" "$sharedir/${f#sql/}" || return 1
+    done
 }
 
 # Builds and installs the extension (UB_SKIP_INSTALL=1 skips the install).

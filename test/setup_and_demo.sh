@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317  # functions called from traps
 # test/setup_and_demo.sh: quick start, command 1.
 #
 # Installs what is missing (Debian bookworm, as root), builds and installs usage_billing, starts a

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2317  # functions called from traps
 # test/bench/run.sh: the benchmark of issue 4 ("make bench").  Numbers, not tests.
 #
 # Starts its own throwaway cluster (unix socket in a temp dir, run by the postgres user when we
@@ -179,7 +180,6 @@ S="$TMP/scripts"
 if want inc_spread; then
     ab "increment_usage, 10,000 customers" "-f $S/inc_spread.sql" "-f $S/naive_counter_spread.sql"
     row "increment_usage spread (10,000 customers) vs naive counter" "$OURS" "$BASE" 1.0 TPS
-    SINGLE_TPS=$OURS
 fi
 
 if want inc_hot; then
@@ -210,10 +210,8 @@ if want summary; then
     if [ "$LOADED" = yes ]; then
         ab "get_usage_summary, 1,000,000 vs 1,000 events" "-f $S/summary_big.sql" "-f $S/summary_small.sql"
         row "get_usage_summary 1M events vs 1k events (ours both)" "$OURS" "$BASE" 0.9 TPS
-        big=$OURS
     else
         row "get_usage_summary 1M events vs 1k events (ours both)" ERR ERR 0.9 TPS
-        big=ERR
     fi
     # the naive ledger side runs even when ours could not be loaded
     ab "get_usage_summary vs naive ledger sum, 1,000,000 events" \
