@@ -126,3 +126,20 @@ SELECT total >= 1 AS ok, period_start <= now() AND period_end > now() AS current
   FROM usage_billing.increment_usage('inc_a', 'inc_calls', 1, occurred_at => '2025-02-10');
 RESET usage_billing.late_event_grace;
 RESET usage_billing.late_event_action;
+
+-- with usage_billing.direct_reads off (for Citus) every read goes through SQL: same answers
+SET usage_billing.direct_reads = off;
+SELECT usage_billing.upsert_customer('inc_sql', 'inc_capped', '2025-01-01 00:00+00');
+SELECT usage_billing.set_customer_limit('inc_sql', 'inc_calls', 12);
+SELECT total, included, remaining, status
+  FROM usage_billing.increment_usage('inc_sql', 'inc_calls', 11, occurred_at => now());
+SELECT allowed, current, included, remaining, status, reason
+  FROM usage_billing.check_limit('inc_sql', 'inc_calls', 2);
+\set VERBOSITY terse
+SELECT * FROM usage_billing.increment_usage('inc_sql', 'inc_calls', 2, occurred_at => now());
+\set VERBOSITY default
+SELECT * FROM usage_billing.increment_usage('inc_sql', 'nothing');
+SELECT * FROM usage_billing.increment_usage('nobody_sql', 'inc_calls');
+RESET usage_billing.direct_reads;
+SELECT allowed, current, included, remaining, status, reason
+  FROM usage_billing.check_limit('inc_sql', 'inc_calls', 1);

@@ -294,6 +294,55 @@ lookup_plan_part(const char *plan, const char *meter, uint64 generation,
 }
 
 /*
+ * The customer row and its override with SQL, for distributed tables
+ * (usage_billing.direct_reads = off): same columns as the index probes.
+ */
+static bool
+read_customer_sql(const Datum *keys, Datum *cv, bool *cn, bool *overridden, Datum *ov, bool *on)
+{
+	static SPIPlanPtr plan = NULL;
+	int			ret;
+	HeapTuple	tup;
+	TupleDesc	desc;
+
+	if (plan == NULL)
+	{
+		Oid			types[2] = {TEXTOID, TEXTOID};
+
+		plan = prepare_saved(
+			"SELECT c.plan, c.billing_anchor, c.stripe_customer_id, c.status,"
+			"       cl.customer_id IS NOT NULL, cl.included, cl.hard_cap"
+			"  FROM usage_billing.customers c"
+			"  LEFT JOIN usage_billing.customer_limits cl"
+			"         ON cl.customer_id = c.customer_id AND cl.meter = $2"
+			" WHERE c.customer_id = $1", 2, types);
+	}
+	ret = SPI_execute_snapshot(plan, (Datum *) keys, NULL, GetLatestSnapshot(), InvalidSnapshot,
+							   true, false, 1);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "customer lookup failed: %s", SPI_result_code_string(ret));
+	if (SPI_processed == 0)
+		return false;
+	tup = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	for (int c = 0; c < 4; c++)
+	{
+		cv[c] = SPI_getbinval(tup, desc, c + 1, &cn[c]);
+		if (!cn[c])
+			cv[c] = datumCopy(cv[c], TupleDescAttr(desc, c)->attbyval, TupleDescAttr(desc, c)->attlen);
+	}
+	*overridden = col_bool(tup, desc, 5);
+	for (int c = 0; c < 2; c++)
+	{
+		ov[c] = SPI_getbinval(tup, desc, c + 6, &on[c]);
+		if (!on[c])
+			ov[c] = datumCopy(ov[c], TupleDescAttr(desc, c + 5)->attbyval, TupleDescAttr(desc, c + 5)->attlen);
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return true;
+}
+
+/*
  * Looks up the customer, the meter and the effective limit of that meter for
  * the customer: what every hot-path call needs.  Returns false when the
  * customer does not exist; *meter_found says whether the meter does.
@@ -310,7 +359,7 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 	bool		cn[4];
 	Datum		ov[2];
 	bool		on[2];
-	bool		overridden;
+	bool		overridden = false;
 	Snapshot	snap;
 	uint64		generation;
 	UbCustomer	plan_part;
@@ -319,17 +368,25 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 		return true;
 	generation = ub_cache_generation();
 
-	/* fresh, for the same reason as in lookup_plan_part */
-	snap = RegisterSnapshot(GetLatestSnapshot());
 	keys[0] = CStringGetTextDatum(customer_id);
 	keys[1] = CStringGetTextDatum(meter);
-	if (!probe_row("customers", 1, keys, snap, 4, customer_cols, cv, cn))
+	if (!ub_direct_reads)
 	{
-		UnregisterSnapshot(snap);
-		return false;
+		if (!read_customer_sql(keys, cv, cn, &overridden, ov, on))
+			return false;
 	}
-	overridden = probe_row("customer_limits", 2, keys, snap, 2, override_cols, ov, on);
-	UnregisterSnapshot(snap);
+	else
+	{
+		/* fresh, for the same reason as in lookup_plan_part */
+		snap = RegisterSnapshot(GetLatestSnapshot());
+		if (!probe_row("customers", 1, keys, snap, 4, customer_cols, cv, cn))
+		{
+			UnregisterSnapshot(snap);
+			return false;
+		}
+		overridden = probe_row("customer_limits", 2, keys, snap, 2, override_cols, ov, on);
+		UnregisterSnapshot(snap);
+	}
 
 	lookup_plan_part(TextDatumGetCString(cv[0]), meter, generation, &plan_part, m, meter_found, limit);
 

@@ -130,6 +130,54 @@ LookupAggregatesRelation(void)
  * one probe of the primary key (customer_id, meter, period_start) with the
  * statement's snapshot.
  */
+/* The same total read with SQL, for distributed tables (usage_billing.direct_reads = off). */
+static Numeric
+CurrentTotalSql(const char *customer_id, const char *meter, TimestampTz period_start)
+{
+	static SPIPlanPtr plan = NULL;
+	MemoryContext caller = CurrentMemoryContext;
+	Datum		args[3];
+	Numeric		total = NULL;
+	int			guc_level;
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+	guc_level = NewGUCNestLevel();
+	(void) set_config_option("search_path", "pg_catalog, pg_temp",
+							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	if (plan == NULL)
+	{
+		Oid			types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
+
+		plan = SPI_prepare("SELECT total FROM usage_billing.usage_aggregates"
+						   " WHERE customer_id = $1 AND meter = $2 AND period_start = $3",
+						   3, types);
+		if (plan == NULL || SPI_keepplan(plan) != 0)
+			elog(ERROR, "could not prepare the aggregate read");
+	}
+	args[0] = CStringGetTextDatum(customer_id);
+	args[1] = CStringGetTextDatum(meter);
+	args[2] = TimestampTzGetDatum(period_start);
+	if (SPI_execute_plan(plan, args, NULL, true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "aggregate read failed");
+	if (SPI_processed > 0)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		if (!isnull)
+		{
+			MemoryContext spi = MemoryContextSwitchTo(caller);
+
+			total = DatumGetNumericCopy(d);
+			MemoryContextSwitchTo(spi);
+		}
+	}
+	AtEOXact_GUC(true, guc_level);
+	SPI_finish();
+	return total != NULL ? total : ub_num_zero();
+}
+
 static Numeric
 CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_start)
 {
@@ -143,6 +191,8 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 	TupleTableSlot *slot;
 	Numeric		total = NULL;
 
+	if (!ub_direct_reads)
+		return CurrentTotalSql(customer_id, meter, period_start);
 	LookupAggregatesRelation();
 	/* keep our own copies: opening a relation may process an invalidation */
 	relid = aggregates_relid;

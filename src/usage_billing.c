@@ -17,6 +17,7 @@
 
 PG_MODULE_MAGIC;
 
+bool		ub_direct_reads = true;
 int			ub_late_event_grace_seconds = -1;
 int			ub_late_event_action = UB_LATE_REJECT;
 
@@ -47,6 +48,15 @@ _PG_init(void)
 							 &ub_late_event_action,
 							 UB_LATE_REJECT,
 							 late_event_action_options,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("usage_billing.direct_reads",
+							 "Read customers, overrides and aggregates straight from their indexes on the hot path.",
+							 "Turn off when the tables are distributed with Citus: only SQL is routed to the shards.",
+							 &ub_direct_reads,
+							 true,
 							 PGC_SUSET,
 							 0,
 							 NULL, NULL, NULL);

@@ -17,6 +17,9 @@
 #define UB_MAX_NAME_LEN				200
 #define UB_MAX_KEY_LEN				255
 
+/* false: read customers, overrides and aggregates with SQL only (Citus) */
+extern bool ub_direct_reads;
+
 /* late events: -1 = accept any past period (the default) */
 extern int	ub_late_event_grace_seconds;
 extern int	ub_late_event_action;
