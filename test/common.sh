@@ -9,7 +9,7 @@
 
 # shellcheck disable=SC2034  # used by the scripts that source this file
 UB_PACKAGES=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev libcjson-dev
-             libipc-run-perl python3 build-essential)
+             libipc-run-perl python3 build-essential clang libclang-rt-14-dev)
 
 ub_log()  { printf '==> %s\n' "$*"; }
 ub_warn() { printf 'WARNING: %s\n' "$*" >&2; }
