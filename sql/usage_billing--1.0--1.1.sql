@@ -10,9 +10,10 @@
 -- One row per voided usage event: makes voiding twice a no-op and lets readers
 -- skip voided events by primary key, without an index on the hot path's ledger.
 CREATE TABLE usage_billing.voided_events (
-    event_id    bigint PRIMARY KEY,     -- the original usage_events.event_id
     customer_id text NOT NULL,
-    voided_at   timestamptz NOT NULL DEFAULT now()
+    event_id    bigint NOT NULL,        -- the original usage_events.event_id
+    voided_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (customer_id, event_id)  -- customer first: distributable by customer_id
 );
 COMMENT ON TABLE usage_billing.voided_events IS
     'Usage events voided by void_usage; the void itself is a ledger row of kind ''void''.';

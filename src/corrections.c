@@ -145,7 +145,7 @@ recompute_period(const char *customer_id, const char *meter, TimestampTz period_
 				 " WHERE e.customer_id = $1 AND e.meter = $2 AND e.period_start = $3"
 				 "   AND e.kind = 'usage'"
 				 "   AND NOT EXISTS (SELECT 1 FROM usage_billing.voided_events v"
-				 "                    WHERE v.event_id = e.event_id)",
+				 "                    WHERE v.customer_id = e.customer_id AND v.event_id = e.event_id)",
 				 3, types);
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = CStringGetTextDatum(meter);
@@ -180,7 +180,7 @@ drop_unique_value(const char *customer_id, const char *meter, TimestampTz period
 				 " WHERE e.customer_id = $1 AND e.meter = $2 AND e.period_start = $3"
 				 "   AND e.kind = 'usage' AND e.properties ->> $4 = $5"
 				 "   AND NOT EXISTS (SELECT 1 FROM usage_billing.voided_events v"
-				 "                    WHERE v.event_id = e.event_id)"
+				 "                    WHERE v.customer_id = e.customer_id AND v.event_id = e.event_id)"
 				 " LIMIT 1", 5, types);
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = CStringGetTextDatum(meter);
@@ -288,7 +288,7 @@ ub_void_usage(PG_FUNCTION_ARGS)
 		prepare_once(&void_insert_plan,
 					 "WITH marked AS ("
 					 "  INSERT INTO usage_billing.voided_events (event_id, customer_id)"
-					 "  VALUES ($6, $1) ON CONFLICT (event_id) DO NOTHING RETURNING event_id)"
+					 "  VALUES ($6, $1) ON CONFLICT (customer_id, event_id) DO NOTHING RETURNING event_id)"
 					 "INSERT INTO usage_billing.usage_events"
 					 "       (customer_id, meter, period_start, occurred_at, amount, kind,"
 					 "        voided_event_id, reason)"

@@ -231,7 +231,7 @@ ub_usage_history(PG_FUNCTION_ARGS)
 			"     AND e.occurred_at >= b.s AND e.occurred_at < b.e"
 			"     AND (e.kind = 'adjustment' OR (e.kind = 'usage' AND NOT EXISTS ("
 			"          SELECT 1 FROM usage_billing.voided_events v"
-			"           WHERE v.event_id = e.event_id)))"
+			"           WHERE v.customer_id = e.customer_id AND v.event_id = e.event_id)))"
 			"     ), 0)"
 			"  FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4)) AS b(s, e)"
 			" ORDER BY b.s", history_expression(meter.aggregation));
