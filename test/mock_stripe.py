@@ -67,6 +67,11 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mock-stripe"
 
+    def setup(self):
+        """No Nagle: headers and body leave at once (else 40 ms delayed-ACK stalls)."""
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, fmt, *args):
         """Quiet: the tests read /_mock/stats instead."""
 
