@@ -73,6 +73,7 @@ static bool ub_check_api_base(char **newval, void **extra, GucSource source);
 static void ub_worker_exit(int code, Datum arg);
 static char *ub_resolve_key(void);
 static long ub_run_cycle(MemoryContext cxt, bool *more);
+static long ub_guarded_cycle(MemoryContext cycle_cxt, bool *more);
 static void ub_begin(void);
 static void ub_commit(void);
 
@@ -114,7 +115,7 @@ ub_export_init(void)
 							   &ub_database, "postgres", PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("usage_billing.export_interval",
 							"Seconds between export cycles; 0 disables periodic export.",
-							"With 0, only usage_billing.export_now() runs a cycle.",
+							"With 0, cycles run only on usage_billing.export_now() and to retry what is pending.",
 							&ub_export_interval, 60, 0, 86400, PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
 	DefineCustomRealVariable("usage_billing.export_max_rps",
@@ -358,6 +359,38 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	return due_ms;
 }
 
+/*
+ * Runs one cycle; an error is reported, its transaction aborted and the
+ * worker carries on: one bad cycle must not restart it.  Resets the cycle
+ * context.  Returns the milliseconds until the next retry (-1: none).
+ */
+static long
+ub_guarded_cycle(MemoryContext cycle_cxt, bool *more)
+{
+	volatile long due_ms = -1;
+
+	*more = false;
+	MemoryContextSwitchTo(cycle_cxt);
+	PG_TRY();
+	{
+		due_ms = ub_run_cycle(cycle_cxt, more);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(TopMemoryContext);
+		EmitErrorReport();
+		AbortCurrentTransaction();
+		FlushErrorState();
+		due_ms = UB_ERROR_PAUSE_MS;
+		*more = false;
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(TopMemoryContext);
+	MemoryContextReset(cycle_cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
+	return due_ms;
+}
+
 /* Entry point of the background worker. */
 void
 ub_export_worker_main(Datum main_arg)
@@ -395,31 +428,13 @@ ub_export_worker_main(Datum main_arg)
 
 		if (run_now || (ub_export_interval > 0 && now >= next_cycle))
 		{
-			MemoryContextSwitchTo(cycle_cxt);
-			PG_TRY();
-			{
-				due_ms = ub_run_cycle(cycle_cxt, &more);
-			}
-			PG_CATCH();
-			{
-				/* report, clean up and carry on: one bad cycle must not restart us */
-				MemoryContextSwitchTo(TopMemoryContext);
-				EmitErrorReport();
-				AbortCurrentTransaction();
-				FlushErrorState();
-				due_ms = UB_ERROR_PAUSE_MS;
-				more = false;
-			}
-			PG_END_TRY();
-			MemoryContextSwitchTo(TopMemoryContext);
-			MemoryContextReset(cycle_cxt);
-			pgstat_report_activity(STATE_IDLE, NULL);
+			due_ms = ub_guarded_cycle(cycle_cxt, &more);
 			now = GetCurrentTimestamp();
 			if (ub_export_interval > 0)
 				next_cycle = TimestampTzPlusMilliseconds(now, ub_export_interval * 1000L);
 		}
 
-		/* sleep until the next cycle or retry; with interval 0 only a wake-up runs a cycle */
+		/* sleep until the next cycle or retry; with interval 0, cycles run on export_now() and for retries */
 		if (more)
 			timeout = 0;
 		else if (ub_export_interval > 0)
@@ -431,7 +446,7 @@ ub_export_worker_main(Datum main_arg)
 				timeout = 0;
 		}
 		else
-			timeout = -1;
+			timeout = due_ms;	/* no periodic cycles, but retries of what is pending */
 
 		rc = WaitLatch(MyLatch,
 					   WL_LATCH_SET | WL_EXIT_ON_PM_DEATH | (timeout >= 0 ? WL_TIMEOUT : 0),
@@ -439,7 +454,7 @@ ub_export_worker_main(Datum main_arg)
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 
-		run_now = more || (rc & WL_LATCH_SET) ||
+		run_now = more || ((rc & WL_LATCH_SET) && ub_shmem_take_wake()) ||
 			(timeout >= 0 && due_ms >= 0 && due_ms <= timeout && (rc & WL_TIMEOUT));
 
 		if (ConfigReloadPending)

@@ -44,11 +44,11 @@ like($node->safe_psql('postgres', q{SELECT last_error FROM usage_billing.export_
 	qr/Invalid API Key/, "Stripe's 401 message in export_status");
 is($node->safe_psql('postgres', q{SELECT count(*) FROM usage_billing.export_outbox WHERE status = 'failed'}),
 	'0', 'a bad key fails no row for good (401 is retried)');
-$node->safe_psql('postgres', q{ALTER FUNCTION usage_billing.export_record(bigint, text, integer, text, text, integer, boolean, integer) RENAME TO er_away});
+$node->safe_psql('postgres', q{ALTER FUNCTION usage_billing.export_record(bigint[], text[], integer[], text[], text[], integer[], boolean[], integer[]) RENAME TO er_away});
 ub_add_usage($node, q{'c1'}, 'api_calls', 1);
 $node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
 ok(ub_wait_for(sub { slurp_file($node->logfile) =~ /export_record\(.*does not exist/ }, 15), 'a cycle failed');
-$node->safe_psql('postgres', q{ALTER FUNCTION usage_billing.er_away(bigint, text, integer, text, text, integer, boolean, integer) RENAME TO export_record});
+$node->safe_psql('postgres', q{ALTER FUNCTION usage_billing.er_away(bigint[], text[], integer[], text[], text[], integer[], boolean[], integer[]) RENAME TO export_record});
 my $everything = $node->safe_psql('postgres', q{
 SELECT coalesce(string_agg(t::text, ' '), '') FROM (
   SELECT s::text AS t FROM usage_billing.export_status s
