@@ -884,6 +884,44 @@ REVOKE ALL ON FUNCTION usage_billing.export_plan(integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION usage_billing.export_record(bigint[], text[], integer[], text[], text[], integer[], boolean[], integer[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION usage_billing.retry_failed_exports(text) FROM PUBLIC;
 
+CREATE FUNCTION usage_billing.export_worker_info(
+    OUT preloaded boolean, OUT pid integer, OUT cycles bigint,
+    OUT events_sent bigint, OUT events_failed bigint)
+RETURNS record
+AS 'MODULE_PATHNAME', 'ub_export_worker_info'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.export_worker_info() IS
+    'The export worker''s pid (NULL when not running) and its counters since server start.';
+
+CREATE FUNCTION usage_billing.export_prune(older_than interval DEFAULT '35 days')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+/*
+ * Deletes sent and discarded outbox rows (and their attempts) older than older_than.
+ * Safe at any age: what Stripe holds is kept in export_state, and identifiers come
+ * from export_state.last_seq, so they never repeat.
+ */
+DECLARE
+    n bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be a positive interval'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM usage_billing.export_outbox o
+     WHERE o.status IN ('sent', 'discarded')
+       AND coalesce(o.sent_at, o.last_attempt_at, o.created_at) < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.export_prune(interval) IS
+    'Deletes sent and discarded export rows older than the given age; returns how many.';
+REVOKE ALL ON FUNCTION usage_billing.export_prune(interval) FROM PUBLIC;
+
 CREATE VIEW usage_billing.export_status AS
 SELECT a.customer_id, a.meter, a.period_start, a.period_end,
        c.stripe_customer_id,

@@ -22,7 +22,9 @@
 
 #include <sys/stat.h>
 
+#include "access/htup_details.h"
 #include "access/xact.h"
+#include "funcapi.h"
 #include "access/xlog.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -82,6 +84,7 @@ static bool ub_xact_cb_registered = false;
 static void ub_export_now_xact_cb(XactEvent event, void *arg);
 
 PG_FUNCTION_INFO_V1(ub_export_now);
+PG_FUNCTION_INFO_V1(ub_export_worker_info);
 
 /* Defines the export settings; when preloading, requests shared memory and registers the worker. */
 void
@@ -515,4 +518,28 @@ ub_export_now_xact_cb(XactEvent event, void *arg)
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
 		event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT)
 		ub_wake_at_commit = false;
+}
+
+/* usage_billing.export_worker_info(): the worker's pid and counters since server start. */
+Datum
+ub_export_worker_info(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	Datum		values[5];
+	bool		nulls[5] = {false, false, false, false, false};
+	pid_t		pid;
+	int64		cycles;
+	int64		sent;
+	int64		failed;
+
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	ub_shmem_read_stats(&pid, &cycles, &sent, &failed);
+	values[0] = BoolGetDatum(ub_shmem_available());
+	values[1] = Int32GetDatum((int32) pid);
+	nulls[1] = (pid == 0);
+	values[2] = Int64GetDatum(cycles);
+	values[3] = Int64GetDatum(sent);
+	values[4] = Int64GetDatum(failed);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
 }

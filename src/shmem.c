@@ -162,3 +162,19 @@ ub_shmem_count_cycle(int64 sent, int64 failed)
 	ub_shared->events_failed += failed;
 	SpinLockRelease(&ub_shared->mutex);
 }
+
+/* Copies the worker's pid and counters, for usage_billing.export_worker_info(). */
+void
+ub_shmem_read_stats(pid_t *pid, int64 *cycles, int64 *sent, int64 *failed)
+{
+	*pid = 0;
+	*cycles = *sent = *failed = 0;
+	if (!ub_shared)
+		return;
+	SpinLockAcquire(&ub_shared->mutex);
+	*pid = ub_shared->worker_pid;
+	*cycles = ub_shared->cycles;
+	*sent = ub_shared->events_sent;
+	*failed = ub_shared->events_failed;
+	SpinLockRelease(&ub_shared->mutex);
+}

@@ -15,5 +15,6 @@ extern void ub_shmem_clear_worker(void);
 extern pid_t ub_shmem_wake_worker(void);
 extern bool ub_shmem_take_wake(void);
 extern void ub_shmem_count_cycle(int64 sent, int64 failed);
+extern void ub_shmem_read_stats(pid_t *pid, int64 *cycles, int64 *sent, int64 *failed);
 
 #endif							/* UB_SHMEM_H */

@@ -7,7 +7,7 @@
 # Stripe on 127.0.0.1, CUSTOMERS customers with one sum meter, and then ROUNDS
 # times adds usage to every customer and runs export_now(): every round is
 # CUSTOMERS meter events.  Prints events/s per round and the worker's memory
-# (VmRSS, RssAnon) before the first and after the last round.  Run it as the
+# (VmRSS = RssAnon, the worker's own memory, + RssFile + RssShmem, shared buffers it touched) before the first and after the last round.  Run it as the
 # cluster owner (or as root: it switches to postgres).  Benchmarks print numbers;
 # they are not tests.
 set -euo pipefail
@@ -54,7 +54,7 @@ psql -c "CREATE EXTENSION usage_billing" \
      -c "SELECT usage_billing.create_meter('api_calls', 'sum', stripe_event_name => 'api_calls')" \
      -c "SELECT usage_billing.upsert_customer('c' || i, 'basic', NULL, 'cus_' || i) FROM generate_series(1, $N) i" >/dev/null
 WPID=$(psql -c "SELECT pid FROM pg_stat_activity WHERE backend_type = 'usage_billing export worker'")
-mem() { grep -E '^(VmRSS|RssAnon)' /proc/$WPID/status | tr -s ' \t' ' ' | tr '\n' ' '; }
+mem() { grep -E '^(VmRSS|RssAnon|RssShmem)' /proc/$WPID/status | tr -s ' \t' ' ' | tr '\n' ' '; }
 echo "customers=$N rounds=$ROUNDS concurrency=$CONC worker pid=$WPID"
 echo "memory before: $(mem)"
 

@@ -145,7 +145,7 @@ SELECT c.stripe_customer_id || '|' || m.stripe_event_name, sum(floor(a.total))::
   JOIN usage_billing.customers c ON c.customer_id = a.customer_id
  WHERE m.stripe_event_name IS NOT NULL AND c.stripe_customer_id IS NOT NULL
    AND m.aggregation IN ('sum', 'count') AND c.stripe_customer_id NOT LIKE 'cus_bad%'
-   AND a.period_start > now() - interval '34 days'
+   AND a.period_end - interval '1 second' >= now() - interval '35 days' + interval '1 hour'
  GROUP BY 1 HAVING sum(floor(a.total)) > 0 ORDER BY 1});
 	my %h;
 	for my $line (split /\n/, $out)
