@@ -54,6 +54,17 @@ my @ts = map { $_->{timestamp} } grep { $_->{customer} eq 'cus_3' && $_->{event_
   @{ ub_mock_get($mock, 'events') };
 ok(@ts == 2 && $ts[1] > $ts[0], 'formula-last events have increasing timestamps');
 
+# last meter: a lower value is sent too (Stripe meter with formula last)
+$node->safe_psql('postgres', q{SELECT usage_billing.create_meter('seats', 'last', stripe_event_name => 'seats')});
+ub_add_usage($node, q{'c5'}, 'seats', 9, 1);
+$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
+ok(ub_wait_for(sub { (ub_mock_get($mock, 'last')->{'cus_5|seats'} // 0) == 9 }, 20), 'last meter: 9 sent');
+ub_add_usage($node, q{'c5'}, 'seats', 4.9, 1);
+$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
+ok(ub_wait_for(sub { (ub_mock_get($mock, 'last')->{'cus_5|seats'} // 0) == 4 }, 20), 'last meter: lowered to 4 (floor of 4.9)');
+is($node->safe_psql('postgres', q{SELECT exported, state FROM usage_billing.export_status
+  WHERE customer_id = 'c5' AND meter = 'seats'}), '4|in_sync', 'last meter in sync');
+
 # status view: in sync rows
 is($node->safe_psql('postgres', q{SELECT total, exported, pending, state, attempts >= 1, last_http_status
   FROM usage_billing.export_status WHERE customer_id = 'c1' AND meter = 'api_calls'}),

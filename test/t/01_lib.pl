@@ -81,9 +81,9 @@ sub ub_mock_post
 # A started node with the library preloaded, pointed at the mock, extension and fixtures created.
 sub ub_node
 {
-	my ($name, $mock, $extra) = @_;
+	my ($name, $mock, $extra, $init) = @_;
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init;
+	$node->init(%{ $init // {} });
 	$node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'usage_billing'
 usage_billing.database = 'postgres'

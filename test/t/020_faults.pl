@@ -71,6 +71,15 @@ ub_add_usage($node, $all, 'api_calls', 1);
 ok(ub_export_and_wait($node, $mock, 30), 'closed connections: in sync');
 is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'closed connections: totals equal');
 
+# malformed and oversized answers: a 1 MB error body (cut at 16 kB), broken JSON, a 200
+# whose body is not JSON (the status decides)
+ub_mock_post($mock, 'faults', { kind => $_, count => 2 }) for qw(huge_500 garbage_500 garbage_200);
+ub_add_usage($node, $all, 'api_calls', 1);
+ok(ub_export_and_wait($node, $mock, 30), 'malformed answers: in sync');
+is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'malformed answers: totals equal');
+is(ub_mock_get($mock, 'stats')->{faults_queued}, 0, 'malformed answers were served');
+ok(ub_worker_pid($node) ne '', 'worker alive after malformed answers');
+
 # connection refused: Stripe unreachable (a closed port), then back
 my $dead = ub_start_mock();
 my $dead_url = $dead->{url};

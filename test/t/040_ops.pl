@@ -13,7 +13,7 @@ do './test/t/01_lib.pl' or die "01_lib.pl: $@ $!";
 
 # the mock expects another key: every request is refused with 401
 my $wrong = ub_start_mock(key => 'sk_test_somethingelse');
-my $node = ub_node('ops', $wrong, "log_min_messages = debug1\nlog_statement = 'all'\n");
+my $node = ub_node('ops', $wrong, "log_min_messages = debug1\nlog_statement = 'all'\n", { allows_streaming => 1 });
 ub_customers($node, 1, 30);
 my $all = q{SELECT customer_id FROM usage_billing.customers};
 $node->safe_psql('postgres', q{CREATE ROLE alice LOGIN; GRANT USAGE ON SCHEMA usage_billing TO alice;});
@@ -107,6 +107,18 @@ $t0 = time();
 $node->safe_psql('postgres', 'DROP DATABASE scratch');
 ok(time() - $t0 < 5, sprintf('DROP DATABASE of another database took %.1f s', time() - $t0));
 is(ub_worker_pid($node) ne '', 1, 'worker still running');
+
+# --- never on a standby ---
+$node->backup('b');
+my $standby = PostgreSQL::Test::Cluster->new('standby');
+$standby->init_from_backup($node, 'b', has_streaming => 1);
+$standby->start;
+sleep(2);
+is($standby->safe_psql('postgres', q{SELECT count(*) FROM pg_stat_activity
+  WHERE backend_type = 'usage_billing export worker'}), '0', 'no export worker on a standby');
+is($standby->safe_psql('postgres', q{SELECT pid IS NULL FROM usage_billing.export_worker_info()}), 't',
+	'export_worker_info on the standby: no worker');
+$standby->stop;
 
 $node->stop;
 done_testing();
