@@ -23,6 +23,8 @@
  */
 #include "postgres.h"
 
+#include <ctype.h>
+
 #include <curl/curl.h>
 #include <cjson/cJSON.h>
 
@@ -277,6 +279,33 @@ ub_parse_error(const char *body, size_t len, char *type, char *code, char *messa
 	cJSON_Delete(root);
 }
 
+/*
+ * Masks API keys in a message we are about to store: the configured key
+ * wherever it appears, and anything shaped like a Stripe key (Stripe's 401
+ * answer quotes the key's last characters).
+ */
+static void
+ub_redact_keys(char *msg, const char *key)
+{
+	static const char *const prefixes[] = {"sk_live_", "sk_test_", "rk_live_", "rk_test_"};
+	char	   *p;
+	int			i;
+
+	if (key && strlen(key) >= 4)
+		while ((p = strstr(msg, key)) != NULL)
+			memset(p, '*', strlen(key));
+	for (i = 0; i < lengthof(prefixes); i++)
+	{
+		p = msg;
+		while ((p = strstr(p, prefixes[i])) != NULL)
+		{
+			p += 8;
+			while (*p && !isspace((unsigned char) *p) && *p != '"' && *p != '\'' && *p != ',')
+				*p++ = '*';
+		}
+	}
+}
+
 /* Exponential backoff with "equal jitter": half fixed, half random, capped. */
 static int
 ub_backoff_ms(int attempts, const UbStripeConfig *cfg)
@@ -340,6 +369,7 @@ ub_slot_finish(UbSlot *slot, CURLcode result, const UbStripeConfig *cfg)
 	snprintf(ev->error, sizeof(ev->error), "HTTP %ld%s%s%s%s: %s", status,
 			 type[0] ? " " : "", type, code[0] ? "/" : "", code,
 			 message[0] ? message : (slot->body_truncated ? "(answer too large)" : "(no message)"));
+	ub_redact_keys(ev->error, cfg->api_key);
 
 	/* a duplicate identifier means Stripe already holds this very event */
 	if (status == 400 && (strcmp(code, "resource_already_exists") == 0 ||

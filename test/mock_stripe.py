@@ -197,8 +197,11 @@ class Handler(BaseHTTPRequestHandler):
 
         auth = self.headers.get("Authorization", "")
         if auth != "Bearer " + self.server.key:
+            # like Stripe, quote the key masked but for its last four characters
+            given = auth[7:] if auth.startswith("Bearer ") else auth
+            shown = given[:8] + "*" * max(len(given) - 12, 0) + given[-4:]
             return self.answer(401, {"error": {"type": "invalid_request_error",
-                                               "message": "Invalid API Key provided."}})
+                                               "message": "Invalid API Key provided: %s" % shown}})
         ikey = self.headers.get("Idempotency-Key")
         if ikey is not None and len(ikey) > 255:
             return self.answer(400, {"error": {"type": "invalid_request_error",

@@ -54,7 +54,10 @@ SELECT coalesce(string_agg(t::text, ' '), '') FROM (
   SELECT s::text AS t FROM usage_billing.export_status s
   UNION ALL SELECT o::text FROM usage_billing.export_outbox o
   UNION ALL SELECT a::text FROM usage_billing.export_attempts a) x});
-unlike($everything, qr/\Q$UB_KEY\E/, 'key absent from export_status, outbox and attempts');
+ok($everything !~ /\Q$UB_KEY\E/, 'key absent from export_status, outbox and attempts');
+my $tail = substr($UB_KEY, -4);
+ok($everything =~ /Invalid API Key provided: sk_test_\*+"/, "Stripe's 401 message kept, key masked");
+ok($everything !~ /\*\Q$tail\E/, "not even the last four characters Stripe's 401 quotes");
 unlike(slurp_file($node->logfile), qr/\Q$UB_KEY\E/, 'key absent from the server log');
 
 # the key file, used when stripe_api_key is empty
