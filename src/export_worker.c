@@ -62,6 +62,8 @@ static int	ub_backoff_max_ms = 300000;
 
 /* rows planned per cycle: bounds transaction 1 */
 #define UB_PLAN_MAX_ROWS	20000
+/* a cycle stops sending after this long, so that new usage gets planned */
+#define UB_CYCLE_BUDGET_MS	30000
 /* pause after a cycle failed with an error */
 #define UB_ERROR_PAUSE_MS	5000
 /* longest key or key file we accept */
@@ -72,6 +74,7 @@ static MemoryContext ub_cycle_cxt = NULL;
 static bool said_no_extension = false;
 
 static bool ub_check_api_base(char **newval, void **extra, GucSource source);
+static bool ub_check_api_key(char **newval, void **extra, GucSource source);
 static void ub_worker_exit(int code, Datum arg);
 static char *ub_resolve_key(void);
 static long ub_run_cycle(MemoryContext cxt, bool *more);
@@ -94,10 +97,12 @@ ub_export_init(void)
 
 	DefineCustomStringVariable("usage_billing.stripe_api_key",
 							   "Stripe secret key (sk_... or rk_...) the export worker sends with.",
-							   "Visible to superusers only; prefer usage_billing.stripe_api_key_file.",
+							   "Visible to superusers only.  Set it in postgresql.conf or use "
+							   "usage_billing.stripe_api_key_file: ALTER SYSTEM statements can be logged "
+							   "(log_statement), and role or database settings are not allowed.",
 							   &ub_api_key, "", PGC_SUSET,
 							   GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   NULL, NULL, NULL);
+							   ub_check_api_key, NULL, NULL);
 	DefineCustomStringVariable("usage_billing.stripe_api_key_file",
 							   "File holding the Stripe secret key; used when stripe_api_key is empty.",
 							   "Read by the export worker at every cycle; first line, blanks trimmed.",
@@ -149,6 +154,8 @@ ub_export_init(void)
 							NULL, &ub_backoff_max_ms, 300000, 10, 86400000, PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
+	ub_secrets_init();
+
 	if (!process_shared_preload_libraries_in_progress)
 		return;
 
@@ -175,6 +182,26 @@ ub_check_api_base(char **newval, void **extra, GucSource source)
 		GUC_check_errdetail("The Stripe API base must start with https:// or http://.");
 		return false;
 	}
+	return true;
+}
+
+/*
+ * GUC check hook of the key: refuses ALTER ROLE/DATABASE ... SET and function SET
+ * clauses (validated with PGC_S_TEST), since pg_db_role_setting and pg_proc are
+ * readable by every user.  Raises its own error: the generic "invalid value"
+ * message would quote the key.
+ */
+static bool
+ub_check_api_key(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	if (source == PGC_S_TEST)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("usage_billing.stripe_api_key cannot be stored in a role, database or function setting"),
+				 errdetail("Those settings are readable by every user."),
+				 errhint("Set it in postgresql.conf, or use usage_billing.stripe_api_key_file.")));
 	return true;
 }
 
@@ -256,6 +283,7 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	int64		total_sent = 0;
 	int64		total_failed = 0;
 	long		due_ms = -1;
+	TimestampTz started;
 
 	*more = false;
 	if (RecoveryInProgress())
@@ -311,6 +339,7 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	cfg.backoff_base_ms = ub_backoff_base_ms;
 	cfg.backoff_max_ms = Max(ub_backoff_max_ms, ub_backoff_base_ms);
 
+	started = GetCurrentTimestamp();
 	for (;;)
 	{
 		UbMeterEvent *events;
@@ -323,6 +352,11 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 			break;				/* pick up new settings first */
+		if (TimestampDifferenceExceeds(started, GetCurrentTimestamp(), UB_CYCLE_BUDGET_MS))
+		{
+			*more = true;		/* plan again, then carry on sending */
+			break;
+		}
 
 		batch_cxt = AllocSetContextCreate(cxt, "usage_billing export batch", ALLOCSET_DEFAULT_SIZES);
 		ub_begin();

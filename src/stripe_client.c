@@ -23,8 +23,6 @@
  */
 #include "postgres.h"
 
-#include <ctype.h>
-
 #include <curl/curl.h>
 #include <cjson/cJSON.h>
 
@@ -277,33 +275,6 @@ ub_parse_error(const char *body, size_t len, char *type, char *code, char *messa
 			strlcpy(message, item->valuestring, UB_ERROR_LEN - 64);
 	}
 	cJSON_Delete(root);
-}
-
-/*
- * Masks API keys in a message we are about to store: the configured key
- * wherever it appears, and anything shaped like a Stripe key (Stripe's 401
- * answer quotes the key's last characters).
- */
-static void
-ub_redact_keys(char *msg, const char *key)
-{
-	static const char *const prefixes[] = {"sk_live_", "sk_test_", "rk_live_", "rk_test_"};
-	char	   *p;
-	int			i;
-
-	if (key && strlen(key) >= 4)
-		while ((p = strstr(msg, key)) != NULL)
-			memset(p, '*', strlen(key));
-	for (i = 0; i < lengthof(prefixes); i++)
-	{
-		p = msg;
-		while ((p = strstr(p, prefixes[i])) != NULL)
-		{
-			p += 8;
-			while (*p && !isspace((unsigned char) *p) && *p != '"' && *p != '\'' && *p != ',')
-				*p++ = '*';
-		}
-	}
 }
 
 /* Exponential backoff with "equal jitter": half fixed, half random, capped. */

@@ -200,9 +200,17 @@ sub ub_export_and_wait
 {
 	my ($node, $m, $timeout) = @_;
 	$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
-	return ub_wait_for(sub {
+	my $ok = ub_wait_for(sub {
 		ub_in_sync($node, $m) && $node->safe_psql('postgres',
 			q{SELECT count(*) FROM usage_billing.export_outbox WHERE status = 'pending'}) eq '0' }, $timeout // 30);
+	# on a timeout, say where things stand
+	Test::More::diag("not in sync; outbox: " . $node->safe_psql('postgres', q{
+SELECT status, count(*), min(next_attempt_at) - clock_timestamp(), max(attempts), max(last_error)
+  FROM usage_billing.export_outbox GROUP BY status})
+		. "\nworker: " . $node->safe_psql('postgres', q{
+SELECT pid, state, wait_event, query FROM pg_stat_activity WHERE backend_type = 'usage_billing export worker'})
+		. "\nmock: " . JSON::PP->new->canonical->encode(ub_mock_get($m, 'stats'))) unless $ok;
+	return $ok;
 }
 
 # The worker's pid, or '' when it does not run.

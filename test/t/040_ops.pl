@@ -34,6 +34,14 @@ is($node->safe_psql('postgres', q{SELECT count(*) FROM pg_settings WHERE name = 
 ($ret, $out, $err) = $node->psql('postgres', 'SHOW ALL', extra_params => [ '-U', 'alice' ]);
 unlike($out, qr/\Q$UB_KEY\E/, 'not in SHOW ALL');
 is($node->safe_psql('postgres', 'SHOW usage_billing.stripe_api_key'), $UB_KEY, 'a superuser can SHOW it');
+for my $where ('ROLE alice', 'DATABASE postgres')
+{
+	($ret, $out, $err) = $node->psql('postgres', "ALTER $where SET usage_billing.stripe_api_key = '$UB_KEY'");
+	isnt($ret, 0, "ALTER $where SET of the key refused (pg_db_role_setting is public)");
+	ok($err =~ /cannot be stored in a role, database or function setting/ && $err !~ /\Q$UB_KEY\E/,
+		"ALTER $where SET: clear error without the key");
+}
+is($node->safe_psql('postgres', 'SELECT count(*) FROM pg_db_role_setting'), '0', 'nothing stored');
 
 # a faulty run: 401 on every request, and a failing cycle, with the log at debug1
 ub_add_usage($node, $all, 'api_calls', 4);
@@ -58,7 +66,7 @@ ok($everything !~ /\Q$UB_KEY\E/, 'key absent from export_status, outbox and atte
 my $tail = substr($UB_KEY, -4);
 ok($everything =~ /Invalid API Key provided: sk_test_\*+"/, "Stripe's 401 message kept, key masked");
 ok($everything !~ /\*\Q$tail\E/, "not even the last four characters Stripe's 401 quotes");
-unlike(slurp_file($node->logfile), qr/\Q$UB_KEY\E/, 'key absent from the server log');
+ok(slurp_file($node->logfile) !~ /\Q$UB_KEY\E/, 'key absent from the server log');
 
 # the key file, used when stripe_api_key is empty
 my $good = ub_start_mock();
@@ -77,7 +85,19 @@ sleep(0.5);
 ok(ub_export_and_wait($node, $good, 30), 'key file and reloaded stripe_api_base: in sync');
 is_deeply(ub_mock_totals($node, $good), ub_expected_totals($node), 'totals equal on the new base URL');
 is(ub_mock_get($wrong, 'stats')->{accepted}, 0, 'the old base URL got nothing accepted');
-unlike(slurp_file($node->logfile), qr/\Q$UB_KEY\E/, 'key still absent from the server log');
+
+# key rotation through ALTER SYSTEM (logged by log_statement) and reload (PostgreSQL
+# logs 'parameter ... changed to "<value>"'): the log hook masks both
+$node->safe_psql('postgres', qq{ALTER SYSTEM SET usage_billing.stripe_api_key = '$UB_KEY'});
+$node->reload;
+ub_add_usage($node, q{'c3'}, 'api_calls', 1);
+ok(ub_export_and_wait($node, $good, 30), 'key set by ALTER SYSTEM used after reload');
+my $log = slurp_file($node->logfile);
+ok($log =~ /parameter "usage_billing.stripe_api_key" changed to "\*+"/, 'the reload message is logged, value masked');
+ok($log =~ /statement: ALTER SYSTEM SET usage_billing.stripe_api_key = 'sk_test_\*+'/, 'the statement is logged, key masked');
+ok($log !~ /\Q$UB_KEY\E/, 'key absent from the server log (reload, statements, errors)');
+$node->safe_psql('postgres', q{ALTER SYSTEM RESET usage_billing.stripe_api_key});
+$node->reload;
 
 # --- SIGHUP reload of the interval (export_now is not called here) ---
 $node->safe_psql('postgres', q{ALTER SYSTEM SET usage_billing.export_interval = 1; SELECT pg_reload_conf();});
