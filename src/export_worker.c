@@ -284,6 +284,7 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	int64		total_failed = 0;
 	long		due_ms = -1;
 	TimestampTz started;
+	int64		round_sent = 0;
 
 	*more = false;
 	if (RecoveryInProgress())
@@ -365,7 +366,15 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 		if (n == 0)
 		{
 			MemoryContextDelete(batch_cxt);
-			break;
+			if (round_sent == 0)
+				break;
+			/* rows confirmed since the last plan unblock usage recorded meanwhile */
+			round_sent = 0;
+			ub_begin();
+			planned = ub_outbox_plan(UB_PLAN_MAX_ROWS);
+			ub_commit();
+			*more = *more || (planned >= UB_PLAN_MAX_ROWS);
+			continue;
 		}
 
 		pgstat_report_activity(STATE_RUNNING, "sending meter events");
@@ -380,6 +389,7 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 		MemoryContextDelete(batch_cxt);
 		total_sent += sent;
 		total_failed += failed;
+		round_sent += sent;
 		if (throttled)
 			break;
 	}
