@@ -71,6 +71,7 @@ static int	ub_backoff_max_ms = 300000;
 
 static bool said_no_key = false;
 static MemoryContext ub_cycle_cxt = NULL;
+static char *ub_cycle_key = NULL;	/* the key of the running cycle, wiped after it */
 static bool said_no_extension = false;
 
 static bool ub_check_api_base(char **newval, void **extra, GucSource source);
@@ -310,6 +311,7 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 		key = ub_resolve_key();
 		MemoryContextSwitchTo(old);
 	}
+	ub_cycle_key = key;
 	if (key == NULL)
 	{
 		ub_commit();
@@ -398,7 +400,6 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	due_ms = ub_outbox_next_due_ms();
 	ub_commit();
 
-	explicit_bzero(key, strlen(key));
 	ub_shmem_count_cycle(total_sent, total_failed);
 	if (total_sent > 0 || total_failed > 0)
 		elog(DEBUG1, "usage_billing export cycle: " INT64_FORMAT " sent, " INT64_FORMAT " failed",
@@ -432,6 +433,10 @@ ub_guarded_cycle(MemoryContext cycle_cxt, bool *more)
 		*more = false;
 	}
 	PG_END_TRY();
+	/* on every path: the key must not linger in freed memory */
+	if (ub_cycle_key)
+		explicit_bzero(ub_cycle_key, strlen(ub_cycle_key));
+	ub_cycle_key = NULL;
 	MemoryContextSwitchTo(TopMemoryContext);
 	MemoryContextReset(cycle_cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
