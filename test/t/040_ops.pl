@@ -143,5 +143,17 @@ is($standby->safe_psql('postgres', q{SELECT pid IS NULL FROM usage_billing.expor
 	'export_worker_info on the standby: no worker');
 $standby->stop;
 
+# --- without shared_preload_libraries: SQL works, export_now() says why nothing happens ---
+my $plain = PostgreSQL::Test::Cluster->new('plain');
+$plain->init;
+$plain->start;
+$plain->safe_psql('postgres', 'CREATE EXTENSION usage_billing');
+($ret, $out, $err) = $plain->psql('postgres', 'SELECT usage_billing.export_now()');
+is($ret, 0, 'export_now() without preloading succeeds');
+like($err, qr/NOTICE:  the usage_billing export worker is not running/, 'with a NOTICE');
+is($plain->safe_psql('postgres', 'SELECT preloaded, pid IS NULL FROM usage_billing.export_worker_info()'),
+	'f|t', 'export_worker_info: not preloaded');
+$plain->stop;
+
 $node->stop;
 done_testing();
