@@ -98,6 +98,15 @@ $node->reload;
 ok(ub_export_and_wait($node, $mock, 30), 'connection refused: in sync once reachable');
 is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'connection refused: totals equal');
 
+# Stripe's own rate limit (the mock answers 429 past 10 requests a second) while the
+# worker's ceiling is far higher: slowed down, nothing lost or doubled
+ub_mock_post($mock, 'config', { rate_limit => 10 });
+ub_add_usage($node, $all, 'api_calls', 1);
+ok(ub_export_and_wait($node, $mock, 40), 'rate limited by Stripe: in sync');
+is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'rate limited by Stripe: totals equal');
+ok(ub_mock_get($mock, 'stats')->{statuses}{429} > 6, 'the mock did answer 429s');
+ub_mock_post($mock, 'config', { rate_limit => 0 });
+
 # everything at once, with more customers and a fractional carry
 ub_customers($node, 31, 120);
 ub_mock_post($mock, 'faults', { kind => $_->[0], count => $_->[1], seconds => 2, retry_after => 1 })
