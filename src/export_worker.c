@@ -450,6 +450,7 @@ ub_export_worker_main(Datum main_arg)
 	MemoryContext cycle_cxt;
 	char	   *database;
 	TimestampTz next_cycle = 0;
+	TimestampTz next_retry = 0;	/* 0: nothing pending */
 	bool		run_now = true;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -472,33 +473,45 @@ ub_export_worker_main(Datum main_arg)
 
 	for (;;)
 	{
-		long		due_ms = -1;
-		bool		more = false;
 		long		timeout;
 		int			rc;
 		TimestampTz now = GetCurrentTimestamp();
 
-		if (run_now || (ub_export_interval > 0 && now >= next_cycle))
+		if (run_now || (ub_export_interval > 0 && now >= next_cycle) ||
+			(next_retry != 0 && now >= next_retry))
 		{
+			bool		more = false;
+			long		due_ms;
+
+			run_now = false;
 			due_ms = ub_guarded_cycle(cycle_cxt, &more);
 			now = GetCurrentTimestamp();
+			/* remembered across wake-ups that run no cycle (signals, barriers) */
+			next_retry = due_ms >= 0 ? TimestampTzPlusMilliseconds(now, due_ms) : 0;
 			if (ub_export_interval > 0)
 				next_cycle = TimestampTzPlusMilliseconds(now, ub_export_interval * 1000L);
+			run_now = more;
 		}
 
-		/* sleep until the next cycle or retry; with interval 0, cycles run on export_now() and for retries */
-		if (more)
+		/*
+		 * Sleep until the next periodic cycle or the next retry.  With
+		 * interval 0, cycles run on export_now() and for retries only.
+		 */
+		timeout = -1;
+		if (run_now)
 			timeout = 0;
-		else if (ub_export_interval > 0)
-		{
-			timeout = (long) ((next_cycle - now) / 1000);
-			if (due_ms >= 0 && due_ms < timeout)
-				timeout = due_ms;
-			if (timeout < 0)
-				timeout = 0;
-		}
 		else
-			timeout = due_ms;	/* no periodic cycles, but retries of what is pending */
+		{
+			if (ub_export_interval > 0)
+				timeout = (long) Max((next_cycle - now) / 1000, 0);
+			if (next_retry != 0)
+			{
+				long		r = (long) Max((next_retry - now) / 1000, 0);
+
+				if (timeout < 0 || r < timeout)
+					timeout = r;
+			}
+		}
 
 		rc = WaitLatch(MyLatch,
 					   WL_LATCH_SET | WL_EXIT_ON_PM_DEATH | (timeout >= 0 ? WL_TIMEOUT : 0),
@@ -506,8 +519,9 @@ ub_export_worker_main(Datum main_arg)
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 
-		run_now = more || ((rc & WL_LATCH_SET) && ub_shmem_take_wake()) ||
-			(timeout >= 0 && due_ms >= 0 && due_ms <= timeout && (rc & WL_TIMEOUT));
+		/* the latch is also set by signals and barriers: only export_now() counts */
+		if ((rc & WL_LATCH_SET) && ub_shmem_take_wake())
+			run_now = true;
 
 		if (ConfigReloadPending)
 		{

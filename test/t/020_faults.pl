@@ -46,6 +46,18 @@ SELECT extract(epoch FROM b.attempted_at - a.attempted_at)
 ok($gap ne '' && $gap >= 1.9, "Retry-After honoured (next attempt after $gap s)");
 diag($node->safe_psql('postgres', q{SELECT o.customer_id, a.* FROM usage_billing.export_attempts a JOIN usage_billing.export_outbox o USING (outbox_id) WHERE a.outbox_id IN (SELECT outbox_id FROM usage_billing.export_attempts WHERE http_status = 429) ORDER BY attempted_at})) if $gap eq '' || $gap < 1.9;
 
+# a retry stays scheduled across wake-ups that run no cycle: a procsignal (here
+# pg_log_backend_memory_contexts) sets the worker's latch while a 3 s Retry-After runs
+ub_mock_post($mock, 'faults', { kind => '429_retry_after', count => 1, retry_after => 3 });
+ub_add_usage($node, q{'c2'}, 'api_calls', 1);
+$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
+ok(ub_wait_for(sub { $node->safe_psql('postgres', q{SELECT count(*) FROM usage_billing.export_attempts a
+  JOIN usage_billing.export_outbox o USING (outbox_id) WHERE o.customer_id = 'c2' AND a.http_status = 429}) eq '1' }, 10),
+	'429 with Retry-After 3 s received');
+my $wpid = ub_worker_pid($node);
+$node->safe_psql('postgres', "SELECT pg_log_backend_memory_contexts($wpid)");
+ok(ub_wait_for(sub { ub_in_sync($node, $mock) }, 10), 'the retry still happened (no export_now)');
+
 # timeouts: the mock hangs past export_timeout (1 s)
 ub_mock_post($mock, 'faults', { kind => 'hang', count => 4, seconds => 3 });
 ub_add_usage($node, $all, 'api_calls', 2);
