@@ -21,7 +21,8 @@ OBJS = \
 	src/shmem.o \
 	src/export_worker.o \
 	src/stripe_client.o \
-	src/export_outbox.o
+	src/export_outbox.o \
+	src/export_secrets.o
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 

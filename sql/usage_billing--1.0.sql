@@ -890,51 +890,64 @@ COMMENT ON FUNCTION usage_billing.export_plan(integer) IS
     'Internal (export worker): writes the outbox rows that bring Stripe to floor(total); returns how many.';
 
 CREATE FUNCTION usage_billing.export_record(
-    outbox_id bigint, outcome text, http_status integer, request_id text, error text,
-    retry_in_ms integer, rotate_key boolean, duration_ms integer)
+    outbox_ids bigint[], outcomes text[], http_statuses integer[], request_ids text[], errors text[],
+    retry_in_ms integer[], rotate_keys boolean[], durations_ms integer[])
 RETURNS void
 LANGUAGE plpgsql VOLATILE
 SET search_path = pg_catalog, pg_temp
 AS $$
-/* Records one attempt's outcome: sent (Stripe holds it), retry (later, same identifier), failed. */
-DECLARE
-    r usage_billing.export_outbox;
+/*
+ * Records the outcomes of one batch of HTTP attempts (parallel arrays, one element per
+ * outbox row): sent (Stripe holds it), retry (later, same identifier; after an error
+ * answer with a new Idempotency-Key, since Stripe replays saved answers), failed.
+ * A batch holds at most one row per customer and meter.
+ */
 BEGIN
-    UPDATE usage_billing.export_outbox o
-       SET attempts = o.attempts + 1,
-           status = CASE outcome WHEN 'sent' THEN 'sent' WHEN 'failed' THEN 'failed' ELSE 'pending' END,
-           next_attempt_at = clock_timestamp() + make_interval(secs => coalesce(retry_in_ms, 0) / 1000.0),
-           last_attempt_at = clock_timestamp(),
-           last_http_status = http_status,
-           last_request_id = request_id,
-           last_error = error,
-           sent_at = CASE WHEN outcome = 'sent' THEN clock_timestamp() END,
-           idempotency_key = CASE WHEN rotate_key
-                                  THEN o.identifier || '-k' || (o.attempts + 1)::text
-                                  ELSE o.idempotency_key END
-     WHERE o.outbox_id = export_record.outbox_id AND o.status = 'pending'
-    RETURNING o.* INTO r;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    INSERT INTO usage_billing.export_attempts (outbox_id, attempt, outcome, http_status, request_id, error, duration_ms)
-    VALUES (r.outbox_id, r.attempts, outcome, http_status, request_id, error, duration_ms);
+    WITH r AS (
+        SELECT * FROM unnest(outbox_ids, outcomes, http_statuses, request_ids, errors,
+                             retry_in_ms, rotate_keys, durations_ms)
+               AS r(outbox_id, outcome, http_status, request_id, error, retry_ms, rotate, duration_ms)
+    ), upd AS (
+        UPDATE usage_billing.export_outbox o
+           SET attempts = o.attempts + 1,
+               status = CASE r.outcome WHEN 'sent' THEN 'sent' WHEN 'failed' THEN 'failed' ELSE 'pending' END,
+               next_attempt_at = clock_timestamp() + make_interval(secs => coalesce(r.retry_ms, 0) / 1000.0),
+               last_attempt_at = clock_timestamp(),
+               last_http_status = r.http_status,
+               last_request_id = r.request_id,
+               last_error = r.error,
+               sent_at = CASE WHEN r.outcome = 'sent' THEN clock_timestamp() END,
+               idempotency_key = CASE WHEN r.rotate
+                                      THEN o.identifier || '-k' || (o.attempts + 1)::text
+                                      ELSE o.idempotency_key END
+          FROM r
+         WHERE o.outbox_id = r.outbox_id AND o.status = 'pending'
+        RETURNING o.outbox_id, o.customer_id, o.meter, o.period_start, o.seq, o.value, o.additive,
+                  o.attempts, o.last_attempt_at, r.outcome, r.http_status, r.request_id, r.error,
+                  r.duration_ms
+    ), att AS (
+        INSERT INTO usage_billing.export_attempts
+            (outbox_id, attempt, attempted_at, outcome, http_status, request_id, error, duration_ms)
+        SELECT outbox_id, attempts, last_attempt_at, outcome, http_status, request_id, error, duration_ms
+          FROM upd
+    )
     UPDATE usage_billing.export_state s
-       SET exported = CASE WHEN outcome <> 'sent' THEN s.exported
-                           WHEN r.additive THEN s.exported + r.value
-                           WHEN r.seq > s.exported_seq THEN r.value
+       SET exported = CASE WHEN u.outcome <> 'sent' THEN s.exported
+                           WHEN u.additive THEN s.exported + u.value
+                           WHEN u.seq > s.exported_seq THEN u.value
                            ELSE s.exported END,
-           exported_seq = CASE WHEN outcome = 'sent' THEN greatest(s.exported_seq, r.seq) ELSE s.exported_seq END,
+           exported_seq = CASE WHEN u.outcome = 'sent' THEN greatest(s.exported_seq, u.seq) ELSE s.exported_seq END,
            attempts = s.attempts + 1,
-           last_attempt_at = r.last_attempt_at,
-           last_http_status = r.last_http_status,
-           last_request_id = r.last_request_id,
-           last_error = r.last_error
-     WHERE s.customer_id = r.customer_id AND s.meter = r.meter AND s.period_start = r.period_start;
+           last_attempt_at = u.last_attempt_at,
+           last_http_status = u.http_status,
+           last_request_id = u.request_id,
+           last_error = u.error
+      FROM upd u
+     WHERE s.customer_id = u.customer_id AND s.meter = u.meter AND s.period_start = u.period_start;
 END
 $$;
-COMMENT ON FUNCTION usage_billing.export_record(bigint, text, integer, text, text, integer, boolean, integer) IS
-    'Internal (export worker): records the outcome of one HTTP attempt of an outbox row.';
+COMMENT ON FUNCTION usage_billing.export_record(bigint[], text[], integer[], text[], text[], integer[], boolean[], integer[]) IS
+    'Internal (export worker): records the outcomes of one batch of HTTP attempts.';
 
 CREATE FUNCTION usage_billing.retry_failed_exports(customer_id text DEFAULT NULL)
 RETURNS bigint
@@ -982,6 +995,47 @@ SET search_path = pg_catalog, pg_temp;
 COMMENT ON FUNCTION usage_billing.export_now() IS
     'Wakes the export worker so that it runs an export cycle at once.';
 REVOKE ALL ON FUNCTION usage_billing.export_now() FROM PUBLIC;
+REVOKE ALL ON FUNCTION usage_billing.export_plan(integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION usage_billing.export_record(bigint[], text[], integer[], text[], text[], integer[], boolean[], integer[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION usage_billing.retry_failed_exports(text) FROM PUBLIC;
+
+CREATE FUNCTION usage_billing.export_worker_info(
+    OUT preloaded boolean, OUT pid integer, OUT cycles bigint,
+    OUT events_sent bigint, OUT events_failed bigint)
+RETURNS record
+AS 'MODULE_PATHNAME', 'ub_export_worker_info'
+LANGUAGE C VOLATILE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.export_worker_info() IS
+    'The export worker''s pid (NULL when not running) and its counters since server start.';
+
+CREATE FUNCTION usage_billing.export_prune(older_than interval DEFAULT '35 days')
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+/*
+ * Deletes sent and discarded outbox rows (and their attempts) older than older_than.
+ * Safe at any age: what Stripe holds is kept in export_state, and identifiers come
+ * from export_state.last_seq, so they never repeat.
+ */
+DECLARE
+    n bigint;
+BEGIN
+    IF older_than IS NULL OR older_than < interval '0' THEN
+        RAISE EXCEPTION 'older_than must be a positive interval'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    DELETE FROM usage_billing.export_outbox o
+     WHERE o.status IN ('sent', 'discarded')
+       AND coalesce(o.sent_at, o.last_attempt_at, o.created_at) < now() - older_than;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.export_prune(interval) IS
+    'Deletes sent and discarded export rows older than the given age; returns how many.';
+REVOKE ALL ON FUNCTION usage_billing.export_prune(interval) FROM PUBLIC;
 
 CREATE VIEW usage_billing.export_status AS
 SELECT a.customer_id, a.meter, a.period_start, a.period_end,

@@ -10,7 +10,7 @@
  *   batch     due pending rows, at most one per (customer, meter), copied
  *             into the caller's memory context so that no transaction stays
  *             open while they are sent
- *   record    transaction 2: usage_billing.export_record() per row
+ *   record    transaction 2: one usage_billing.export_record() call per batch
  *
  * Every function here expects to run inside a transaction with an active
  * snapshot, and connects to SPI itself.
@@ -21,7 +21,9 @@
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/lsyscache.h"
 
 #include "export_worker.h"
 
@@ -129,30 +131,46 @@ ub_outbox_fetch(int limit, MemoryContext cxt, int *n)
 	return events;
 }
 
-/* Transaction 2: records every attempted row's outcome; counts sent and failed rows. */
+/* Builds a one-dimensional array of n elements of a built-in type. */
+static Datum
+ub_array(Datum *elems, bool *nulls, int n, Oid type)
+{
+	int			dims[1];
+	int			lbs[1] = {1};
+	int16		typlen;
+	bool		byval;
+	char		align;
+
+	dims[0] = n;
+	get_typlenbyvalalign(type, &typlen, &byval, &align);
+	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs, type, typlen, byval, align));
+}
+
+/*
+ * Transaction 2: records every attempted row's outcome with one call of
+ * usage_billing.export_record() (parallel arrays); counts sent and failed rows.
+ */
 void
 ub_outbox_record(UbMeterEvent *events, int n, int64 *sent, int64 *failed)
 {
-	Oid			argtypes[8] = {INT8OID, TEXTOID, INT4OID, TEXTOID, TEXTOID, INT4OID, BOOLOID, INT4OID};
+	Oid			argtypes[8] = {INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID, TEXTARRAYOID,
+	TEXTARRAYOID, INT4ARRAYOID, BOOLARRAYOID, INT4ARRAYOID};
+	Datum	   *e[8];
+	bool	   *isnull[8];
+	Datum		args[8];
+	int			c;
 	int			i;
+	int			m = 0;
 
 	*sent = *failed = 0;
-	SPI_connect();
-	if (record_plan == NULL)
+	for (c = 0; c < 8; c++)
 	{
-		SPIPlanPtr	p = SPI_prepare("SELECT usage_billing.export_record($1, $2, $3, $4, $5, $6, $7, $8)",
-									8, argtypes);
-
-		if (p == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		SPI_keepplan(p);
-		record_plan = p;
+		e[c] = palloc(sizeof(Datum) * Max(n, 1));
+		isnull[c] = palloc0(sizeof(bool) * Max(n, 1));
 	}
 	for (i = 0; i < n; i++)
 	{
 		UbMeterEvent *ev = &events[i];
-		Datum		values[8];
-		char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
 		const char *outcome;
 
 		switch (ev->outcome)
@@ -171,23 +189,44 @@ ub_outbox_record(UbMeterEvent *events, int n, int64 *sent, int64 *failed)
 			default:
 				continue;		/* not tried: stays pending, nothing to record */
 		}
-		values[0] = Int64GetDatum(ev->outbox_id);
-		values[1] = CStringGetTextDatum(outcome);
-		values[2] = Int32GetDatum(ev->http_status);
-		if (ev->http_status == 0)
-			nulls[2] = 'n';
-		values[3] = CStringGetTextDatum(ev->request_id);
-		if (ev->request_id[0] == '\0')
-			nulls[3] = 'n';
-		values[4] = CStringGetTextDatum(ev->error);
-		if (ev->error[0] == '\0')
-			nulls[4] = 'n';
-		values[5] = Int32GetDatum(ev->outcome == UB_OUT_RETRY ? ev->retry_in_ms : 0);
-		values[6] = BoolGetDatum(ev->rotate_key);
-		values[7] = Int32GetDatum(ev->duration_ms);
-		ub_spi_check(SPI_execute_plan(record_plan, values, nulls, false, 0),
-					 SPI_OK_SELECT, "recording an export attempt");
+		e[0][m] = Int64GetDatum(ev->outbox_id);
+		e[1][m] = CStringGetTextDatum(outcome);
+		e[2][m] = Int32GetDatum(ev->http_status);
+		isnull[2][m] = (ev->http_status == 0);
+		e[3][m] = CStringGetTextDatum(ev->request_id);
+		isnull[3][m] = (ev->request_id[0] == '\0');
+		e[4][m] = CStringGetTextDatum(ev->error);
+		isnull[4][m] = (ev->error[0] == '\0');
+		e[5][m] = Int32GetDatum(ev->outcome == UB_OUT_RETRY ? ev->retry_in_ms : 0);
+		e[6][m] = BoolGetDatum(ev->rotate_key);
+		e[7][m] = Int32GetDatum(ev->duration_ms);
+		m++;
 	}
+	if (m == 0)
+		return;
+
+	args[0] = ub_array(e[0], isnull[0], m, INT8OID);
+	args[1] = ub_array(e[1], isnull[1], m, TEXTOID);
+	args[2] = ub_array(e[2], isnull[2], m, INT4OID);
+	args[3] = ub_array(e[3], isnull[3], m, TEXTOID);
+	args[4] = ub_array(e[4], isnull[4], m, TEXTOID);
+	args[5] = ub_array(e[5], isnull[5], m, INT4OID);
+	args[6] = ub_array(e[6], isnull[6], m, BOOLOID);
+	args[7] = ub_array(e[7], isnull[7], m, INT4OID);
+
+	SPI_connect();
+	if (record_plan == NULL)
+	{
+		SPIPlanPtr	p = SPI_prepare("SELECT usage_billing.export_record($1, $2, $3, $4, $5, $6, $7, $8)",
+									8, argtypes);
+
+		if (p == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		SPI_keepplan(p);
+		record_plan = p;
+	}
+	ub_spi_check(SPI_execute_plan(record_plan, args, NULL, false, 0),
+				 SPI_OK_SELECT, "recording export attempts");
 	SPI_finish();
 }
 
@@ -200,9 +239,11 @@ ub_outbox_next_due_ms(void)
 	long		ms = -1;
 
 	SPI_connect();
-	ub_spi_check(SPI_execute("SELECT greatest(0, ceil(extract(epoch FROM "
-							 "min(next_attempt_at) - clock_timestamp()) * 1000))::bigint "
-							 "FROM usage_billing.export_outbox WHERE status = 'pending'",
+	/* min() over no rows is NULL: nothing pending (greatest() would turn it into 0) */
+	ub_spi_check(SPI_execute("SELECT CASE WHEN d IS NOT NULL THEN greatest(0, d) END FROM "
+							 "(SELECT ceil(extract(epoch FROM min(next_attempt_at) - clock_timestamp())"
+							 " * 1000)::bigint AS d FROM usage_billing.export_outbox"
+							 " WHERE status = 'pending') x",
 							 true, 1),
 				 SPI_OK_SELECT, "finding the next retry");
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);

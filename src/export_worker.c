@@ -22,7 +22,9 @@
 
 #include <sys/stat.h>
 
+#include "access/htup_details.h"
 #include "access/xact.h"
+#include "funcapi.h"
 #include "access/xlog.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -60,6 +62,8 @@ static int	ub_backoff_max_ms = 300000;
 
 /* rows planned per cycle: bounds transaction 1 */
 #define UB_PLAN_MAX_ROWS	20000
+/* a cycle stops sending after this long, so that new usage gets planned */
+#define UB_CYCLE_BUDGET_MS	30000
 /* pause after a cycle failed with an error */
 #define UB_ERROR_PAUSE_MS	5000
 /* longest key or key file we accept */
@@ -67,12 +71,15 @@ static int	ub_backoff_max_ms = 300000;
 
 static bool said_no_key = false;
 static MemoryContext ub_cycle_cxt = NULL;
+static char *ub_cycle_key = NULL;	/* the key of the running cycle, wiped after it */
 static bool said_no_extension = false;
 
 static bool ub_check_api_base(char **newval, void **extra, GucSource source);
+static bool ub_check_api_key(char **newval, void **extra, GucSource source);
 static void ub_worker_exit(int code, Datum arg);
 static char *ub_resolve_key(void);
 static long ub_run_cycle(MemoryContext cxt, bool *more);
+static long ub_guarded_cycle(MemoryContext cycle_cxt, bool *more);
 static void ub_begin(void);
 static void ub_commit(void);
 
@@ -81,6 +88,7 @@ static bool ub_xact_cb_registered = false;
 static void ub_export_now_xact_cb(XactEvent event, void *arg);
 
 PG_FUNCTION_INFO_V1(ub_export_now);
+PG_FUNCTION_INFO_V1(ub_export_worker_info);
 
 /* Defines the export settings; when preloading, requests shared memory and registers the worker. */
 void
@@ -90,10 +98,12 @@ ub_export_init(void)
 
 	DefineCustomStringVariable("usage_billing.stripe_api_key",
 							   "Stripe secret key (sk_... or rk_...) the export worker sends with.",
-							   "Visible to superusers only; prefer usage_billing.stripe_api_key_file.",
+							   "Visible to superusers only.  Set it in postgresql.conf or use "
+							   "usage_billing.stripe_api_key_file: ALTER SYSTEM statements can be logged "
+							   "(log_statement), and role or database settings are not allowed.",
 							   &ub_api_key, "", PGC_SUSET,
 							   GUC_SUPERUSER_ONLY | GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE,
-							   NULL, NULL, NULL);
+							   ub_check_api_key, NULL, NULL);
 	DefineCustomStringVariable("usage_billing.stripe_api_key_file",
 							   "File holding the Stripe secret key; used when stripe_api_key is empty.",
 							   "Read by the export worker at every cycle; first line, blanks trimmed.",
@@ -114,7 +124,7 @@ ub_export_init(void)
 							   &ub_database, "postgres", PGC_SIGHUP, 0, NULL, NULL, NULL);
 	DefineCustomIntVariable("usage_billing.export_interval",
 							"Seconds between export cycles; 0 disables periodic export.",
-							"With 0, only usage_billing.export_now() runs a cycle.",
+							"With 0, cycles run only on usage_billing.export_now() and to retry what is pending.",
 							&ub_export_interval, 60, 0, 86400, PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
 	DefineCustomRealVariable("usage_billing.export_max_rps",
@@ -145,6 +155,8 @@ ub_export_init(void)
 							NULL, &ub_backoff_max_ms, 300000, 10, 86400000, PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
+	ub_secrets_init();
+
 	if (!process_shared_preload_libraries_in_progress)
 		return;
 
@@ -171,6 +183,26 @@ ub_check_api_base(char **newval, void **extra, GucSource source)
 		GUC_check_errdetail("The Stripe API base must start with https:// or http://.");
 		return false;
 	}
+	return true;
+}
+
+/*
+ * GUC check hook of the key: refuses ALTER ROLE/DATABASE ... SET and function SET
+ * clauses (validated with PGC_S_TEST), since pg_db_role_setting and pg_proc are
+ * readable by every user.  Raises its own error: the generic "invalid value"
+ * message would quote the key.
+ */
+static bool
+ub_check_api_key(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL || (*newval)[0] == '\0')
+		return true;
+	if (source == PGC_S_TEST)
+		ereport(ERROR,
+				(errcode(ERRCODE_INSUFFICIENT_PRIVILEGE),
+				 errmsg("usage_billing.stripe_api_key cannot be stored in a role, database or function setting"),
+				 errdetail("Those settings are readable by every user."),
+				 errhint("Set it in postgresql.conf, or use usage_billing.stripe_api_key_file.")));
 	return true;
 }
 
@@ -252,6 +284,8 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	int64		total_sent = 0;
 	int64		total_failed = 0;
 	long		due_ms = -1;
+	TimestampTz started;
+	int64		round_sent = 0;
 
 	*more = false;
 	if (RecoveryInProgress())
@@ -277,6 +311,7 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 		key = ub_resolve_key();
 		MemoryContextSwitchTo(old);
 	}
+	ub_cycle_key = key;
 	if (key == NULL)
 	{
 		ub_commit();
@@ -307,6 +342,7 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	cfg.backoff_base_ms = ub_backoff_base_ms;
 	cfg.backoff_max_ms = Max(ub_backoff_max_ms, ub_backoff_base_ms);
 
+	started = GetCurrentTimestamp();
 	for (;;)
 	{
 		UbMeterEvent *events;
@@ -319,6 +355,11 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
 			break;				/* pick up new settings first */
+		if (TimestampDifferenceExceeds(started, GetCurrentTimestamp(), UB_CYCLE_BUDGET_MS))
+		{
+			*more = true;		/* plan again, then carry on sending */
+			break;
+		}
 
 		batch_cxt = AllocSetContextCreate(cxt, "usage_billing export batch", ALLOCSET_DEFAULT_SIZES);
 		ub_begin();
@@ -327,7 +368,15 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 		if (n == 0)
 		{
 			MemoryContextDelete(batch_cxt);
-			break;
+			if (round_sent == 0)
+				break;
+			/* rows confirmed since the last plan unblock usage recorded meanwhile */
+			round_sent = 0;
+			ub_begin();
+			planned = ub_outbox_plan(UB_PLAN_MAX_ROWS);
+			ub_commit();
+			*more = *more || (planned >= UB_PLAN_MAX_ROWS);
+			continue;
 		}
 
 		pgstat_report_activity(STATE_RUNNING, "sending meter events");
@@ -342,6 +391,7 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 		MemoryContextDelete(batch_cxt);
 		total_sent += sent;
 		total_failed += failed;
+		round_sent += sent;
 		if (throttled)
 			break;
 	}
@@ -350,11 +400,46 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	due_ms = ub_outbox_next_due_ms();
 	ub_commit();
 
-	explicit_bzero(key, strlen(key));
 	ub_shmem_count_cycle(total_sent, total_failed);
 	if (total_sent > 0 || total_failed > 0)
 		elog(DEBUG1, "usage_billing export cycle: " INT64_FORMAT " sent, " INT64_FORMAT " failed",
 			 total_sent, total_failed);
+	return due_ms;
+}
+
+/*
+ * Runs one cycle; an error is reported, its transaction aborted and the
+ * worker carries on: one bad cycle must not restart it.  Resets the cycle
+ * context.  Returns the milliseconds until the next retry (-1: none).
+ */
+static long
+ub_guarded_cycle(MemoryContext cycle_cxt, bool *more)
+{
+	volatile long due_ms = -1;
+
+	*more = false;
+	MemoryContextSwitchTo(cycle_cxt);
+	PG_TRY();
+	{
+		due_ms = ub_run_cycle(cycle_cxt, more);
+	}
+	PG_CATCH();
+	{
+		MemoryContextSwitchTo(TopMemoryContext);
+		EmitErrorReport();
+		AbortCurrentTransaction();
+		FlushErrorState();
+		due_ms = UB_ERROR_PAUSE_MS;
+		*more = false;
+	}
+	PG_END_TRY();
+	/* on every path: the key must not linger in freed memory */
+	if (ub_cycle_key)
+		explicit_bzero(ub_cycle_key, strlen(ub_cycle_key));
+	ub_cycle_key = NULL;
+	MemoryContextSwitchTo(TopMemoryContext);
+	MemoryContextReset(cycle_cxt);
+	pgstat_report_activity(STATE_IDLE, NULL);
 	return due_ms;
 }
 
@@ -365,6 +450,7 @@ ub_export_worker_main(Datum main_arg)
 	MemoryContext cycle_cxt;
 	char	   *database;
 	TimestampTz next_cycle = 0;
+	TimestampTz next_retry = 0;	/* 0: nothing pending */
 	bool		run_now = true;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
@@ -387,51 +473,45 @@ ub_export_worker_main(Datum main_arg)
 
 	for (;;)
 	{
-		long		due_ms = -1;
-		bool		more = false;
 		long		timeout;
 		int			rc;
 		TimestampTz now = GetCurrentTimestamp();
 
-		if (run_now || (ub_export_interval > 0 && now >= next_cycle))
+		if (run_now || (ub_export_interval > 0 && now >= next_cycle) ||
+			(next_retry != 0 && now >= next_retry))
 		{
-			MemoryContextSwitchTo(cycle_cxt);
-			PG_TRY();
-			{
-				due_ms = ub_run_cycle(cycle_cxt, &more);
-			}
-			PG_CATCH();
-			{
-				/* report, clean up and carry on: one bad cycle must not restart us */
-				MemoryContextSwitchTo(TopMemoryContext);
-				EmitErrorReport();
-				AbortCurrentTransaction();
-				FlushErrorState();
-				due_ms = UB_ERROR_PAUSE_MS;
-				more = false;
-			}
-			PG_END_TRY();
-			MemoryContextSwitchTo(TopMemoryContext);
-			MemoryContextReset(cycle_cxt);
-			pgstat_report_activity(STATE_IDLE, NULL);
+			bool		more = false;
+			long		due_ms;
+
+			run_now = false;
+			due_ms = ub_guarded_cycle(cycle_cxt, &more);
 			now = GetCurrentTimestamp();
+			/* remembered across wake-ups that run no cycle (signals, barriers) */
+			next_retry = due_ms >= 0 ? TimestampTzPlusMilliseconds(now, due_ms) : 0;
 			if (ub_export_interval > 0)
 				next_cycle = TimestampTzPlusMilliseconds(now, ub_export_interval * 1000L);
+			run_now = more;
 		}
 
-		/* sleep until the next cycle or retry; with interval 0 only a wake-up runs a cycle */
-		if (more)
+		/*
+		 * Sleep until the next periodic cycle or the next retry.  With
+		 * interval 0, cycles run on export_now() and for retries only.
+		 */
+		timeout = -1;
+		if (run_now)
 			timeout = 0;
-		else if (ub_export_interval > 0)
-		{
-			timeout = (long) ((next_cycle - now) / 1000);
-			if (due_ms >= 0 && due_ms < timeout)
-				timeout = due_ms;
-			if (timeout < 0)
-				timeout = 0;
-		}
 		else
-			timeout = -1;
+		{
+			if (ub_export_interval > 0)
+				timeout = (long) Max((next_cycle - now) / 1000, 0);
+			if (next_retry != 0)
+			{
+				long		r = (long) Max((next_retry - now) / 1000, 0);
+
+				if (timeout < 0 || r < timeout)
+					timeout = r;
+			}
+		}
 
 		rc = WaitLatch(MyLatch,
 					   WL_LATCH_SET | WL_EXIT_ON_PM_DEATH | (timeout >= 0 ? WL_TIMEOUT : 0),
@@ -439,8 +519,9 @@ ub_export_worker_main(Datum main_arg)
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 
-		run_now = more || (rc & WL_LATCH_SET) ||
-			(timeout >= 0 && due_ms >= 0 && due_ms <= timeout && (rc & WL_TIMEOUT));
+		/* the latch is also set by signals and barriers: only export_now() counts */
+		if ((rc & WL_LATCH_SET) && ub_shmem_take_wake())
+			run_now = true;
 
 		if (ConfigReloadPending)
 		{
@@ -500,4 +581,28 @@ ub_export_now_xact_cb(XactEvent event, void *arg)
 	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
 		event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT)
 		ub_wake_at_commit = false;
+}
+
+/* usage_billing.export_worker_info(): the worker's pid and counters since server start. */
+Datum
+ub_export_worker_info(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	Datum		values[5];
+	bool		nulls[5] = {false, false, false, false, false};
+	pid_t		pid;
+	int64		cycles;
+	int64		sent;
+	int64		failed;
+
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	ub_shmem_read_stats(&pid, &cycles, &sent, &failed);
+	values[0] = BoolGetDatum(ub_shmem_available());
+	values[1] = Int32GetDatum((int32) pid);
+	nulls[1] = (pid == 0);
+	values[2] = Int64GetDatum(cycles);
+	values[3] = Int64GetDatum(sent);
+	values[4] = Int64GetDatum(failed);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
 }

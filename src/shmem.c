@@ -27,6 +27,7 @@ typedef struct UbExportShared
 	slock_t		mutex;
 	pid_t		worker_pid;		/* 0 when no worker runs */
 	Latch	   *worker_latch;	/* the worker's MyLatch, NULL when none */
+	bool		wake_requested; /* export_now() was called since the last cycle */
 	int64		cycles;			/* export cycles completed */
 	int64		events_sent;	/* meter events Stripe confirmed */
 	int64		events_failed;	/* meter events Stripe refused for good */
@@ -123,11 +124,30 @@ ub_shmem_wake_worker(void)
 	SpinLockAcquire(&ub_shared->mutex);
 	pid = ub_shared->worker_pid;
 	latch = ub_shared->worker_latch;
+	ub_shared->wake_requested = true;
 	SpinLockRelease(&ub_shared->mutex);
 	/* SetLatch is safe on a shared latch whose owner just exited: it only writes flags */
 	if (latch)
 		SetLatch(latch);
 	return pid;
+}
+
+/*
+ * True once per export_now() call (or several coalesced): the latch is also set by
+ * signals, reloads and barriers, which must not count as a request.
+ */
+bool
+ub_shmem_take_wake(void)
+{
+	bool		requested;
+
+	if (!ub_shared)
+		return false;
+	SpinLockAcquire(&ub_shared->mutex);
+	requested = ub_shared->wake_requested;
+	ub_shared->wake_requested = false;
+	SpinLockRelease(&ub_shared->mutex);
+	return requested;
 }
 
 /* Adds one cycle's outcome to the counters. */
@@ -140,5 +160,21 @@ ub_shmem_count_cycle(int64 sent, int64 failed)
 	ub_shared->cycles++;
 	ub_shared->events_sent += sent;
 	ub_shared->events_failed += failed;
+	SpinLockRelease(&ub_shared->mutex);
+}
+
+/* Copies the worker's pid and counters, for usage_billing.export_worker_info(). */
+void
+ub_shmem_read_stats(pid_t *pid, int64 *cycles, int64 *sent, int64 *failed)
+{
+	*pid = 0;
+	*cycles = *sent = *failed = 0;
+	if (!ub_shared)
+		return;
+	SpinLockAcquire(&ub_shared->mutex);
+	*pid = ub_shared->worker_pid;
+	*cycles = ub_shared->cycles;
+	*sent = ub_shared->events_sent;
+	*failed = ub_shared->events_failed;
 	SpinLockRelease(&ub_shared->mutex);
 }

@@ -13,6 +13,8 @@ extern bool ub_shmem_available(void);
 extern void ub_shmem_set_worker(Latch *latch);
 extern void ub_shmem_clear_worker(void);
 extern pid_t ub_shmem_wake_worker(void);
+extern bool ub_shmem_take_wake(void);
 extern void ub_shmem_count_cycle(int64 sent, int64 failed);
+extern void ub_shmem_read_stats(pid_t *pid, int64 *cycles, int64 *sent, int64 *failed);
 
 #endif							/* UB_SHMEM_H */

@@ -340,6 +340,7 @@ ub_slot_finish(UbSlot *slot, CURLcode result, const UbStripeConfig *cfg)
 	snprintf(ev->error, sizeof(ev->error), "HTTP %ld%s%s%s%s: %s", status,
 			 type[0] ? " " : "", type, code[0] ? "/" : "", code,
 			 message[0] ? message : (slot->body_truncated ? "(answer too large)" : "(no message)"));
+	ub_redact_keys(ev->error, cfg->api_key);
 
 	/* a duplicate identifier means Stripe already holds this very event */
 	if (status == 400 && (strcmp(code, "resource_already_exists") == 0 ||
@@ -405,6 +406,7 @@ ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
 		int			running;
 		CURLMsg    *msg;
 		int			queued;
+		int			completed;
 		long		wait_ms = 50;
 
 		CHECK_FOR_INTERRUPTS();
@@ -431,6 +433,7 @@ ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
 			break;
 
 		curl_multi_perform(ub_multi, &running);
+		completed = 0;
 		while ((msg = curl_multi_info_read(ub_multi, &queued)) != NULL)
 		{
 			UbSlot	   *slot = NULL;
@@ -444,7 +447,11 @@ ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
 				*throttled = true;
 			ub_slot_release(slot);
 			inflight--;
+			completed++;
 		}
+		/* a slot came free: dispatch at once rather than sleep in poll */
+		if (completed > 0 && next < n && !*throttled)
+			continue;
 		if (inflight > 0 || next < n)
 		{
 			if (inflight > 0 && wait_ms > 50)

@@ -56,4 +56,8 @@ extern void ub_stripe_send_batch(UbMeterEvent *events, int n, const UbStripeConf
 								 bool *throttled);
 extern void ub_stripe_shutdown(void);
 
+/* export_secrets.c */
+extern void ub_redact_keys(char *msg, const char *key);
+extern void ub_secrets_init(void);
+
 #endif							/* UB_STRIPE_CLIENT_H */

@@ -27,7 +27,8 @@ Control endpoints (tests only):
                        for the next N requests; K is one of
                        500 | 429 | 429_retry_after | hang (sleep, drop, nothing recorded) |
                        slow (record, sleep, answer) | drop_after (record, drop) | close |
-                       400_should_retry_false
+                       400_should_retry_false | huge_500 (1 MB message) |
+                       garbage_500 (broken JSON) | garbage_200 (record, answer non-JSON)
   POST /_mock/config   {"rate_limit": N}  (429 beyond N requests per second; 0 = off)
   POST /_mock/reset    forget everything
 
@@ -49,6 +50,10 @@ from urllib.parse import parse_qsl
 ALLOWED = {"event_name", "identifier", "timestamp"}
 WHOLE = re.compile(r"^[0-9]+$")
 
+class RAW(bytes):
+    """An answer body sent as is (malformed JSON, binary)."""
+
+
 lock = threading.Lock()
 state = {}
 
@@ -67,12 +72,17 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mock-stripe"
 
+    def setup(self):
+        """No Nagle: headers and body leave at once (else 40 ms delayed-ACK stalls)."""
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, fmt, *args):
         """Quiet: the tests read /_mock/stats instead."""
 
     def answer(self, status, body, headers=None):
-        """Sends a JSON answer with a Request-Id, keeping the connection open."""
-        data = json.dumps(body).encode()
+        """Sends a JSON answer (or RAW bytes) with a Request-Id, keeping the connection open."""
+        data = bytes(body) if isinstance(body, RAW) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -187,8 +197,11 @@ class Handler(BaseHTTPRequestHandler):
 
         auth = self.headers.get("Authorization", "")
         if auth != "Bearer " + self.server.key:
+            # like Stripe, quote the key masked but for its last four characters
+            given = auth[7:] if auth.startswith("Bearer ") else auth
+            shown = given[:8] + "*" * max(len(given) - 12, 0) + given[-4:]
             return self.answer(401, {"error": {"type": "invalid_request_error",
-                                               "message": "Invalid API Key provided."}})
+                                               "message": "Invalid API Key provided: %s" % shown}})
         ikey = self.headers.get("Idempotency-Key")
         if ikey is not None and len(ikey) > 255:
             return self.answer(400, {"error": {"type": "invalid_request_error",
@@ -225,6 +238,8 @@ class Handler(BaseHTTPRequestHandler):
                 state["idem"][ikey] = (raw, status, body)
         if lost:
             return self.drop()
+        if kind == "garbage_200" and status == 200:
+            body = RAW(b'<html>not json</html>' + bytes(range(256)))
         if kind == "slow":
             time.sleep(float(fault.get("seconds", 30)))
         self.answer(status, body, headers)
@@ -239,6 +254,10 @@ class Handler(BaseHTTPRequestHandler):
 
         if kind == "500":
             return 500, {"error": {"type": "api_error", "message": "An unknown error occurred."}}, {}, False
+        if kind == "huge_500":
+            return 500, {"error": {"type": "api_error", "message": "x" * (1 << 20)}}, {}, False
+        if kind == "garbage_500":
+            return 500, RAW(b'{"error": {"type": "api_error", "message": "unterminated \\'), {}, False
         if kind == "400_should_retry_false":
             return 400, {"error": {"type": "invalid_request_error", "message": "Refused by the mock."}}, \
                 {"Stripe-Should-Retry": "false"}, False

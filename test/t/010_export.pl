@@ -54,6 +54,17 @@ my @ts = map { $_->{timestamp} } grep { $_->{customer} eq 'cus_3' && $_->{event_
   @{ ub_mock_get($mock, 'events') };
 ok(@ts == 2 && $ts[1] > $ts[0], 'formula-last events have increasing timestamps');
 
+# last meter: a lower value is sent too (Stripe meter with formula last)
+$node->safe_psql('postgres', q{SELECT usage_billing.create_meter('seats', 'last', stripe_event_name => 'seats')});
+ub_add_usage($node, q{'c5'}, 'seats', 9, 1);
+$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
+ok(ub_wait_for(sub { (ub_mock_get($mock, 'last')->{'cus_5|seats'} // 0) == 9 }, 20), 'last meter: 9 sent');
+ub_add_usage($node, q{'c5'}, 'seats', 4.9, 1);
+$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
+ok(ub_wait_for(sub { (ub_mock_get($mock, 'last')->{'cus_5|seats'} // 0) == 4 }, 20), 'last meter: lowered to 4 (floor of 4.9)');
+is($node->safe_psql('postgres', q{SELECT exported, state FROM usage_billing.export_status
+  WHERE customer_id = 'c5' AND meter = 'seats'}), '4|in_sync', 'last meter in sync');
+
 # status view: in sync rows
 is($node->safe_psql('postgres', q{SELECT total, exported, pending, state, attempts >= 1, last_http_status
   FROM usage_billing.export_status WHERE customer_id = 'c1' AND meter = 'api_calls'}),
@@ -89,6 +100,10 @@ is($node->safe_psql('postgres', q{SELECT state, needs_manual_credit FROM usage_b
   WHERE customer_id = 'c6' AND meter = 'api_calls'}), 'needs_manual_credit|8', 'lowered total reported');
 is(ub_mock_get($mock, 'totals')->{'cus_6|api_calls'}, 10, 'Stripe keeps what it had');
 ok(!grep({ $_->{value} < 0 } @{ ub_mock_get($mock, 'events') }), 'no negative value sent');
+# usage back at the exported level (e.g. a correction undone): in sync again, nothing sent
+ub_add_usage($node, q{'c6'}, 'api_calls', 10, 1);
+is($node->safe_psql('postgres', q{SELECT state FROM usage_billing.export_status
+  WHERE customer_id = 'c6' AND meter = 'api_calls'}), 'in_sync', 'back in sync');
 
 # a previous period inside Stripe's window lands at its last second; a 3-month-old one is not sent
 my $prev_end = $node->safe_psql('postgres', q{SELECT extract(epoch FROM period_start)::bigint - 1
@@ -110,6 +125,21 @@ like($node->safe_psql('postgres', q{SELECT state || ' ' || last_error FROM usage
 # the key never shows in the status view
 unlike($node->safe_psql('postgres', q{SELECT string_agg(s::text, ' ') FROM usage_billing.export_status s}),
 	qr/\Q$UB_KEY\E/, 'no key in export_status');
+
+# worker counters and pruning
+my ($pre, $wpid, $sent) = split /\|/, $node->safe_psql('postgres',
+	q{SELECT preloaded, pid, events_sent FROM usage_billing.export_worker_info()});
+is($pre, 't', 'export_worker_info: preloaded');
+is($wpid, ub_worker_pid($node), 'export_worker_info: pid of the worker');
+is($sent, scalar(@{ ub_mock_get($mock, 'events') }), 'export_worker_info: events sent = events the mock accepted');
+my $sent_rows = $node->safe_psql('postgres', q{SELECT count(*) FROM usage_billing.export_outbox WHERE status = 'sent'});
+is($node->safe_psql('postgres', q{SELECT usage_billing.export_prune('0 s')}), $sent_rows + 1,
+	'export_prune deletes sent and discarded rows');
+ub_add_usage($node, q{'c1'}, 'api_calls', 5);
+ok(ub_export_and_wait($node, $mock, 20), 'exports continue after pruning');
+is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'totals equal after pruning');
+my @c1e = grep { $_->{customer} eq 'cus_1' && $_->{event_name} eq 'api_calls' } @{ ub_mock_get($mock, 'events') };
+is($c1e[-1]{identifier} =~ /-3$/ ? 1 : 0, 1, 'identifiers keep counting after pruning (third event of c1 is -3)');
 
 $node->stop;
 done_testing();

@@ -81,9 +81,9 @@ sub ub_mock_post
 # A started node with the library preloaded, pointed at the mock, extension and fixtures created.
 sub ub_node
 {
-	my ($name, $mock, $extra) = @_;
+	my ($name, $mock, $extra, $init) = @_;
 	my $node = PostgreSQL::Test::Cluster->new($name);
-	$node->init;
+	$node->init(%{ $init // {} });
 	$node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'usage_billing'
 usage_billing.database = 'postgres'
@@ -145,7 +145,7 @@ SELECT c.stripe_customer_id || '|' || m.stripe_event_name, sum(floor(a.total))::
   JOIN usage_billing.customers c ON c.customer_id = a.customer_id
  WHERE m.stripe_event_name IS NOT NULL AND c.stripe_customer_id IS NOT NULL
    AND m.aggregation IN ('sum', 'count') AND c.stripe_customer_id NOT LIKE 'cus_bad%'
-   AND a.period_start > now() - interval '34 days'
+   AND a.period_end - interval '1 second' >= now() - interval '35 days' + interval '1 hour'
  GROUP BY 1 HAVING sum(floor(a.total)) > 0 ORDER BY 1});
 	my %h;
 	for my $line (split /\n/, $out)
@@ -200,9 +200,17 @@ sub ub_export_and_wait
 {
 	my ($node, $m, $timeout) = @_;
 	$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
-	return ub_wait_for(sub {
+	my $ok = ub_wait_for(sub {
 		ub_in_sync($node, $m) && $node->safe_psql('postgres',
 			q{SELECT count(*) FROM usage_billing.export_outbox WHERE status = 'pending'}) eq '0' }, $timeout // 30);
+	# on a timeout, say where things stand
+	Test::More::diag("not in sync; outbox: " . $node->safe_psql('postgres', q{
+SELECT status, count(*), min(next_attempt_at) - clock_timestamp(), max(attempts), max(last_error)
+  FROM usage_billing.export_outbox GROUP BY status})
+		. "\nworker: " . $node->safe_psql('postgres', q{
+SELECT pid, state, wait_event, query FROM pg_stat_activity WHERE backend_type = 'usage_billing export worker'})
+		. "\nmock: " . JSON::PP->new->canonical->encode(ub_mock_get($m, 'stats'))) unless $ok;
+	return $ok;
 }
 
 # The worker's pid, or '' when it does not run.

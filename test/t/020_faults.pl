@@ -46,6 +46,18 @@ SELECT extract(epoch FROM b.attempted_at - a.attempted_at)
 ok($gap ne '' && $gap >= 1.9, "Retry-After honoured (next attempt after $gap s)");
 diag($node->safe_psql('postgres', q{SELECT o.customer_id, a.* FROM usage_billing.export_attempts a JOIN usage_billing.export_outbox o USING (outbox_id) WHERE a.outbox_id IN (SELECT outbox_id FROM usage_billing.export_attempts WHERE http_status = 429) ORDER BY attempted_at})) if $gap eq '' || $gap < 1.9;
 
+# a retry stays scheduled across wake-ups that run no cycle: a procsignal (here
+# pg_log_backend_memory_contexts) sets the worker's latch while a 3 s Retry-After runs
+ub_mock_post($mock, 'faults', { kind => '429_retry_after', count => 1, retry_after => 3 });
+ub_add_usage($node, q{'c2'}, 'api_calls', 1);
+$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
+ok(ub_wait_for(sub { $node->safe_psql('postgres', q{SELECT count(*) FROM usage_billing.export_attempts a
+  JOIN usage_billing.export_outbox o USING (outbox_id) WHERE o.customer_id = 'c2' AND a.http_status = 429}) eq '1' }, 10),
+	'429 with Retry-After 3 s received');
+my $wpid = ub_worker_pid($node);
+$node->safe_psql('postgres', "SELECT pg_log_backend_memory_contexts($wpid)");
+ok(ub_wait_for(sub { ub_in_sync($node, $mock) }, 10), 'the retry still happened (no export_now)');
+
 # timeouts: the mock hangs past export_timeout (1 s)
 ub_mock_post($mock, 'faults', { kind => 'hang', count => 4, seconds => 3 });
 ub_add_usage($node, $all, 'api_calls', 2);
@@ -71,6 +83,15 @@ ub_add_usage($node, $all, 'api_calls', 1);
 ok(ub_export_and_wait($node, $mock, 30), 'closed connections: in sync');
 is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'closed connections: totals equal');
 
+# malformed and oversized answers: a 1 MB error body (cut at 16 kB), broken JSON, a 200
+# whose body is not JSON (the status decides)
+ub_mock_post($mock, 'faults', { kind => $_, count => 2 }) for qw(huge_500 garbage_500 garbage_200);
+ub_add_usage($node, $all, 'api_calls', 1);
+ok(ub_export_and_wait($node, $mock, 30), 'malformed answers: in sync');
+is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'malformed answers: totals equal');
+is(ub_mock_get($mock, 'stats')->{faults_queued}, 0, 'malformed answers were served');
+ok(ub_worker_pid($node) ne '', 'worker alive after malformed answers');
+
 # connection refused: Stripe unreachable (a closed port), then back
 my $dead = ub_start_mock();
 my $dead_url = $dead->{url};
@@ -88,6 +109,15 @@ $node->append_conf('postgresql.conf', "usage_billing.stripe_api_base = '$mock->{
 $node->reload;
 ok(ub_export_and_wait($node, $mock, 30), 'connection refused: in sync once reachable');
 is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'connection refused: totals equal');
+
+# Stripe's own rate limit (the mock answers 429 past 10 requests a second) while the
+# worker's ceiling is far higher: slowed down, nothing lost or doubled
+ub_mock_post($mock, 'config', { rate_limit => 10 });
+ub_add_usage($node, $all, 'api_calls', 1);
+ok(ub_export_and_wait($node, $mock, 40), 'rate limited by Stripe: in sync');
+is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'rate limited by Stripe: totals equal');
+ok(ub_mock_get($mock, 'stats')->{statuses}{429} > 6, 'the mock did answer 429s');
+ub_mock_post($mock, 'config', { rate_limit => 0 });
 
 # everything at once, with more customers and a fractional carry
 ub_customers($node, 31, 120);

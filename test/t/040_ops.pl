@@ -13,7 +13,7 @@ do './test/t/01_lib.pl' or die "01_lib.pl: $@ $!";
 
 # the mock expects another key: every request is refused with 401
 my $wrong = ub_start_mock(key => 'sk_test_somethingelse');
-my $node = ub_node('ops', $wrong, "log_min_messages = debug1\nlog_statement = 'all'\n");
+my $node = ub_node('ops', $wrong, "log_min_messages = debug1\nlog_statement = 'all'\n", { allows_streaming => 1 });
 ub_customers($node, 1, 30);
 my $all = q{SELECT customer_id FROM usage_billing.customers};
 $node->safe_psql('postgres', q{CREATE ROLE alice LOGIN; GRANT USAGE ON SCHEMA usage_billing TO alice;});
@@ -34,6 +34,14 @@ is($node->safe_psql('postgres', q{SELECT count(*) FROM pg_settings WHERE name = 
 ($ret, $out, $err) = $node->psql('postgres', 'SHOW ALL', extra_params => [ '-U', 'alice' ]);
 unlike($out, qr/\Q$UB_KEY\E/, 'not in SHOW ALL');
 is($node->safe_psql('postgres', 'SHOW usage_billing.stripe_api_key'), $UB_KEY, 'a superuser can SHOW it');
+for my $where ('ROLE alice', 'DATABASE postgres')
+{
+	($ret, $out, $err) = $node->psql('postgres', "ALTER $where SET usage_billing.stripe_api_key = '$UB_KEY'");
+	isnt($ret, 0, "ALTER $where SET of the key refused (pg_db_role_setting is public)");
+	ok($err =~ /cannot be stored in a role, database or function setting/ && $err !~ /\Q$UB_KEY\E/,
+		"ALTER $where SET: clear error without the key");
+}
+is($node->safe_psql('postgres', 'SELECT count(*) FROM pg_db_role_setting'), '0', 'nothing stored');
 
 # a faulty run: 401 on every request, and a failing cycle, with the log at debug1
 ub_add_usage($node, $all, 'api_calls', 4);
@@ -44,18 +52,21 @@ like($node->safe_psql('postgres', q{SELECT last_error FROM usage_billing.export_
 	qr/Invalid API Key/, "Stripe's 401 message in export_status");
 is($node->safe_psql('postgres', q{SELECT count(*) FROM usage_billing.export_outbox WHERE status = 'failed'}),
 	'0', 'a bad key fails no row for good (401 is retried)');
-$node->safe_psql('postgres', q{ALTER FUNCTION usage_billing.export_record(bigint, text, integer, text, text, integer, boolean, integer) RENAME TO er_away});
+$node->safe_psql('postgres', q{ALTER FUNCTION usage_billing.export_record(bigint[], text[], integer[], text[], text[], integer[], boolean[], integer[]) RENAME TO er_away});
 ub_add_usage($node, q{'c1'}, 'api_calls', 1);
 $node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
 ok(ub_wait_for(sub { slurp_file($node->logfile) =~ /export_record\(.*does not exist/ }, 15), 'a cycle failed');
-$node->safe_psql('postgres', q{ALTER FUNCTION usage_billing.er_away(bigint, text, integer, text, text, integer, boolean, integer) RENAME TO export_record});
+$node->safe_psql('postgres', q{ALTER FUNCTION usage_billing.er_away(bigint[], text[], integer[], text[], text[], integer[], boolean[], integer[]) RENAME TO export_record});
 my $everything = $node->safe_psql('postgres', q{
 SELECT coalesce(string_agg(t::text, ' '), '') FROM (
   SELECT s::text AS t FROM usage_billing.export_status s
   UNION ALL SELECT o::text FROM usage_billing.export_outbox o
   UNION ALL SELECT a::text FROM usage_billing.export_attempts a) x});
-unlike($everything, qr/\Q$UB_KEY\E/, 'key absent from export_status, outbox and attempts');
-unlike(slurp_file($node->logfile), qr/\Q$UB_KEY\E/, 'key absent from the server log');
+ok($everything !~ /\Q$UB_KEY\E/, 'key absent from export_status, outbox and attempts');
+my $tail = substr($UB_KEY, -4);
+ok($everything =~ /Invalid API Key provided: sk_test_\*+"/, "Stripe's 401 message kept, key masked");
+ok($everything !~ /\*\Q$tail\E/, "not even the last four characters Stripe's 401 quotes");
+ok(slurp_file($node->logfile) !~ /\Q$UB_KEY\E/, 'key absent from the server log');
 
 # the key file, used when stripe_api_key is empty
 my $good = ub_start_mock();
@@ -74,7 +85,19 @@ sleep(0.5);
 ok(ub_export_and_wait($node, $good, 30), 'key file and reloaded stripe_api_base: in sync');
 is_deeply(ub_mock_totals($node, $good), ub_expected_totals($node), 'totals equal on the new base URL');
 is(ub_mock_get($wrong, 'stats')->{accepted}, 0, 'the old base URL got nothing accepted');
-unlike(slurp_file($node->logfile), qr/\Q$UB_KEY\E/, 'key still absent from the server log');
+
+# key rotation through ALTER SYSTEM (logged by log_statement) and reload (PostgreSQL
+# logs 'parameter ... changed to "<value>"'): the log hook masks both
+$node->safe_psql('postgres', qq{ALTER SYSTEM SET usage_billing.stripe_api_key = '$UB_KEY'});
+$node->reload;
+ub_add_usage($node, q{'c3'}, 'api_calls', 1);
+ok(ub_export_and_wait($node, $good, 30), 'key set by ALTER SYSTEM used after reload');
+my $log = slurp_file($node->logfile);
+ok($log =~ /parameter "usage_billing.stripe_api_key" changed to "\*+"/, 'the reload message is logged, value masked');
+ok($log =~ /statement: ALTER SYSTEM SET usage_billing.stripe_api_key = 'sk_test_\*+'/, 'the statement is logged, key masked');
+ok($log !~ /\Q$UB_KEY\E/, 'key absent from the server log (reload, statements, errors)');
+$node->safe_psql('postgres', q{ALTER SYSTEM RESET usage_billing.stripe_api_key});
+$node->reload;
 
 # --- SIGHUP reload of the interval (export_now is not called here) ---
 $node->safe_psql('postgres', q{ALTER SYSTEM SET usage_billing.export_interval = 1; SELECT pg_reload_conf();});
@@ -107,6 +130,30 @@ $t0 = time();
 $node->safe_psql('postgres', 'DROP DATABASE scratch');
 ok(time() - $t0 < 5, sprintf('DROP DATABASE of another database took %.1f s', time() - $t0));
 is(ub_worker_pid($node) ne '', 1, 'worker still running');
+
+# --- never on a standby ---
+$node->backup('b');
+my $standby = PostgreSQL::Test::Cluster->new('standby');
+$standby->init_from_backup($node, 'b', has_streaming => 1);
+$standby->start;
+sleep(2);
+is($standby->safe_psql('postgres', q{SELECT count(*) FROM pg_stat_activity
+  WHERE backend_type = 'usage_billing export worker'}), '0', 'no export worker on a standby');
+is($standby->safe_psql('postgres', q{SELECT pid IS NULL FROM usage_billing.export_worker_info()}), 't',
+	'export_worker_info on the standby: no worker');
+$standby->stop;
+
+# --- without shared_preload_libraries: SQL works, export_now() says why nothing happens ---
+my $plain = PostgreSQL::Test::Cluster->new('plain');
+$plain->init;
+$plain->start;
+$plain->safe_psql('postgres', 'CREATE EXTENSION usage_billing');
+($ret, $out, $err) = $plain->psql('postgres', 'SELECT usage_billing.export_now()');
+is($ret, 0, 'export_now() without preloading succeeds');
+like($err, qr/NOTICE:  the usage_billing export worker is not running/, 'with a NOTICE');
+is($plain->safe_psql('postgres', 'SELECT preloaded, pid IS NULL FROM usage_billing.export_worker_info()'),
+	'f|t', 'export_worker_info: not preloaded');
+$plain->stop;
 
 $node->stop;
 done_testing();

@@ -1,0 +1,109 @@
+/*-------------------------------------------------------------------------
+ * export_secrets.c
+ *	  Keeping the Stripe API key out of everything we store or log.
+ *
+ * Vocabulary
+ *   key        the secret in usage_billing.stripe_api_key (or read from
+ *              usage_billing.stripe_api_key_file)
+ *   key-shaped a token starting sk_live_, sk_test_, rk_live_ or rk_test_;
+ *              Stripe's 401 answer quotes the key's last characters
+ *   redact     overwrite in place with '*' (same length, no allocation, so
+ *              it is safe inside an error report)
+ *
+ * Two users: Stripe error messages before they are stored in the outbox,
+ * and an emit_log_hook.  The hook exists because PostgreSQL itself logs
+ * 'parameter "usage_billing.stripe_api_key" changed to "..."' when the key
+ * changes on reload, and log_statement logs ALTER SYSTEM SET statements.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <ctype.h>
+
+#include "tcop/tcopprot.h"
+#include "utils/elog.h"
+#include "utils/guc.h"
+
+#include "stripe_client.h"
+
+#define UB_KEY_GUC_CHANGED	"parameter \"usage_billing.stripe_api_key\" changed to \""
+
+static emit_log_hook_type prev_emit_log_hook = NULL;
+
+static void ub_emit_log_hook(ErrorData *edata);
+static bool ub_has_key_shape(const char *s);
+
+/* Masks the configured key wherever it appears, and every key-shaped token. */
+void
+ub_redact_keys(char *msg, const char *key)
+{
+	static const char *const prefixes[] = {"sk_live_", "sk_test_", "rk_live_", "rk_test_"};
+	char	   *p;
+	int			i;
+
+	if (msg == NULL)
+		return;
+	if (key && strlen(key) >= 4)
+		while ((p = strstr(msg, key)) != NULL)
+			memset(p, '*', strlen(key));
+	for (i = 0; i < lengthof(prefixes); i++)
+	{
+		p = msg;
+		while ((p = strstr(p, prefixes[i])) != NULL)
+		{
+			p += strlen(prefixes[i]);
+			while (*p && !isspace((unsigned char) *p) && *p != '"' && *p != '\'' && *p != ',')
+				*p++ = '*';
+		}
+	}
+}
+
+/* True when s holds a key-shaped token (cheap pre-check). */
+static bool
+ub_has_key_shape(const char *s)
+{
+	return s && (strstr(s, "sk_live_") || strstr(s, "sk_test_") ||
+				 strstr(s, "rk_live_") || strstr(s, "rk_test_"));
+}
+
+/* Installs the log hook; called from _PG_init (in the postmaster when preloaded). */
+void
+ub_secrets_init(void)
+{
+	prev_emit_log_hook = emit_log_hook;
+	emit_log_hook = ub_emit_log_hook;
+}
+
+/*
+ * emit_log_hook: redacts the key from every log message (and from the
+ * STATEMENT line, by hiding it) before it reaches the server log.
+ */
+static void
+ub_emit_log_hook(ErrorData *edata)
+{
+	const char *key = GetConfigOption("usage_billing.stripe_api_key", true, false);
+
+	if (edata->message &&
+		strncmp(edata->message, UB_KEY_GUC_CHANGED, strlen(UB_KEY_GUC_CHANGED)) == 0)
+	{
+		char	   *v = edata->message + strlen(UB_KEY_GUC_CHANGED);
+		size_t		n = strlen(v);
+
+		if (n > 0 && v[n - 1] == '"')
+			n--;
+		memset(v, '*', n);
+	}
+	ub_redact_keys(edata->message, key);
+	ub_redact_keys(edata->detail, key);
+	ub_redact_keys(edata->detail_log, key);
+	ub_redact_keys(edata->hint, key);
+	ub_redact_keys(edata->context, key);
+	ub_redact_keys(edata->internalquery, key);
+	if (debug_query_string &&
+		(ub_has_key_shape(debug_query_string) ||
+		 (key && strlen(key) >= 4 && strstr(debug_query_string, key))))
+		edata->hide_stmt = true;
+
+	if (prev_emit_log_hook)
+		prev_emit_log_hook(edata);
+}
