@@ -608,6 +608,17 @@ COMMENT ON VIEW usage_billing.current_usage IS
  *                duplicate identifier.
  *   planned      the level Stripe will hold once every non-discarded outbox row is delivered.
  *   exported     the level Stripe has confirmed (HTTP 200).
+ *
+ * Operations
+ *   - export_status shows, per customer, meter and period: total, exported, pending,
+ *     failed (Stripe refused for good, with its message), needs_manual_credit (a lowered
+ *     sum/count total: nothing negative is ever sent) and the last attempt.
+ *   - After fixing a customer's Stripe id or a meter: retry_failed_exports().
+ *   - export_prune() deletes old sent rows; identifiers never repeat (export_state.last_seq).
+ *   - Periods older than Stripe's 35-day window are not sent (failed, with the reason).
+ *   - Usage recorded with an event time up to 4 minutes ahead is planned; later ones wait.
+ *   - The key: postgresql.conf or usage_billing.stripe_api_key_file, never ALTER ROLE /
+ *     DATABASE SET (refused); the server log masks key-shaped strings.
  */
 
 CREATE TABLE usage_billing.export_state (
