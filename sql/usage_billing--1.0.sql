@@ -723,6 +723,17 @@ COMMENT ON FUNCTION usage_billing.acknowledge_alert(text, text, timestamptz, tex
  *                duplicate identifier.
  *   planned      the level Stripe will hold once every non-discarded outbox row is delivered.
  *   exported     the level Stripe has confirmed (HTTP 200).
+ *
+ * Operations
+ *   - export_status shows, per customer, meter and period: total, exported, pending,
+ *     failed (Stripe refused for good, with its message), needs_manual_credit (a lowered
+ *     sum/count total: nothing negative is ever sent) and the last attempt.
+ *   - After fixing a customer's Stripe id or a meter: retry_failed_exports().
+ *   - export_prune() deletes old sent rows; identifiers never repeat (export_state.last_seq).
+ *   - Periods older than Stripe's 35-day window are not sent (failed, with the reason).
+ *   - Usage recorded with an event time up to 4 minutes ahead is planned; later ones wait.
+ *   - The key: postgresql.conf or usage_billing.stripe_api_key_file, never ALTER ROLE /
+ *     DATABASE SET (refused); the server log masks key-shaped strings.
  */
 
 CREATE TABLE usage_billing.export_state (
@@ -744,8 +755,9 @@ CREATE TABLE usage_billing.export_state (
 COMMENT ON TABLE usage_billing.export_state IS
     'Export bookkeeping per customer, meter and period: planned and Stripe-confirmed whole-number levels, last attempt.';
 
+CREATE SEQUENCE usage_billing.export_outbox_id_seq;
 CREATE TABLE usage_billing.export_outbox (
-    outbox_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    outbox_id          bigint PRIMARY KEY DEFAULT nextval('usage_billing.export_outbox_id_seq'),
     customer_id        text NOT NULL,
     meter              text NOT NULL,
     period_start       timestamptz NOT NULL,
@@ -789,14 +801,30 @@ CREATE TABLE usage_billing.export_attempts (
 COMMENT ON TABLE usage_billing.export_attempts IS
     'One row per HTTP attempt of an outbox row: HTTP status (0 = no answer), Stripe Request-Id, error message.';
 
+CREATE TABLE usage_billing.export_epoch (
+    epoch text NOT NULL CHECK (epoch ~ '^[0-9a-f]{8}$'),
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE UNIQUE INDEX export_epoch_one_row ON usage_billing.export_epoch ((true));
+COMMENT ON TABLE usage_billing.export_epoch IS
+    'A random tag per installation (made by the first export_plan()), part of every identifier: a dropped and re-created extension never reuses one; dump/restore keeps it.';
+
+-- dump/restore must keep what was exported (else everything is sent again)
+SELECT pg_catalog.pg_extension_config_dump('usage_billing.export_epoch', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_billing.export_state', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_billing.export_outbox', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_billing.export_outbox_id_seq', '');
+SELECT pg_catalog.pg_extension_config_dump('usage_billing.export_attempts', '');
+
 CREATE FUNCTION usage_billing.export_identifier(customer_id text, meter text, period_start timestamptz, seq integer)
 RETURNS text
-LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+LANGUAGE sql STABLE STRICT PARALLEL SAFE
 SET search_path = pg_catalog, pg_temp
-RETURN 'ub-' || left(md5(customer_id || chr(31) || meter || chr(31)
-                         || extract(epoch FROM period_start)::bigint::text), 24) || '-' || seq::text;
+RETURN 'ub-' || (SELECT e.epoch FROM usage_billing.export_epoch e) || '-'
+       || left(md5(customer_id || chr(31) || meter || chr(31)
+                   || extract(epoch FROM period_start)::bigint::text), 24) || '-' || seq::text;
 COMMENT ON FUNCTION usage_billing.export_identifier(text, text, timestamptz, integer) IS
-    'The deterministic Stripe identifier of the seq-th meter event of a customer, meter and period.';
+    'The deterministic Stripe identifier of the seq-th meter event of a customer, meter and period (with the installation''s epoch).';
 
 CREATE FUNCTION usage_billing.export_plan(max_rows integer DEFAULT 10000)
 RETURNS integer
@@ -824,6 +852,9 @@ BEGIN
     END IF;
     -- one planner at a time (the worker; a manual call waits)
     PERFORM pg_advisory_xact_lock(7245170349586201);
+    INSERT INTO usage_billing.export_epoch (epoch)
+    SELECT left(md5(random()::text || clock_timestamp()::text || pg_backend_pid()::text), 8)
+     WHERE NOT EXISTS (SELECT 1 FROM usage_billing.export_epoch);
 
     WITH cand AS (
         SELECT a.customer_id, a.meter, a.period_start, a.period_end,

@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  * export_worker.c
- *	  The Stripe export worker: settings, registration, the main loop,
- *	  and usage_billing.export_now().
+ *	  The Stripe export worker: settings, registration and the main loop.
+ *	  (usage_billing.export_now() lives in shmem.c, next to what it pokes.)
  *
  * Vocabulary
  *   cycle     one pass: plan (transaction 1), then batches of fetch, send
@@ -22,9 +22,7 @@
 
 #include <sys/stat.h>
 
-#include "access/htup_details.h"
 #include "access/xact.h"
-#include "funcapi.h"
 #include "access/xlog.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -83,12 +81,7 @@ static long ub_guarded_cycle(MemoryContext cycle_cxt, bool *more);
 static void ub_begin(void);
 static void ub_commit(void);
 
-static bool ub_wake_at_commit = false;
-static bool ub_xact_cb_registered = false;
-static void ub_export_now_xact_cb(XactEvent event, void *arg);
 
-PG_FUNCTION_INFO_V1(ub_export_now);
-PG_FUNCTION_INFO_V1(ub_export_worker_info);
 
 /* Defines the export settings; when preloading, requests shared memory and registers the worker. */
 void
@@ -543,66 +536,4 @@ ub_export_worker_main(Datum main_arg)
 			run_now = true;
 		}
 	}
-}
-
-/* usage_billing.export_now(): sets the worker's latch so that it exports at once. */
-Datum
-ub_export_now(PG_FUNCTION_ARGS)
-{
-	if (!ub_shmem_available())
-	{
-		ereport(NOTICE,
-				(errmsg("the usage_billing export worker is not running"),
-				 errdetail("The library usage_billing is not in shared_preload_libraries."),
-				 errhint("Add usage_billing to shared_preload_libraries and restart the server.")));
-		PG_RETURN_VOID();
-	}
-	/* wake now, and again once this transaction's usage is visible to the worker */
-	if (!ub_xact_cb_registered)
-	{
-		RegisterXactCallback(ub_export_now_xact_cb, NULL);
-		ub_xact_cb_registered = true;
-	}
-	ub_wake_at_commit = true;
-	if (ub_shmem_wake_worker() == 0)
-		ereport(NOTICE,
-				(errmsg("the usage_billing export worker is not running"),
-				 errdetail("It starts with the server and restarts within 10 seconds after a crash."),
-				 errhint("Check the server log for its last messages.")));
-	PG_RETURN_VOID();
-}
-
-/* Wakes the worker at commit of a transaction that called export_now(). */
-static void
-ub_export_now_xact_cb(XactEvent event, void *arg)
-{
-	if (event == XACT_EVENT_COMMIT && ub_wake_at_commit)
-		(void) ub_shmem_wake_worker();
-	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
-		event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT)
-		ub_wake_at_commit = false;
-}
-
-/* usage_billing.export_worker_info(): the worker's pid and counters since server start. */
-Datum
-ub_export_worker_info(PG_FUNCTION_ARGS)
-{
-	TupleDesc	desc;
-	Datum		values[5];
-	bool		nulls[5] = {false, false, false, false, false};
-	pid_t		pid;
-	int64		cycles;
-	int64		sent;
-	int64		failed;
-
-	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
-	ub_shmem_read_stats(&pid, &cycles, &sent, &failed);
-	values[0] = BoolGetDatum(ub_shmem_available());
-	values[1] = Int32GetDatum((int32) pid);
-	nulls[1] = (pid == 0);
-	values[2] = Int64GetDatum(cycles);
-	values[3] = Int64GetDatum(sent);
-	values[4] = Int64GetDatum(failed);
-	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
 }

@@ -8,11 +8,17 @@
  * protects it; nothing here sleeps or allocates while holding it.
  *
  * Without shared_preload_libraries the struct does not exist and
- * ub_shmem_available() says so.
+ * ub_shmem_available() says so.  The SQL functions that reach the worker
+ * through it, usage_billing.export_now() and export_worker_info(), live
+ * here too.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "access/htup_details.h"
+#include "access/xact.h"
+#include "fmgr.h"
+#include "funcapi.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
@@ -37,8 +43,15 @@ static UbExportShared *ub_shared = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
+static bool ub_wake_at_commit = false;
+static bool ub_xact_cb_registered = false;
+
 static void ub_shmem_request(void);
 static void ub_shmem_startup(void);
+static void ub_export_now_xact_cb(XactEvent event, void *arg);
+
+PG_FUNCTION_INFO_V1(ub_export_now);
+PG_FUNCTION_INFO_V1(ub_export_worker_info);
 
 /* Installs the hooks; called from _PG_init only while preloading. */
 void
@@ -177,4 +190,66 @@ ub_shmem_read_stats(pid_t *pid, int64 *cycles, int64 *sent, int64 *failed)
 	*sent = ub_shared->events_sent;
 	*failed = ub_shared->events_failed;
 	SpinLockRelease(&ub_shared->mutex);
+}
+
+/* usage_billing.export_now(): sets the worker's latch so that it exports at once. */
+Datum
+ub_export_now(PG_FUNCTION_ARGS)
+{
+	if (!ub_shmem_available())
+	{
+		ereport(NOTICE,
+				(errmsg("the usage_billing export worker is not running"),
+				 errdetail("The library usage_billing is not in shared_preload_libraries."),
+				 errhint("Add usage_billing to shared_preload_libraries and restart the server.")));
+		PG_RETURN_VOID();
+	}
+	/* wake now, and again once this transaction's usage is visible to the worker */
+	if (!ub_xact_cb_registered)
+	{
+		RegisterXactCallback(ub_export_now_xact_cb, NULL);
+		ub_xact_cb_registered = true;
+	}
+	ub_wake_at_commit = true;
+	if (ub_shmem_wake_worker() == 0)
+		ereport(NOTICE,
+				(errmsg("the usage_billing export worker is not running"),
+				 errdetail("It starts with the server and restarts within 10 seconds after a crash."),
+				 errhint("Check the server log for its last messages.")));
+	PG_RETURN_VOID();
+}
+
+/* Wakes the worker at commit of a transaction that called export_now(). */
+static void
+ub_export_now_xact_cb(XactEvent event, void *arg)
+{
+	if (event == XACT_EVENT_COMMIT && ub_wake_at_commit)
+		(void) ub_shmem_wake_worker();
+	if (event == XACT_EVENT_COMMIT || event == XACT_EVENT_ABORT ||
+		event == XACT_EVENT_PARALLEL_COMMIT || event == XACT_EVENT_PARALLEL_ABORT)
+		ub_wake_at_commit = false;
+}
+
+/* usage_billing.export_worker_info(): the worker's pid and counters since server start. */
+Datum
+ub_export_worker_info(PG_FUNCTION_ARGS)
+{
+	TupleDesc	desc;
+	Datum		values[5];
+	bool		nulls[5] = {false, false, false, false, false};
+	pid_t		pid;
+	int64		cycles;
+	int64		sent;
+	int64		failed;
+
+	if (get_call_result_type(fcinfo, NULL, &desc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+	ub_shmem_read_stats(&pid, &cycles, &sent, &failed);
+	values[0] = BoolGetDatum(ub_shmem_available());
+	values[1] = Int32GetDatum((int32) pid);
+	nulls[1] = (pid == 0);
+	values[2] = Int64GetDatum(cycles);
+	values[3] = Int64GetDatum(sent);
+	values[4] = Int64GetDatum(failed);
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(desc, values, nulls)));
 }

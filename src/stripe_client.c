@@ -18,7 +18,8 @@
  *
  * No transaction is open while this runs.  Everything libcurl and cJSON
  * allocate is freed on every path (PG_FINALLY); the API key only goes into
- * the Authorization header and never into a message.
+ * the Authorization header, and Stripe's error messages are redacted
+ * (export_secrets.c) before they are stored.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -59,6 +60,8 @@ static double ub_tokens = 1.0;
 static TimestampTz ub_tokens_at = 0;
 
 static size_t ub_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata);
+static void ub_copy_header_value(const char *line, size_t len, size_t name_len, char *dst,
+								 size_t dstlen);
 static size_t ub_header_cb(char *buffer, size_t size, size_t nitems, void *userdata);
 static void ub_append_field(StringInfo buf, const char *name, const char *value);
 static void ub_slot_start(UbSlot *slot, UbMeterEvent *ev, const UbStripeConfig *cfg,
@@ -69,6 +72,9 @@ static void ub_parse_error(const char *body, size_t len, char *type, char *code,
 						   char *message);
 static int	ub_backoff_ms(int attempts, const UbStripeConfig *cfg);
 static bool ub_take_token(double rps, long *wait_ms);
+static void ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
+						  const UbStripeConfig *cfg, const char *url, const char *auth,
+						  bool *throttled);
 
 /* libcurl write callback: copies into the slot's fixed buffer, drops the excess. */
 static size_t

@@ -141,5 +141,22 @@ is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'totals equal
 my @c1e = grep { $_->{customer} eq 'cus_1' && $_->{event_name} eq 'api_calls' } @{ ub_mock_get($mock, 'events') };
 is($c1e[-1]{identifier} =~ /-3$/ ? 1 : 0, 1, 'identifiers keep counting after pruning (third event of c1 is -3)');
 
+# DROP EXTENSION under the running worker, then CREATE again: the new installation's
+# identifiers differ (epoch), so Stripe does not drop its events as duplicates
+my $before = ub_mock_get($mock, 'totals')->{'cus_1|api_calls'};
+$node->safe_psql('postgres', 'DROP EXTENSION usage_billing CASCADE');
+$node->safe_psql('postgres', 'SELECT 1');
+sleep(1);
+$node->safe_psql('postgres', q{
+CREATE EXTENSION usage_billing;
+SELECT usage_billing.create_plan('basic');
+SELECT usage_billing.create_meter('api_calls', 'sum', stripe_event_name => 'api_calls');});
+ub_customers($node, 1, 1);
+ub_add_usage($node, q{'c1'}, 'api_calls', 7);
+$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
+ok(ub_wait_for(sub { (ub_mock_get($mock, 'totals')->{'cus_1|api_calls'} // 0) == $before + 7 }, 20),
+	'after DROP/CREATE EXTENSION the new event is counted, not dropped as a duplicate');
+is(ub_worker_pid($node), $wpid, 'the worker lived through DROP/CREATE EXTENSION');
+
 $node->stop;
 done_testing();
