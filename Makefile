@@ -22,7 +22,8 @@ OBJS = \
 	src/export_worker.o \
 	src/stripe_client.o \
 	src/export_outbox.o \
-	src/export_secrets.o
+	src/export_secrets.o \
+	src/export_cancel.o
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 

@@ -1,0 +1,662 @@
+/*-------------------------------------------------------------------------
+ * export_cancel.c
+ *	  Export corrections: cancelling meter events in Stripe when a correction
+ *	  lowered a total Stripe already holds; and the worker's alert flush.
+ *
+ * The rule.  For sum and count meters Stripe holds the sum of the deltas
+ * sent.  When a correction (void_usage, adjust_usage) lowers a period's
+ * total below what Stripe holds (planned > floor(total)), the worker cancels
+ * the most recent meter events of that customer, meter and period that
+ * Stripe received less than usage_billing.export_cancel_window ago (default
+ * 23 h, a margin under Stripe's 24 h), newest first, until what Stripe holds
+ * is <= floor(total); the planner (export_plan) then sends the positive
+ * difference as a new event.  What cannot be cancelled (older events, or a
+ * cancel Stripe refused) shows in export_status as needs_manual_credit, with
+ * the amount.  Formula-last meters (max, last, unique_count) need no cancel:
+ * the planner already sends the new, lower current value.
+ *
+ * Vocabulary (see the export corrections block of usage_billing--1.0.sql)
+ *   cancel      one row of usage_billing.export_cancels: the intent to cancel
+ *               one sent event (by its identifier) with POST
+ *               /v1/billing/meter_event_adjustments (type=cancel), committed
+ *               before the request, with a deterministic Idempotency-Key
+ *   run         one pass per cycle, before the cycle's sending: plan and
+ *               fetch the due cancels (transaction 1), then for each cancel
+ *               one synchronous request (no transaction open) and one
+ *               export_cancel_record() call (its own transaction 2)
+ *   outcome     cancelled (the event's value leaves planned and exported,
+ *               once: only a pending row can change), refused (a 4xx that
+ *               retrying cannot fix, e.g. the event is older than 24 h: the
+ *               value becomes manual credit), retry (network error, 409,
+ *               429, 5xx: same identifier later, same key unless an error
+ *               answer was received, since Stripe replays saved answers)
+ *
+ * Cancels are rare, so they go one at a time with a libcurl easy handle
+ * (never two requests for one customer and meter).  Everything libcurl
+ * allocates is freed on every path; the key only goes into the
+ * Authorization header, is wiped after use, and never reaches a message.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <curl/curl.h>
+#include <cjson/cJSON.h>
+
+#include "access/xact.h"
+#include "catalog/pg_type.h"
+#include "common/pg_prng.h"
+#include "executor/spi.h"
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "utils/builtins.h"
+#include "utils/guc.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "export_cancel.h"
+
+/* cancels planned per run: bounds transaction 1 */
+#define UB_CANCEL_PLAN_ROWS		1000
+/* cancels sent per run: the rest waits for the next cycle */
+#define UB_CANCEL_SEND_ROWS		200
+/* answers are small; anything bigger is cut (and still classified by status) */
+#define UB_CANCEL_MAX_BODY		8192
+#define UB_CANCEL_HDR_LEN		64
+
+typedef struct UbCancel
+{
+	/* what to send (from the export_cancels row) */
+	int64		cancel_id;
+	char	   *identifier;
+	char	   *idempotency_key;
+	char	   *event_name;
+	int			attempts;
+
+	/* what happened */
+	const char *outcome;		/* "cancelled", "refused" or "retry" */
+	int			http_status;	/* 0 = no HTTP answer */
+	int			retry_in_ms;
+	bool		rotate_key;
+	bool		throttled;
+	char		request_id[UB_REQUEST_ID_LEN];
+	char		error[UB_ERROR_LEN];
+} UbCancel;
+
+/* one answer, in fixed buffers: the callbacks never allocate */
+typedef struct UbCancelAnswer
+{
+	size_t		len;
+	bool		truncated;
+	char		body[UB_CANCEL_MAX_BODY + 1];
+	char		request_id[UB_REQUEST_ID_LEN];
+	char		retry_after[UB_CANCEL_HDR_LEN];
+	char		should_retry[UB_CANCEL_HDR_LEN];
+	char		errbuf[CURL_ERROR_SIZE];
+} UbCancelAnswer;
+
+static int	ub_cancel_window_s = 82800;
+static bool ub_cancel_curl_ready = false;
+
+static MemoryContext ub_cancel_begin(void);
+static void ub_cancel_commit(MemoryContext cxt);
+static bool ub_cancel_installed(void);
+static UbCancel *ub_cancel_fetch(MemoryContext cxt, int *n);
+static bool ub_cancel_record(UbCancel *c);
+static void ub_cancel_send(UbCancel *c, const UbStripeConfig *cfg, const char *url,
+						   const char *auth);
+static void ub_cancel_classify(UbCancel *c, UbCancelAnswer *ans, long status,
+							   const UbStripeConfig *cfg);
+static int	ub_cancel_backoff_ms(int attempts, const UbStripeConfig *cfg);
+static int	ub_cancel_send_all(UbCancel *cancels, int n, const UbStripeConfig *cfg,
+							   const char *url, const char *auth);
+
+/* Defines usage_billing.export_cancel_window (called from _PG_init). */
+void
+ub_cancel_init(void)
+{
+	DefineCustomIntVariable("usage_billing.export_cancel_window",
+							"How long after sending a meter event the export worker may still cancel it.",
+							"Stripe cancels events only within 24 hours of receiving them; the default, "
+							"23 hours, leaves a margin.  0 never cancels: a lowered sum/count total then "
+							"always shows as needs_manual_credit in export_status.",
+							&ub_cancel_window_s, 82800, 0, 86000, PGC_SIGHUP, GUC_UNIT_S,
+							NULL, NULL, NULL);
+}
+
+/* Starts a transaction with a snapshot for SPI; returns the context to come back to. */
+static MemoryContext
+ub_cancel_begin(void)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	return cxt;
+}
+
+/* Commits what ub_cancel_begin started and goes back to the caller's context. */
+static void
+ub_cancel_commit(MemoryContext cxt)
+{
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	MemoryContextSwitchTo(cxt);
+}
+
+/*
+ * Calls usage_billing.flush_alerts() once per cycle, in a subtransaction of
+ * the caller's: hard_cap_blocked alerts queued by refused calls reach
+ * alert_log without waiting for another increment.  An error is reported as
+ * a warning and rolled back alone; a database whose extension predates the
+ * function is skipped.
+ */
+void
+ub_cancel_flush_alerts(void)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		bool		isnull;
+		bool		exists;
+
+		SPI_connect();
+		if (SPI_execute("SELECT to_regprocedure('usage_billing.flush_alerts()') IS NOT NULL",
+						true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "SPI failed while looking for usage_billing.flush_alerts()");
+		exists = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		if (exists && SPI_execute("SELECT usage_billing.flush_alerts()", false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "SPI failed while flushing alerts");
+		SPI_finish();
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("usage_billing export worker could not flush alerts: %s", edata->message),
+				 errdetail("The export cycle goes on; the alerts stay queued for the next flush.")));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
+}
+
+/* True when this database's extension has the cancel table and functions (it may predate them). */
+static bool
+ub_cancel_installed(void)
+{
+	bool		isnull;
+	bool		ok;
+
+	SPI_connect();
+	if (SPI_execute("SELECT to_regclass('usage_billing.export_cancels') IS NOT NULL"
+					" AND to_regproc('usage_billing.export_cancel_plan') IS NOT NULL",
+					true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "SPI failed while looking for usage_billing.export_cancels");
+	ok = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+	return ok && !isnull;
+}
+
+/* Transaction 1: plans the cancels a lowered total calls for and copies the due ones into cxt. */
+static UbCancel *
+ub_cancel_fetch(MemoryContext cxt, int *n)
+{
+	Oid			argtypes[2] = {INT4OID, INT4OID};
+	Datum		values[2];
+	UbCancel   *volatile cancels;
+	uint64		i;
+
+	*n = 0;
+	if (!ub_cancel_installed())
+		return NULL;
+
+	SPI_connect();
+	values[0] = Int32GetDatum(ub_cancel_window_s);
+	values[1] = Int32GetDatum(UB_CANCEL_PLAN_ROWS);
+	if (SPI_execute_with_args("SELECT usage_billing.export_cancel_plan(make_interval(secs => $1), $2)",
+							  2, argtypes, values, NULL, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "SPI failed while planning meter event cancels");
+
+	values[0] = Int32GetDatum(UB_CANCEL_SEND_ROWS);
+	if (SPI_execute_with_args("SELECT cancel_id, identifier, idempotency_key, event_name, attempts"
+							  "  FROM usage_billing.export_cancels"
+							  " WHERE status = 'pending' AND next_attempt_at <= clock_timestamp()"
+							  " ORDER BY next_attempt_at, cancel_id LIMIT $1",
+							  1, argtypes, values, NULL, true, UB_CANCEL_SEND_ROWS) != SPI_OK_SELECT)
+		elog(ERROR, "SPI failed while fetching meter event cancels");
+
+	*n = (int) SPI_processed;
+	cancels = MemoryContextAllocZero(cxt, sizeof(UbCancel) * Max(*n, 1));
+	for (i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		UbCancel   *c = &cancels[i];
+		bool		isnull;
+
+		c->cancel_id = DatumGetInt64(SPI_getbinval(tup, desc, 1, &isnull));
+		c->identifier = MemoryContextStrdup(cxt, SPI_getvalue(tup, desc, 2));
+		c->idempotency_key = MemoryContextStrdup(cxt, SPI_getvalue(tup, desc, 3));
+		c->event_name = MemoryContextStrdup(cxt, SPI_getvalue(tup, desc, 4));
+		c->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+	}
+	SPI_finish();
+	return cancels;
+}
+
+/* Transaction 2: records one attempt's outcome; true when Stripe confirmed the cancel now. */
+static bool
+ub_cancel_record(UbCancel *c)
+{
+	Oid			argtypes[7] = {INT8OID, TEXTOID, INT4OID, TEXTOID, TEXTOID, INT4OID, BOOLOID};
+	Datum		values[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	bool		isnull;
+	bool		done;
+
+	values[0] = Int64GetDatum(c->cancel_id);
+	values[1] = CStringGetTextDatum(c->outcome);
+	values[2] = Int32GetDatum(c->http_status);
+	if (c->http_status == 0)
+		nulls[2] = 'n';
+	values[3] = CStringGetTextDatum(c->request_id);
+	if (c->request_id[0] == '\0')
+		nulls[3] = 'n';
+	values[4] = CStringGetTextDatum(c->error);
+	if (c->error[0] == '\0')
+		nulls[4] = 'n';
+	values[5] = Int32GetDatum(c->retry_in_ms);
+	values[6] = BoolGetDatum(c->rotate_key);
+
+	SPI_connect();
+	if (SPI_execute_with_args("SELECT usage_billing.export_cancel_record($1, $2, $3, $4, $5, $6, $7)",
+							  7, argtypes, values, nulls, false, 1) != SPI_OK_SELECT)
+		elog(ERROR, "SPI failed while recording a meter event cancel");
+	done = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+	SPI_finish();
+	return done && !isnull;
+}
+
+/* libcurl write callback: copies into the answer's fixed buffer, drops the excess. */
+static size_t
+ub_cancel_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
+{
+	UbCancelAnswer *ans = (UbCancelAnswer *) userdata;
+	size_t		n = size * nmemb;
+	size_t		room = UB_CANCEL_MAX_BODY - ans->len;
+
+	if (n > room)
+	{
+		ans->truncated = true;
+		n = room;
+	}
+	memcpy(ans->body + ans->len, ptr, n);
+	ans->len += n;
+	ans->body[ans->len] = '\0';
+	return size * nmemb;
+}
+
+/* Copies a header's value, trimmed, into a fixed buffer. */
+static void
+ub_cancel_header_value(const char *line, size_t len, size_t name_len, char *dst, size_t dstlen)
+{
+	size_t		i = name_len;
+	size_t		j = len;
+
+	while (i < len && (line[i] == ' ' || line[i] == '\t'))
+		i++;
+	while (j > i && (line[j - 1] == '\r' || line[j - 1] == '\n' || line[j - 1] == ' '))
+		j--;
+	if (j - i >= dstlen)
+		j = i + dstlen - 1;
+	memcpy(dst, line + i, j - i);
+	dst[j - i] = '\0';
+}
+
+/* libcurl header callback: keeps Request-Id, Retry-After and Stripe-Should-Retry. */
+static size_t
+ub_cancel_header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
+{
+	UbCancelAnswer *ans = (UbCancelAnswer *) userdata;
+	size_t		len = size * nitems;
+
+	if (len > 11 && pg_strncasecmp(buffer, "request-id:", 11) == 0)
+		ub_cancel_header_value(buffer, len, 11, ans->request_id, sizeof(ans->request_id));
+	else if (len > 12 && pg_strncasecmp(buffer, "retry-after:", 12) == 0)
+		ub_cancel_header_value(buffer, len, 12, ans->retry_after, sizeof(ans->retry_after));
+	else if (len > 20 && pg_strncasecmp(buffer, "stripe-should-retry:", 20) == 0)
+		ub_cancel_header_value(buffer, len, 20, ans->should_retry, sizeof(ans->should_retry));
+	return len;
+}
+
+/* libcurl progress callback: aborts the transfer when SIGTERM (or a cancel) is pending. */
+static int
+ub_cancel_progress_cb(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
+					  curl_off_t ultotal, curl_off_t ulnow)
+{
+	return InterruptPending ? 1 : 0;
+}
+
+/* Appends name=value, form-urlencoded, to the body. */
+static void
+ub_cancel_field(StringInfo buf, const char *name, const char *value)
+{
+	char	   *esc = curl_easy_escape(NULL, value, 0);
+
+	if (esc == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory while encoding a meter event cancel")));
+	if (buf->len > 0)
+		appendStringInfoChar(buf, '&');
+	appendStringInfo(buf, "%s=%s", name, esc);
+	curl_free(esc);
+}
+
+/* Exponential backoff with "equal jitter", as for meter events. */
+static int
+ub_cancel_backoff_ms(int attempts, const UbStripeConfig *cfg)
+{
+	double		d = cfg->backoff_base_ms;
+
+	for (int i = 0; i < attempts && d < cfg->backoff_max_ms; i++)
+		d *= 2;
+	if (d > cfg->backoff_max_ms)
+		d = cfg->backoff_max_ms;
+	return (int) (d / 2 + pg_prng_double(&pg_global_prng_state) * d / 2);
+}
+
+/*
+ * One synchronous cancel request; fills the cancel's outcome.  The easy
+ * handle and header list are freed on every path, errors included.
+ */
+static void
+ub_cancel_send(UbCancel *c, const UbStripeConfig *cfg, const char *url, const char *auth)
+{
+	CURL	   *volatile easy = NULL;
+	struct curl_slist *volatile headers = NULL;
+	UbCancelAnswer *ans = palloc0(sizeof(UbCancelAnswer));
+	StringInfoData form;
+	char	   *idem = psprintf("Idempotency-Key: %s", c->idempotency_key);
+	char	   *version = psprintf("Stripe-Version: %s", cfg->stripe_version ? cfg->stripe_version : "");
+
+	initStringInfo(&form);
+	ub_cancel_field(&form, "event_name", c->event_name);
+	ub_cancel_field(&form, "type", "cancel");
+	ub_cancel_field(&form, "cancel%5Bidentifier%5D", c->identifier);
+
+	PG_TRY();
+	{
+		struct curl_slist *h;
+		CURLcode	res;
+		long		status = 0;
+
+		easy = curl_easy_init();
+		if (easy == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("could not create a libcurl handle")));
+		h = curl_slist_append(NULL, auth);
+		if (h)
+			headers = h;
+		h = h ? curl_slist_append(h, idem) : NULL;
+		h = h ? curl_slist_append(h, "Content-Type: application/x-www-form-urlencoded") : NULL;
+		h = h ? curl_slist_append(h, "Expect:") : NULL;
+		if (h && cfg->stripe_version && cfg->stripe_version[0])
+			h = curl_slist_append(h, version);
+		if (h == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("out of memory while building request headers")));
+
+		curl_easy_setopt(easy, CURLOPT_URL, url);
+		curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
+		curl_easy_setopt(easy, CURLOPT_POST, 1L);
+		curl_easy_setopt(easy, CURLOPT_POSTFIELDS, form.data);
+		curl_easy_setopt(easy, CURLOPT_POSTFIELDSIZE, (long) form.len);
+		curl_easy_setopt(easy, CURLOPT_HTTPHEADER, headers);
+		curl_easy_setopt(easy, CURLOPT_USERAGENT, "usage_billing/1.0 (PostgreSQL extension)");
+		curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, ub_cancel_write_cb);
+		curl_easy_setopt(easy, CURLOPT_WRITEDATA, ans);
+		curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, ub_cancel_header_cb);
+		curl_easy_setopt(easy, CURLOPT_HEADERDATA, ans);
+		curl_easy_setopt(easy, CURLOPT_XFERINFOFUNCTION, ub_cancel_progress_cb);
+		curl_easy_setopt(easy, CURLOPT_NOPROGRESS, 0L);
+		curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, ans->errbuf);
+		curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, (long) cfg->connect_timeout_ms);
+		curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, (long) cfg->timeout_ms);
+		curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, 0L);
+		curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
+
+		res = curl_easy_perform(easy);
+		CHECK_FOR_INTERRUPTS();
+		if (res != CURLE_OK)
+		{
+			/* no answer: Stripe may or may not have cancelled; the same key goes again */
+			c->outcome = "retry";
+			c->http_status = 0;
+			snprintf(c->error, sizeof(c->error), "network error: %s",
+					 ans->errbuf[0] ? ans->errbuf : curl_easy_strerror(res));
+			c->retry_in_ms = ub_cancel_backoff_ms(c->attempts, cfg);
+		}
+		else
+		{
+			curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
+			ub_cancel_classify(c, ans, status, cfg);
+		}
+	}
+	PG_FINALLY();
+	{
+		if (easy)
+			curl_easy_cleanup(easy);
+		if (headers)
+			curl_slist_free_all(headers);
+	}
+	PG_END_TRY();
+	pfree(form.data);
+	pfree(idem);
+	pfree(version);
+	pfree(ans);
+}
+
+/* Turns an HTTP answer into the cancel's outcome, as stripe_client.c does for meter events. */
+static void
+ub_cancel_classify(UbCancel *c, UbCancelAnswer *ans, long status, const UbStripeConfig *cfg)
+{
+	char		type[UB_CANCEL_HDR_LEN] = "";
+	char		code[UB_CANCEL_HDR_LEN] = "";
+	char		message[UB_ERROR_LEN - 64] = "";
+	int			retry_after_ms = -1;
+
+	c->http_status = (int) status;
+	strlcpy(c->request_id, ans->request_id, sizeof(c->request_id));
+	c->rotate_key = false;
+	c->throttled = false;
+	c->retry_in_ms = 0;
+	if (status >= 200 && status < 300)
+	{
+		c->outcome = "cancelled";
+		c->error[0] = '\0';
+		return;
+	}
+
+	if (ans->len > 0)
+	{
+		cJSON	   *root = cJSON_ParseWithLength(ans->body, ans->len);
+		cJSON	   *err = root ? cJSON_GetObjectItemCaseSensitive(root, "error") : NULL;
+
+		/* nothing here can throw: copy into fixed buffers, then free */
+		if (cJSON_IsObject(err))
+		{
+			cJSON	   *item = cJSON_GetObjectItemCaseSensitive(err, "type");
+
+			if (cJSON_IsString(item) && item->valuestring)
+				strlcpy(type, item->valuestring, sizeof(type));
+			item = cJSON_GetObjectItemCaseSensitive(err, "code");
+			if (cJSON_IsString(item) && item->valuestring)
+				strlcpy(code, item->valuestring, sizeof(code));
+			item = cJSON_GetObjectItemCaseSensitive(err, "message");
+			if (cJSON_IsString(item) && item->valuestring)
+				strlcpy(message, item->valuestring, sizeof(message));
+		}
+		cJSON_Delete(root);
+	}
+	snprintf(c->error, sizeof(c->error), "cancel %s: HTTP %ld%s%s%s%s: %s", c->identifier, status,
+			 type[0] ? " " : "", type, code[0] ? "/" : "", code,
+			 message[0] ? message : (ans->truncated ? "(answer too large)" : "(no message)"));
+	ub_redact_keys(c->error, cfg->api_key);
+
+	if (ans->retry_after[0])
+	{
+		char	   *end;
+		long		secs = strtol(ans->retry_after, &end, 10);
+
+		if (end != ans->retry_after && secs >= 0)
+			retry_after_ms = (int) Min(secs, 3600) * 1000;
+	}
+	if (strcmp(ans->should_retry, "false") == 0)
+		c->outcome = "refused";
+	else if (strcmp(ans->should_retry, "true") == 0 ||
+			 status == 409 || status == 429 || status >= 500 ||
+			 status == 401 || status == 403 ||
+			 strcmp(type, "idempotency_error") == 0)
+		c->outcome = "retry";
+	else
+		c->outcome = "refused";	/* e.g. older than 24 h: the value needs a manual credit */
+
+	if (strcmp(c->outcome, "retry") == 0)
+	{
+		c->retry_in_ms = retry_after_ms >= 0 ? retry_after_ms : ub_cancel_backoff_ms(c->attempts, cfg);
+		c->rotate_key = (status >= 500 || strcmp(type, "idempotency_error") == 0);
+		c->throttled = (status == 429);
+	}
+}
+
+/* Sends the fetched cancels one by one, recording each outcome in its own transaction. */
+static int
+ub_cancel_send_all(UbCancel *cancels, int n, const UbStripeConfig *cfg, const char *url,
+				   const char *auth)
+{
+	int			confirmed = 0;
+
+	for (int i = 0; i < n; i++)
+	{
+		UbCancel   *c = &cancels[i];
+		MemoryContext back;
+
+		CHECK_FOR_INTERRUPTS();
+		if (i > 0 && cfg->max_rps > 0)	/* the requests-per-second ceiling, simply */
+			pg_usleep((long) Min(1000000.0 / cfg->max_rps, 1000000.0));
+		ub_cancel_send(c, cfg, url, auth);
+		back = ub_cancel_begin();
+		if (ub_cancel_record(c))
+			confirmed++;
+		ub_cancel_commit(back);
+		if (c->throttled)
+			break;
+	}
+	return confirmed;
+}
+
+/*
+ * One run per export cycle, called with no transaction open: plans the
+ * cancels, sends the due ones one by one and records each outcome.  Returns
+ * how many cancels Stripe confirmed, so that the caller plans again (the
+ * difference up to the lowered total is then sent as a new event).
+ */
+int
+ub_cancel_run(const UbStripeConfig *cfg)
+{
+	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "usage_billing export cancels",
+											  ALLOCSET_SMALL_SIZES);
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	MemoryContext back;
+	UbCancel   *volatile cancels;
+	int			n;
+	volatile int confirmed = 0;
+	char	   *url;
+	char	   *auth;
+
+	back = ub_cancel_begin();
+	cancels = ub_cancel_fetch(cxt, &n);
+	ub_cancel_commit(back);
+	if (n == 0)
+	{
+		MemoryContextSwitchTo(old);
+		MemoryContextDelete(cxt);
+		return 0;
+	}
+
+	if (!ub_cancel_curl_ready)
+	{
+		if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_SYSTEM_ERROR),
+					 errmsg("could not initialize libcurl")));
+		ub_cancel_curl_ready = true;
+	}
+	pgstat_report_activity(STATE_RUNNING, "cancelling meter events");
+	url = psprintf("%s/v1/billing/meter_event_adjustments", cfg->api_base);
+	auth = psprintf("Authorization: Bearer %s", cfg->api_key);
+	PG_TRY();
+	{
+		confirmed = ub_cancel_send_all(cancels, n, cfg, url, auth);
+	}
+	PG_FINALLY();
+	{
+		/* the key must not linger in freed memory */
+		explicit_bzero(auth, strlen(auth));
+	}
+	PG_END_TRY();
+	MemoryContextSwitchTo(old);
+	MemoryContextDelete(cxt);
+	return confirmed;
+}
+
+/*
+ * The earlier of due_ms (the outbox's next retry, -1: none) and the next
+ * pending cancel's retry, so that the worker wakes up for either.  Runs in
+ * the caller's transaction.
+ */
+long
+ub_cancel_merge_due(long due_ms)
+{
+	bool		isnull;
+	Datum		d;
+	long		ms;
+
+	if (!ub_cancel_installed())
+		return due_ms;
+	SPI_connect();
+	/* min() over no rows is NULL: nothing pending (greatest() would turn it into 0) */
+	if (SPI_execute("SELECT CASE WHEN d IS NOT NULL THEN greatest(0, d) END FROM"
+					" (SELECT ceil(extract(epoch FROM min(next_attempt_at) - clock_timestamp())"
+					" * 1000)::bigint AS d FROM usage_billing.export_cancels"
+					" WHERE status = 'pending') x",
+					true, 1) != SPI_OK_SELECT)
+		elog(ERROR, "SPI failed while finding the next cancel retry");
+	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+	ms = isnull ? -1 : (long) DatumGetInt64(d);
+	SPI_finish();
+	if (ms < 0)
+		return due_ms;
+	return (due_ms < 0 || ms < due_ms) ? ms : due_ms;
+}
