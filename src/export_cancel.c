@@ -20,10 +20,12 @@
  *               one sent event (by its identifier) with POST
  *               /v1/billing/meter_event_adjustments (type=cancel), committed
  *               before the request, with a deterministic Idempotency-Key
- *   run         one pass per cycle, before the cycle's sending: plan and
- *               fetch the due cancels (transaction 1), then for each cancel
- *               one synchronous request (no transaction open) and one
- *               export_cancel_record() call (its own transaction 2)
+ *   run         one pass per cycle, before the cycle's sending, in rounds:
+ *               plan and fetch the due cancels (transaction 1), then for each
+ *               cancel one synchronous request (no transaction open) and one
+ *               export_cancel_record() call (its own transaction 2); a round
+ *               with a refusal is followed by another (an older event may
+ *               cover the excess), at most UB_CANCEL_ROUNDS
  *   outcome     cancelled (the event's value leaves planned and exported,
  *               once: only a pending row can change), refused (a 4xx that
  *               retrying cannot fix, e.g. the event is older than 24 h: the
@@ -62,6 +64,8 @@
 #define UB_CANCEL_PLAN_ROWS		1000
 /* cancels sent per run: the rest waits for the next cycle */
 #define UB_CANCEL_SEND_ROWS		200
+/* plan-and-send rounds per run (a refusal makes room for an older event) */
+#define UB_CANCEL_ROUNDS		8
 /* answers are small; anything bigger is cut (and still classified by status) */
 #define UB_CANCEL_MAX_BODY		8192
 #define UB_CANCEL_HDR_LEN		64
@@ -110,8 +114,8 @@ static void ub_cancel_send(UbCancel *c, const UbStripeConfig *cfg, const char *u
 static void ub_cancel_classify(UbCancel *c, UbCancelAnswer *ans, long status,
 							   const UbStripeConfig *cfg);
 static int	ub_cancel_backoff_ms(int attempts, const UbStripeConfig *cfg);
-static int	ub_cancel_send_all(UbCancel *cancels, int n, const UbStripeConfig *cfg,
-							   const char *url, const char *auth);
+static int	ub_cancel_rounds(MemoryContext cxt, const UbStripeConfig *cfg, const char *url,
+							 const char *auth);
 
 /* Defines usage_billing.export_cancel_window (called from _PG_init). */
 void
@@ -550,36 +554,54 @@ ub_cancel_classify(UbCancel *c, UbCancelAnswer *ans, long status, const UbStripe
 	}
 }
 
-/* Sends the fetched cancels one by one, recording each outcome in its own transaction. */
+/*
+ * Rounds of plan and fetch (transaction 1), then per cancel one request and
+ * one record (transaction 2).  A refused cancel leaves its excess uncovered,
+ * so the next round may pick an older event; bounded by UB_CANCEL_ROUNDS.
+ */
 static int
-ub_cancel_send_all(UbCancel *cancels, int n, const UbStripeConfig *cfg, const char *url,
-				   const char *auth)
+ub_cancel_rounds(MemoryContext cxt, const UbStripeConfig *cfg, const char *url, const char *auth)
 {
 	int			confirmed = 0;
 
-	for (int i = 0; i < n; i++)
+	for (int round = 0; round < UB_CANCEL_ROUNDS; round++)
 	{
-		UbCancel   *c = &cancels[i];
-		MemoryContext back;
+		MemoryContext back = ub_cancel_begin();
+		UbCancel   *cancels;
+		int			n;
+		int			refused = 0;
+		bool		throttled = false;
 
-		CHECK_FOR_INTERRUPTS();
-		if (i > 0 && cfg->max_rps > 0)	/* the requests-per-second ceiling, simply */
-			pg_usleep((long) Min(1000000.0 / cfg->max_rps, 1000000.0));
-		ub_cancel_send(c, cfg, url, auth);
-		back = ub_cancel_begin();
-		if (ub_cancel_record(c))
-			confirmed++;
+		cancels = ub_cancel_fetch(cxt, &n);
 		ub_cancel_commit(back);
-		if (c->throttled)
+		if (n == 0)
+			break;
+		pgstat_report_activity(STATE_RUNNING, "cancelling meter events");
+		for (int i = 0; i < n && !throttled; i++)
+		{
+			UbCancel   *c = &cancels[i];
+
+			CHECK_FOR_INTERRUPTS();
+			if (i > 0 && cfg->max_rps > 0)	/* the requests-per-second ceiling, simply */
+				pg_usleep((long) Min(1000000.0 / cfg->max_rps, 1000000.0));
+			ub_cancel_send(c, cfg, url, auth);
+			back = ub_cancel_begin();
+			if (ub_cancel_record(c))
+				confirmed++;
+			ub_cancel_commit(back);
+			if (strcmp(c->outcome, "refused") == 0)
+				refused++;
+			throttled = c->throttled;
+		}
+		if (refused == 0 || throttled)
 			break;
 	}
 	return confirmed;
 }
 
 /*
- * One run per export cycle, called with no transaction open: plans the
- * cancels, sends the due ones one by one and records each outcome.  Returns
- * how many cancels Stripe confirmed, so that the caller plans again (the
+ * One run per export cycle, called with no transaction open.  Returns how
+ * many cancels Stripe confirmed, so that the caller plans again (the
  * difference up to the lowered total is then sent as a new event).
  */
 int
@@ -588,22 +610,9 @@ ub_cancel_run(const UbStripeConfig *cfg)
 	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "usage_billing export cancels",
 											  ALLOCSET_SMALL_SIZES);
 	MemoryContext old = MemoryContextSwitchTo(cxt);
-	MemoryContext back;
-	UbCancel   *volatile cancels;
-	int			n;
 	volatile int confirmed = 0;
 	char	   *url;
 	char	   *auth;
-
-	back = ub_cancel_begin();
-	cancels = ub_cancel_fetch(cxt, &n);
-	ub_cancel_commit(back);
-	if (n == 0)
-	{
-		MemoryContextSwitchTo(old);
-		MemoryContextDelete(cxt);
-		return 0;
-	}
 
 	if (!ub_cancel_curl_ready)
 	{
@@ -613,12 +622,11 @@ ub_cancel_run(const UbStripeConfig *cfg)
 					 errmsg("could not initialize libcurl")));
 		ub_cancel_curl_ready = true;
 	}
-	pgstat_report_activity(STATE_RUNNING, "cancelling meter events");
 	url = psprintf("%s/v1/billing/meter_event_adjustments", cfg->api_base);
 	auth = psprintf("Authorization: Bearer %s", cfg->api_key);
 	PG_TRY();
 	{
-		confirmed = ub_cancel_send_all(cancels, n, cfg, url, auth);
+		confirmed = ub_cancel_rounds(cxt, cfg, url, auth);
 	}
 	PG_FINALLY();
 	{

@@ -400,8 +400,10 @@ class Handler(BaseHTTPRequestHandler):
                 return self.answer(saved[1], saved[2], {"Idempotent-Replayed": "true"})
         try:
             status, body = self.adjust(raw, kind)
-            if ikey:
-                with lock:
+            with lock:
+                if status == 400:
+                    state["adj"]["refused"] += 1
+                if ikey:
                     state["idem"][ikey] = (raw, status, body)
         finally:
             if ikey:
@@ -419,8 +421,6 @@ class Handler(BaseHTTPRequestHandler):
             err = {"type": "invalid_request_error", "code": code, "message": msg}
             if param:
                 err["param"] = param
-            with lock:
-                state["adj"]["refused"] += 1
             return 400, {"error": err}
 
         if kind == "500":
