@@ -1318,12 +1318,13 @@ SELECT a.customer_id, a.meter, a.period_start, a.period_end,
          WHERE xc.customer_id = a.customer_id AND xc.meter = a.meter
            AND xc.period_start = a.period_start) x ON true
   LEFT JOIN LATERAL (
-        -- what the worker can still cancel (usage_billing.export_cancel_window, default 23 h)
+        -- what the worker can still cancel (usage_billing.export_cancel_window, default 23 h);
+        -- a pending event counts too: it becomes cancellable once Stripe confirms it
         SELECT sum(ob.value) AS cancellable
           FROM usage_billing.export_outbox ob
          WHERE m.aggregation IN ('sum', 'count') AND coalesce(s.planned, 0) > floor(a.total)
            AND ob.customer_id = a.customer_id AND ob.meter = a.meter
-           AND ob.period_start = a.period_start AND ob.status = 'sent' AND ob.additive
+           AND ob.period_start = a.period_start AND ob.status IN ('sent', 'pending') AND ob.additive
            AND ob.created_at > clock_timestamp()
                  - coalesce(nullif(pg_catalog.current_setting('usage_billing.export_cancel_window', true), ''),
                             '23h')::interval
