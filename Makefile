@@ -22,7 +22,9 @@ OBJS = \
 	src/export_worker.o \
 	src/stripe_client.o \
 	src/export_outbox.o \
-	src/export_secrets.o
+	src/export_secrets.o \
+	src/export_cancel.o \
+	src/export_cancel_http.o
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 

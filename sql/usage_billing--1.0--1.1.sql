@@ -528,3 +528,24 @@ BEGIN
     END IF;
 END
 $tenant$;
+
+-- ---------------------------------------------------------------------------
+-- Export corrections (block owned by export_cancel.c): export_cancels follows export_state
+-- and export_outbox — row-level security with the same two policies, data kept by pg_dump.
+-- (Its SELECT grant to the three roles and the REVOKEs from PUBLIC come from the blocks above.)
+-- ---------------------------------------------------------------------------
+DO $cancels$
+BEGIN
+    ALTER TABLE usage_billing.export_cancels ENABLE ROW LEVEL SECURITY;
+    CREATE POLICY staff_all ON usage_billing.export_cancels FOR ALL
+        TO usage_billing_admin, usage_billing_writer, usage_billing_reader
+        USING (true) WITH CHECK (true);
+    CREATE POLICY tenant_own_rows ON usage_billing.export_cancels FOR SELECT TO PUBLIC
+        USING (customer_id = (SELECT usage_billing.current_customer_id()));
+    COMMENT ON POLICY staff_all ON usage_billing.export_cancels IS
+        'The three usage_billing roles see every row (they write only through functions).';
+    COMMENT ON POLICY tenant_own_rows ON usage_billing.export_cancels IS
+        'Any other role sees the rows of the customer named by its request: usage_billing.current_customer_id().';
+    PERFORM pg_catalog.pg_extension_config_dump('usage_billing.export_cancels', '');
+END
+$cancels$;

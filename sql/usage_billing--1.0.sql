@@ -1111,3 +1111,261 @@ SELECT a.customer_id, a.meter, a.period_start, a.period_end,
            AND ob.period_start = a.period_start AND ob.status IN ('pending', 'failed')) o ON true;
 COMMENT ON VIEW usage_billing.export_status IS
     'Per customer, meter and period: database total, what Stripe confirmed (exported), what is pending or failed and why.';
+
+-- ---------------------------------------------------------------------------
+-- Export corrections: cancelling meter events (block owned by export_cancel.c)
+-- ---------------------------------------------------------------------------
+/*
+ * The rule.  For sum and count meters Stripe holds the sum of the deltas sent.  When a
+ * correction (void_usage, adjust_usage) lowers a period's total below what Stripe holds
+ * (planned > floor(total)), the worker cancels the most recent meter events of that customer,
+ * meter and period that Stripe received less than usage_billing.export_cancel_window ago
+ * (default 23 h: Stripe cancels only within 24 h), newest first, until what Stripe holds is
+ * <= floor(total); the planner then sends the (positive) difference as a new event.  What
+ * cannot be cancelled (older events, or a cancel Stripe refused) shows in export_status as
+ * needs_manual_credit, with the amount.  Formula-last meters need no cancel: the planner sends
+ * the new, lower current value.
+ *
+ * Vocabulary
+ *   cancel       one row of export_cancels: the intent to cancel one sent meter event (by its
+ *                identifier), written and committed before the HTTP request, with a
+ *                deterministic Idempotency-Key; resent unchanged until Stripe answers.
+ *   cancelled    Stripe confirmed the cancel: the event's value is removed from planned and
+ *                exported, once (only a pending row can become cancelled).
+ *   refused      Stripe refused the cancel for good (e.g. the event is older than 24 h): its
+ *                value stays in Stripe and becomes part of needs_manual_credit.
+ *   cancellable  a sent event of a sum/count meter, not yet cancelled or refused, whose outbox
+ *                row was created within the cancel window (created_at is before Stripe
+ *                received it, also when an earlier attempt's answer was lost).
+ */
+
+CREATE TABLE usage_billing.export_cancels (
+    cancel_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    customer_id      text NOT NULL,
+    meter            text NOT NULL,
+    period_start     timestamptz NOT NULL,
+    outbox_id        bigint NOT NULL,
+    identifier       text NOT NULL UNIQUE,
+    event_name       text NOT NULL,
+    value            numeric NOT NULL CHECK (value >= 0),
+    idempotency_key  text NOT NULL CHECK (length(idempotency_key) <= 255),
+    status           text NOT NULL DEFAULT 'pending'
+                     CHECK (status IN ('pending', 'cancelled', 'refused')),
+    attempts         integer NOT NULL DEFAULT 0,
+    next_attempt_at  timestamptz NOT NULL DEFAULT now(),
+    last_attempt_at  timestamptz,
+    last_http_status integer,
+    last_request_id  text,
+    last_error       text,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    done_at          timestamptz
+);
+CREATE INDEX export_cancels_key_idx
+    ON usage_billing.export_cancels (customer_id, meter, period_start);
+COMMENT ON TABLE usage_billing.export_cancels IS
+    'Meter events to cancel in Stripe (meter_event_adjustments), decided before sending; pending, cancelled or refused.';
+
+CREATE FUNCTION usage_billing.export_cancel_plan(cancel_window interval, max_rows integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+/*
+ * Writes the cancels that bring what Stripe holds down to floor(total) where a correction
+ * lowered a sum/count total: per customer, meter and period, the cancellable events newest
+ * first, as long as the ones before cover less than the excess.  Skips a period with an open
+ * (pending or failed) outbox row or a pending cancel: its level is not known yet.
+ */
+DECLARE
+    n integer;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be positive'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF cancel_window IS NULL OR cancel_window <= interval '0' THEN
+        RETURN 0;
+    END IF;
+    PERFORM pg_advisory_xact_lock(7245170349586201);
+
+    WITH over AS (
+        SELECT s.customer_id, s.meter, s.period_start, s.planned - floor(a.total) AS excess
+          FROM usage_billing.export_state s
+          JOIN usage_billing.usage_aggregates a
+            ON a.customer_id = s.customer_id AND a.meter = s.meter AND a.period_start = s.period_start
+          JOIN usage_billing.meters m ON m.meter = s.meter
+         WHERE m.aggregation IN ('sum', 'count')
+           AND s.planned > floor(a.total)
+           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_outbox o
+                            WHERE o.customer_id = s.customer_id AND o.meter = s.meter
+                              AND o.period_start = s.period_start
+                              AND o.status IN ('pending', 'failed'))
+           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_cancels x
+                            WHERE x.customer_id = s.customer_id AND x.meter = s.meter
+                              AND x.period_start = s.period_start AND x.status = 'pending')
+         ORDER BY s.period_start, s.customer_id, s.meter
+         LIMIT max_rows
+    ), cand AS (
+        SELECT o.outbox_id, o.customer_id, o.meter, o.period_start, o.identifier, o.event_name,
+               o.value, over.excess,
+               coalesce(sum(o.value) OVER (PARTITION BY o.customer_id, o.meter, o.period_start
+                                           ORDER BY o.seq DESC
+                                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS newer
+          FROM over
+          JOIN usage_billing.export_outbox o
+            ON o.customer_id = over.customer_id AND o.meter = over.meter AND o.period_start = over.period_start
+         WHERE o.status = 'sent' AND o.additive AND o.value > 0
+           AND o.created_at > clock_timestamp() - cancel_window
+           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_cancels x WHERE x.identifier = o.identifier)
+    )
+    INSERT INTO usage_billing.export_cancels
+        (customer_id, meter, period_start, outbox_id, identifier, event_name, value, idempotency_key)
+    SELECT customer_id, meter, period_start, outbox_id, identifier, event_name, value,
+           'ubc-' || identifier
+      FROM cand
+     WHERE newer < excess;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.export_cancel_plan(interval, integer) IS
+    'Internal (export worker): writes the meter event cancels that bring Stripe down to a lowered floor(total); returns how many.';
+
+CREATE FUNCTION usage_billing.export_cancel_record(
+    cancel_id bigint, outcome text, http_status integer, request_id text, error text,
+    retry_in_ms integer, rotate_key boolean)
+RETURNS boolean
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+/*
+ * Records one cancel attempt: cancelled (Stripe dropped the event: its value leaves planned
+ * and exported), refused (for good: the value stays, needs_manual_credit shows it) or retry
+ * (same identifier later; with a new Idempotency-Key after an error answer, since Stripe
+ * replays saved answers).  Only a pending row changes, so a replayed outcome counts once.
+ * Returns whether the cancel was confirmed now.
+ */
+DECLARE
+    done boolean;
+BEGIN
+    IF outcome NOT IN ('cancelled', 'refused', 'retry') THEN
+        RAISE EXCEPTION 'unknown cancel outcome "%"', outcome
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM pg_advisory_xact_lock(7245170349586201);
+    WITH c AS (
+        UPDATE usage_billing.export_cancels x
+           SET attempts = x.attempts + 1,
+               status = CASE export_cancel_record.outcome WHEN 'retry' THEN 'pending'
+                             ELSE export_cancel_record.outcome END,
+               next_attempt_at = clock_timestamp()
+                                 + make_interval(secs => coalesce(retry_in_ms, 0) / 1000.0),
+               last_attempt_at = clock_timestamp(),
+               last_http_status = export_cancel_record.http_status,
+               last_request_id = export_cancel_record.request_id,
+               last_error = export_cancel_record.error,
+               done_at = CASE WHEN export_cancel_record.outcome <> 'retry' THEN clock_timestamp() END,
+               idempotency_key = CASE WHEN rotate_key
+                                      THEN 'ubc-' || x.identifier || '-k' || (x.attempts + 1)::text
+                                      ELSE x.idempotency_key END
+         WHERE x.cancel_id = export_cancel_record.cancel_id AND x.status = 'pending'
+        RETURNING x.customer_id, x.meter, x.period_start, x.value, x.status
+    ), st AS (
+        UPDATE usage_billing.export_state s
+           SET planned = CASE WHEN c.status = 'cancelled' THEN s.planned - c.value ELSE s.planned END,
+               exported = CASE WHEN c.status = 'cancelled' THEN s.exported - c.value ELSE s.exported END,
+               attempts = s.attempts + 1,
+               last_attempt_at = clock_timestamp(),
+               last_http_status = export_cancel_record.http_status,
+               last_request_id = export_cancel_record.request_id,
+               last_error = export_cancel_record.error
+          FROM c
+         WHERE s.customer_id = c.customer_id AND s.meter = c.meter AND s.period_start = c.period_start
+        RETURNING c.status
+    )
+    SELECT coalesce(bool_or(st.status = 'cancelled'), false) INTO done FROM st;
+    RETURN done;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.export_cancel_record(bigint, text, integer, text, text, integer, boolean) IS
+    'Internal (export worker): records the outcome of one meter event cancel; true when confirmed now.';
+REVOKE ALL ON FUNCTION usage_billing.export_cancel_plan(interval, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION usage_billing.export_cancel_record(bigint, text, integer, text, text, integer, boolean) FROM PUBLIC;
+
+-- export_status, again: the rule above decides needs_manual_credit and the state 'cancelling'
+CREATE OR REPLACE VIEW usage_billing.export_status AS
+SELECT a.customer_id, a.meter, a.period_start, a.period_end,
+       c.stripe_customer_id,
+       m.stripe_event_name AS event_name,
+       m.aggregation,
+       a.total,
+       floor(a.total) AS target,
+       coalesce(s.exported, 0) AS exported,
+       CASE WHEN m.aggregation IN ('sum', 'count')
+            THEN greatest(floor(a.total) - coalesce(s.exported, 0), 0)
+            WHEN floor(a.total) = coalesce(s.exported, 0) THEN 0
+            ELSE floor(a.total) END AS pending,
+       coalesce(o.failed, 0) AS failed,
+       coalesce(o.pending_events, 0) AS pending_events,
+       coalesce(o.failed_events, 0) AS failed_events,
+       CASE WHEN m.aggregation IN ('sum', 'count')
+            THEN greatest(coalesce(s.planned, 0) - floor(a.total) - coalesce(x.cancelling, 0)
+                          - coalesce(k.cancellable, 0), 0)
+            ELSE 0 END AS needs_manual_credit,
+       coalesce(s.attempts, 0) AS attempts,
+       s.last_attempt_at,
+       s.last_http_status,
+       s.last_request_id,
+       coalesce(o.failed_error, s.last_error) AS last_error,
+       CASE WHEN c.stripe_customer_id IS NULL THEN 'no_stripe_customer'
+            WHEN coalesce(o.failed_events, 0) > 0 THEN 'failed'
+            WHEN m.aggregation IN ('sum', 'count') AND coalesce(s.planned, 0) > floor(a.total)
+                 AND coalesce(s.planned, 0) - floor(a.total)
+                     > coalesce(x.cancelling, 0) + coalesce(k.cancellable, 0)
+                 THEN 'needs_manual_credit'
+            WHEN m.aggregation IN ('sum', 'count') AND coalesce(s.planned, 0) > floor(a.total)
+                 THEN 'cancelling'
+            WHEN coalesce(s.exported, 0) = floor(a.total) THEN 'in_sync'
+            ELSE 'pending' END AS state,
+       coalesce(x.cancelling, 0) AS cancelling,
+       coalesce(x.cancelled, 0) AS cancelled
+  FROM usage_billing.usage_aggregates a
+  JOIN usage_billing.meters m ON m.meter = a.meter AND m.stripe_event_name IS NOT NULL
+  JOIN usage_billing.customers c ON c.customer_id = a.customer_id
+  LEFT JOIN usage_billing.export_state s
+         ON s.customer_id = a.customer_id AND s.meter = a.meter AND s.period_start = a.period_start
+  LEFT JOIN LATERAL (
+        SELECT sum(ob.value) FILTER (WHERE ob.status = 'failed') AS failed,
+               count(*) FILTER (WHERE ob.status = 'pending') AS pending_events,
+               count(*) FILTER (WHERE ob.status = 'failed') AS failed_events,
+               max(ob.last_error) FILTER (WHERE ob.status = 'failed') AS failed_error
+          FROM usage_billing.export_outbox ob
+         WHERE ob.customer_id = a.customer_id AND ob.meter = a.meter
+           AND ob.period_start = a.period_start AND ob.status IN ('pending', 'failed')) o ON true
+  LEFT JOIN LATERAL (
+        SELECT sum(xc.value) FILTER (WHERE xc.status = 'pending') AS cancelling,
+               sum(xc.value) FILTER (WHERE xc.status = 'cancelled') AS cancelled
+          FROM usage_billing.export_cancels xc
+         WHERE xc.customer_id = a.customer_id AND xc.meter = a.meter
+           AND xc.period_start = a.period_start) x ON true
+  LEFT JOIN LATERAL (
+        -- what the worker can still cancel (usage_billing.export_cancel_window, default 23 h);
+        -- a pending event counts too: it becomes cancellable once Stripe confirms it
+        SELECT sum(ob.value) AS cancellable
+          FROM usage_billing.export_outbox ob
+         WHERE m.aggregation IN ('sum', 'count') AND coalesce(s.planned, 0) > floor(a.total)
+           AND ob.customer_id = a.customer_id AND ob.meter = a.meter
+           AND ob.period_start = a.period_start AND ob.status IN ('sent', 'pending') AND ob.additive
+           AND ob.created_at > clock_timestamp()
+                 - coalesce(nullif(pg_catalog.current_setting('usage_billing.export_cancel_window', true), ''),
+                            '23h')::interval
+           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_cancels xc
+                            WHERE xc.identifier = ob.identifier)) k ON true;
+COMMENT ON VIEW usage_billing.export_status IS
+    'Per customer, meter and period: database total, what Stripe confirmed (exported), what is pending, failed, being cancelled or needs a manual credit, and why.';
+COMMENT ON COLUMN usage_billing.export_status.needs_manual_credit IS
+    'Sum/count meters: what Stripe holds above floor(total) that the worker cannot cancel (events older than the cancel window, or cancels Stripe refused): credit it by hand.';
+COMMENT ON COLUMN usage_billing.export_status.cancelling IS
+    'Value of the meter events whose cancel is decided but not yet confirmed by Stripe.';
+COMMENT ON COLUMN usage_billing.export_status.cancelled IS
+    'Value of the meter events Stripe confirmed cancelled (after corrections lowered the total).';

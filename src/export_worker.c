@@ -39,6 +39,7 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
+#include "export_cancel.h"
 #include "export_worker.h"
 #include "shmem.h"
 #include "usage_billing.h"
@@ -297,6 +298,9 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	}
 	said_no_extension = false;
 
+	/* hard_cap_blocked alerts queued by refused calls reach alert_log (export_cancel.c) */
+	ub_cancel_flush_alerts();
+
 	/* in the cycle context: the transaction's memory goes at commit */
 	{
 		MemoryContext old = MemoryContextSwitchTo(cxt);
@@ -334,6 +338,15 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	cfg.timeout_ms = ub_timeout_ms;
 	cfg.backoff_base_ms = ub_backoff_base_ms;
 	cfg.backoff_max_ms = Max(ub_backoff_max_ms, ub_backoff_base_ms);
+
+	/* corrections: cancel events above a lowered total, then plan the rest (export_cancel.c) */
+	if (ub_cancel_run(&cfg) > 0)
+	{
+		ub_begin();
+		planned = ub_outbox_plan(UB_PLAN_MAX_ROWS);
+		ub_commit();
+		*more = *more || (planned >= UB_PLAN_MAX_ROWS);
+	}
 
 	started = GetCurrentTimestamp();
 	for (;;)
@@ -391,6 +404,7 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 
 	ub_begin();
 	due_ms = ub_outbox_next_due_ms();
+	due_ms = ub_cancel_merge_due(due_ms);	/* export_cancel.c */
 	ub_commit();
 
 	ub_shmem_count_cycle(total_sent, total_failed);

@@ -13,6 +13,7 @@
 #include "miscadmin.h"
 #include "utils/guc.h"
 
+#include "export_cancel.h"
 #include "usage_billing.h"
 
 PG_MODULE_MAGIC;
@@ -62,6 +63,7 @@ _PG_init(void)
 							 NULL, NULL, NULL);
 
 	ub_export_init();
+	ub_cancel_init();
 	ub_alerts_init();
 
 	MarkGUCPrefixReserved("usage_billing");

@@ -32,6 +32,18 @@ Control endpoints (tests only):
   POST /_mock/config   {"rate_limit": N}  (429 beyond N requests per second; 0 = off)
   POST /_mock/reset    forget everything
 
+Meter event adjustments (cancels), see the block at the end of Handler:
+  POST /v1/billing/meter_event_adjustments   event_name, type=cancel, cancel[identifier];
+                       cancels one accepted event received less than 24 h ago (by the mock's
+                       clock): its value leaves the totals.  Unknown identifier, other event
+                       name, older than 24 h or already cancelled: 400 invalid_request_error.
+                       Idempotency-Key replays the first answer, as for meter events.
+  GET  /_mock/adjustments          {"requests", "cancelled", "cancelled_value", "refused",
+                                    "replays", "identifiers": [cancelled identifiers]}
+  POST /_mock/adjustment_faults    {"kind": 500 | 429 | slow | drop_after | close, "count": N,
+                                    "seconds": S} for the next N cancel requests
+  POST /_mock/age      {"seconds": S} makes every accepted event look S seconds older
+
 It stops by itself after --lifetime seconds so that a test never leaves it behind.
 """
 import argparse
@@ -66,6 +78,7 @@ def reset():
         totals={}, last={}, arrivals=deque(), max_window=0, inflight=0,
         max_inflight=0, requests=0, accepted=0, duplicates=0, replays=0,
         statuses={}, rate_limit=0, rate_second=0, rate_count=0, faults_served=0)
+    reset_adjustments()
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -114,6 +127,8 @@ class Handler(BaseHTTPRequestHandler):
                 body = {k: v[1] for k, v in state["last"].items()}
             elif self.path == "/_mock/events":
                 body = state["events"]
+            elif self.path == "/_mock/adjustments":
+                body = adjustment_stats()
             elif self.path == "/_mock/stats":
                 body = {k: state[k] for k in (
                     "requests", "accepted", "duplicates", "replays", "statuses",
@@ -130,6 +145,8 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.read_body()
         if self.path.startswith("/_mock/"):
             return self.control(raw)
+        if self.path == "/v1/billing/meter_event_adjustments":
+            return self.meter_event_adjustment(raw)
         if self.path != "/v1/billing/meter_events":
             return self.answer(404, {"error": {"type": "invalid_request_error",
                                                "message": "Unrecognized request URL (POST: %s)." % self.path}})
@@ -168,6 +185,8 @@ class Handler(BaseHTTPRequestHandler):
             arg = json.loads(raw or b"{}")
         except ValueError:
             return self.answer(400, {"error": "bad json"})
+        if self.path in ("/_mock/age", "/_mock/adjustment_faults"):
+            return self.adjustment_control(arg)
         with lock:
             if self.path == "/_mock/faults":
                 arg.setdefault("count", 1)
@@ -316,7 +335,7 @@ class Handler(BaseHTTPRequestHandler):
             if ident in state["identifiers"]:
                 state["duplicates"] += 1
             else:
-                state["identifiers"][ident] = True
+                state["identifiers"][ident] = time.time()   # received at (for cancels)
                 state["accepted"] += 1
                 key = "%s|%s" % (cus, name)
                 state["totals"][key] = state["totals"].get(key, 0) + int(value)
@@ -326,6 +345,138 @@ class Handler(BaseHTTPRequestHandler):
                 state["events"].append({"identifier": ident, "customer": cus, "event_name": name,
                                         "value": int(value), "timestamp": ts})
         return 200, body, {}, kind == "drop_after"
+
+
+    # --- meter event adjustments (cancels); used by test/t/045_export_corrections.pl ---
+
+    def adjustment_control(self, arg):
+        """POST /_mock/age and /_mock/adjustment_faults."""
+        with lock:
+            if self.path == "/_mock/age":
+                secs = float(arg.get("seconds", 0))
+                for ident in state["identifiers"]:
+                    state["identifiers"][ident] -= secs
+            else:
+                arg.setdefault("count", 1)
+                state["adj"]["faults"].append(arg)
+        self.answer(200, {"ok": True})
+
+    def meter_event_adjustment(self, raw):
+        """POST /v1/billing/meter_event_adjustments: auth, faults, Idempotency-Key replay, then adjust()."""
+        with lock:
+            adj = state["adj"]
+            adj["requests"] += 1
+            fault = None
+            if adj["faults"]:
+                fault = adj["faults"][0]
+                fault["count"] -= 1
+                if fault["count"] <= 0:
+                    adj["faults"].popleft()
+        kind = str(fault["kind"]) if fault else None
+        if kind == "close":
+            return self.drop()
+        if kind == "429":
+            return self.answer(429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
+                                               "message": "Too many requests hit the API too quickly."}})
+        if self.headers.get("Authorization", "") != "Bearer " + self.server.key:
+            return self.answer(401, {"error": {"type": "invalid_request_error",
+                                               "message": "Invalid API Key provided."}})
+        ikey = self.headers.get("Idempotency-Key")
+        if ikey:
+            with lock:
+                busy = ikey in state["idem_busy"]
+                saved = None if busy else state["idem"].get(ikey)
+                if not busy and saved is None:
+                    state["idem_busy"].add(ikey)
+            if busy:
+                return self.answer(409, {"error": {"type": "idempotency_error",
+                                                   "message": "There is currently another in-progress request using this Idempotent Key."}})
+            if saved is not None:
+                if saved[0] != raw:
+                    return self.answer(400, {"error": {"type": "idempotency_error",
+                                                       "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."}})
+                with lock:
+                    state["adj"]["replays"] += 1
+                return self.answer(saved[1], saved[2], {"Idempotent-Replayed": "true"})
+        try:
+            status, body = self.adjust(raw, kind)
+            with lock:
+                if status == 400:
+                    state["adj"]["refused"] += 1
+                if ikey:
+                    state["idem"][ikey] = (raw, status, body)
+        finally:
+            if ikey:
+                with lock:
+                    state["idem_busy"].discard(ikey)
+        if kind == "drop_after":
+            return self.drop()
+        if kind == "slow":
+            time.sleep(float(fault.get("seconds", 30)))
+        self.answer(status, body)
+
+    def adjust(self, raw, kind):
+        """Validates and applies one cancel like Stripe; returns (status, body)."""
+        def bad(msg, param=None, code="parameter_invalid"):
+            err = {"type": "invalid_request_error", "code": code, "message": msg}
+            if param:
+                err["param"] = param
+            return 400, {"error": err}
+
+        if kind == "500":
+            return 500, {"error": {"type": "api_error", "message": "An unknown error occurred."}}
+        try:
+            pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
+        except (ValueError, UnicodeDecodeError):
+            return bad("Invalid form body.")
+        params = {}
+        for k, v in pairs:
+            if k not in ("event_name", "type", "cancel[identifier]") or k in params:
+                return bad("Received unknown parameter: %s" % k, k, "parameter_unknown")
+            params[k] = v
+        if not params.get("event_name"):
+            return bad("Missing required param: event_name.", "event_name", "parameter_missing")
+        if params.get("type") != "cancel":
+            return bad("Invalid type: must be cancel.", "type")
+        ident = params.get("cancel[identifier]")
+        if not ident:
+            return bad("Missing required param: cancel[identifier].", "cancel[identifier]", "parameter_missing")
+        with lock:
+            received = state["identifiers"].get(ident)
+            ev = next((e for e in state["events"] if e["identifier"] == ident), None)
+            if received is None or ev is None:
+                return bad("No meter event with identifier '%s'." % ident, "cancel[identifier]", "resource_missing")
+            if ev["event_name"] != params["event_name"]:
+                return bad("The meter event '%s' does not belong to event_name '%s'." % (ident, params["event_name"]),
+                           "event_name")
+            if ev.get("cancelled"):
+                return bad("The meter event '%s' has already been cancelled." % ident, "cancel[identifier]")
+            if received < time.time() - 86400:
+                return bad("Meter events can only be cancelled within 24 hours of being received.",
+                           "cancel[identifier]")
+            ev["cancelled"] = True
+            key = "%s|%s" % (ev["customer"], ev["event_name"])
+            state["totals"][key] = state["totals"].get(key, 0) - ev["value"]
+            adj = state["adj"]
+            adj["cancelled"].append(ident)
+            adj["cancelled_value"] += ev["value"]
+        return 200, {"id": "mtr_adj_" + uuid.uuid4().hex[:14], "object": "billing.meter_event_adjustment",
+                     "cancel": {"identifier": ident}, "event_name": params["event_name"],
+                     "livemode": False, "status": "pending", "type": "cancel"}
+
+
+def reset_adjustments():
+    """Forgets every cancel, cancel fault and counter (part of reset())."""
+    state["adj"] = dict(requests=0, cancelled=[], cancelled_value=0, refused=0, replays=0, faults=deque())
+
+
+def adjustment_stats():
+    """GET /_mock/adjustments (called under the lock)."""
+    adj = state["adj"]
+    return {"requests": adj["requests"], "cancelled": len(adj["cancelled"]),
+            "cancelled_value": adj["cancelled_value"], "refused": adj["refused"],
+            "replays": adj["replays"], "identifiers": list(adj["cancelled"]),
+            "faults_queued": sum(f["count"] for f in adj["faults"])}
 
 
 class Server(ThreadingHTTPServer):

@@ -92,18 +92,17 @@ is($node->safe_psql('postgres', q{SELECT usage_billing.retry_failed_exports()}),
 ok(ub_export_and_wait($node, $mock, 20), 'retried after fixing the customer id');
 is(ub_mock_get($mock, 'totals')->{'cus_fixed|api_calls'}, 7, 'fixed customer holds its total');
 
-# a lowered sum total is never sent as a negative event
+# a lowered sum total is never sent as a negative event: the recent event is cancelled
+# and the difference sent (export corrections; 045_export_corrections.pl covers the rest)
 ub_add_usage($node, q{'c6'}, 'api_calls', 2, 1);
-$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
-sleep(1);
+ok(ub_export_and_wait($node, $mock, 20), 'lowered total: Stripe brought down to it');
 is($node->safe_psql('postgres', q{SELECT state, needs_manual_credit FROM usage_billing.export_status
-  WHERE customer_id = 'c6' AND meter = 'api_calls'}), 'needs_manual_credit|8', 'lowered total reported');
-is(ub_mock_get($mock, 'totals')->{'cus_6|api_calls'}, 10, 'Stripe keeps what it had');
+  WHERE customer_id = 'c6' AND meter = 'api_calls'}), 'in_sync|0', 'lowered total in sync, no manual credit');
+is(ub_mock_get($mock, 'totals')->{'cus_6|api_calls'}, 2, 'Stripe holds the lowered total');
 ok(!grep({ $_->{value} < 0 } @{ ub_mock_get($mock, 'events') }), 'no negative value sent');
-# usage back at the exported level (e.g. a correction undone): in sync again, nothing sent
+# usage back up (e.g. a correction undone): the difference is sent
 ub_add_usage($node, q{'c6'}, 'api_calls', 10, 1);
-is($node->safe_psql('postgres', q{SELECT state FROM usage_billing.export_status
-  WHERE customer_id = 'c6' AND meter = 'api_calls'}), 'in_sync', 'back in sync');
+ok(ub_export_and_wait($node, $mock, 20), 'back in sync');
 
 # a previous period inside Stripe's window lands at its last second; a 3-month-old one is not sent
 my $prev_end = $node->safe_psql('postgres', q{SELECT extract(epoch FROM period_start)::bigint - 1
