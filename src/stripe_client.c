@@ -381,11 +381,18 @@ static bool
 ub_take_token(double rps, long *wait_ms)
 {
 	TimestampTz now = GetCurrentTimestamp();
+	/*
+	 * A bucket of capacity C refilled at R per second lets C + R requests
+	 * into some one-second window, and the ceiling must hold in every window
+	 * (Stripe counts per second): refill at rps - (C - 1).  The small burst
+	 * keeps the dispatcher from starving between polls.
+	 */
 	double		capacity = Max(1.0, rps / 20.0);
+	double		refill = rps - (capacity - 1.0);
 
 	if (ub_tokens_at == 0)
 		ub_tokens_at = now;
-	ub_tokens += (double) (now - ub_tokens_at) / 1000000.0 * rps;
+	ub_tokens += (double) (now - ub_tokens_at) / 1000000.0 * refill;
 	if (ub_tokens > capacity)
 		ub_tokens = capacity;
 	ub_tokens_at = now;
@@ -394,7 +401,7 @@ ub_take_token(double rps, long *wait_ms)
 		ub_tokens -= 1.0;
 		return true;
 	}
-	*wait_ms = (long) ((1.0 - ub_tokens) * 1000.0 / rps) + 1;
+	*wait_ms = (long) ((1.0 - ub_tokens) * 1000.0 / refill) + 1;
 	return false;
 }
 

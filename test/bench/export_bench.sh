@@ -1,7 +1,10 @@
 #!/bin/bash
 # export_bench.sh - throughput and memory of the export worker against the mock.
 #
-#   test/bench/export_bench.sh [PG_BINDIR] [CUSTOMERS] [ROUNDS] [CONCURRENCY]
+#   test/bench/export_bench.sh [PG_BINDIR] [CUSTOMERS] [ROUNDS] [CONCURRENCY] [MAX_RPS]
+#
+# MAX_RPS (default 100000, i.e. no ceiling) sets usage_billing.export_max_rps: with a ceiling
+# below what the worker reaches, events/s shows how close it stays to the ceiling.
 #
 # Creates a scratch cluster (port 5498, socket in its directory, no TCP), a mock
 # Stripe on 127.0.0.1, CUSTOMERS customers with one sum meter, and then ROUNDS
@@ -15,6 +18,7 @@ BIN=${1:-$(pg_config --bindir)}
 N=${2:-2000}
 ROUNDS=${3:-50}
 CONC=${4:-8}
+RPS=${5:-100000}
 HERE=$(cd "$(dirname "$0")/../.." && pwd)
 D=$(mktemp -d /tmp/ub_bench.XXXXXX)
 KEY=sk_test_bench
@@ -42,7 +46,7 @@ port = 5498
 usage_billing.stripe_api_key = '$KEY'
 usage_billing.stripe_api_base = 'http://127.0.0.1:$PORT'
 usage_billing.export_interval = 0
-usage_billing.export_max_rps = 100000
+usage_billing.export_max_rps = $RPS
 usage_billing.export_concurrency = $CONC
 usage_billing.export_batch_size = 500
 EOC
