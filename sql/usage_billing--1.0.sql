@@ -1068,49 +1068,7 @@ COMMENT ON FUNCTION usage_billing.export_prune(interval) IS
     'Deletes sent and discarded export rows older than the given age; returns how many.';
 REVOKE ALL ON FUNCTION usage_billing.export_prune(interval) FROM PUBLIC;
 
-CREATE VIEW usage_billing.export_status AS
-SELECT a.customer_id, a.meter, a.period_start, a.period_end,
-       c.stripe_customer_id,
-       m.stripe_event_name AS event_name,
-       m.aggregation,
-       a.total,
-       floor(a.total) AS target,
-       coalesce(s.exported, 0) AS exported,
-       CASE WHEN m.aggregation IN ('sum', 'count')
-            THEN greatest(floor(a.total) - coalesce(s.exported, 0), 0)
-            WHEN floor(a.total) = coalesce(s.exported, 0) THEN 0
-            ELSE floor(a.total) END AS pending,
-       coalesce(o.failed, 0) AS failed,
-       coalesce(o.pending_events, 0) AS pending_events,
-       coalesce(o.failed_events, 0) AS failed_events,
-       CASE WHEN m.aggregation IN ('sum', 'count')
-            THEN greatest(coalesce(s.planned, 0) - floor(a.total), 0) ELSE 0 END AS needs_manual_credit,
-       coalesce(s.attempts, 0) AS attempts,
-       s.last_attempt_at,
-       s.last_http_status,
-       s.last_request_id,
-       coalesce(o.failed_error, s.last_error) AS last_error,
-       CASE WHEN c.stripe_customer_id IS NULL THEN 'no_stripe_customer'
-            WHEN coalesce(o.failed_events, 0) > 0 THEN 'failed'
-            WHEN m.aggregation IN ('sum', 'count') AND coalesce(s.planned, 0) > floor(a.total)
-                 THEN 'needs_manual_credit'
-            WHEN coalesce(s.exported, 0) = floor(a.total) THEN 'in_sync'
-            ELSE 'pending' END AS state
-  FROM usage_billing.usage_aggregates a
-  JOIN usage_billing.meters m ON m.meter = a.meter AND m.stripe_event_name IS NOT NULL
-  JOIN usage_billing.customers c ON c.customer_id = a.customer_id
-  LEFT JOIN usage_billing.export_state s
-         ON s.customer_id = a.customer_id AND s.meter = a.meter AND s.period_start = a.period_start
-  LEFT JOIN LATERAL (
-        SELECT sum(ob.value) FILTER (WHERE ob.status = 'failed') AS failed,
-               count(*) FILTER (WHERE ob.status = 'pending') AS pending_events,
-               count(*) FILTER (WHERE ob.status = 'failed') AS failed_events,
-               max(ob.last_error) FILTER (WHERE ob.status = 'failed') AS failed_error
-          FROM usage_billing.export_outbox ob
-         WHERE ob.customer_id = a.customer_id AND ob.meter = a.meter
-           AND ob.period_start = a.period_start AND ob.status IN ('pending', 'failed')) o ON true;
-COMMENT ON VIEW usage_billing.export_status IS
-    'Per customer, meter and period: database total, what Stripe confirmed (exported), what is pending or failed and why.';
+-- usage_billing.export_status is defined at the end of the export section, after export_cancels.
 
 -- ---------------------------------------------------------------------------
 -- Export corrections: cancelling meter events (block owned by export_cancel.c)
@@ -1292,8 +1250,8 @@ COMMENT ON FUNCTION usage_billing.export_cancel_record(bigint, text, integer, te
 REVOKE ALL ON FUNCTION usage_billing.export_cancel_plan(interval, integer) FROM PUBLIC;
 REVOKE ALL ON FUNCTION usage_billing.export_cancel_record(bigint, text, integer, text, text, integer, boolean) FROM PUBLIC;
 
--- export_status, again: the rule above decides needs_manual_credit and the state 'cancelling'
-CREATE OR REPLACE VIEW usage_billing.export_status AS
+-- export_status: the rule above decides needs_manual_credit and the state 'cancelling'
+CREATE VIEW usage_billing.export_status AS
 SELECT a.customer_id, a.meter, a.period_start, a.period_end,
        c.stripe_customer_id,
        m.stripe_event_name AS event_name,

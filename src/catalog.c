@@ -57,6 +57,15 @@ prepare_saved(const char *sql, int nargs, Oid *argtypes)
 	return plan;
 }
 
+/* Prepares a statement into *slot on first use; the plan lives as long as the backend. */
+SPIPlanPtr
+ub_prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types)
+{
+	if (*slot == NULL)
+		*slot = prepare_saved(sql, nargs, types);
+	return *slot;
+}
+
 /* Column accessors that copy out of the SPI tuple table. */
 static char *
 col_text(HeapTuple tup, TupleDesc desc, int col)

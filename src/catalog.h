@@ -7,6 +7,7 @@
 #define UB_CATALOG_H
 
 #include "datatype/timestamp.h"
+#include "executor/spi.h"
 #include "nodes/pg_list.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
@@ -64,6 +65,7 @@ extern bool ub_lookup_usage_target(const char *customer_id, const char *meter,
 extern List *ub_customer_limits(const UbCustomer *customer);
 extern List *ub_plan_limits(const char *plan);
 
+extern SPIPlanPtr ub_prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types);
 extern UbAggregation ub_parse_aggregation(const char *name);
 extern const char *ub_aggregation_name(UbAggregation agg);
 extern void ub_check_name(const char *what, const char *value, int maxlen);

@@ -61,22 +61,6 @@ static SPIPlanPtr unique_delete_plan = NULL;
 static SPIPlanPtr agg_void_plan = NULL;
 static SPIPlanPtr agg_adjust_plan = NULL;
 
-/* Prepares a statement on first use and keeps it for the life of the backend. */
-static SPIPlanPtr
-prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types)
-{
-	if (*slot == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		*slot = plan;
-	}
-	return *slot;
-}
 
 /* Numeric as text, for messages. */
 static char *
@@ -106,7 +90,7 @@ lock_aggregate(const char *customer_id, const char *meter, TimestampTz period_st
 	Datum		args[3];
 	bool		isnull;
 
-	prepare_once(&agg_lock_plan,
+	ub_prepare_once(&agg_lock_plan,
 				 "SELECT total FROM usage_billing.usage_aggregates"
 				 " WHERE customer_id = $1 AND meter = $2 AND period_start = $3"
 				 " FOR UPDATE", 3, types);
@@ -137,7 +121,7 @@ recompute_period(const char *customer_id, const char *meter, TimestampTz period_
 	HeapTuple	tup;
 	TupleDesc	desc;
 
-	prepare_once(&recompute_plan,
+	ub_prepare_once(&recompute_plan,
 				 "SELECT max(e.amount),"
 				 "       (pg_catalog.array_agg(e.amount ORDER BY e.occurred_at DESC, e.event_id DESC))[1],"
 				 "       min(e.occurred_at), max(e.occurred_at)"
@@ -175,7 +159,7 @@ drop_unique_value(const char *customer_id, const char *meter, TimestampTz period
 
 	if (value == NULL)
 		return 0;
-	prepare_once(&unique_still_plan,
+	ub_prepare_once(&unique_still_plan,
 				 "SELECT 1 FROM usage_billing.usage_events e"
 				 " WHERE e.customer_id = $1 AND e.meter = $2 AND e.period_start = $3"
 				 "   AND e.kind = 'usage' AND e.properties ->> $4 = $5"
@@ -192,7 +176,7 @@ drop_unique_value(const char *customer_id, const char *meter, TimestampTz period
 	if (SPI_processed > 0)
 		return 0;
 
-	prepare_once(&unique_delete_plan,
+	ub_prepare_once(&unique_delete_plan,
 				 "DELETE FROM usage_billing.usage_unique_values"
 				 " WHERE customer_id = $1 AND meter = $2 AND period_start = $3 AND value = $4",
 				 4, types);
@@ -244,7 +228,7 @@ ub_void_usage(PG_FUNCTION_ARGS)
 	{
 		Oid			types[2] = {TEXTOID, TEXTOID};
 
-		prepare_once(&original_plan,
+		ub_prepare_once(&original_plan,
 					 "SELECT e.event_id, e.meter, e.period_start, e.occurred_at, e.amount,"
 					 "       e.properties ->> m.value_property"
 					 "  FROM usage_billing.usage_events e"
@@ -285,7 +269,7 @@ ub_void_usage(PG_FUNCTION_ARGS)
 		Datum		args7[7];
 		char		nulls7[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
 
-		prepare_once(&void_insert_plan,
+		ub_prepare_once(&void_insert_plan,
 					 "WITH marked AS ("
 					 "  INSERT INTO usage_billing.voided_events (event_id, customer_id)"
 					 "  VALUES ($6, $1) ON CONFLICT (customer_id, event_id) DO NOTHING RETURNING event_id)"
@@ -355,7 +339,7 @@ ub_void_usage(PG_FUNCTION_ARGS)
 	{
 		Oid			types[6] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, NUMERICOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 
-		prepare_once(&agg_void_plan,
+		ub_prepare_once(&agg_void_plan,
 					 "UPDATE usage_billing.usage_aggregates"
 					 "   SET total = $4, event_count = greatest(event_count - 1, 0),"
 					 "       first_usage = $5, last_usage = $6, updated_at = now()"
@@ -443,7 +427,7 @@ ub_adjust_usage(PG_FUNCTION_ARGS)
 	{
 		Oid			types[4] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID};
 
-		prepare_once(&agg_ensure_plan,
+		ub_prepare_once(&agg_ensure_plan,
 					 "INSERT INTO usage_billing.usage_aggregates"
 					 "       (customer_id, meter, period_start, period_end, total, event_count)"
 					 " VALUES ($1, $2, $3, $4, 0, 0)"
@@ -471,7 +455,7 @@ ub_adjust_usage(PG_FUNCTION_ARGS)
 	{
 		Oid			types[6] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID, NUMERICOID, TEXTOID};
 
-		prepare_once(&adjust_insert_plan,
+		ub_prepare_once(&adjust_insert_plan,
 					 "INSERT INTO usage_billing.usage_events"
 					 "       (customer_id, meter, period_start, occurred_at, amount, kind, reason)"
 					 " VALUES ($1, $2, $3, $4, $5, 'adjustment', $6)", 6, types);
@@ -485,7 +469,7 @@ ub_adjust_usage(PG_FUNCTION_ARGS)
 	{
 		Oid			types[4] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, NUMERICOID};
 
-		prepare_once(&agg_adjust_plan,
+		ub_prepare_once(&agg_adjust_plan,
 					 "UPDATE usage_billing.usage_aggregates"
 					 "   SET total = $4, updated_at = now()"
 					 " WHERE customer_id = $1 AND meter = $2 AND period_start = $3", 4, types);

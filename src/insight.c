@@ -53,22 +53,6 @@ static SPIPlanPtr meter_usage_plan = NULL;
 static SPIPlanPtr period_totals_plan = NULL;
 static SPIPlanPtr plans_plan = NULL;
 
-/* Prepares a statement on first use and keeps it for the life of the backend. */
-static SPIPlanPtr
-prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types)
-{
-	if (*slot == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		*slot = plan;
-	}
-	return *slot;
-}
 
 /* Looks the customer up or raises P0002, as the other reading functions do. */
 void
@@ -236,7 +220,7 @@ ub_usage_history(PG_FUNCTION_ARGS)
 			"  FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4)) AS b(s, e)"
 			" ORDER BY b.s", history_expression(meter.aggregation));
 
-		plan = prepare_once(&history_plans[meter.aggregation], sql, 5, types);
+		plan = ub_prepare_once(&history_plans[meter.aggregation], sql, 5, types);
 	}
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = CStringGetTextDatum(meter_name);
@@ -274,7 +258,7 @@ ub_meter_usage(const UbCustomer *customer, TimestampTz current_start, TimestampT
 	List	   *limits = ub_customer_limits(customer);
 	List	   *result = NIL;
 
-	prepare_once(&meter_usage_plan,
+	ub_prepare_once(&meter_usage_plan,
 				 "SELECT m.meter, m.aggregation, m.unit,"
 				 "       coalesce(cur.total, 0), coalesce(prev.total, 0)"
 				 "  FROM usage_billing.meters m"
@@ -452,7 +436,7 @@ ub_recommend_plan(PG_FUNCTION_ARGS)
 	{
 		Oid			types[2] = {TEXTOID, TIMESTAMPTZARRAYOID};
 
-		prepare_once(&period_totals_plan,
+		ub_prepare_once(&period_totals_plan,
 					 "SELECT a.meter, a.total, p.i"
 					 "  FROM pg_catalog.unnest($2) WITH ORDINALITY AS p(s, i)"
 					 "  JOIN usage_billing.usage_aggregates a"
@@ -480,7 +464,7 @@ ub_recommend_plan(PG_FUNCTION_ARGS)
 	{
 		Oid			types[1] = {TEXTOID};
 
-		prepare_once(&plans_plan,
+		ub_prepare_once(&plans_plan,
 					 "SELECT plan, base_price FROM usage_billing.plans"
 					 " WHERE currency = $1 ORDER BY plan", 1, types);
 		args[0] = CStringGetTextDatum(customer.currency);

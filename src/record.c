@@ -54,7 +54,6 @@ typedef struct DeferredError
 static SPIPlanPtr original_plan = NULL;
 static SPIPlanPtr agg_read_plan = NULL;
 
-static SPIPlanPtr prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types);
 static bool validate_event(const UbEventInput *in, const UbCustomer *customer,
 						   bool meter_found, const UbMeter *meter, char **unique_value,
 						   DeferredError *err);
@@ -114,9 +113,9 @@ ledger_plan(bool keyed)
 	static SPIPlanPtr plans[2];
 
 	if (keyed)
-		return prepare_once(&plans[1], LEDGER_INSERT LEDGER_ON_CONFLICT, 7, record_types);
+		return ub_prepare_once(&plans[1], LEDGER_INSERT LEDGER_ON_CONFLICT, 7, record_types);
 	/* without a key there is nothing to conflict on: skip the arbiter check */
-	return prepare_once(&plans[0], LEDGER_INSERT, 7, record_types);
+	return ub_prepare_once(&plans[0], LEDGER_INSERT, 7, record_types);
 }
 
 /* Adds a unique_count value to the period's set; inserts a row when it is new. */
@@ -127,7 +126,7 @@ unique_plan(void)
 	static Oid	types[9] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
 	NUMERICOID, TEXTOID, JSONBOID, TIMESTAMPTZOID, TEXTOID};
 
-	return prepare_once(&plan,
+	return ub_prepare_once(&plan,
 						"INSERT INTO usage_billing.usage_unique_values"
 						"       (customer_id, meter, period_start, value)"
 						" VALUES ($1, $2, $3, $9) ON CONFLICT DO NOTHING", 9, types);
@@ -139,7 +138,7 @@ aggregate_plan(void)
 {
 	static SPIPlanPtr plan;
 
-	return prepare_once(&plan, AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT AGG_SET_ADD AGG_RETURNING,
+	return ub_prepare_once(&plan, AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT AGG_SET_ADD AGG_RETURNING,
 						9, record_types);
 }
 
@@ -153,35 +152,19 @@ combined_plan(UbAggregation agg, bool keyed)
 	{
 		case UB_AGG_MAX:
 			return keyed ?
-				prepare_once(&plans[1][1], COMBINED(LEDGER_ON_CONFLICT, AGG_SET_MAX), 9, record_types) :
-				prepare_once(&plans[1][0], COMBINED("", AGG_SET_MAX), 9, record_types);
+				ub_prepare_once(&plans[1][1], COMBINED(LEDGER_ON_CONFLICT, AGG_SET_MAX), 9, record_types) :
+				ub_prepare_once(&plans[1][0], COMBINED("", AGG_SET_MAX), 9, record_types);
 		case UB_AGG_LAST:
 			return keyed ?
-				prepare_once(&plans[2][1], COMBINED(LEDGER_ON_CONFLICT, AGG_SET_LAST), 9, record_types) :
-				prepare_once(&plans[2][0], COMBINED("", AGG_SET_LAST), 9, record_types);
+				ub_prepare_once(&plans[2][1], COMBINED(LEDGER_ON_CONFLICT, AGG_SET_LAST), 9, record_types) :
+				ub_prepare_once(&plans[2][0], COMBINED("", AGG_SET_LAST), 9, record_types);
 		default:
 			return keyed ?
-				prepare_once(&plans[0][1], COMBINED(LEDGER_ON_CONFLICT, AGG_SET_ADD), 9, record_types) :
-				prepare_once(&plans[0][0], COMBINED("", AGG_SET_ADD), 9, record_types);
+				ub_prepare_once(&plans[0][1], COMBINED(LEDGER_ON_CONFLICT, AGG_SET_ADD), 9, record_types) :
+				ub_prepare_once(&plans[0][0], COMBINED("", AGG_SET_ADD), 9, record_types);
 	}
 }
 
-/* Prepares a statement on first use and keeps it for the life of the backend. */
-static SPIPlanPtr
-prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types)
-{
-	if (*slot == NULL)
-	{
-		SPIPlanPtr	plan = SPI_prepare(sql, nargs, types);
-
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		*slot = plan;
-	}
-	return *slot;
-}
 
 /* Raises a deferred error. */
 static void
@@ -339,7 +322,7 @@ lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *out)
 	bool		meter_found;
 	bool		agg_found;
 
-	prepare_once(&original_plan,
+	ub_prepare_once(&original_plan,
 				 "SELECT meter, period_start FROM usage_billing.usage_events"
 				 " WHERE customer_id = $1 AND idempotency_key = $2", 2, types2);
 	args[0] = CStringGetTextDatum(customer_id);
@@ -352,7 +335,7 @@ lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *out)
 	period_start = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
 													 SPI_tuptable->tupdesc, 2, &isnull));
 
-	prepare_once(&agg_read_plan,
+	ub_prepare_once(&agg_read_plan,
 				 "SELECT total, period_end FROM usage_billing.usage_aggregates"
 				 " WHERE customer_id = $1 AND meter = $2 AND period_start = $3", 3, types3);
 	args[1] = CStringGetTextDatum(meter);
