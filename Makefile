@@ -23,6 +23,7 @@ OBJS = \
 	src/stripe_client.o \
 	src/export_outbox.o \
 	src/export_secrets.o \
+	src/redact.o \
 	src/export_cancel.o \
 	src/export_cancel_http.o
 

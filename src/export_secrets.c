@@ -33,31 +33,6 @@ static emit_log_hook_type prev_emit_log_hook = NULL;
 static void ub_emit_log_hook(ErrorData *edata);
 static bool ub_has_key_shape(const char *s);
 
-/* Masks the configured key wherever it appears, and every key-shaped token. */
-void
-ub_redact_keys(char *msg, const char *key)
-{
-	static const char *const prefixes[] = {"sk_live_", "sk_test_", "rk_live_", "rk_test_"};
-	char	   *p;
-	int			i;
-
-	if (msg == NULL)
-		return;
-	if (key && strlen(key) >= 4)
-		while ((p = strstr(msg, key)) != NULL)
-			memset(p, '*', strlen(key));
-	for (i = 0; i < lengthof(prefixes); i++)
-	{
-		p = msg;
-		while ((p = strstr(p, prefixes[i])) != NULL)
-		{
-			p += strlen(prefixes[i]);
-			while (*p && !isspace((unsigned char) *p) && *p != '"' && *p != '\'' && *p != ',')
-				*p++ = '*';
-		}
-	}
-}
-
 /* True when s holds a key-shaped token (cheap pre-check). */
 static bool
 ub_has_key_shape(const char *s)

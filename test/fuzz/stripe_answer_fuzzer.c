@@ -8,7 +8,8 @@
  * src/stripe_client.c is included whole so that its static functions can be
  * called.  It is linked against libcurl, cJSON and the frontend builds of
  * libpgcommon / libpgport (palloc, StringInfo, snprintf, pg_prng); the few
- * backend symbols it references are stubbed below, and reaching ereport() or
+ * backend symbols it references are stubbed below (src/redact.c, which masks
+ * keys in what Stripe answers, is included too), and reaching ereport() or
  * CHECK_FOR_INTERRUPTS() from the fuzzed paths aborts (a finding).
  *
  * Input: the first byte chooses the mode, the rest is the data.
@@ -19,6 +20,7 @@
  *-------------------------------------------------------------------------
  */
 #include "../../src/stripe_client.c"
+#include "../../src/redact.c"
 
 #include <stdio.h>
 #include <stdlib.h>
