@@ -68,23 +68,6 @@ ub_cancel_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
 	return size * nmemb;
 }
 
-/* Copies a header's value, trimmed, into a fixed buffer. */
-static void
-ub_cancel_header_value(const char *line, size_t len, size_t name_len, char *dst, size_t dstlen)
-{
-	size_t		i = name_len;
-	size_t		j = len;
-
-	while (i < len && (line[i] == ' ' || line[i] == '\t'))
-		i++;
-	while (j > i && (line[j - 1] == '\r' || line[j - 1] == '\n' || line[j - 1] == ' '))
-		j--;
-	if (j - i >= dstlen)
-		j = i + dstlen - 1;
-	memcpy(dst, line + i, j - i);
-	dst[j - i] = '\0';
-}
-
 /* libcurl header callback: keeps Request-Id, Retry-After and Stripe-Should-Retry. */
 static size_t
 ub_cancel_header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
@@ -93,11 +76,11 @@ ub_cancel_header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 	size_t		len = size * nitems;
 
 	if (len > 11 && pg_strncasecmp(buffer, "request-id:", 11) == 0)
-		ub_cancel_header_value(buffer, len, 11, ans->request_id, sizeof(ans->request_id));
+		ub_stripe_header_value(buffer, len, 11, ans->request_id, sizeof(ans->request_id));
 	else if (len > 12 && pg_strncasecmp(buffer, "retry-after:", 12) == 0)
-		ub_cancel_header_value(buffer, len, 12, ans->retry_after, sizeof(ans->retry_after));
+		ub_stripe_header_value(buffer, len, 12, ans->retry_after, sizeof(ans->retry_after));
 	else if (len > 20 && pg_strncasecmp(buffer, "stripe-should-retry:", 20) == 0)
-		ub_cancel_header_value(buffer, len, 20, ans->should_retry, sizeof(ans->should_retry));
+		ub_stripe_header_value(buffer, len, 20, ans->should_retry, sizeof(ans->should_retry));
 	return len;
 }
 

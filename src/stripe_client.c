@@ -60,8 +60,6 @@ static double ub_tokens = 1.0;
 static TimestampTz ub_tokens_at = 0;
 
 static size_t ub_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata);
-static void ub_copy_header_value(const char *line, size_t len, size_t name_len, char *dst,
-								 size_t dstlen);
 static size_t ub_header_cb(char *buffer, size_t size, size_t nitems, void *userdata);
 static void ub_append_field(StringInfo buf, const char *name, const char *value);
 static void ub_slot_start(UbSlot *slot, UbMeterEvent *ev, const UbStripeConfig *cfg,
@@ -95,9 +93,9 @@ ub_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
 	return size * nmemb;
 }
 
-/* Copies a header value, trimmed, into a fixed buffer. */
-static void
-ub_copy_header_value(const char *line, size_t len, size_t name_len, char *dst, size_t dstlen)
+/* Copies a header line's value, trimmed, into a fixed buffer (also used for cancels). */
+void
+ub_stripe_header_value(const char *line, size_t len, size_t name_len, char *dst, size_t dstlen)
 {
 	size_t		i = name_len;
 	size_t		j;
@@ -121,11 +119,11 @@ ub_header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 	size_t		len = size * nitems;
 
 	if (len > 11 && pg_strncasecmp(buffer, "request-id:", 11) == 0)
-		ub_copy_header_value(buffer, len, 11, slot->request_id, sizeof(slot->request_id));
+		ub_stripe_header_value(buffer, len, 11, slot->request_id, sizeof(slot->request_id));
 	else if (len > 12 && pg_strncasecmp(buffer, "retry-after:", 12) == 0)
-		ub_copy_header_value(buffer, len, 12, slot->retry_after, sizeof(slot->retry_after));
+		ub_stripe_header_value(buffer, len, 12, slot->retry_after, sizeof(slot->retry_after));
 	else if (len > 20 && pg_strncasecmp(buffer, "stripe-should-retry:", 20) == 0)
-		ub_copy_header_value(buffer, len, 20, slot->should_retry, sizeof(slot->should_retry));
+		ub_stripe_header_value(buffer, len, 20, slot->should_retry, sizeof(slot->should_retry));
 	return len;
 }
 
