@@ -432,29 +432,27 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 	return true;
 }
 
-/* Every effective limit of a customer, ordered by meter, as a List of UbLimit. */
-List *
-ub_customer_limits(const UbCustomer *customer)
+#define LIMIT_LIST_SQL(source, keycol) \
+	"SELECT l.meter, m.aggregation," \
+	"       l.included, l.hard_cap, l.overage_price, l.overage_unit," \
+	"       l.soft_threshold, l.tiers, l.tier_mode" \
+	"  FROM " source " l" \
+	"  JOIN usage_billing.meters m ON m.meter = l.meter" \
+	" WHERE l." keycol " = $1" \
+	" ORDER BY l.meter"
+
+/* Runs one of the limit-list statements for a key; a List of UbLimit ordered by meter. */
+static List *
+limit_list(SPIPlanPtr *slot, const char *sql, const char *key)
 {
+	Oid			types[1] = {TEXTOID};
 	Datum		args[1];
 	int			ret;
 	List	   *result = NIL;
 
-	if (limits_plan == NULL)
-	{
-		Oid			types[1] = {TEXTOID};
-
-		limits_plan = prepare_saved(
-			"SELECT l.meter, m.aggregation,"
-			"       l.included, l.hard_cap, l.overage_price, l.overage_unit,"
-			"       l.soft_threshold, l.tiers, l.tier_mode"
-			"  FROM usage_billing.effective_limits l"
-			"  JOIN usage_billing.meters m ON m.meter = l.meter"
-			" WHERE l.customer_id = $1"
-			" ORDER BY l.meter", 1, types);
-	}
-	args[0] = CStringGetTextDatum(customer->customer_id);
-	ret = SPI_execute_plan(limits_plan, args, NULL, true, 0);
+	ub_prepare_once(slot, sql, 1, types);
+	args[0] = CStringGetTextDatum(key);
+	ret = SPI_execute_plan(*slot, args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "limit lookup failed: %s", SPI_result_code_string(ret));
 
@@ -474,46 +472,22 @@ ub_customer_limits(const UbCustomer *customer)
 	return result;
 }
 
+/* Every effective limit of a customer, ordered by meter, as a List of UbLimit. */
+List *
+ub_customer_limits(const UbCustomer *customer)
+{
+	return limit_list(&limits_plan,
+					  LIMIT_LIST_SQL("usage_billing.effective_limits", "customer_id"),
+					  customer->customer_id);
+}
+
 /* The limits of a plan as written, ignoring customer overrides (plan comparisons), ordered by meter. */
 List *
 ub_plan_limits(const char *plan)
 {
-	Datum		args[1];
-	int			ret;
-	List	   *result = NIL;
-
-	if (plan_limits_plan == NULL)
-	{
-		Oid			types[1] = {TEXTOID};
-
-		plan_limits_plan = prepare_saved(
-			"SELECT l.meter, m.aggregation,"
-			"       l.included, l.hard_cap, l.overage_price, l.overage_unit,"
-			"       l.soft_threshold, l.tiers, l.tier_mode"
-			"  FROM usage_billing.plan_limits l"
-			"  JOIN usage_billing.meters m ON m.meter = l.meter"
-			" WHERE l.plan = $1"
-			" ORDER BY l.meter", 1, types);
-	}
-	args[0] = CStringGetTextDatum(plan);
-	ret = SPI_execute_plan(plan_limits_plan, args, NULL, true, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "plan limit lookup failed: %s", SPI_result_code_string(ret));
-
-	for (uint64 i = 0; i < SPI_processed; i++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		UbLimit    *l = palloc0(sizeof(UbLimit));
-
-		l->meter = col_text(tup, desc, 1);
-		l->aggregation = ub_parse_aggregation(col_text(tup, desc, 2));
-		l->exists = true;
-		fill_limit(tup, desc, 3, l);
-		result = lappend(result, l);
-	}
-	SPI_freetuptable(SPI_tuptable);
-	return result;
+	return limit_list(&plan_limits_plan,
+					  LIMIT_LIST_SQL("usage_billing.plan_limits", "plan"),
+					  plan);
 }
 
 /* Maps an aggregation name to its enum. */
