@@ -10,6 +10,7 @@ OBJS = \
 	src/catalog_cache.o \
 	src/pricing.o \
 	src/record.o \
+	src/direct_write.o \
 	src/batch.o \
 	src/alerts.o \
 	src/corrections.o \

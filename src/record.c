@@ -11,6 +11,10 @@
  * A call that would pass a hard cap raises PT402 after its writes, and the
  * error rolls them back: nothing is half-written.
  *
+ * The writes go through direct_write.c (table and index access with the
+ * same protocol) where that is equivalent, and through the SQL below
+ * otherwise.
+ *
  * Idempotency: the ledger has a unique index on (customer_id,
  * idempotency_key).  The event is inserted with ON CONFLICT DO NOTHING; a
  * conflict means the key was recorded before (or by a concurrent call that
@@ -28,6 +32,7 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
@@ -35,6 +40,7 @@
 
 #include "alerts.h"
 #include "catalog.h"
+#include "direct_write.h"
 #include "periods.h"
 #include "pricing.h"
 #include "record.h"
@@ -518,6 +524,20 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 	else
 	{
 		contribution = pe.meter.aggregation == UB_AGG_COUNT ? ub_num_int(1) : in->amount;
+		if (ub_direct_write_usable(&pe))
+		{
+			switch (ub_direct_record(in, &pe, contribution, &out->total, &previous_total))
+			{
+				case UB_DIRECT_RECORDED:
+					goto recorded;
+				case UB_DIRECT_DUPLICATE:
+					if (!lookup_duplicate(in->customer_id, in->idempotency_key, out))
+						elog(ERROR, "idempotency conflict without an original event");
+					return;
+				case UB_DIRECT_UNAVAILABLE:
+					break;
+			}
+		}
 		args[8] = NumericGetDatum(contribution);
 		ret = SPI_execute_plan(combined_plan(pe.meter.aggregation, in->idempotency_key != NULL),
 							   args, nulls, false, 0);
@@ -536,6 +556,7 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 	previous = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	previous_total = isnull ? NULL : DatumGetNumericCopy(previous);
 
+recorded:
 	ub_finish_aggregate(in, &pe, previous_total, out->total, contribution);
 
 	out->duplicate = false;
@@ -588,6 +609,9 @@ ub_increment_usage(PG_FUNCTION_ARGS)
 	in.occurred_at_null = PG_ARGISNULL(4);
 	in.occurred_at = PG_ARGISNULL(4) ? 0 : PG_GETARG_TIMESTAMPTZ(4);
 	in.properties = PG_ARGISNULL(5) ? NULL : PG_GETARG_JSONB_P(5);
+
+	/* the same refusal as an INSERT's, but naming what the caller called */
+	PreventCommandIfReadOnly("increment_usage()");
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");

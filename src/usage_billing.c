@@ -14,6 +14,7 @@
 #include "utils/guc.h"
 
 #include "export_cancel.h"
+#include "direct_write.h"
 #include "usage_billing.h"
 
 PG_MODULE_MAGIC;
@@ -57,6 +58,15 @@ _PG_init(void)
 							 "Read customers, overrides and aggregates straight from their indexes on the hot path.",
 							 "Turn off when the tables are distributed with Citus: only SQL is routed to the shards.",
 							 &ub_direct_reads,
+							 true,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomBoolVariable("usage_billing.direct_writes",
+							 "Record events with table and index access instead of SQL on the hot path.",
+							 "Turn off when the tables are distributed with Citus: only SQL is routed to the shards.",
+							 &ub_direct_writes,
 							 true,
 							 PGC_SUSET,
 							 0,

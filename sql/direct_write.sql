@@ -1,0 +1,125 @@
+-- increment_usage's direct writes (table and index access) against its SQL path:
+-- the same events recorded both ways leave the same ledger and aggregates.
+SET client_min_messages = warning;
+CREATE EXTENSION IF NOT EXISTS usage_billing;
+RESET client_min_messages;
+SET timezone = 'UTC';
+SET datestyle = 'ISO, YMD';
+\set VERBOSITY default
+
+SELECT usage_billing.create_meter('dw_calls', 'sum', 'calls');
+SELECT usage_billing.create_meter('dw_logins', 'count');
+SELECT usage_billing.create_meter('dw_peak', 'max', 'GB');
+SELECT usage_billing.create_meter('dw_seats', 'last', 'seats');
+SELECT usage_billing.create_plan('dw_plan', 0);
+SELECT usage_billing.set_plan_limit('dw_plan', 'dw_calls', included => 100, hard_cap => true);
+SELECT usage_billing.upsert_customer('dw_direct', 'dw_plan', '2025-01-01 00:00+00');
+SELECT usage_billing.upsert_customer('dw_sql', 'dw_plan', '2025-01-01 00:00+00');
+
+-- One script of events, run once per path: every aggregation, out-of-order and tied
+-- occurred_at for last, repeated keys, several calls in one statement and in one
+-- transaction, a refused call (hard cap) that must leave nothing behind.
+CREATE FUNCTION pg_temp.script(c text) RETURNS SETOF text LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    FOR r IN
+        SELECT * FROM (VALUES
+            ('dw_calls', 10::numeric, 'k1', '2025-01-05'::timestamptz, NULL::jsonb),
+            ('dw_calls', 10, 'k1', '2025-01-06', NULL),            -- duplicate key
+            ('dw_calls', 2.5, NULL, '2025-01-04', '{"region": "eu"}'),
+            ('dw_calls', 1, NULL, '2025-02-04', NULL),             -- next period
+            ('dw_logins', 7, 'k2', '2025-01-07', NULL),
+            ('dw_logins', 1, NULL, '2025-01-02', NULL),
+            ('dw_peak', 20, NULL, '2025-01-03', NULL),
+            ('dw_peak', 5, 'k3', '2025-01-04', NULL),
+            ('dw_peak', 30, NULL, '2025-01-02', NULL),
+            ('dw_seats', 4, NULL, '2025-01-10', NULL),
+            ('dw_seats', 9, NULL, '2025-01-08', NULL),             -- older: ignored
+            ('dw_seats', 6, 'k4', '2025-01-10', NULL),             -- tie: the later call wins
+            ('dw_seats', 6, 'k4', '2025-01-11', NULL)              -- duplicate key
+        ) AS e(meter, amount, key, at, props)
+    LOOP
+        RETURN NEXT (SELECT format('%s %s %s %s', i.total, i.status, i.duplicate, i.period_start::date)
+                       FROM usage_billing.increment_usage(c, r.meter, r.amount, r.key, r.at, r.props) AS i);
+    END LOOP;
+    -- several calls in one statement
+    RETURN QUERY SELECT format('multi %s', i.total)
+                   FROM generate_series(1, 3) AS g,
+                        LATERAL usage_billing.increment_usage(c, 'dw_calls', g, NULL, '2025-01-20') AS i;
+    -- a refused call: 18.5 used of 100, +90 passes the hard cap
+    BEGIN
+        PERFORM usage_billing.increment_usage(c, 'dw_calls', 90, 'k5', '2025-01-21');
+    EXCEPTION WHEN SQLSTATE 'PT402' THEN
+        RETURN NEXT 'PT402';
+    END;
+    -- the refused key is free again
+    RETURN NEXT (SELECT format('%s %s', i.total, i.duplicate)
+                   FROM usage_billing.increment_usage(c, 'dw_calls', 3.5, 'k5', '2025-01-21') AS i);
+    RETURN NEXT (SELECT format('%s %s', i.total, i.duplicate)
+                   FROM usage_billing.increment_usage(c, 'dw_calls', 3.5, 'k5', '2025-01-21') AS i);
+END $$;
+
+SET usage_billing.direct_writes = on;
+SELECT * FROM pg_temp.script('dw_direct');
+SET usage_billing.direct_writes = off;
+SELECT * FROM pg_temp.script('dw_sql');
+RESET usage_billing.direct_writes;
+
+-- the two customers' ledgers and aggregates are identical but for ids and clocks
+SELECT meter, period_start, occurred_at, amount, idempotency_key, properties, kind,
+       voided_event_id, reason, recorded_by = session_user AS by_session_user,
+       recorded_at = now() AS at_now, count(*) AS events
+  FROM usage_billing.usage_events WHERE customer_id IN ('dw_direct', 'dw_sql')
+ GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+HAVING count(*) <> 2;
+SELECT meter, period_start, period_end, total, previous_total, event_count, first_usage,
+       last_usage, updated_at = now() AS at_now, count(*)
+  FROM usage_billing.usage_aggregates WHERE customer_id IN ('dw_direct', 'dw_sql')
+ GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
+HAVING count(*) <> 2;
+SELECT meter, period_start, total, previous_total, event_count, first_usage, last_usage
+  FROM usage_billing.usage_aggregates WHERE customer_id = 'dw_direct' ORDER BY 1, 2;
+SELECT count(*) AS events, count(DISTINCT event_id) AS ids
+  FROM usage_billing.usage_events WHERE customer_id IN ('dw_direct', 'dw_sql');
+
+-- several calls in one transaction see each other's writes
+BEGIN;
+SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, occurred_at => '2025-01-25');
+SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, occurred_at => '2025-01-25');
+SELECT total, duplicate FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, 'k6', '2025-01-25');
+SELECT total, duplicate FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, 'k6', '2025-01-25');
+ROLLBACK;
+SELECT total, event_count FROM usage_billing.usage_aggregates
+ WHERE customer_id = 'dw_direct' AND meter = 'dw_logins';
+
+-- repeatable read takes the SQL path; a read-only transaction records nothing
+BEGIN ISOLATION LEVEL REPEATABLE READ;
+SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, occurred_at => '2025-01-26');
+COMMIT;
+BEGIN READ ONLY;
+SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, occurred_at => '2025-01-26');
+ROLLBACK;
+
+-- a row trigger on the ledger is honoured: the call falls back to SQL
+CREATE FUNCTION pg_temp.note_event() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE NOTICE 'ledger row for % (%)', NEW.customer_id, NEW.amount;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER dw_note AFTER INSERT ON usage_billing.usage_events
+    FOR EACH ROW EXECUTE FUNCTION pg_temp.note_event();
+SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, occurred_at => '2025-01-27');
+DROP TRIGGER dw_note ON usage_billing.usage_events;
+SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, occurred_at => '2025-01-27');
+
+-- a column added to the aggregates keeps its default on insert and its value on update
+ALTER TABLE usage_billing.usage_aggregates ADD COLUMN dw_note text DEFAULT 'fresh';
+SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 1, occurred_at => '2025-03-05');
+UPDATE usage_billing.usage_aggregates SET dw_note = 'kept'
+ WHERE customer_id = 'dw_direct' AND meter = 'dw_calls' AND period_start = '2025-03-01';
+SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 1, occurred_at => '2025-03-06');
+SELECT total, dw_note FROM usage_billing.usage_aggregates
+ WHERE customer_id = 'dw_direct' AND meter = 'dw_calls' AND period_start >= '2025-02-01' ORDER BY period_start;
+ALTER TABLE usage_billing.usage_aggregates DROP COLUMN dw_note;
+SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 1, occurred_at => '2025-03-07');

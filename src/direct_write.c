@@ -1,0 +1,520 @@
+/*-------------------------------------------------------------------------
+ * direct_write.c
+ *	  increment_usage's writes through table and index access, not SQL.
+ *
+ * Recording an event is two writes: append the event to the ledger
+ * (usage_events) unless its idempotency key was recorded before, and fold it
+ * into its (customer, meter, period) aggregate.  As SQL that is one statement
+ * with two ModifyTable nodes, and the profile of a call is dominated by the
+ * executor: plan revalidation, executor start and end, expression setup for
+ * ON CONFLICT.  Here the same protocol runs on the table AM and the
+ * executor's index routines directly, the way logical replication's apply
+ * worker writes rows:
+ *
+ *	 ledger     speculative insertion with the idempotency index as arbiter,
+ *				exactly what INSERT ... ON CONFLICT DO NOTHING does: a
+ *				pre-check that waits for an in-progress inserter of the same
+ *				key, then insert, then a recheck that backs the row out and
+ *				starts over if a concurrent insert won.  Without a key there
+ *				is no arbiter and a plain insert.
+ *	 aggregate  find the row through the primary key with a dirty snapshot,
+ *				waiting for its in-progress writer, lock it (no-key
+ *				exclusive, as ON CONFLICT DO UPDATE does) and update it; when
+ *				there is none, insert it speculatively and go back to the
+ *				lookup if a concurrent insert won.  The row lock is held to
+ *				commit, so callers on one aggregate are serialized and the
+ *				hard-cap check after the update stays exact.
+ *
+ * The result is the SQL path's, row for row: the same column values, the
+ * same locks, the same waits, the same WAL.  Columns we do not set (the
+ * ledger's event_id identity, kind, recorded_by, recorded_at) take their
+ * declared defaults, evaluated here.
+ *
+ * It is only used where it is equivalent: read committed (the SQL path's
+ * ON CONFLICT would raise serialization failures under repeatable read),
+ * a read-write transaction, plain tables without row triggers (triggers and
+ * partitions are what the executor would add), and not when
+ * usage_billing.direct_writes is off (tables distributed with Citus are
+ * written on the shards, which only SQL reaches).  Everything else takes the
+ * SQL path in record.c.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/table.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_class.h"
+#include "executor/executor.h"
+#include "miscadmin.h"
+#include "nodes/makefuncs.h"
+#include "optimizer/optimizer.h"
+#include "parser/parsetree.h"
+#include "rewrite/rewriteHandler.h"
+#include "storage/lmgr.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/memutils.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+
+#include "direct_write.h"
+#include "pricing.h"
+#include "usage_billing.h"
+
+bool		ub_direct_writes = true;
+
+/* Columns we write; the rest take their defaults (ledger) or keep their values (aggregate). */
+enum
+{
+	LEDGER_CUSTOMER, LEDGER_METER, LEDGER_PERIOD_START, LEDGER_OCCURRED_AT, LEDGER_AMOUNT,
+	LEDGER_KEY, LEDGER_PROPERTIES, LEDGER_NCOLS
+};
+static const char *const ledger_columns[LEDGER_NCOLS] = {
+	"customer_id", "meter", "period_start", "occurred_at", "amount",
+	"idempotency_key", "properties"
+};
+
+enum
+{
+	AGG_CUSTOMER, AGG_METER, AGG_PERIOD_START, AGG_PERIOD_END, AGG_TOTAL, AGG_PREVIOUS,
+	AGG_COUNT, AGG_FIRST, AGG_LAST, AGG_UPDATED, AGG_NCOLS
+};
+static const char *const agg_columns[AGG_NCOLS] = {
+	"customer_id", "meter", "period_start", "period_end", "total", "previous_total",
+	"event_count", "first_usage", "last_usage", "updated_at"
+};
+
+/* A table we write, resolved once per backend and forgotten on any relcache invalidation. */
+typedef struct TargetTable
+{
+	Oid			relid;
+	Oid			arbiter;		/* ledger: idempotency index; aggregate: primary key */
+	int			natts;
+	AttrNumber *attnums;		/* of the columns above */
+	Expr	  **defaults;		/* per attribute, planned; NULL: none */
+} TargetTable;
+
+static TargetTable ledger;
+static TargetTable aggregates;
+static bool tables_valid = false;
+static bool callback_registered = false;
+static MemoryContext tables_cxt = NULL;
+
+static void forget_tables(Datum arg, Oid relid);
+static void resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
+						  const char *const *columns, int ncols);
+static void resolve_tables(void);
+static Datum eval_default(EState *estate, Expr *expr, Form_pg_attribute att, bool *isnull);
+static ResultRelInfo *open_target(EState *estate, const TargetTable *t, Index rti);
+static bool speculative_insert(EState *estate, ResultRelInfo *rri, TupleTableSlot *slot,
+							   List *arbiters);
+static bool insert_ledger(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
+						  const UbPreparedEvent *pe);
+static void fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
+						   const UbPreparedEvent *pe, Numeric contribution,
+						   Numeric *total, Numeric *previous_total);
+
+/* Relcache callback: any change may have been a DROP/CREATE EXTENSION or an ALTER TABLE. */
+static void
+forget_tables(Datum arg, Oid relid)
+{
+	tables_valid = false;
+}
+
+static void
+resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
+			  const char *const *columns, int ncols)
+{
+	Relation	rel;
+	TupleDesc	desc;
+	int			i;
+
+	t->relid = get_relname_relid(relname, nsp);
+	t->arbiter = get_relname_relid(arbiter, nsp);
+	if (!OidIsValid(t->relid) || !OidIsValid(t->arbiter))
+		elog(ERROR, "usage_billing.%s or its index %s is missing", relname, arbiter);
+
+	rel = table_open(t->relid, AccessShareLock);
+	desc = RelationGetDescr(rel);
+	t->natts = desc->natts;
+	t->attnums = palloc(sizeof(AttrNumber) * ncols);
+	for (i = 0; i < ncols; i++)
+	{
+		t->attnums[i] = get_attnum(t->relid, columns[i]);
+		if (t->attnums[i] == InvalidAttrNumber)
+			elog(ERROR, "usage_billing.%s has no column \"%s\"", relname, columns[i]);
+	}
+	t->defaults = palloc0(sizeof(Expr *) * desc->natts);
+	for (i = 0; i < desc->natts; i++)
+	{
+		Node	   *def;
+
+		if (TupleDescAttr(desc, i)->attisdropped)
+			continue;
+		def = build_column_default(rel, i + 1);
+		if (def != NULL)
+			t->defaults[i] = expression_planner((Expr *) def);
+	}
+	table_close(rel, AccessShareLock);
+}
+
+/* Finds the ledger and the aggregates, their arbiter indexes, columns and defaults. */
+static void
+resolve_tables(void)
+{
+	MemoryContext old;
+	Oid			nsp;
+
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(forget_tables, (Datum) 0);
+		callback_registered = true;
+	}
+	if (tables_valid)
+		return;
+	if (tables_cxt == NULL)
+		tables_cxt = AllocSetContextCreate(TopMemoryContext, "usage_billing direct writes",
+										   ALLOCSET_SMALL_SIZES);
+	MemoryContextReset(tables_cxt);
+	old = MemoryContextSwitchTo(tables_cxt);
+	nsp = get_namespace_oid("usage_billing", false);
+	/* an invalidation while we read makes us read again on the next call */
+	tables_valid = true;
+	resolve_table(&ledger, nsp, "usage_events", "usage_events_idempotency_idx",
+				  ledger_columns, LEDGER_NCOLS);
+	resolve_table(&aggregates, nsp, "usage_aggregates", "usage_aggregates_pkey",
+				  agg_columns, AGG_NCOLS);
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * Can this event take the direct path?  Checks what does not need the
+ * relations open; ub_direct_record checks the rest.
+ */
+bool
+ub_direct_write_usable(const UbPreparedEvent *pe)
+{
+	return ub_direct_writes &&
+		pe->meter.aggregation != UB_AGG_UNIQUE_COUNT &&
+		!IsolationUsesXactSnapshot() &&
+		!XactReadOnly &&
+		!IsInParallelMode();
+}
+
+/* A column default, evaluated into the current memory context. */
+static Datum
+eval_default(EState *estate, Expr *expr, Form_pg_attribute att, bool *isnull)
+{
+	MemoryContext cxt = MemoryContextSwitchTo(estate->es_query_cxt);
+	ExprState  *state = ExecInitExpr(expr, NULL);
+	Datum		value;
+
+	MemoryContextSwitchTo(cxt);
+	value = ExecEvalExprSwitchContext(state, GetPerTupleExprContext(estate), isnull);
+	return *isnull ? (Datum) 0 : datumCopy(value, att->attbyval, att->attlen);
+}
+
+/* Opens a target table for writing as range table entry rti, with its indexes. */
+static ResultRelInfo *
+open_target(EState *estate, const TargetTable *t, Index rti)
+{
+	Relation	rel = table_open(t->relid, RowExclusiveLock);
+	ResultRelInfo *rri = makeNode(ResultRelInfo);
+
+	InitResultRelInfo(rri, rel, rti, NULL, 0);
+	ExecOpenIndices(rri, true);
+	return rri;
+}
+
+/*
+ * INSERT ... ON CONFLICT DO NOTHING for one row: false when the arbiter found
+ * a conflicting row (after waiting for its inserter, if in progress).
+ */
+static bool
+speculative_insert(EState *estate, ResultRelInfo *rri, TupleTableSlot *slot, List *arbiters)
+{
+	Relation	rel = rri->ri_RelationDesc;
+
+	for (;;)
+	{
+		ItemPointerData conflict_tid;
+		uint32		token;
+		bool		conflict = false;
+		List	   *recheck;
+
+		if (!ExecCheckIndexConstraints(rri, slot, estate, &conflict_tid, arbiters))
+			return false;
+
+		token = SpeculativeInsertionLockAcquire(GetCurrentTransactionId());
+		table_tuple_insert_speculative(rel, slot, estate->es_output_cid, 0, NULL, token);
+		recheck = ExecInsertIndexTuples(rri, slot, estate, false, true, &conflict, arbiters);
+		table_tuple_complete_speculative(rel, slot, token, !conflict);
+		SpeculativeInsertionLockRelease(GetCurrentTransactionId());
+		list_free(recheck);
+		if (!conflict)
+			return true;
+		/* a concurrent insert of the same key won the race: look again */
+	}
+}
+
+/* Appends the event to the ledger; false when its idempotency key was recorded before. */
+static bool
+insert_ledger(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
+			  const UbPreparedEvent *pe)
+{
+	TupleTableSlot *slot = ExecInitExtraTupleSlot(estate, RelationGetDescr(rri->ri_RelationDesc),
+												  &TTSOpsVirtual);
+	Datum	   *values = slot->tts_values;
+	bool	   *nulls = slot->tts_isnull;
+	int			i;
+
+	ExecClearTuple(slot);
+	for (i = 0; i < ledger.natts; i++)
+	{
+		if (ledger.defaults[i] != NULL)
+			values[i] = eval_default(estate, ledger.defaults[i],
+									 TupleDescAttr(slot->tts_tupleDescriptor, i), &nulls[i]);
+		else
+		{
+			values[i] = (Datum) 0;
+			nulls[i] = true;
+		}
+	}
+#define SET_COL(col, isnull, value) \
+	do { \
+		int			a_ = ledger.attnums[col] - 1; \
+		nulls[a_] = (isnull); \
+		values[a_] = (isnull) ? (Datum) 0 : (value); \
+	} while (0)
+	SET_COL(LEDGER_CUSTOMER, false, CStringGetTextDatum(in->customer_id));
+	SET_COL(LEDGER_METER, false, CStringGetTextDatum(in->meter));
+	SET_COL(LEDGER_PERIOD_START, false, TimestampTzGetDatum(pe->period_start));
+	SET_COL(LEDGER_OCCURRED_AT, false, TimestampTzGetDatum(in->occurred_at));
+	SET_COL(LEDGER_AMOUNT, false, NumericGetDatum(in->amount));
+	SET_COL(LEDGER_KEY, in->idempotency_key == NULL,
+			in->idempotency_key ? CStringGetTextDatum(in->idempotency_key) : (Datum) 0);
+	SET_COL(LEDGER_PROPERTIES, in->properties == NULL, JsonbPGetDatum(in->properties));
+#undef SET_COL
+	ExecStoreVirtualTuple(slot);
+
+	if (rri->ri_RelationDesc->rd_att->constr)
+		ExecConstraints(rri, slot, estate);
+
+	if (in->idempotency_key != NULL)
+		return speculative_insert(estate, rri, slot, list_make1_oid(ledger.arbiter));
+
+	/* no key, nothing to conflict on: the idempotency index is partial and skips the row */
+	simple_table_tuple_insert(rri->ri_RelationDesc, slot);
+	list_free(ExecInsertIndexTuples(rri, slot, estate, false, false, NULL, NIL));
+	return true;
+}
+
+/*
+ * Folds the event into its aggregate, INSERT ... ON CONFLICT DO UPDATE as in
+ * record.c's SQL: returns the new total and the one before (NULL for a new
+ * row).
+ */
+static void
+fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
+			   const UbPreparedEvent *pe, Numeric contribution,
+			   Numeric *total, Numeric *previous_total)
+{
+	Relation	rel = rri->ri_RelationDesc;
+	TupleDesc	desc = RelationGetDescr(rel);
+	TupleTableSlot *search = ExecInitExtraTupleSlot(estate, desc, &TTSOpsVirtual);
+	TupleTableSlot *old = ExecInitExtraTupleSlot(estate, desc, table_slot_callbacks(rel));
+	TupleTableSlot *row = ExecInitExtraTupleSlot(estate, desc, &TTSOpsVirtual);
+	TimestampTz now = GetCurrentTransactionStartTimestamp();
+	Datum		customer = CStringGetTextDatum(in->customer_id);
+	Datum		meter = CStringGetTextDatum(in->meter);
+	int			i;
+
+#define A(col) (aggregates.attnums[col] - 1)
+	ExecClearTuple(search);
+	memset(search->tts_isnull, true, sizeof(bool) * desc->natts);
+	search->tts_values[A(AGG_CUSTOMER)] = customer;
+	search->tts_isnull[A(AGG_CUSTOMER)] = false;
+	search->tts_values[A(AGG_METER)] = meter;
+	search->tts_isnull[A(AGG_METER)] = false;
+	search->tts_values[A(AGG_PERIOD_START)] = TimestampTzGetDatum(pe->period_start);
+	search->tts_isnull[A(AGG_PERIOD_START)] = false;
+	ExecStoreVirtualTuple(search);
+
+	for (;;)
+	{
+		Datum	   *v = row->tts_values;
+		bool	   *n = row->tts_isnull;
+
+		ExecClearTuple(row);
+		if (RelationFindReplTupleByIndex(rel, aggregates.arbiter, LockTupleNoKeyExclusive,
+										 search, old))
+		{
+			Numeric		old_total;
+			TimestampTz t;
+
+			/* the row is ours until commit: every other column keeps its value */
+			slot_getallattrs(old);
+			memcpy(v, old->tts_values, sizeof(Datum) * desc->natts);
+			memcpy(n, old->tts_isnull, sizeof(bool) * desc->natts);
+			if (n[A(AGG_TOTAL)])
+				elog(ERROR, "usage_billing.usage_aggregates has a NULL total");
+			old_total = DatumGetNumeric(v[A(AGG_TOTAL)]);
+
+			switch (pe->meter.aggregation)
+			{
+				case UB_AGG_MAX:
+					*total = ub_num_max(old_total, contribution);
+					break;
+				case UB_AGG_LAST:
+					/* the latest occurred_at wins; on a tie the later call does */
+					*total = (!n[A(AGG_LAST)] &&
+							  in->occurred_at >= DatumGetTimestampTz(v[A(AGG_LAST)])) ?
+						contribution : old_total;
+					break;
+				default:
+					*total = ub_num_add(old_total, contribution);
+					break;
+			}
+			/* both outlive the slots: copy */
+			*total = DatumGetNumericCopy(NumericGetDatum(*total));
+			*previous_total = DatumGetNumericCopy(NumericGetDatum(old_total));
+			v[A(AGG_TOTAL)] = NumericGetDatum(*total);
+			v[A(AGG_PREVIOUS)] = NumericGetDatum(*previous_total);
+			n[A(AGG_PREVIOUS)] = false;
+			v[A(AGG_COUNT)] = Int64GetDatum((n[A(AGG_COUNT)] ? 0 : DatumGetInt64(v[A(AGG_COUNT)])) + 1);
+			n[A(AGG_COUNT)] = false;
+			/* least() and greatest() ignore NULLs */
+			t = DatumGetTimestampTz(v[A(AGG_FIRST)]);
+			if (n[A(AGG_FIRST)] || in->occurred_at < t)
+				v[A(AGG_FIRST)] = TimestampTzGetDatum(in->occurred_at);
+			n[A(AGG_FIRST)] = false;
+			t = DatumGetTimestampTz(v[A(AGG_LAST)]);
+			if (n[A(AGG_LAST)] || in->occurred_at > t)
+				v[A(AGG_LAST)] = TimestampTzGetDatum(in->occurred_at);
+			n[A(AGG_LAST)] = false;
+			v[A(AGG_UPDATED)] = TimestampTzGetDatum(now);
+			n[A(AGG_UPDATED)] = false;
+			ExecStoreVirtualTuple(row);
+			ExecSimpleRelationUpdate(rri, estate, NULL, old, row);
+			return;
+		}
+
+		/* no row yet: insert one, unless a concurrent caller does first */
+		for (i = 0; i < desc->natts; i++)
+		{
+			if (aggregates.defaults[i] != NULL)
+				v[i] = eval_default(estate, aggregates.defaults[i], TupleDescAttr(desc, i), &n[i]);
+			else
+			{
+				v[i] = (Datum) 0;
+				n[i] = true;
+			}
+		}
+		v[A(AGG_CUSTOMER)] = customer;
+		v[A(AGG_METER)] = meter;
+		v[A(AGG_PERIOD_START)] = TimestampTzGetDatum(pe->period_start);
+		v[A(AGG_PERIOD_END)] = TimestampTzGetDatum(pe->period_end);
+		v[A(AGG_TOTAL)] = NumericGetDatum(contribution);
+		v[A(AGG_COUNT)] = Int64GetDatum(1);
+		v[A(AGG_FIRST)] = TimestampTzGetDatum(in->occurred_at);
+		v[A(AGG_LAST)] = TimestampTzGetDatum(in->occurred_at);
+		v[A(AGG_UPDATED)] = TimestampTzGetDatum(now);
+		n[A(AGG_CUSTOMER)] = n[A(AGG_METER)] = n[A(AGG_PERIOD_START)] = false;
+		n[A(AGG_PERIOD_END)] = n[A(AGG_TOTAL)] = n[A(AGG_COUNT)] = false;
+		n[A(AGG_FIRST)] = n[A(AGG_LAST)] = n[A(AGG_UPDATED)] = false;
+		v[A(AGG_PREVIOUS)] = (Datum) 0;
+		n[A(AGG_PREVIOUS)] = true;
+		ExecStoreVirtualTuple(row);
+		if (rel->rd_att->constr)
+			ExecConstraints(rri, row, estate);
+		if (speculative_insert(estate, rri, row, list_make1_oid(aggregates.arbiter)))
+		{
+			*total = contribution;
+			*previous_total = NULL;
+			return;
+		}
+	}
+#undef A
+}
+
+/*
+ * Records the event.  The caller has checked ub_direct_write_usable; when the
+ * tables turn out to need the executor (triggers, partitions), writes
+ * nothing and answers UB_DIRECT_UNAVAILABLE so the caller takes the SQL path.
+ */
+UbDirectOutcome
+ub_direct_record(const UbEventInput *in, const UbPreparedEvent *pe, Numeric contribution,
+				 Numeric *total, Numeric *previous_total)
+{
+	MemoryContext caller = CurrentMemoryContext;
+	const TargetTable *targets[2];
+	ResultRelInfo *rri[2];
+	EState	   *estate;
+	List	   *rtable = NIL;
+	UbDirectOutcome outcome = UB_DIRECT_UNAVAILABLE;
+	int			i;
+
+	*total = NULL;
+	*previous_total = NULL;
+	resolve_tables();
+	targets[0] = &ledger;
+	targets[1] = &aggregates;
+
+	/* writes of earlier calls in this statement must be visible to our lookups */
+	CommandCounterIncrement();
+
+	estate = CreateExecutorState();
+	for (i = 0; i < 2; i++)
+	{
+		RangeTblEntry *rte = makeNode(RangeTblEntry);
+
+		rte->rtekind = RTE_RELATION;
+		rte->relid = targets[i]->relid;
+		rte->relkind = RELKIND_RELATION;
+		rte->rellockmode = RowExclusiveLock;
+		rtable = lappend(rtable, rte);
+	}
+	ExecInitRangeTable(estate, rtable);
+	estate->es_output_cid = GetCurrentCommandId(true);
+	estate->es_snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : InvalidSnapshot;
+	MemoryContextSwitchTo(caller);
+
+	for (i = 0; i < 2; i++)
+		rri[i] = open_target(estate, targets[i], i + 1);
+
+	for (i = 0; i < 2; i++)
+	{
+		Relation	rel = rri[i]->ri_RelationDesc;
+
+		/* what the executor would add to these writes, we do not: leave it to SQL */
+		if (rel->rd_rel->relhastriggers || rel->rd_rel->relkind != RELKIND_RELATION ||
+			RelationGetDescr(rel)->natts != targets[i]->natts)
+			goto done;
+	}
+
+	if (insert_ledger(estate, rri[0], in, pe))
+	{
+		fold_aggregate(estate, rri[1], in, pe, contribution, total, previous_total);
+		outcome = UB_DIRECT_RECORDED;
+	}
+	else
+		outcome = UB_DIRECT_DUPLICATE;
+
+	/* what runs after us in this call (alerts) sees both writes */
+	CommandCounterIncrement();
+
+done:
+	for (i = 0; i < 2; i++)
+	{
+		ExecCloseIndices(rri[i]);
+		/* like the executor, keep the lock to the end of the transaction */
+		table_close(rri[i]->ri_RelationDesc, NoLock);
+	}
+	ExecResetTupleTable(estate->es_tupleTable, false);
+	FreeExecutorState(estate);
+	return outcome;
+}
