@@ -17,16 +17,19 @@
  *				key, then insert, then a recheck that backs the row out and
  *				starts over if a concurrent insert won.  Without a key there
  *				is no arbiter and a plain insert.
- *	 aggregate  find the row through the primary key with a dirty snapshot,
- *				waiting for its in-progress writer, lock it (no-key
- *				exclusive, as ON CONFLICT DO UPDATE does) and update it; when
- *				there is none, insert it speculatively and go back to the
- *				lookup if a concurrent insert won.  The row lock is held to
+ *	 aggregate  find the row through the primary key with a dirty snapshot
+ *				(waiting for an in-progress inserter) and update the version
+ *				found; the update waits for a concurrent updater and fails if
+ *				that one committed, and then we read again.  When there is no
+ *				row, insert it speculatively and go back to the lookup if a
+ *				concurrent insert won.  The updated row stays locked to
  *				commit, so callers on one aggregate are serialized and the
- *				hard-cap check after the update stays exact.
+ *				hard-cap check after the update stays exact.  ON CONFLICT DO
+ *				UPDATE locks the row before updating it, a second WAL record
+ *				that this path does without.
  *
  * The result is the SQL path's, row for row: the same column values, the
- * same locks, the same waits, the same WAL.  Columns we do not set (the
+ * same serialization, the same waits.  Columns we do not set (the
  * ledger's event_id identity, kind, recorded_by, recorded_at) take their
  * declared defaults, evaluated here.
  *
@@ -41,6 +44,8 @@
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/stratnum.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
@@ -53,8 +58,10 @@
 #include "parser/parsetree.h"
 #include "rewrite/rewriteHandler.h"
 #include "storage/lmgr.h"
+#include "storage/procarray.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/fmgroids.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -95,12 +102,14 @@ typedef struct TargetTable
 	Oid			arbiter;		/* ledger: idempotency index; aggregate: primary key */
 	int			natts;
 	AttrNumber *attnums;		/* of the columns above */
-	Expr	  **defaults;		/* per attribute, planned; NULL: none */
+	ExprState **defaults;		/* per attribute; NULL: none.  Kept across calls:
+								 * evaluation state lives in the ExprContext */
 } TargetTable;
 
 static TargetTable ledger;
 static TargetTable aggregates;
 static bool tables_valid = false;
+static uint64 invalidations = 0;
 static bool callback_registered = false;
 static MemoryContext tables_cxt = NULL;
 
@@ -108,21 +117,29 @@ static void forget_tables(Datum arg, Oid relid);
 static void resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
 						  const char *const *columns, int ncols);
 static void resolve_tables(void);
-static Datum eval_default(EState *estate, Expr *expr, Form_pg_attribute att, bool *isnull);
+static Datum eval_default(EState *estate, ExprState *state, Form_pg_attribute att, bool *isnull);
 static ResultRelInfo *open_target(EState *estate, const TargetTable *t, Index rti);
 static bool speculative_insert(EState *estate, ResultRelInfo *rri, TupleTableSlot *slot,
 							   List *arbiters);
 static bool insert_ledger(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 						  const UbPreparedEvent *pe);
+static bool find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
+						   TimestampTz period_start, TupleTableSlot *out);
+static bool update_aggregate(EState *estate, ResultRelInfo *rri, TupleTableSlot *old,
+							 TupleTableSlot *row);
 static void fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 						   const UbPreparedEvent *pe, Numeric contribution,
 						   Numeric *total, Numeric *previous_total);
 
-/* Relcache callback: any change may have been a DROP/CREATE EXTENSION or an ALTER TABLE. */
+/* Relcache callback: our tables were altered, dropped or created again (or everything was reset). */
 static void
 forget_tables(Datum arg, Oid relid)
 {
+	if (relid != InvalidOid && tables_valid &&
+		relid != ledger.relid && relid != aggregates.relid)
+		return;
 	tables_valid = false;
+	invalidations++;
 }
 
 static void
@@ -148,7 +165,7 @@ resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
 		if (t->attnums[i] == InvalidAttrNumber)
 			elog(ERROR, "usage_billing.%s has no column \"%s\"", relname, columns[i]);
 	}
-	t->defaults = palloc0(sizeof(Expr *) * desc->natts);
+	t->defaults = palloc0(sizeof(ExprState *) * desc->natts);
 	for (i = 0; i < desc->natts; i++)
 	{
 		Node	   *def;
@@ -157,7 +174,7 @@ resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
 			continue;
 		def = build_column_default(rel, i + 1);
 		if (def != NULL)
-			t->defaults[i] = expression_planner((Expr *) def);
+			t->defaults[i] = ExecInitExpr(expression_planner((Expr *) def), NULL);
 	}
 	table_close(rel, AccessShareLock);
 }
@@ -168,6 +185,7 @@ resolve_tables(void)
 {
 	MemoryContext old;
 	Oid			nsp;
+	uint64		seen;
 
 	if (!callback_registered)
 	{
@@ -182,13 +200,14 @@ resolve_tables(void)
 	MemoryContextReset(tables_cxt);
 	old = MemoryContextSwitchTo(tables_cxt);
 	nsp = get_namespace_oid("usage_billing", false);
-	/* an invalidation while we read makes us read again on the next call */
-	tables_valid = true;
+	seen = invalidations;
 	resolve_table(&ledger, nsp, "usage_events", "usage_events_idempotency_idx",
 				  ledger_columns, LEDGER_NCOLS);
 	resolve_table(&aggregates, nsp, "usage_aggregates", "usage_aggregates_pkey",
 				  agg_columns, AGG_NCOLS);
 	MemoryContextSwitchTo(old);
+	/* an invalidation while we read makes the next call read again */
+	tables_valid = (invalidations == seen);
 }
 
 /*
@@ -207,14 +226,10 @@ ub_direct_write_usable(const UbPreparedEvent *pe)
 
 /* A column default, evaluated into the current memory context. */
 static Datum
-eval_default(EState *estate, Expr *expr, Form_pg_attribute att, bool *isnull)
+eval_default(EState *estate, ExprState *state, Form_pg_attribute att, bool *isnull)
 {
-	MemoryContext cxt = MemoryContextSwitchTo(estate->es_query_cxt);
-	ExprState  *state = ExecInitExpr(expr, NULL);
-	Datum		value;
+	Datum		value = ExecEvalExprSwitchContext(state, GetPerTupleExprContext(estate), isnull);
 
-	MemoryContextSwitchTo(cxt);
-	value = ExecEvalExprSwitchContext(state, GetPerTupleExprContext(estate), isnull);
 	return *isnull ? (Datum) 0 : datumCopy(value, att->attbyval, att->attlen);
 }
 
@@ -314,6 +329,89 @@ insert_ledger(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 }
 
 /*
+ * Looks the aggregate up through its primary key with a dirty snapshot, which
+ * also sees rows of transactions in progress.  A row being inserted by one is
+ * waited for: its commit or abort decides whether there is a row.  A row
+ * being updated by one is returned as is; update_aggregate waits for that
+ * transaction.
+ */
+static bool
+find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
+			   TimestampTz period_start, TupleTableSlot *out)
+{
+	SnapshotData dirty;
+	ScanKeyData keys[3];
+	IndexScanDesc scan;
+	bool		found;
+
+	InitDirtySnapshot(dirty);
+	ScanKeyEntryInitialize(&keys[0], 0, 1, BTEqualStrategyNumber, InvalidOid,
+						   pkey->rd_indcollation[0], F_TEXTEQ, customer);
+	ScanKeyEntryInitialize(&keys[1], 0, 2, BTEqualStrategyNumber, InvalidOid,
+						   pkey->rd_indcollation[1], F_TEXTEQ, meter);
+	ScanKeyEntryInitialize(&keys[2], 0, 3, BTEqualStrategyNumber, InvalidOid,
+						   pkey->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
+						   TimestampTzGetDatum(period_start));
+	scan = index_beginscan(rel, pkey, &dirty, 3, 0);
+	for (;;)
+	{
+		index_rescan(scan, keys, 3, NULL, 0);
+		found = index_getnext_slot(scan, ForwardScanDirection, out);
+		if (found && TransactionIdIsValid(dirty.xmin))
+		{
+			XactLockTableWait(dirty.xmin, rel, &out->tts_tid, XLTW_None);
+			continue;
+		}
+		break;
+	}
+	if (found)
+		ExecMaterializeSlot(out);
+	index_endscan(scan);
+	return found;
+}
+
+/*
+ * Replaces the version of the aggregate we read by row.  heap_update waits
+ * for a transaction that is updating or locking it; returns false when the
+ * version is no longer the latest (someone committed an update first), and
+ * the caller reads again.  No separate row lock: the update is the lock, and
+ * it is held to commit, which is what serializes callers and keeps the
+ * hard-cap check exact.
+ */
+static bool
+update_aggregate(EState *estate, ResultRelInfo *rri, TupleTableSlot *old, TupleTableSlot *row)
+{
+	Relation	rel = rri->ri_RelationDesc;
+	TM_FailureData tmfd;
+	LockTupleMode lockmode;
+	bool		update_indexes;
+	TM_Result	res;
+
+	CheckCmdReplicaIdentity(rel, CMD_UPDATE);
+	res = table_tuple_update(rel, &old->tts_tid, row, estate->es_output_cid,
+							 estate->es_snapshot, InvalidSnapshot, true,
+							 &tmfd, &lockmode, &update_indexes);
+	switch (res)
+	{
+		case TM_Ok:
+			if (update_indexes && rri->ri_NumIndices > 0)
+				list_free(ExecInsertIndexTuples(rri, row, estate, true, false, NULL, NIL));
+			return true;
+		case TM_Updated:
+		case TM_Deleted:
+			return false;
+		case TM_SelfModified:
+			/* we increment the command counter before every call: cannot happen */
+			elog(ERROR, "aggregate row already modified by this command");
+			break;
+		default:
+			elog(ERROR, "unexpected result %d updating an aggregate row", (int) res);
+			break;
+	}
+	return false;
+}
+
+/*
  * Folds the event into its aggregate, INSERT ... ON CONFLICT DO UPDATE as in
  * record.c's SQL: returns the new total and the one before (NULL for a new
  * row).
@@ -325,7 +423,7 @@ fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 {
 	Relation	rel = rri->ri_RelationDesc;
 	TupleDesc	desc = RelationGetDescr(rel);
-	TupleTableSlot *search = ExecInitExtraTupleSlot(estate, desc, &TTSOpsVirtual);
+	Relation	pkey = NULL;
 	TupleTableSlot *old = ExecInitExtraTupleSlot(estate, desc, table_slot_callbacks(rel));
 	TupleTableSlot *row = ExecInitExtraTupleSlot(estate, desc, &TTSOpsVirtual);
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
@@ -333,16 +431,13 @@ fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 	Datum		meter = CStringGetTextDatum(in->meter);
 	int			i;
 
+	for (i = 0; i < rri->ri_NumIndices; i++)
+		if (RelationGetRelid(rri->ri_IndexRelationDescs[i]) == aggregates.arbiter)
+			pkey = rri->ri_IndexRelationDescs[i];
+	if (pkey == NULL)
+		elog(ERROR, "usage_billing.usage_aggregates_pkey is not open");
+
 #define A(col) (aggregates.attnums[col] - 1)
-	ExecClearTuple(search);
-	memset(search->tts_isnull, true, sizeof(bool) * desc->natts);
-	search->tts_values[A(AGG_CUSTOMER)] = customer;
-	search->tts_isnull[A(AGG_CUSTOMER)] = false;
-	search->tts_values[A(AGG_METER)] = meter;
-	search->tts_isnull[A(AGG_METER)] = false;
-	search->tts_values[A(AGG_PERIOD_START)] = TimestampTzGetDatum(pe->period_start);
-	search->tts_isnull[A(AGG_PERIOD_START)] = false;
-	ExecStoreVirtualTuple(search);
 
 	for (;;)
 	{
@@ -350,13 +445,12 @@ fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 		bool	   *n = row->tts_isnull;
 
 		ExecClearTuple(row);
-		if (RelationFindReplTupleByIndex(rel, aggregates.arbiter, LockTupleNoKeyExclusive,
-										 search, old))
+		if (find_aggregate(rel, pkey, customer, meter, pe->period_start, old))
 		{
 			Numeric		old_total;
 			TimestampTz t;
 
-			/* the row is ours until commit: every other column keeps its value */
+			/* every other column keeps its value */
 			slot_getallattrs(old);
 			memcpy(v, old->tts_values, sizeof(Datum) * desc->natts);
 			memcpy(n, old->tts_isnull, sizeof(bool) * desc->natts);
@@ -399,8 +493,12 @@ fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 			v[A(AGG_UPDATED)] = TimestampTzGetDatum(now);
 			n[A(AGG_UPDATED)] = false;
 			ExecStoreVirtualTuple(row);
-			ExecSimpleRelationUpdate(rri, estate, NULL, old, row);
-			return;
+			if (rel->rd_att->constr)
+				ExecConstraints(rri, row, estate);
+			if (update_aggregate(estate, rri, old, row))
+				return;
+			/* updated by a transaction that committed meanwhile: start over */
+			continue;
 		}
 
 		/* no row yet: insert one, unless a concurrent caller does first */
