@@ -123,3 +123,38 @@ SELECT total, dw_note FROM usage_billing.usage_aggregates
  WHERE customer_id = 'dw_direct' AND meter = 'dw_calls' AND period_start >= '2025-02-01' ORDER BY period_start;
 ALTER TABLE usage_billing.usage_aggregates DROP COLUMN dw_note;
 SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 1, occurred_at => '2025-03-07');
+
+-- increment_usage_batch takes the same two paths: one batch (every aggregation, keys repeated
+-- inside the batch and recorded before) recorded both ways leaves the same rows
+CREATE FUNCTION pg_temp.batch_for(c text) RETURNS jsonb LANGUAGE sql AS $$
+    SELECT jsonb_agg(jsonb_build_object('customer_id', c, 'meter', m, 'amount', a,
+                                        'idempotency_key', k, 'occurred_at', t))
+      FROM (VALUES ('dw_calls', 1, 'b1', '2025-04-02'), ('dw_calls', 2, 'b1', '2025-04-03'),
+                   ('dw_calls', 3, NULL, '2025-04-01'), ('dw_calls', 4, 'k1', '2025-04-04'),
+                   ('dw_logins', 5, NULL, '2025-04-05'), ('dw_logins', 5, NULL, '2025-04-06'),
+                   ('dw_peak', 7, NULL, '2025-04-07'), ('dw_peak', 3, 'b2', '2025-04-08'),
+                   ('dw_seats', 2, NULL, '2025-04-09'), ('dw_seats', 8, NULL, '2025-04-08'),
+                   ('dw_seats', 5, 'b3', '2025-04-09')) AS e(m, a, k, t)
+$$;
+SET usage_billing.direct_writes = on;
+SELECT * FROM usage_billing.increment_usage_batch(pg_temp.batch_for('dw_direct'));
+SELECT * FROM usage_billing.increment_usage_batch(pg_temp.batch_for('dw_direct'));
+SET usage_billing.direct_writes = off;
+SELECT * FROM usage_billing.increment_usage_batch(pg_temp.batch_for('dw_sql'));
+SELECT * FROM usage_billing.increment_usage_batch(pg_temp.batch_for('dw_sql'));
+RESET usage_billing.direct_writes;
+SELECT meter, total, previous_total, event_count, first_usage, last_usage
+  FROM usage_billing.usage_aggregates WHERE customer_id = 'dw_direct' AND period_start = '2025-04-01'
+ ORDER BY 1;
+SELECT meter, period_start, total, previous_total, event_count, first_usage, last_usage, count(*)
+  FROM usage_billing.usage_aggregates WHERE customer_id IN ('dw_direct', 'dw_sql')
+   AND period_start = '2025-04-01'
+ GROUP BY 1, 2, 3, 4, 5, 6, 7
+HAVING count(*) <> 2;
+SELECT meter, occurred_at, amount, idempotency_key,
+       count(*) FILTER (WHERE customer_id = 'dw_direct') AS direct,
+       count(*) FILTER (WHERE customer_id = 'dw_sql') AS sql
+  FROM usage_billing.usage_events WHERE customer_id IN ('dw_direct', 'dw_sql')
+   AND period_start = '2025-04-01'
+ GROUP BY 1, 2, 3, 4
+ ORDER BY 1, 2, 3, 4;

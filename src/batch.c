@@ -4,11 +4,12 @@
  *
  * The batch is a JSON array of objects with the same fields, meaning and
  * defaults as the arguments of increment_usage, and every event passes the
- * same checks (ub_prepare_event).  Writing is done in bulk: one multi-row
- * ledger insert for the whole batch, then one aggregate upsert per
- * aggregation kind with one row per (customer, meter, period) "group" of the
- * batch, each followed by the same hard-cap and alert step as a single call
- * (ub_finish_aggregate).  unique_count events, whose contribution depends on
+ * same checks (ub_prepare_event).  Writing is done in bulk: the ledger rows
+ * of the whole batch, then one aggregate update per (customer, meter,
+ * period) "group" of the batch, each followed by the same hard-cap and alert
+ * step as a single call (ub_finish_aggregate).  The writes go through
+ * direct_write.c where it is usable, otherwise through one multi-row ledger
+ * insert and one multi-row aggregate upsert per aggregation kind in SQL.  unique_count events, whose contribution depends on
  * the set of values already seen, take the single-event path.  Any error, a
  * hard cap included, aborts the statement and with it the whole batch.
  *
@@ -35,6 +36,7 @@
 #include "utils/hsearch.h"
 #include "utils/lsyscache.h"
 
+#include "direct_write.h"
 #include "pricing.h"
 #include "record.h"
 #include "usage_billing.h"
@@ -321,6 +323,34 @@ typedef struct BatchGroup
 	TimestampTz last_usage;
 } BatchGroup;
 
+/* Folds the groups of one aggregation kind in with the direct writer, checking caps and alerts. */
+static void
+fold_groups(UbDirectWriter *w, BatchGroup *groups, int n, UbAggregation agg)
+{
+	for (int g = 0; g < n; g++)
+	{
+		UbEventInput in = groups[g].first->in;
+		UbAggregateDelta d;
+		Numeric		total;
+		Numeric		previous_total;
+
+		d.customer_id = in.customer_id;
+		d.meter = in.meter;
+		d.period_start = groups[g].first->pe.period_start;
+		d.period_end = groups[g].first->pe.period_end;
+		d.aggregation = agg;
+		d.contribution = groups[g].contribution;
+		d.count = groups[g].count;
+		d.first_usage = groups[g].first_usage;
+		d.last_usage = groups[g].last_usage;
+		ub_direct_fold(w, &d, &total, &previous_total);
+
+		in.amount = groups[g].contribution;
+		ub_finish_aggregate(&in, &groups[g].first->pe, previous_total, total,
+							groups[g].contribution);
+	}
+}
+
 /* Upserts the groups of one aggregation kind and checks caps and alerts. */
 static void
 upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
@@ -393,9 +423,12 @@ upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
 	}
 }
 
-/* Folds the accepted bulk events, in group order, into groups per aggregation kind. */
+/*
+ * Folds the accepted bulk events, in group order, into groups per aggregation
+ * kind, and writes them with the direct writer w or, when NULL, with SQL.
+ */
 static void
-write_aggregates(BatchEvent **events, int n)
+write_aggregates(BatchEvent **events, int n, UbDirectWriter *w)
 {
 	BatchGroup *groups[3];
 	int			ngroups[3] = {0, 0, 0};
@@ -447,8 +480,14 @@ write_aggregates(BatchEvent **events, int n)
 	}
 
 	for (int k = 0; k < 3; k++)
-		upsert_groups(groups[k], ngroups[k],
-					  k == 1 ? UB_AGG_MAX : k == 2 ? UB_AGG_LAST : UB_AGG_SUM);
+	{
+		UbAggregation agg = k == 1 ? UB_AGG_MAX : k == 2 ? UB_AGG_LAST : UB_AGG_SUM;
+
+		if (w != NULL)
+			fold_groups(w, groups[k], ngroups[k], agg);
+		else
+			upsert_groups(groups[k], ngroups[k], agg);
+	}
 }
 
 #define KEY_BYTES (UB_MAX_NAME_LEN + UB_MAX_KEY_LEN + 2)
@@ -590,8 +629,17 @@ ub_increment_usage_batch(PG_FUNCTION_ARGS)
 
 	if (nbulk > 0)
 	{
+		UbDirectWriter *writer = ub_direct_writes_usable() ? ub_direct_open() : NULL;
+
 		qsort(bulk, nbulk, sizeof(BatchEvent *), group_cmp);
-		insert_ledger(bulk, nbulk);
+		if (writer != NULL)
+		{
+			for (int i = 0; i < nbulk; i++)
+				bulk[i]->accepted = ub_direct_insert_event(writer, &bulk[i]->in,
+														   bulk[i]->pe.period_start);
+		}
+		else
+			insert_ledger(bulk, nbulk);
 		for (int i = 0; i < nbulk; i++)
 		{
 			if (bulk[i]->accepted)
@@ -599,7 +647,9 @@ ub_increment_usage_batch(PG_FUNCTION_ARGS)
 			else
 				duplicates++;
 		}
-		write_aggregates(bulk, nbulk);
+		write_aggregates(bulk, nbulk, writer);
+		if (writer != NULL)
+			ub_direct_close(writer);
 	}
 
 	/* unique_count events one by one: each may or may not add a value */

@@ -95,6 +95,17 @@ static const char *const agg_columns[AGG_NCOLS] = {
 	"event_count", "first_usage", "last_usage", "updated_at"
 };
 
+/* An open pair of tables and the slots we write with. */
+struct UbDirectWriter
+{
+	EState	   *estate;
+	ResultRelInfo *rri[2];		/* ledger, aggregates */
+	Relation	pkey;			/* the aggregates' primary key, among rri[1]'s indexes */
+	TupleTableSlot *ledger_row;
+	TupleTableSlot *agg_old;
+	TupleTableSlot *agg_row;
+};
+
 /* A table we write, resolved once per backend and forgotten on any relcache invalidation. */
 typedef struct TargetTable
 {
@@ -121,15 +132,10 @@ static Datum eval_default(EState *estate, ExprState *state, Form_pg_attribute at
 static ResultRelInfo *open_target(EState *estate, const TargetTable *t, Index rti);
 static bool speculative_insert(EState *estate, ResultRelInfo *rri, TupleTableSlot *slot,
 							   List *arbiters);
-static bool insert_ledger(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
-						  const UbPreparedEvent *pe);
 static bool find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
 						   TimestampTz period_start, TupleTableSlot *out);
 static bool update_aggregate(EState *estate, ResultRelInfo *rri, TupleTableSlot *old,
 							 TupleTableSlot *row);
-static void fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
-						   const UbPreparedEvent *pe, Numeric contribution,
-						   Numeric *total, Numeric *previous_total);
 
 /* Relcache callback: our tables were altered, dropped or created again (or everything was reset). */
 static void
@@ -210,20 +216,6 @@ resolve_tables(void)
 	tables_valid = (invalidations == seen);
 }
 
-/*
- * Can this event take the direct path?  Checks what does not need the
- * relations open; ub_direct_record checks the rest.
- */
-bool
-ub_direct_write_usable(const UbPreparedEvent *pe)
-{
-	return ub_direct_writes &&
-		pe->meter.aggregation != UB_AGG_UNIQUE_COUNT &&
-		!IsolationUsesXactSnapshot() &&
-		!XactReadOnly &&
-		!IsInParallelMode();
-}
-
 /* A column default, evaluated into the current memory context. */
 static Datum
 eval_default(EState *estate, ExprState *state, Form_pg_attribute att, bool *isnull)
@@ -276,22 +268,22 @@ speculative_insert(EState *estate, ResultRelInfo *rri, TupleTableSlot *slot, Lis
 	}
 }
 
-/* Appends the event to the ledger; false when its idempotency key was recorded before. */
-static bool
-insert_ledger(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
-			  const UbPreparedEvent *pe)
+/* Appends an event to the ledger; false when its idempotency key was recorded before. */
+bool
+ub_direct_insert_event(UbDirectWriter *w, const UbEventInput *in, TimestampTz period_start)
 {
-	TupleTableSlot *slot = ExecInitExtraTupleSlot(estate, RelationGetDescr(rri->ri_RelationDesc),
-												  &TTSOpsVirtual);
+	ResultRelInfo *rri = w->rri[0];
+	TupleTableSlot *slot = w->ledger_row;
 	Datum	   *values = slot->tts_values;
 	bool	   *nulls = slot->tts_isnull;
 	int			i;
 
+	w->estate->es_output_cid = GetCurrentCommandId(true);
 	ExecClearTuple(slot);
 	for (i = 0; i < ledger.natts; i++)
 	{
 		if (ledger.defaults[i] != NULL)
-			values[i] = eval_default(estate, ledger.defaults[i],
+			values[i] = eval_default(w->estate, ledger.defaults[i],
 									 TupleDescAttr(slot->tts_tupleDescriptor, i), &nulls[i]);
 		else
 		{
@@ -307,7 +299,7 @@ insert_ledger(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 	} while (0)
 	SET_COL(LEDGER_CUSTOMER, false, CStringGetTextDatum(in->customer_id));
 	SET_COL(LEDGER_METER, false, CStringGetTextDatum(in->meter));
-	SET_COL(LEDGER_PERIOD_START, false, TimestampTzGetDatum(pe->period_start));
+	SET_COL(LEDGER_PERIOD_START, false, TimestampTzGetDatum(period_start));
 	SET_COL(LEDGER_OCCURRED_AT, false, TimestampTzGetDatum(in->occurred_at));
 	SET_COL(LEDGER_AMOUNT, false, NumericGetDatum(in->amount));
 	SET_COL(LEDGER_KEY, in->idempotency_key == NULL,
@@ -317,14 +309,14 @@ insert_ledger(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 	ExecStoreVirtualTuple(slot);
 
 	if (rri->ri_RelationDesc->rd_att->constr)
-		ExecConstraints(rri, slot, estate);
+		ExecConstraints(rri, slot, w->estate);
 
 	if (in->idempotency_key != NULL)
-		return speculative_insert(estate, rri, slot, list_make1_oid(ledger.arbiter));
+		return speculative_insert(w->estate, rri, slot, list_make1_oid(ledger.arbiter));
 
 	/* no key, nothing to conflict on: the idempotency index is partial and skips the row */
 	simple_table_tuple_insert(rri->ri_RelationDesc, slot);
-	list_free(ExecInsertIndexTuples(rri, slot, estate, false, false, NULL, NIL));
+	list_free(ExecInsertIndexTuples(rri, slot, w->estate, false, false, NULL, NIL));
 	return true;
 }
 
@@ -412,40 +404,35 @@ update_aggregate(EState *estate, ResultRelInfo *rri, TupleTableSlot *old, TupleT
 }
 
 /*
- * Folds the event into its aggregate, INSERT ... ON CONFLICT DO UPDATE as in
+ * Folds a delta into its aggregate, INSERT ... ON CONFLICT DO UPDATE as in
  * record.c's SQL: returns the new total and the one before (NULL for a new
- * row).
+ * row), in the caller's memory context.
  */
-static void
-fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
-			   const UbPreparedEvent *pe, Numeric contribution,
-			   Numeric *total, Numeric *previous_total)
+void
+ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
+			   Numeric *previous_total)
 {
+	ResultRelInfo *rri = w->rri[1];
+	EState	   *estate = w->estate;
 	Relation	rel = rri->ri_RelationDesc;
 	TupleDesc	desc = RelationGetDescr(rel);
-	Relation	pkey = NULL;
-	TupleTableSlot *old = ExecInitExtraTupleSlot(estate, desc, table_slot_callbacks(rel));
-	TupleTableSlot *row = ExecInitExtraTupleSlot(estate, desc, &TTSOpsVirtual);
+	TupleTableSlot *old = w->agg_old;
+	TupleTableSlot *row = w->agg_row;
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
-	Datum		customer = CStringGetTextDatum(in->customer_id);
-	Datum		meter = CStringGetTextDatum(in->meter);
+	Datum		customer = CStringGetTextDatum(d->customer_id);
+	Datum		meter = CStringGetTextDatum(d->meter);
 	int			i;
 
-	for (i = 0; i < rri->ri_NumIndices; i++)
-		if (RelationGetRelid(rri->ri_IndexRelationDescs[i]) == aggregates.arbiter)
-			pkey = rri->ri_IndexRelationDescs[i];
-	if (pkey == NULL)
-		elog(ERROR, "usage_billing.usage_aggregates_pkey is not open");
+	estate->es_output_cid = GetCurrentCommandId(true);
 
 #define A(col) (aggregates.attnums[col] - 1)
-
 	for (;;)
 	{
 		Datum	   *v = row->tts_values;
 		bool	   *n = row->tts_isnull;
 
 		ExecClearTuple(row);
-		if (find_aggregate(rel, pkey, customer, meter, pe->period_start, old))
+		if (find_aggregate(rel, w->pkey, customer, meter, d->period_start, old))
 		{
 			Numeric		old_total;
 			TimestampTz t;
@@ -458,19 +445,19 @@ fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 				elog(ERROR, "usage_billing.usage_aggregates has a NULL total");
 			old_total = DatumGetNumeric(v[A(AGG_TOTAL)]);
 
-			switch (pe->meter.aggregation)
+			switch (d->aggregation)
 			{
 				case UB_AGG_MAX:
-					*total = ub_num_max(old_total, contribution);
+					*total = ub_num_max(old_total, d->contribution);
 					break;
 				case UB_AGG_LAST:
 					/* the latest occurred_at wins; on a tie the later call does */
 					*total = (!n[A(AGG_LAST)] &&
-							  in->occurred_at >= DatumGetTimestampTz(v[A(AGG_LAST)])) ?
-						contribution : old_total;
+							  d->last_usage >= DatumGetTimestampTz(v[A(AGG_LAST)])) ?
+						d->contribution : old_total;
 					break;
 				default:
-					*total = ub_num_add(old_total, contribution);
+					*total = ub_num_add(old_total, d->contribution);
 					break;
 			}
 			/* both outlive the slots: copy */
@@ -479,16 +466,16 @@ fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 			v[A(AGG_TOTAL)] = NumericGetDatum(*total);
 			v[A(AGG_PREVIOUS)] = NumericGetDatum(*previous_total);
 			n[A(AGG_PREVIOUS)] = false;
-			v[A(AGG_COUNT)] = Int64GetDatum((n[A(AGG_COUNT)] ? 0 : DatumGetInt64(v[A(AGG_COUNT)])) + 1);
+			v[A(AGG_COUNT)] = Int64GetDatum((n[A(AGG_COUNT)] ? 0 : DatumGetInt64(v[A(AGG_COUNT)])) + d->count);
 			n[A(AGG_COUNT)] = false;
 			/* least() and greatest() ignore NULLs */
 			t = DatumGetTimestampTz(v[A(AGG_FIRST)]);
-			if (n[A(AGG_FIRST)] || in->occurred_at < t)
-				v[A(AGG_FIRST)] = TimestampTzGetDatum(in->occurred_at);
+			if (n[A(AGG_FIRST)] || d->first_usage < t)
+				v[A(AGG_FIRST)] = TimestampTzGetDatum(d->first_usage);
 			n[A(AGG_FIRST)] = false;
 			t = DatumGetTimestampTz(v[A(AGG_LAST)]);
-			if (n[A(AGG_LAST)] || in->occurred_at > t)
-				v[A(AGG_LAST)] = TimestampTzGetDatum(in->occurred_at);
+			if (n[A(AGG_LAST)] || d->last_usage > t)
+				v[A(AGG_LAST)] = TimestampTzGetDatum(d->last_usage);
 			n[A(AGG_LAST)] = false;
 			v[A(AGG_UPDATED)] = TimestampTzGetDatum(now);
 			n[A(AGG_UPDATED)] = false;
@@ -514,12 +501,12 @@ fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 		}
 		v[A(AGG_CUSTOMER)] = customer;
 		v[A(AGG_METER)] = meter;
-		v[A(AGG_PERIOD_START)] = TimestampTzGetDatum(pe->period_start);
-		v[A(AGG_PERIOD_END)] = TimestampTzGetDatum(pe->period_end);
-		v[A(AGG_TOTAL)] = NumericGetDatum(contribution);
-		v[A(AGG_COUNT)] = Int64GetDatum(1);
-		v[A(AGG_FIRST)] = TimestampTzGetDatum(in->occurred_at);
-		v[A(AGG_LAST)] = TimestampTzGetDatum(in->occurred_at);
+		v[A(AGG_PERIOD_START)] = TimestampTzGetDatum(d->period_start);
+		v[A(AGG_PERIOD_END)] = TimestampTzGetDatum(d->period_end);
+		v[A(AGG_TOTAL)] = NumericGetDatum(d->contribution);
+		v[A(AGG_COUNT)] = Int64GetDatum(d->count);
+		v[A(AGG_FIRST)] = TimestampTzGetDatum(d->first_usage);
+		v[A(AGG_LAST)] = TimestampTzGetDatum(d->last_usage);
 		v[A(AGG_UPDATED)] = TimestampTzGetDatum(now);
 		n[A(AGG_CUSTOMER)] = n[A(AGG_METER)] = n[A(AGG_PERIOD_START)] = false;
 		n[A(AGG_PERIOD_END)] = n[A(AGG_TOTAL)] = n[A(AGG_COUNT)] = false;
@@ -531,7 +518,7 @@ fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 			ExecConstraints(rri, row, estate);
 		if (speculative_insert(estate, rri, row, list_make1_oid(aggregates.arbiter)))
 		{
-			*total = contribution;
+			*total = d->contribution;
 			*previous_total = NULL;
 			return;
 		}
@@ -540,24 +527,33 @@ fold_aggregate(EState *estate, ResultRelInfo *rri, const UbEventInput *in,
 }
 
 /*
- * Records the event.  The caller has checked ub_direct_write_usable; when the
- * tables turn out to need the executor (triggers, partitions), writes
- * nothing and answers UB_DIRECT_UNAVAILABLE so the caller takes the SQL path.
+ * Can events of this transaction take the direct path?  Checks what does not
+ * need the tables open; ub_direct_open checks the rest.
  */
-UbDirectOutcome
-ub_direct_record(const UbEventInput *in, const UbPreparedEvent *pe, Numeric contribution,
-				 Numeric *total, Numeric *previous_total)
+bool
+ub_direct_writes_usable(void)
+{
+	return ub_direct_writes &&
+		!IsolationUsesXactSnapshot() &&
+		!XactReadOnly &&
+		!IsInParallelMode();
+}
+
+/*
+ * Opens the ledger and the aggregates for writing.  NULL when the tables
+ * need what only the executor does (row triggers, partitions): then nothing
+ * was written and the caller takes the SQL path.
+ */
+UbDirectWriter *
+ub_direct_open(void)
 {
 	MemoryContext caller = CurrentMemoryContext;
 	const TargetTable *targets[2];
-	ResultRelInfo *rri[2];
+	UbDirectWriter *w;
 	EState	   *estate;
 	List	   *rtable = NIL;
-	UbDirectOutcome outcome = UB_DIRECT_UNAVAILABLE;
 	int			i;
 
-	*total = NULL;
-	*previous_total = NULL;
 	resolve_tables();
 	targets[0] = &ledger;
 	targets[1] = &aggregates;
@@ -581,38 +577,53 @@ ub_direct_record(const UbEventInput *in, const UbPreparedEvent *pe, Numeric cont
 	estate->es_snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : InvalidSnapshot;
 	MemoryContextSwitchTo(caller);
 
+	w = palloc0(sizeof(UbDirectWriter));
+	w->estate = estate;
 	for (i = 0; i < 2; i++)
-		rri[i] = open_target(estate, targets[i], i + 1);
+		w->rri[i] = open_target(estate, targets[i], i + 1);
 
 	for (i = 0; i < 2; i++)
 	{
-		Relation	rel = rri[i]->ri_RelationDesc;
+		Relation	rel = w->rri[i]->ri_RelationDesc;
 
 		/* what the executor would add to these writes, we do not: leave it to SQL */
 		if (rel->rd_rel->relhastriggers || rel->rd_rel->relkind != RELKIND_RELATION ||
 			RelationGetDescr(rel)->natts != targets[i]->natts)
-			goto done;
+		{
+			ub_direct_close(w);
+			return NULL;
+		}
 	}
 
-	if (insert_ledger(estate, rri[0], in, pe))
-	{
-		fold_aggregate(estate, rri[1], in, pe, contribution, total, previous_total);
-		outcome = UB_DIRECT_RECORDED;
-	}
-	else
-		outcome = UB_DIRECT_DUPLICATE;
+	for (i = 0; i < w->rri[1]->ri_NumIndices; i++)
+		if (RelationGetRelid(w->rri[1]->ri_IndexRelationDescs[i]) == aggregates.arbiter)
+			w->pkey = w->rri[1]->ri_IndexRelationDescs[i];
+	if (w->pkey == NULL)
+		elog(ERROR, "usage_billing.usage_aggregates_pkey is not open");
 
-	/* what runs after us in this call (alerts) sees both writes */
+	w->ledger_row = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[0]->ri_RelationDesc),
+										   &TTSOpsVirtual);
+	w->agg_old = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[1]->ri_RelationDesc),
+										table_slot_callbacks(w->rri[1]->ri_RelationDesc));
+	w->agg_row = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[1]->ri_RelationDesc),
+										&TTSOpsVirtual);
+	return w;
+}
+
+/* Closes the tables, keeping their locks to the end of the transaction as the executor does. */
+void
+ub_direct_close(UbDirectWriter *w)
+{
+	int			i;
+
+	/* what runs after us (alerts, the next call) sees our writes */
 	CommandCounterIncrement();
-
-done:
 	for (i = 0; i < 2; i++)
 	{
-		ExecCloseIndices(rri[i]);
-		/* like the executor, keep the lock to the end of the transaction */
-		table_close(rri[i]->ri_RelationDesc, NoLock);
+		ExecCloseIndices(w->rri[i]);
+		table_close(w->rri[i]->ri_RelationDesc, NoLock);
 	}
-	ExecResetTupleTable(estate->es_tupleTable, false);
-	FreeExecutorState(estate);
-	return outcome;
+	ExecResetTupleTable(w->estate->es_tupleTable, false);
+	FreeExecutorState(w->estate);
+	pfree(w);
 }

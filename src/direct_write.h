@@ -1,27 +1,41 @@
 /*-------------------------------------------------------------------------
  * direct_write.h
- *	  Recording an event with table and index access instead of SQL.
+ *	  Writing ledger rows and aggregates with table and index access instead of SQL.
  *-------------------------------------------------------------------------
  */
 #ifndef UB_DIRECT_WRITE_H
 #define UB_DIRECT_WRITE_H
 
+#include "datatype/timestamp.h"
 #include "utils/numeric.h"
 
+#include "catalog.h"
 #include "record.h"
 
 extern bool ub_direct_writes;
 
-typedef enum UbDirectOutcome
+/* What one call (or one group of a batch) adds to a (customer, meter, period) aggregate. */
+typedef struct UbAggregateDelta
 {
-	UB_DIRECT_RECORDED,			/* ledger row and aggregate written */
-	UB_DIRECT_DUPLICATE,		/* the idempotency key was recorded before: nothing written */
-	UB_DIRECT_UNAVAILABLE		/* the tables need the executor: nothing written, use SQL */
-} UbDirectOutcome;
+	const char *customer_id;
+	const char *meter;
+	TimestampTz period_start;
+	TimestampTz period_end;
+	UbAggregation aggregation;
+	Numeric		contribution;	/* added (sum, count), compared (max) or the latest value (last) */
+	int64		count;			/* events */
+	TimestampTz first_usage;
+	TimestampTz last_usage;		/* for last: the occurred_at of the contribution */
+} UbAggregateDelta;
 
-extern bool ub_direct_write_usable(const UbPreparedEvent *pe);
-extern UbDirectOutcome ub_direct_record(const UbEventInput *in, const UbPreparedEvent *pe,
-									   Numeric contribution, Numeric *total,
-									   Numeric *previous_total);
+typedef struct UbDirectWriter UbDirectWriter;
+
+extern bool ub_direct_writes_usable(void);
+extern UbDirectWriter *ub_direct_open(void);
+extern bool ub_direct_insert_event(UbDirectWriter *w, const UbEventInput *in,
+								   TimestampTz period_start);
+extern void ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
+						   Numeric *previous_total);
+extern void ub_direct_close(UbDirectWriter *w);
 
 #endif							/* UB_DIRECT_WRITE_H */

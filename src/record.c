@@ -479,6 +479,7 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 	char		nulls[9];
 	bool		isnull;
 	int			ret;
+	UbDirectWriter *writer;
 
 	if (!ub_prepare_event(in, &pe, out))
 		return;
@@ -524,19 +525,30 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 	else
 	{
 		contribution = pe.meter.aggregation == UB_AGG_COUNT ? ub_num_int(1) : in->amount;
-		if (ub_direct_write_usable(&pe))
+		if (ub_direct_writes_usable() && (writer = ub_direct_open()) != NULL)
 		{
-			switch (ub_direct_record(in, &pe, contribution, &out->total, &previous_total))
+			bool		recorded = ub_direct_insert_event(writer, in, pe.period_start);
+
+			if (recorded)
 			{
-				case UB_DIRECT_RECORDED:
-					goto recorded;
-				case UB_DIRECT_DUPLICATE:
-					if (!lookup_duplicate(in->customer_id, in->idempotency_key, out))
-						elog(ERROR, "idempotency conflict without an original event");
-					return;
-				case UB_DIRECT_UNAVAILABLE:
-					break;
+				UbAggregateDelta d;
+
+				d.customer_id = in->customer_id;
+				d.meter = in->meter;
+				d.period_start = pe.period_start;
+				d.period_end = pe.period_end;
+				d.aggregation = pe.meter.aggregation;
+				d.contribution = contribution;
+				d.count = 1;
+				d.first_usage = d.last_usage = in->occurred_at;
+				ub_direct_fold(writer, &d, &out->total, &previous_total);
 			}
+			ub_direct_close(writer);
+			if (recorded)
+				goto recorded;
+			if (!lookup_duplicate(in->customer_id, in->idempotency_key, out))
+				elog(ERROR, "idempotency conflict without an original event");
+			return;
 		}
 		args[8] = NumericGetDatum(contribution);
 		ret = SPI_execute_plan(combined_plan(pe.meter.aggregation, in->idempotency_key != NULL),

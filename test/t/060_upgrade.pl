@@ -1,7 +1,7 @@
 # Upgrade from 1.0: install the previous version, record usage, ALTER EXTENSION UPDATE; nothing
 # recorded changes, recording goes on (keys recorded before still deduplicate), the 1.1 objects
 # exist, and the upgraded database has exactly the objects, flags, grants and policies of a
-# fresh 1.1 install.
+# fresh install of the default version.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -54,8 +54,12 @@ SELECT 'catalog ' || (SELECT string_agg(m::text, ',' ORDER BY m::text) FROM usag
 my $before = $node->safe_psql('old', $state_q);
 
 $node->safe_psql('old', 'ALTER EXTENSION usage_billing UPDATE');
+my $default_version = $node->safe_psql('old',
+	"SELECT default_version FROM pg_available_extensions WHERE name = 'usage_billing'");
 is($node->safe_psql('old', "SELECT extversion FROM pg_extension WHERE extname = 'usage_billing'"),
-	'1.1', 'updated to 1.1');
+	$default_version, "updated to the default version ($default_version)");
+is($node->safe_psql('old', "SELECT reloptions::text FROM pg_class WHERE oid = 'usage_billing.usage_aggregates'::regclass"),
+	'{fillfactor=30}', 'the aggregates leave room for HOT updates (1.2)');
 is($node->safe_psql('old', $state_q), $before, 'nothing recorded changed in the update');
 
 # the 1.1 objects exist and work
