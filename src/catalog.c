@@ -9,9 +9,14 @@
  *
  * Every lookup is one SPI execution of a plan prepared once per backend
  * (SPI_keepplan), so the hot path pays no parse or plan cost; usage targets
- * are also cached per backend (catalog_cache.c).  Results are
- * palloc'd in the caller's memory context (the SPI procedure context when
- * called between SPI_connect and SPI_finish).
+ * are also cached per backend (catalog_cache.c).  A miss of the hot path
+ * reads either everything at once (preload_catalog, when the cache is empty
+ * and there are few enough customers) or the one customer with all its
+ * overrides, from the indexes, and the (plan, meter) part with SQL.  The
+ * effective limit is made by ub_build_target, from the cache or from what
+ * was just read alike.  Results are palloc'd in the caller's memory context
+ * (the SPI procedure context when called between SPI_connect and
+ * SPI_finish).
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
