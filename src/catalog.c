@@ -9,9 +9,14 @@
  *
  * Every lookup is one SPI execution of a plan prepared once per backend
  * (SPI_keepplan), so the hot path pays no parse or plan cost; usage targets
- * are also cached per backend (catalog_cache.c).  Results are
- * palloc'd in the caller's memory context (the SPI procedure context when
- * called between SPI_connect and SPI_finish).
+ * are also cached per backend (catalog_cache.c).  A miss of the hot path
+ * reads either everything at once (preload_catalog, when the cache is empty
+ * and there are few enough customers) or the one customer with all its
+ * overrides, from the indexes, and the (plan, meter) part with SQL.  The
+ * effective limit is made by ub_build_target, from the cache or from what
+ * was just read alike.  Results are palloc'd in the caller's memory context
+ * (the SPI procedure context when called between SPI_connect and
+ * SPI_finish).
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -25,6 +30,7 @@
 #include "executor/tuptable.h"
 #include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
+#include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/relcache.h"
 #include "utils/builtins.h"
@@ -163,14 +169,15 @@ ub_lookup_customer(const char *customer_id, UbCustomer *customer)
 }
 
 /*
- * Reads the row of usage_billing.<relname> whose primary key equals keyvals,
- * straight from the index, and copies the named columns.  This is the cache
- * miss path of the hot path: an executor start per miss costs more than the
- * whole call, and a new connection misses on every customer it meets.
+ * Reads the rows of usage_billing.<relname> whose primary key starts with
+ * keyvals, straight from the index, and copies the named columns into
+ * *values and *nulls, ncols a row; returns the number of rows.  This is the
+ * cache miss path of the hot path: an executor start per miss costs more
+ * than the whole call.
  */
-static bool
-probe_row(const char *relname, int nkeys, const Datum *keyvals, Snapshot snap,
-		  int ncols, const char *const *colnames, Datum *values, bool *nulls)
+static int
+probe_rows(const char *relname, int nkeys, const Datum *keyvals, Snapshot snap,
+		   int ncols, const char *const *colnames, Datum **values, bool **nulls)
 {
 	Oid			nsp = get_namespace_oid("usage_billing", false);
 	Oid			relid = get_relname_relid(relname, nsp);
@@ -178,16 +185,35 @@ probe_row(const char *relname, int nkeys, const Datum *keyvals, Snapshot snap,
 	Relation	idx;
 	TupleDesc	desc;
 	ScanKeyData keys[2];
+	AttrNumber	attnums[4];
 	IndexScanDesc scan;
 	TupleTableSlot *slot;
-	bool		found;
+	int			nrows = 0;
+	int			cap = 1;
 
-	Assert(nkeys <= 2);
+	Assert(nkeys <= 2 && ncols <= 4);
 	if (!OidIsValid(relid))
 		elog(ERROR, "usage_billing.%s is missing", relname);
 	rel = table_open(relid, AccessShareLock);
 	idx = index_open(RelationGetPrimaryKeyIndex(rel), AccessShareLock);
 	desc = RelationGetDescr(rel);
+
+	for (int c = 0; c < ncols; c++)
+	{
+		attnums[c] = InvalidAttrNumber;
+		for (int a = 0; a < desc->natts; a++)
+		{
+			Form_pg_attribute att = TupleDescAttr(desc, a);
+
+			if (!att->attisdropped && strcmp(NameStr(att->attname), colnames[c]) == 0)
+			{
+				attnums[c] = a + 1;
+				break;
+			}
+		}
+		if (attnums[c] == InvalidAttrNumber)
+			elog(ERROR, "usage_billing.%s has no column \"%s\"", relname, colnames[c]);
+	}
 
 	/* text keys, compared in the index's own collations as the planner would */
 	for (int k = 0; k < nkeys; k++)
@@ -196,33 +222,69 @@ probe_row(const char *relname, int nkeys, const Datum *keyvals, Snapshot snap,
 	scan = index_beginscan(rel, idx, snap, nkeys, 0);
 	index_rescan(scan, keys, nkeys, NULL, 0);
 	slot = table_slot_create(rel, NULL);
-	found = index_getnext_slot(scan, ForwardScanDirection, slot);
-	for (int c = 0; found && c < ncols; c++)
+	*values = palloc(cap * ncols * sizeof(Datum));
+	*nulls = palloc(cap * ncols * sizeof(bool));
+	while (index_getnext_slot(scan, ForwardScanDirection, slot))
 	{
-		int			attnum = InvalidAttrNumber;
-
-		for (int a = 0; a < desc->natts; a++)
+		if (nrows == cap)
 		{
-			Form_pg_attribute att = TupleDescAttr(desc, a);
-
-			if (!att->attisdropped && strcmp(NameStr(att->attname), colnames[c]) == 0)
-			{
-				attnum = a + 1;
-				break;
-			}
+			cap *= 2;
+			*values = repalloc(*values, cap * ncols * sizeof(Datum));
+			*nulls = repalloc(*nulls, cap * ncols * sizeof(bool));
 		}
-		if (attnum == InvalidAttrNumber)
-			elog(ERROR, "usage_billing.%s has no column \"%s\"", relname, colnames[c]);
-		values[c] = slot_getattr(slot, attnum, &nulls[c]);
-		if (!nulls[c])
-			values[c] = datumCopy(values[c], TupleDescAttr(desc, attnum - 1)->attbyval,
-								  TupleDescAttr(desc, attnum - 1)->attlen);
+		for (int c = 0; c < ncols; c++)
+		{
+			Form_pg_attribute att = TupleDescAttr(desc, attnums[c] - 1);
+			Datum	   *v = &(*values)[nrows * ncols + c];
+			bool	   *isnull = &(*nulls)[nrows * ncols + c];
+
+			*v = slot_getattr(slot, attnums[c], isnull);
+			if (!*isnull)
+				*v = datumCopy(*v, att->attbyval, att->attlen);
+		}
+		nrows++;
 	}
 	index_endscan(scan);
 	ExecDropSingleTupleTableSlot(slot);
 	index_close(idx, AccessShareLock);
 	table_close(rel, AccessShareLock);
-	return found;
+	return nrows;
+}
+
+/* The columns fill_plan_meter reads, for a plans p, meters m and plan_limits pl join. */
+#define PLAN_METER_COLUMNS \
+	"p.period, p.base_price, p.currency," \
+	" m.aggregation, m.value_property, m.stripe_event_name," \
+	" pl.plan IS NOT NULL," \
+	" pl.included, pl.hard_cap, pl.overage_price, pl.overage_unit," \
+	" pl.soft_threshold, pl.tiers, pl.tier_mode"
+
+/* Fills a plan meter from the PLAN_METER_COLUMNS starting at "first". */
+static void
+fill_plan_meter(HeapTuple tup, TupleDesc desc, int first, const char *plan, const char *meter,
+				UbPlanMeter *pm)
+{
+	bool		isnull;
+	char	   *agg;
+
+	memset(pm, 0, sizeof(UbPlanMeter));
+	pm->plan_part.plan = pstrdup(plan);
+	pm->plan_part.period = *DatumGetIntervalP(SPI_getbinval(tup, desc, first, &isnull));
+	pm->plan_part.base_price = col_numeric(tup, desc, first + 1);
+	pm->plan_part.currency = col_text(tup, desc, first + 2);
+	pm->meter.meter = pstrdup(meter);
+	agg = col_text(tup, desc, first + 3);
+	pm->meter_found = (agg != NULL);
+	if (!pm->meter_found)
+		return;
+	pm->meter.aggregation = ub_parse_aggregation(agg);
+	pm->meter.value_property = col_text(tup, desc, first + 4);
+	pm->meter.stripe_event_name = col_text(tup, desc, first + 5);
+	pm->limit.meter = pm->meter.meter;
+	pm->limit.aggregation = pm->meter.aggregation;
+	pm->limit.exists = col_bool(tup, desc, first + 6);
+	if (pm->limit.exists)
+		fill_limit(tup, desc, first + 7, &pm->limit);
 }
 
 /*
@@ -231,17 +293,12 @@ probe_row(const char *relname, int nkeys, const Datum *keyvals, Snapshot snap,
  * (plan, meter) and read with SQL on a miss.
  */
 static void
-lookup_plan_part(const char *plan, const char *meter, uint64 generation,
-				 UbCustomer *plan_part, UbMeter *m, bool *meter_found, UbLimit *plan_limit)
+lookup_plan_meter(const char *plan, const char *meter, uint64 generation, UbPlanMeter *pm)
 {
 	Datum		args[2];
 	int			ret;
-	HeapTuple	tup;
-	TupleDesc	desc;
-	char	   *agg;
-	bool		isnull;
 
-	if (ub_static_cache_get(plan, meter, plan_part, m, meter_found, plan_limit))
+	if (ub_static_cache_get(plan, meter, pm))
 		return;
 
 	if (target_plan == NULL)
@@ -249,11 +306,7 @@ lookup_plan_part(const char *plan, const char *meter, uint64 generation,
 		Oid			types[2] = {TEXTOID, TEXTOID};
 
 		target_plan = prepare_saved(
-			"SELECT p.period, p.base_price, p.currency,"
-			"       m.aggregation, m.value_property, m.stripe_event_name,"
-			"       pl.plan IS NOT NULL,"
-			"       pl.included, pl.hard_cap, pl.overage_price, pl.overage_unit,"
-			"       pl.soft_threshold, pl.tiers, pl.tier_mode"
+			"SELECT " PLAN_METER_COLUMNS
 			"  FROM usage_billing.plans p"
 			"  LEFT JOIN usage_billing.meters m ON m.meter = $2"
 			"  LEFT JOIN usage_billing.plan_limits pl ON pl.plan = p.plan AND pl.meter = $2"
@@ -274,81 +327,245 @@ lookup_plan_part(const char *plan, const char *meter, uint64 generation,
 		elog(ERROR, "plan lookup failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
 		elog(ERROR, "plan \"%s\" of a customer does not exist", plan);
-
-	tup = SPI_tuptable->vals[0];
-	desc = SPI_tuptable->tupdesc;
-	memset(plan_part, 0, sizeof(UbCustomer));
-	plan_part->plan = pstrdup(plan);
-	plan_part->period = *DatumGetIntervalP(SPI_getbinval(tup, desc, 1, &isnull));
-	plan_part->base_price = col_numeric(tup, desc, 2);
-	plan_part->currency = col_text(tup, desc, 3);
-
-	memset(plan_limit, 0, sizeof(UbLimit));
-	agg = col_text(tup, desc, 4);
-	*meter_found = (agg != NULL);
-	if (*meter_found)
-	{
-		m->meter = pstrdup(meter);
-		m->aggregation = ub_parse_aggregation(agg);
-		m->value_property = col_text(tup, desc, 5);
-		m->stripe_event_name = col_text(tup, desc, 6);
-		plan_limit->meter = m->meter;
-		plan_limit->aggregation = m->aggregation;
-		plan_limit->exists = col_bool(tup, desc, 7);
-		if (plan_limit->exists)
-			fill_limit(tup, desc, 8, plan_limit);
-	}
+	fill_plan_meter(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, plan, meter, pm);
 	SPI_freetuptable(SPI_tuptable);
-	ub_static_cache_put(generation, plan, meter, plan_part, m, *meter_found, plan_limit);
+	ub_static_cache_put(generation, pm);
+}
+
+/* Fills a customer row (no overrides) from plan, billing_anchor, stripe_customer_id, status at "first". */
+static void
+fill_customer_row(HeapTuple tup, TupleDesc desc, int first, const char *customer_id,
+				  UbCustomerRow *row)
+{
+	bool		isnull;
+
+	row->customer_id = pstrdup(customer_id);
+	row->plan = col_text(tup, desc, first);
+	row->billing_anchor = DatumGetTimestampTz(SPI_getbinval(tup, desc, first + 1, &isnull));
+	row->stripe_customer_id = col_text(tup, desc, first + 2);
+	row->status = col_text(tup, desc, first + 3);
+	row->noverrides = 0;
+	row->overrides = NULL;
+}
+
+/* Fills an override from meter, included, hard_cap at "first". */
+static void
+fill_override(HeapTuple tup, TupleDesc desc, int first, UbOverride *o)
+{
+	o->meter = col_text(tup, desc, first);
+	o->included = col_numeric(tup, desc, first + 1);
+	(void) SPI_getbinval(tup, desc, first + 2, &o->hard_cap_null);
+	o->hard_cap = col_bool(tup, desc, first + 2);
+}
+
+/* Reads a customer and all its overrides straight from the indexes; false when there is none. */
+static bool
+read_customer_direct(const char *customer_id, Snapshot snap, UbCustomerRow *row)
+{
+	static const char *const customer_cols[] = {"plan", "billing_anchor", "stripe_customer_id", "status"};
+	static const char *const override_cols[] = {"meter", "included", "hard_cap"};
+	Datum		key = CStringGetTextDatum(customer_id);
+	Datum	   *v;
+	bool	   *n;
+	int			noverrides;
+
+	if (probe_rows("customers", 1, &key, snap, 4, customer_cols, &v, &n) == 0)
+		return false;
+	row->customer_id = pstrdup(customer_id);
+	row->plan = TextDatumGetCString(v[0]);
+	row->billing_anchor = DatumGetTimestampTz(v[1]);
+	row->stripe_customer_id = n[2] ? NULL : TextDatumGetCString(v[2]);
+	row->status = TextDatumGetCString(v[3]);
+
+	noverrides = probe_rows("customer_limits", 1, &key, snap, 3, override_cols, &v, &n);
+	row->noverrides = noverrides;
+	row->overrides = noverrides > 0 ? palloc(noverrides * sizeof(UbOverride)) : NULL;
+	for (int i = 0; i < noverrides; i++)
+	{
+		UbOverride *o = &row->overrides[i];
+
+		o->meter = TextDatumGetCString(v[i * 3]);
+		o->included = DatumGetNumeric(v[i * 3 + 1]);
+		o->hard_cap_null = n[i * 3 + 2];
+		o->hard_cap = !n[i * 3 + 2] && DatumGetBool(v[i * 3 + 2]);
+	}
+	return true;
 }
 
 /*
- * The customer row and its override with SQL, for distributed tables
- * (usage_billing.direct_reads = off): same columns as the index probes.
+ * The same with SQL, for distributed tables (usage_billing.direct_reads =
+ * off): one row per override, or one with NULLs when there is none.
  */
 static bool
-read_customer_sql(const Datum *keys, Datum *cv, bool *cn, bool *overridden, Datum *ov, bool *on)
+read_customer_sql(const char *customer_id, Snapshot snap, UbCustomerRow *row)
 {
 	static SPIPlanPtr plan = NULL;
+	Datum		args[1];
 	int			ret;
-	HeapTuple	tup;
 	TupleDesc	desc;
 
 	if (plan == NULL)
 	{
-		Oid			types[2] = {TEXTOID, TEXTOID};
+		Oid			types[1] = {TEXTOID};
 
 		plan = prepare_saved(
 			"SELECT c.plan, c.billing_anchor, c.stripe_customer_id, c.status,"
-			"       cl.customer_id IS NOT NULL, cl.included, cl.hard_cap"
+			"       cl.meter, cl.included, cl.hard_cap"
 			"  FROM usage_billing.customers c"
-			"  LEFT JOIN usage_billing.customer_limits cl"
-			"         ON cl.customer_id = c.customer_id AND cl.meter = $2"
-			" WHERE c.customer_id = $1", 2, types);
+			"  LEFT JOIN usage_billing.customer_limits cl ON cl.customer_id = c.customer_id"
+			" WHERE c.customer_id = $1", 1, types);
 	}
-	ret = SPI_execute_snapshot(plan, (Datum *) keys, NULL, GetLatestSnapshot(), InvalidSnapshot,
-							   true, false, 1);
+	args[0] = CStringGetTextDatum(customer_id);
+	ret = SPI_execute_snapshot(plan, args, NULL, snap, InvalidSnapshot, true, false, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "customer lookup failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
 		return false;
-	tup = SPI_tuptable->vals[0];
 	desc = SPI_tuptable->tupdesc;
-	for (int c = 0; c < 4; c++)
+	fill_customer_row(SPI_tuptable->vals[0], desc, 1, customer_id, row);
+	row->overrides = palloc(SPI_processed * sizeof(UbOverride));
+	for (uint64 i = 0; i < SPI_processed; i++)
 	{
-		cv[c] = SPI_getbinval(tup, desc, c + 1, &cn[c]);
-		if (!cn[c])
-			cv[c] = datumCopy(cv[c], TupleDescAttr(desc, c)->attbyval, TupleDescAttr(desc, c)->attlen);
-	}
-	*overridden = col_bool(tup, desc, 5);
-	for (int c = 0; c < 2; c++)
-	{
-		ov[c] = SPI_getbinval(tup, desc, c + 6, &on[c]);
-		if (!on[c])
-			ov[c] = datumCopy(ov[c], TupleDescAttr(desc, c + 5)->attbyval, TupleDescAttr(desc, c + 5)->attlen);
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		bool		isnull;
+
+		(void) SPI_getbinval(tup, desc, 5, &isnull);
+		if (!isnull)
+			fill_override(tup, desc, 5, &row->overrides[row->noverrides++]);
 	}
 	SPI_freetuptable(SPI_tuptable);
 	return true;
+}
+
+/* pg_class.reltuples of customers: what ANALYZE last counted, -1 when never. */
+static double
+customers_estimate(void)
+{
+	Oid			relid = get_relname_relid("customers", get_namespace_oid("usage_billing", false));
+	Relation	rel;
+	double		tuples;
+
+	if (!OidIsValid(relid))
+		elog(ERROR, "usage_billing.customers is missing");
+	rel = table_open(relid, AccessShareLock);
+	tuples = rel->rd_rel->reltuples;
+	table_close(rel, AccessShareLock);
+	return tuples;
+}
+
+/*
+ * Loads every customer, override and plan meter into the cache in one pass
+ * when there are at most usage_billing.catalog_preload_limit customers: a new
+ * connection would otherwise miss once for every customer it meets.  The
+ * reads share one fresh snapshot (fresh for the reason lookup_plan_meter
+ * gives), and the cache installs them only if no invalidation arrived since
+ * read_generation.  Plan meters past the limit are left to the misses.
+ */
+static void
+preload_catalog(uint64 read_generation)
+{
+	static SPIPlanPtr customers_plan = NULL;
+	static SPIPlanPtr overrides_plan = NULL;
+	static SPIPlanPtr plan_meters_plan = NULL;
+	int64		limit = ub_catalog_preload_limit;
+	Oid			types[1] = {INT8OID};
+	Datum		args[1];
+	Snapshot	snap;
+	SPITupleTable *tuptable;
+	uint64		nrows;
+	UbCachePreload *p;
+	MemoryContext rowcxt;
+	MemoryContext old;
+
+	/* a table analyzed as too big is not read only to be dropped */
+	if (customers_estimate() > limit)
+		return;
+
+	ub_prepare_once(&customers_plan,
+					"SELECT customer_id, plan, billing_anchor, stripe_customer_id, status"
+					"  FROM usage_billing.customers LIMIT $1", 1, types);
+	ub_prepare_once(&overrides_plan,
+					"SELECT customer_id, meter, included, hard_cap"
+					"  FROM usage_billing.customer_limits", 0, NULL);
+	ub_prepare_once(&plan_meters_plan,
+					"SELECT p.plan, m.meter, " PLAN_METER_COLUMNS
+					"  FROM usage_billing.plans p"
+					" CROSS JOIN usage_billing.meters m"
+					"  LEFT JOIN usage_billing.plan_limits pl ON pl.plan = p.plan AND pl.meter = m.meter"
+					" LIMIT $1", 1, types);
+
+	snap = RegisterSnapshot(GetLatestSnapshot());
+	args[0] = Int64GetDatum(limit + 1);
+	if (SPI_execute_snapshot(customers_plan, args, NULL, snap, InvalidSnapshot,
+							 true, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "customer preload failed");
+	if (SPI_processed > (uint64) limit)
+	{
+		SPI_freetuptable(SPI_tuptable);
+		UnregisterSnapshot(snap);
+		return;
+	}
+
+	/* each row's strings are garbage once copied into the preload */
+	rowcxt = AllocSetContextCreate(CurrentMemoryContext, "usage_billing preload row",
+								   ALLOCSET_SMALL_SIZES);
+	tuptable = SPI_tuptable;
+	nrows = SPI_processed;
+	p = ub_cache_preload_begin((long) nrows);
+	for (uint64 i = 0; i < nrows; i++)
+	{
+		UbCustomerRow row;
+
+		old = MemoryContextSwitchTo(rowcxt);
+		fill_customer_row(tuptable->vals[i], tuptable->tupdesc, 2,
+						  col_text(tuptable->vals[i], tuptable->tupdesc, 1), &row);
+		MemoryContextSwitchTo(old);
+		ub_cache_preload_customer(p, &row);
+		MemoryContextReset(rowcxt);
+	}
+	SPI_freetuptable(tuptable);
+
+	if (SPI_execute_snapshot(overrides_plan, NULL, NULL, snap, InvalidSnapshot,
+							 true, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "customer limit preload failed");
+	tuptable = SPI_tuptable;
+	nrows = SPI_processed;
+	for (uint64 i = 0; i < nrows; i++)
+	{
+		UbOverride	o;
+		char	   *id;
+
+		old = MemoryContextSwitchTo(rowcxt);
+		id = col_text(tuptable->vals[i], tuptable->tupdesc, 1);
+		fill_override(tuptable->vals[i], tuptable->tupdesc, 2, &o);
+		MemoryContextSwitchTo(old);
+		ub_cache_preload_override(p, id, &o);
+		MemoryContextReset(rowcxt);
+	}
+	SPI_freetuptable(tuptable);
+
+	if (SPI_execute_snapshot(plan_meters_plan, args, NULL, snap, InvalidSnapshot,
+							 true, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "plan limit preload failed");
+	tuptable = SPI_tuptable;
+	nrows = Min(SPI_processed, (uint64) limit);
+	for (uint64 i = 0; i < nrows; i++)
+	{
+		UbPlanMeter pm;
+		HeapTuple	tup = tuptable->vals[i];
+
+		old = MemoryContextSwitchTo(rowcxt);
+		fill_plan_meter(tup, tuptable->tupdesc, 3, col_text(tup, tuptable->tupdesc, 1),
+						col_text(tup, tuptable->tupdesc, 2), &pm);
+		MemoryContextSwitchTo(old);
+		ub_cache_preload_plan_meter(p, &pm);
+		MemoryContextReset(rowcxt);
+	}
+	SPI_freetuptable(tuptable);
+	UnregisterSnapshot(snap);
+	MemoryContextDelete(rowcxt);
+
+	(void) ub_cache_preload_end(p, read_generation);
 }
 
 /*
@@ -361,74 +578,39 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 					   UbCustomer *customer, UbMeter *m, bool *meter_found,
 					   UbLimit *limit)
 {
-	static const char *const customer_cols[] = {"plan", "billing_anchor", "stripe_customer_id", "status"};
-	static const char *const override_cols[] = {"included", "hard_cap"};
-	Datum		keys[2];
-	Datum		cv[4];
-	bool		cn[4];
-	Datum		ov[2];
-	bool		on[2];
-	bool		overridden = false;
-	Snapshot	snap;
+	UbCustomerRow row;
+	UbPlanMeter pm;
 	uint64		generation;
-	UbCustomer	plan_part;
+	bool		absent;
 
 	if (ub_cache_get(customer_id, meter, customer, m, meter_found, limit))
 		return true;
+	if (ub_cache_claim_preload())
+	{
+		preload_catalog(ub_cache_generation());
+		if (ub_cache_get(customer_id, meter, customer, m, meter_found, limit))
+			return true;
+	}
+
 	generation = ub_cache_generation();
+	if (!ub_cache_get_customer(customer_id, &row, &absent))
+	{
+		Snapshot	snap;
+		bool		found;
 
-	keys[0] = CStringGetTextDatum(customer_id);
-	keys[1] = CStringGetTextDatum(meter);
-	if (!ub_direct_reads)
-	{
-		if (!read_customer_sql(keys, cv, cn, &overridden, ov, on))
+		if (absent)
 			return false;
-	}
-	else
-	{
-		/* fresh, for the same reason as in lookup_plan_part */
+		/* fresh, for the same reason as in lookup_plan_meter */
 		snap = RegisterSnapshot(GetLatestSnapshot());
-		if (!probe_row("customers", 1, keys, snap, 4, customer_cols, cv, cn))
-		{
-			UnregisterSnapshot(snap);
-			return false;
-		}
-		overridden = probe_row("customer_limits", 2, keys, snap, 2, override_cols, ov, on);
+		found = ub_direct_reads ? read_customer_direct(customer_id, snap, &row) :
+			read_customer_sql(customer_id, snap, &row);
 		UnregisterSnapshot(snap);
+		if (!found)
+			return false;
+		ub_cache_put_customer(generation, &row);
 	}
-
-	lookup_plan_part(TextDatumGetCString(cv[0]), meter, generation, &plan_part, m, meter_found, limit);
-
-	customer->customer_id = pstrdup(customer_id);
-	customer->plan = TextDatumGetCString(cv[0]);
-	customer->billing_anchor = DatumGetTimestampTz(cv[1]);
-	customer->stripe_customer_id = cn[2] ? NULL : TextDatumGetCString(cv[2]);
-	customer->status = TextDatumGetCString(cv[3]);
-	customer->period = plan_part.period;
-	customer->base_price = plan_part.base_price;
-	customer->currency = plan_part.currency;
-
-	/* the override replaces included, and hard_cap unless it leaves it NULL */
-	if (*meter_found && overridden)
-	{
-		if (!limit->exists)
-		{
-			limit->exists = true;
-			limit->hard_cap = false;
-			limit->overage_price = NULL;
-			limit->overage_unit = ub_num_int(1);
-			limit->soft_threshold = DatumGetNumeric(DirectFunctionCall3(numeric_in,
-																		CStringGetDatum("0.8"),
-																		ObjectIdGetDatum(InvalidOid),
-																		Int32GetDatum(-1)));
-			limit->tiers = NULL;
-		}
-		limit->included = DatumGetNumeric(ov[0]);
-		if (!on[1])
-			limit->hard_cap = DatumGetBool(ov[1]);
-	}
-
-	ub_cache_put(generation, customer_id, meter, customer, m, *meter_found, limit);
+	lookup_plan_meter(row.plan, meter, generation, &pm);
+	ub_build_target(&row, &pm, customer, m, meter_found, limit);
 	return true;
 }
 

@@ -4,8 +4,24 @@
  *
  * The hot path needs, for every call, the customer with its plan, the meter
  * and the limit in force.  Reading them through SPI costs an executor start
- * per call, so each backend keeps what it read in a hash table keyed by
- * (customer_id, meter).
+ * per call, so each backend keeps what it read in two hash tables:
+ *
+ *	customers		customer_id -> the customers row and all its overrides
+ *					(customer_limits rows)
+ *	plan meters		(plan, meter) -> the plan, the meter and the plan's
+ *					limit row for it; few, shared by all customers of a plan
+ *
+ * A "target" is the two combined: a hit hashes the customer id, then (plan,
+ * meter) unless the customer's entry remembers the plan meter it used last,
+ * and applies the customer's override for the meter, if any.
+ *
+ * "Preload": a backend that misses with an empty cache (its first call, or
+ * the first after an invalidation) loads every customer, override and plan
+ * meter in one pass when there are at most usage_billing.
+ * catalog_preload_limit customers; the cache is then "complete" and a
+ * customer not in it does not exist.  Otherwise it reads key by key.  A
+ * preload is built in a context of its own and only replaces the cache when
+ * no invalidation arrived while it was read.
  *
  * Invalidation rides on PostgreSQL's own machinery: statement triggers on
  * the catalog tables (meters, plans, plan_limits, customers,
@@ -14,9 +30,10 @@
  * relcache callback then drops the whole cache.  Each lookup first accepts
  * pending invalidation messages, so a committed change (a new plan, a
  * suspension) applies to the very next call everywhere.  A generation
- * counter keeps a lookup that raced with an invalidation from caching what
- * it read before the change.  On abort, PostgreSQL replays the aborted
- * transaction's invalidations locally, so nothing uncommitted survives.
+ * counter keeps a lookup or a preload that raced with an invalidation from
+ * caching what it read before the change.  The own transaction's changes
+ * reach the callback at its next command, and on abort PostgreSQL replays
+ * them locally, so nothing uncommitted survives.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -26,7 +43,9 @@
 #include "commands/trigger.h"
 #include "fmgr.h"
 #include "storage/sinval.h"
+#include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -40,28 +59,47 @@
 
 PG_FUNCTION_INFO_V1(ub_catalog_changed);
 
-/* a bound on memory: past this many entries we start over */
+/* a bound on memory when reading key by key: past this many entries we start over */
 #define UB_CACHE_MAX_ENTRIES	200000
 
-typedef struct UbTargetKey
-{
-	char		customer_id[UB_MAX_NAME_LEN + 1];
-	char		meter[UB_MAX_NAME_LEN + 1];
-} UbTargetKey;
+/* the largest preload we allow: about 150 bytes a customer, so some 1.5 GB a backend */
+#define UB_PRELOAD_MAX			10000000
 
-typedef struct UbTargetEntry
+typedef struct PlanMeterKey
 {
-	UbTargetKey	key;
-	UbCustomer	customer;
-	UbMeter		meter;
-	bool		meter_found;
-	UbLimit		limit;
-} UbTargetEntry;
+	const char *plan;
+	const char *meter;
+} PlanMeterKey;
 
-static HTAB *target_cache = NULL;
-static HTAB *static_cache = NULL;	/* (plan, meter) -> plan, meter and plan limit */
+typedef struct PlanMeterEntry
+{
+	PlanMeterKey key;			/* points into pm */
+	UbPlanMeter pm;
+} PlanMeterEntry;
+
+typedef struct CustomerEntry
+{
+	const char *customer_id;	/* hash key; points into row */
+	UbCustomerRow row;
+	PlanMeterEntry *last;		/* the plan meter of the last hit, or NULL */
+} CustomerEntry;
+
+struct UbCachePreload
+{
+	MemoryContext cxt;			/* becomes the cache's context when complete */
+	HTAB	   *customers;
+	HTAB	   *plan_meters;
+};
+
+int			ub_catalog_preload_limit = 100000;
+
+static HTAB *customer_cache = NULL;
+static HTAB *static_cache = NULL;	/* (plan, meter) -> UbPlanMeter */
 static MemoryContext target_cxt = NULL;
 static uint64 generation = 0;
+static bool complete = false;	/* every customer is in customer_cache */
+static bool preload_tried = false;	/* a preload ran in this generation */
+static uint64 preload_generation = 0;
 static bool callback_registered = false;
 
 /* the catalog tables whose changes invalidate the cache; resolved lazily */
@@ -72,15 +110,32 @@ static const char *const catalog_table_names[UB_CATALOG_TABLES] = {
 static Oid	catalog_table_oids[UB_CATALOG_TABLES];
 static bool catalog_oids_valid = false;
 
+/* Defines usage_billing.catalog_preload_limit; called from _PG_init. */
+void
+ub_catalog_cache_init(void)
+{
+	DefineCustomIntVariable("usage_billing.catalog_preload_limit",
+							"Most customers a backend loads into its catalog cache in one pass.",
+							"When the cache is empty and there are at most this many customers, "
+							"the first miss loads all customers, overrides and plan limits; "
+							"0 reads every customer on its own first use.",
+							&ub_catalog_preload_limit,
+							100000, 0, UB_PRELOAD_MAX,
+							PGC_SUSET,
+							0,
+							NULL, NULL, NULL);
+}
+
 /* Drops every cached target; entries' memory goes with the context. */
 static void
 reset_cache(void)
 {
 	generation++;
+	complete = false;
 	catalog_oids_valid = false;
 	if (target_cxt != NULL)
 		MemoryContextReset(target_cxt);
-	target_cache = NULL;
+	customer_cache = NULL;
 	static_cache = NULL;
 }
 
@@ -114,54 +169,87 @@ relcache_callback(Datum arg, Oid relid)
 		ours = (catalog_table_oids[i] == relid);
 	if (!ours)
 		return;
-	if (target_cache != NULL)
+	if (customer_cache != NULL)
 		reset_cache();
 	else
 	{
 		generation++;
+		complete = false;
 		catalog_oids_valid = false;
 	}
 }
 
-/* Hashes only the used bytes of the key, not its 402-byte padding. */
+/* Hashes a customer id key (a pointer to the string). */
 static uint32
-target_key_hash(const void *key, Size keysize)
+customer_key_hash(const void *key, Size keysize)
 {
-	const UbTargetKey *k = (const UbTargetKey *) key;
-	uint32		h = hash_bytes((const unsigned char *) k->customer_id, strlen(k->customer_id));
+	const char *s = *(const char *const *) key;
+
+	return hash_bytes((const unsigned char *) s, strlen(s));
+}
+
+/* Compares two customer id keys as strings; 0 means equal. */
+static int
+customer_key_match(const void *key1, const void *key2, Size keysize)
+{
+	return strcmp(*(const char *const *) key1, *(const char *const *) key2);
+}
+
+/* Hashes a (plan, meter) key. */
+static uint32
+plan_meter_key_hash(const void *key, Size keysize)
+{
+	const PlanMeterKey *k = (const PlanMeterKey *) key;
+	uint32		h = hash_bytes((const unsigned char *) k->plan, strlen(k->plan));
 
 	return hash_combine(h, hash_bytes((const unsigned char *) k->meter, strlen(k->meter)));
 }
 
-/* Compares two keys as the strings they hold; 0 means equal. */
+/* Compares two (plan, meter) keys as strings; 0 means equal. */
 static int
-target_key_match(const void *key1, const void *key2, Size keysize)
+plan_meter_key_match(const void *key1, const void *key2, Size keysize)
 {
-	const UbTargetKey *a = (const UbTargetKey *) key1;
-	const UbTargetKey *b = (const UbTargetKey *) key2;
+	const PlanMeterKey *a = (const PlanMeterKey *) key1;
+	const PlanMeterKey *b = (const PlanMeterKey *) key2;
 
-	if (strcmp(a->customer_id, b->customer_id) != 0)
+	if (strcmp(a->plan, b->plan) != 0)
 		return 1;
 	return strcmp(a->meter, b->meter) != 0;
 }
 
-/* Creates a hash table of targets in the cache's context. */
+/* Creates the customer table in cxt, sized for nelem entries. */
 static HTAB *
-create_table(const char *name)
+create_customer_table(MemoryContext cxt, long nelem)
 {
 	HASHCTL		ctl;
 
 	memset(&ctl, 0, sizeof(ctl));
-	ctl.keysize = sizeof(UbTargetKey);
-	ctl.entrysize = sizeof(UbTargetEntry);
-	ctl.hash = target_key_hash;
-	ctl.match = target_key_match;
-	ctl.hcxt = target_cxt;
-	return hash_create(name, 1024, &ctl,
+	ctl.keysize = sizeof(const char *);
+	ctl.entrysize = sizeof(CustomerEntry);
+	ctl.hash = customer_key_hash;
+	ctl.match = customer_key_match;
+	ctl.hcxt = cxt;
+	return hash_create("usage_billing customers", Max(nelem, 1024), &ctl,
 					   HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
 }
 
-/* Creates the hash tables on first use. */
+/* Creates the plan meter table in cxt. */
+static HTAB *
+create_plan_meter_table(MemoryContext cxt)
+{
+	HASHCTL		ctl;
+
+	memset(&ctl, 0, sizeof(ctl));
+	ctl.keysize = sizeof(PlanMeterKey);
+	ctl.entrysize = sizeof(PlanMeterEntry);
+	ctl.hash = plan_meter_key_hash;
+	ctl.match = plan_meter_key_match;
+	ctl.hcxt = cxt;
+	return hash_create("usage_billing plan meters", 64, &ctl,
+					   HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
+}
+
+/* Creates the hash tables on first use and after a reset. */
 static void
 ensure_cache(void)
 {
@@ -173,25 +261,11 @@ ensure_cache(void)
 	if (target_cxt == NULL)
 		target_cxt = AllocSetContextCreate(CacheMemoryContext, "usage_billing target cache",
 										   ALLOCSET_DEFAULT_SIZES);
-	if (target_cache != NULL)
+	if (customer_cache != NULL)
 		return;
 	resolve_catalog_oids();
-	target_cache = create_table("usage_billing targets");
-	static_cache = create_table("usage_billing plan targets");
-}
-
-/* Builds a zero-padded key; false when the names are too long to cache. */
-static bool
-make_key(const char *customer_id, const char *meter, UbTargetKey *key)
-{
-	size_t		cl = strlen(customer_id);
-	size_t		ml = strlen(meter);
-
-	if (cl > UB_MAX_NAME_LEN || ml > UB_MAX_NAME_LEN)
-		return false;
-	memcpy(key->customer_id, customer_id, cl + 1);
-	memcpy(key->meter, meter, ml + 1);
-	return true;
+	customer_cache = create_customer_table(target_cxt, 1024);
+	static_cache = create_plan_meter_table(target_cxt);
 }
 
 static char *
@@ -206,23 +280,10 @@ copy_num(Numeric n)
 	return n ? DatumGetNumericCopy(NumericGetDatum(n)) : NULL;
 }
 
-/* Deep-copies a target into CurrentMemoryContext. */
+/* Deep-copies a meter and a limit of it into CurrentMemoryContext. */
 static void
-copy_target(const UbCustomer *sc, const UbMeter *sm, bool meter_found, const UbLimit *sl,
-			UbCustomer *c, UbMeter *m, UbLimit *l)
+copy_meter_limit(const UbMeter *sm, const UbLimit *sl, UbMeter *m, UbLimit *l)
 {
-	c->customer_id = copy_str(sc->customer_id);
-	c->plan = copy_str(sc->plan);
-	c->billing_anchor = sc->billing_anchor;
-	c->period = sc->period;
-	c->status = copy_str(sc->status);
-	c->stripe_customer_id = copy_str(sc->stripe_customer_id);
-	c->base_price = copy_num(sc->base_price);
-	c->currency = copy_str(sc->currency);
-
-	memset(l, 0, sizeof(UbLimit));
-	if (!meter_found)
-		return;
 	m->meter = copy_str(sm->meter);
 	m->aggregation = sm->aggregation;
 	m->value_property = copy_str(sm->value_property);
@@ -236,6 +297,7 @@ copy_target(const UbCustomer *sc, const UbMeter *sm, bool meter_found, const UbL
 	l->overage_price = copy_num(sl->overage_price);
 	l->overage_unit = copy_num(sl->overage_unit);
 	l->soft_threshold = copy_num(sl->soft_threshold);
+	l->tiers = NULL;
 	if (sl->tiers != NULL)
 	{
 		const UbTiers *st = sl->tiers;
@@ -253,6 +315,162 @@ copy_target(const UbCustomer *sc, const UbMeter *sm, bool meter_found, const UbL
 	}
 }
 
+/* Deep-copies a plan meter into CurrentMemoryContext. */
+static void
+copy_plan_meter(const UbPlanMeter *src, UbPlanMeter *dst)
+{
+	memset(dst, 0, sizeof(UbPlanMeter));
+	dst->plan_part.plan = copy_str(src->plan_part.plan);
+	dst->plan_part.period = src->plan_part.period;
+	dst->plan_part.base_price = copy_num(src->plan_part.base_price);
+	dst->plan_part.currency = copy_str(src->plan_part.currency);
+	dst->meter_found = src->meter_found;
+	if (src->meter_found)
+		copy_meter_limit(&src->meter, &src->limit, &dst->meter, &dst->limit);
+	else
+		dst->meter.meter = copy_str(src->meter.meter);
+}
+
+/* Appends a copy of an override to a customer row that lives in cxt. */
+static void
+add_override(UbCustomerRow *row, MemoryContext cxt, const UbOverride *o)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	UbOverride *dst;
+
+	if (row->overrides == NULL)
+		row->overrides = palloc(sizeof(UbOverride));
+	else
+		row->overrides = repalloc(row->overrides, (row->noverrides + 1) * sizeof(UbOverride));
+	dst = &row->overrides[row->noverrides];
+	dst->meter = pstrdup(o->meter);
+	dst->included = copy_num(o->included);
+	dst->hard_cap_null = o->hard_cap_null;
+	dst->hard_cap = o->hard_cap;
+	row->noverrides++;
+	MemoryContextSwitchTo(old);
+}
+
+/*
+ * Stores a customer row in a table of cxt.  Its strings share one chunk, and
+ * are copied before the entry is made, so that an entry never points to the
+ * caller's memory.
+ */
+static CustomerEntry *
+store_customer(HTAB *table, MemoryContext cxt, const UbCustomerRow *row)
+{
+	size_t		lid = strlen(row->customer_id) + 1;
+	size_t		lplan = strlen(row->plan) + 1;
+	size_t		lstatus = strlen(row->status) + 1;
+	size_t		lstripe = row->stripe_customer_id ? strlen(row->stripe_customer_id) + 1 : 0;
+	char	   *buf = MemoryContextAlloc(cxt, lid + lplan + lstatus + lstripe);
+	const char *key = buf;
+	CustomerEntry *entry;
+	bool		found;
+
+	memcpy(buf, row->customer_id, lid);
+	memcpy(buf + lid, row->plan, lplan);
+	memcpy(buf + lid + lplan, row->status, lstatus);
+	if (lstripe > 0)
+		memcpy(buf + lid + lplan + lstatus, row->stripe_customer_id, lstripe);
+
+	entry = hash_search(table, &key, HASH_ENTER, &found);
+	if (found)
+		return entry;
+	entry->row.customer_id = buf;
+	entry->row.plan = buf + lid;
+	entry->row.billing_anchor = row->billing_anchor;
+	entry->row.status = buf + lid + lplan;
+	entry->row.stripe_customer_id = lstripe > 0 ? buf + lid + lplan + lstatus : NULL;
+	entry->row.noverrides = 0;
+	entry->row.overrides = NULL;
+	entry->last = NULL;
+	for (int i = 0; i < row->noverrides; i++)
+		add_override(&entry->row, cxt, &row->overrides[i]);
+	return entry;
+}
+
+/* Stores a plan meter in a table of cxt; its key points into the copy. */
+static PlanMeterEntry *
+store_plan_meter(HTAB *table, MemoryContext cxt, const UbPlanMeter *pm)
+{
+	MemoryContext old = MemoryContextSwitchTo(cxt);
+	UbPlanMeter copy;
+	PlanMeterKey key;
+	PlanMeterEntry *entry;
+	bool		found;
+
+	copy_plan_meter(pm, &copy);
+	MemoryContextSwitchTo(old);
+	key.plan = copy.plan_part.plan;
+	key.meter = copy.meter.meter;
+	entry = hash_search(table, &key, HASH_ENTER, &found);
+	if (!found)
+	{
+		entry->pm = copy;
+		if (entry->pm.meter_found)
+			entry->pm.limit.meter = entry->pm.meter.meter;
+	}
+	return entry;
+}
+
+/* The default soft threshold of a limit row, for an override without one. */
+static Numeric
+default_soft_threshold(void)
+{
+	return DatumGetNumeric(DirectFunctionCall3(numeric_in,
+											   CStringGetDatum("0.8"),
+											   ObjectIdGetDatum(InvalidOid),
+											   Int32GetDatum(-1)));
+}
+
+/*
+ * Combines a customer row and a plan meter into the target, in
+ * CurrentMemoryContext: the customer's override replaces included, and
+ * hard_cap unless it leaves it NULL; an override of a meter the plan does not
+ * limit makes a limit row of the table's defaults.
+ */
+void
+ub_build_target(const UbCustomerRow *row, const UbPlanMeter *pm,
+				UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit)
+{
+	customer->customer_id = pstrdup(row->customer_id);
+	customer->plan = pstrdup(row->plan);
+	customer->billing_anchor = row->billing_anchor;
+	customer->period = pm->plan_part.period;
+	customer->status = pstrdup(row->status);
+	customer->stripe_customer_id = copy_str(row->stripe_customer_id);
+	customer->base_price = copy_num(pm->plan_part.base_price);
+	customer->currency = copy_str(pm->plan_part.currency);
+
+	*meter_found = pm->meter_found;
+	memset(limit, 0, sizeof(UbLimit));
+	if (!pm->meter_found)
+		return;
+	copy_meter_limit(&pm->meter, &pm->limit, m, limit);
+
+	for (int i = 0; i < row->noverrides; i++)
+	{
+		const UbOverride *o = &row->overrides[i];
+
+		if (strcmp(o->meter, m->meter) != 0)
+			continue;
+		if (!limit->exists)
+		{
+			limit->exists = true;
+			limit->hard_cap = false;
+			limit->overage_price = NULL;
+			limit->overage_unit = ub_num_int(1);
+			limit->soft_threshold = default_soft_threshold();
+			limit->tiers = NULL;
+		}
+		limit->included = copy_num(o->included);
+		if (!o->hard_cap_null)
+			limit->hard_cap = o->hard_cap;
+		break;
+	}
+}
+
 /* The current generation; take it before reading what you will put. */
 uint64
 ub_cache_generation(void)
@@ -260,58 +478,27 @@ ub_cache_generation(void)
 	ensure_cache();
 	/* let committed catalog changes of other backends reach us first */
 	AcceptInvalidationMessages();
+	ensure_cache();
 	return generation;
 }
 
-/* Looks a key up in one of the tables; false on a miss. */
-static bool
-cache_get(bool statics, const char *name, const char *meter,
-		  UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit)
+/* Finds a customer's entry, after accepting pending invalidations. */
+static CustomerEntry *
+find_customer(const char *customer_id)
 {
-	UbTargetKey key;
-	UbTargetEntry *entry;
-
-	ensure_cache();
-	AcceptInvalidationMessages();
-	if (target_cache == NULL)
-		ensure_cache();
-	if (!make_key(name, meter, &key))
-		return false;
-	entry = hash_search(statics ? static_cache : target_cache, &key, HASH_FIND, NULL);
-	if (entry == NULL)
-		return false;
-	*meter_found = entry->meter_found;
-	copy_target(&entry->customer, &entry->meter, entry->meter_found, &entry->limit,
-				customer, m, limit);
-	return true;
+	(void) ub_cache_generation();
+	return hash_search(customer_cache, &customer_id, HASH_FIND, NULL);
 }
 
-/* Stores a key read under the given generation, unless the catalog changed since. */
-static void
-cache_put(bool statics, uint64 read_generation, const char *name, const char *meter,
-		  const UbCustomer *customer, const UbMeter *m, bool meter_found,
-		  const UbLimit *limit)
+/* Finds the plan meter of (plan, meter), or NULL. */
+static PlanMeterEntry *
+find_plan_meter(const char *plan, const char *meter)
 {
-	UbTargetKey key;
-	UbTargetEntry *entry;
-	MemoryContext old;
-	HTAB	   *table;
+	PlanMeterKey key;
 
-	if (read_generation != generation || !make_key(name, meter, &key))
-		return;
-	ensure_cache();
-	table = statics ? static_cache : target_cache;
-	if (hash_get_num_entries(table) >= UB_CACHE_MAX_ENTRIES)
-	{
-		reset_cache();
-		ensure_cache();
-		table = statics ? static_cache : target_cache;
-	}
-	entry = hash_search(table, &key, HASH_ENTER, NULL);
-	old = MemoryContextSwitchTo(target_cxt);
-	entry->meter_found = meter_found;
-	copy_target(customer, m, meter_found, limit, &entry->customer, &entry->meter, &entry->limit);
-	MemoryContextSwitchTo(old);
+	key.plan = plan;
+	key.meter = meter;
+	return hash_search(static_cache, &key, HASH_FIND, NULL);
 }
 
 /* Fills the target of (customer, meter) from the cache; false on a miss. */
@@ -319,36 +506,187 @@ bool
 ub_cache_get(const char *customer_id, const char *meter,
 			 UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit)
 {
-	return cache_get(false, customer_id, meter, customer, m, meter_found, limit);
-}
+	CustomerEntry *entry = find_customer(customer_id);
+	PlanMeterEntry *pme;
 
-/* Remembers the target of (customer, meter). */
-void
-ub_cache_put(uint64 read_generation, const char *customer_id, const char *meter,
-			 const UbCustomer *customer, const UbMeter *m, bool meter_found,
-			 const UbLimit *limit)
-{
-	cache_put(false, read_generation, customer_id, meter, customer, m, meter_found, limit);
+	if (entry == NULL)
+		return false;
+	/* most customers use one meter: skip the second hash then */
+	pme = entry->last;
+	if (pme == NULL || strcmp(pme->key.meter, meter) != 0)
+	{
+		pme = find_plan_meter(entry->row.plan, meter);
+		if (pme == NULL)
+			return false;
+		entry->last = pme;
+	}
+	ub_build_target(&entry->row, &pme->pm, customer, m, meter_found, limit);
+	return true;
 }
 
 /*
- * The same for what does not depend on the customer: a plan (in the customer
- * fields), a meter and the plan's own limit row for it, keyed (plan, meter).
+ * Copies a cached customer row into CurrentMemoryContext; false on a miss.
+ * *absent says that the miss is an answer: the cache is complete, so there
+ * is no such customer.
  */
 bool
-ub_static_cache_get(const char *plan, const char *meter,
-					UbCustomer *plan_part, UbMeter *m, bool *meter_found, UbLimit *limit)
+ub_cache_get_customer(const char *customer_id, UbCustomerRow *row, bool *absent)
 {
-	return cache_get(true, plan, meter, plan_part, m, meter_found, limit);
+	CustomerEntry *entry = find_customer(customer_id);
+	const UbCustomerRow *src;
+
+	*absent = (entry == NULL && complete);
+	if (entry == NULL)
+		return false;
+	src = &entry->row;
+	row->customer_id = pstrdup(src->customer_id);
+	row->plan = pstrdup(src->plan);
+	row->billing_anchor = src->billing_anchor;
+	row->status = pstrdup(src->status);
+	row->stripe_customer_id = copy_str(src->stripe_customer_id);
+	row->noverrides = src->noverrides;
+	row->overrides = NULL;
+	if (src->noverrides > 0)
+		row->overrides = palloc(src->noverrides * sizeof(UbOverride));
+	for (int i = 0; i < src->noverrides; i++)
+	{
+		row->overrides[i] = src->overrides[i];
+		row->overrides[i].meter = pstrdup(src->overrides[i].meter);
+		row->overrides[i].included = copy_num(src->overrides[i].included);
+	}
+	return true;
 }
 
-/* Remembers the plan part of (plan, meter). */
-void
-ub_static_cache_put(uint64 read_generation, const char *plan, const char *meter,
-					const UbCustomer *plan_part, const UbMeter *m, bool meter_found,
-					const UbLimit *limit)
+/* Makes room for one more entry read key by key; false when the read is stale. */
+static bool
+make_room(uint64 read_generation)
 {
-	cache_put(true, read_generation, plan, meter, plan_part, m, meter_found, limit);
+	if (read_generation != generation)
+		return false;
+	ensure_cache();
+	if (hash_get_num_entries(customer_cache) + hash_get_num_entries(static_cache) >=
+		UB_CACHE_MAX_ENTRIES)
+	{
+		reset_cache();
+		ensure_cache();
+	}
+	return true;
+}
+
+/* Remembers a customer row read under the given generation, unless the catalog changed since. */
+void
+ub_cache_put_customer(uint64 read_generation, const UbCustomerRow *row)
+{
+	if (make_room(read_generation))
+		store_customer(customer_cache, target_cxt, row);
+}
+
+/* Copies the cached plan meter of (plan, meter) into CurrentMemoryContext; false on a miss. */
+bool
+ub_static_cache_get(const char *plan, const char *meter, UbPlanMeter *pm)
+{
+	PlanMeterEntry *entry;
+
+	(void) ub_cache_generation();
+	entry = find_plan_meter(plan, meter);
+	if (entry == NULL)
+		return false;
+	copy_plan_meter(&entry->pm, pm);
+	return true;
+}
+
+/* Remembers a plan meter read under the given generation. */
+void
+ub_static_cache_put(uint64 read_generation, const UbPlanMeter *pm)
+{
+	if (make_room(read_generation))
+		store_plan_meter(static_cache, target_cxt, pm);
+}
+
+/*
+ * Whether this miss should preload: preloading is on, the cache holds no
+ * customer, and no preload was tried since the last invalidation; a true
+ * answer counts as the try, so that a preload that finds too many customers
+ * is not repeated on every miss.
+ */
+bool
+ub_cache_claim_preload(void)
+{
+	(void) ub_cache_generation();
+	if (ub_catalog_preload_limit <= 0 || complete ||
+		(preload_tried && preload_generation == generation) ||
+		hash_get_num_entries(customer_cache) > 0)
+		return false;
+	preload_tried = true;
+	preload_generation = generation;
+	return true;
+}
+
+/*
+ * Starts a preload of about ncustomers customers.  It is built in a context
+ * below the caller's, so that an error on the way frees it, and moves under
+ * CacheMemoryContext only when ub_cache_preload_end installs it.
+ */
+UbCachePreload *
+ub_cache_preload_begin(long ncustomers)
+{
+	UbCachePreload *p = palloc0(sizeof(UbCachePreload));
+
+	p->cxt = AllocSetContextCreate(CurrentMemoryContext, "usage_billing target cache",
+								   ALLOCSET_DEFAULT_SIZES);
+	p->customers = create_customer_table(p->cxt, ncustomers);
+	p->plan_meters = create_plan_meter_table(p->cxt);
+	return p;
+}
+
+/* Adds a customer (its overrides come with ub_cache_preload_override). */
+void
+ub_cache_preload_customer(UbCachePreload *p, const UbCustomerRow *row)
+{
+	store_customer(p->customers, p->cxt, row);
+}
+
+/* Adds an override to a customer already added; others are ignored. */
+void
+ub_cache_preload_override(UbCachePreload *p, const char *customer_id, const UbOverride *o)
+{
+	CustomerEntry *entry = hash_search(p->customers, &customer_id, HASH_FIND, NULL);
+
+	if (entry != NULL)
+		add_override(&entry->row, p->cxt, o);
+}
+
+/* Adds a plan meter. */
+void
+ub_cache_preload_plan_meter(UbCachePreload *p, const UbPlanMeter *pm)
+{
+	store_plan_meter(p->plan_meters, p->cxt, pm);
+}
+
+/*
+ * Installs the preload as the complete cache, unless an invalidation arrived
+ * since read_generation was taken: then what was read may be stale and is
+ * dropped.  Frees the preload either way; true when installed.
+ */
+bool
+ub_cache_preload_end(UbCachePreload *p, uint64 read_generation)
+{
+	(void) ub_cache_generation();
+	if (read_generation != generation)
+	{
+		MemoryContextDelete(p->cxt);
+		pfree(p);
+		return false;
+	}
+	MemoryContextSetParent(p->cxt, CacheMemoryContext);
+	if (target_cxt != NULL)
+		MemoryContextDelete(target_cxt);
+	target_cxt = p->cxt;
+	customer_cache = p->customers;
+	static_cache = p->plan_meters;
+	complete = true;
+	pfree(p);
+	return true;
 }
 
 /* Trigger: a catalog table changed; every backend drops its cache at commit. */

@@ -8,18 +8,60 @@
 
 #include "catalog.h"
 
+/* a customer_limits row: replaces included, and hard_cap unless that is NULL */
+typedef struct UbOverride
+{
+	char	   *meter;
+	Numeric		included;
+	bool		hard_cap_null;
+	bool		hard_cap;
+} UbOverride;
+
+/* a customers row with every override of that customer */
+typedef struct UbCustomerRow
+{
+	char	   *customer_id;
+	char	   *plan;
+	TimestampTz billing_anchor;
+	char	   *status;
+	char	   *stripe_customer_id; /* NULL when not exported */
+	int			noverrides;
+	UbOverride *overrides;
+} UbCustomerRow;
+
+/* what does not depend on the customer: a plan, a meter and the plan's limit row for it */
+typedef struct UbPlanMeter
+{
+	UbCustomer	plan_part;		/* only plan, period, base_price and currency */
+	UbMeter		meter;			/* only meter is set when !meter_found */
+	bool		meter_found;
+	UbLimit		limit;			/* exists = false: the plan has no row for the meter */
+} UbPlanMeter;
+
+/* a preload being built; see ub_cache_preload_begin */
+typedef struct UbCachePreload UbCachePreload;
+
+extern int	ub_catalog_preload_limit;
+
+extern void ub_catalog_cache_init(void);
 extern uint64 ub_cache_generation(void);
+
 extern bool ub_cache_get(const char *customer_id, const char *meter,
 						 UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit);
-extern void ub_cache_put(uint64 generation, const char *customer_id, const char *meter,
-						 const UbCustomer *customer, const UbMeter *m, bool meter_found,
-						 const UbLimit *limit);
+extern void ub_build_target(const UbCustomerRow *row, const UbPlanMeter *pm,
+							UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit);
 
-extern bool ub_static_cache_get(const char *plan, const char *meter,
-								UbCustomer *plan_part, UbMeter *m, bool *meter_found,
-								UbLimit *limit);
-extern void ub_static_cache_put(uint64 generation, const char *plan, const char *meter,
-								const UbCustomer *plan_part, const UbMeter *m, bool meter_found,
-								const UbLimit *limit);
+extern bool ub_cache_get_customer(const char *customer_id, UbCustomerRow *row, bool *absent);
+extern void ub_cache_put_customer(uint64 generation, const UbCustomerRow *row);
+extern bool ub_static_cache_get(const char *plan, const char *meter, UbPlanMeter *pm);
+extern void ub_static_cache_put(uint64 generation, const UbPlanMeter *pm);
+
+extern bool ub_cache_claim_preload(void);
+extern UbCachePreload *ub_cache_preload_begin(long ncustomers);
+extern void ub_cache_preload_customer(UbCachePreload *p, const UbCustomerRow *row);
+extern void ub_cache_preload_override(UbCachePreload *p, const char *customer_id,
+									  const UbOverride *o);
+extern void ub_cache_preload_plan_meter(UbCachePreload *p, const UbPlanMeter *pm);
+extern bool ub_cache_preload_end(UbCachePreload *p, uint64 generation);
 
 #endif							/* UB_CATALOG_CACHE_H */
