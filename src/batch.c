@@ -634,9 +634,18 @@ ub_increment_usage_batch(PG_FUNCTION_ARGS)
 		qsort(bulk, nbulk, sizeof(BatchEvent *), group_cmp);
 		if (writer != NULL)
 		{
+			const UbEventInput **ins = palloc(sizeof(UbEventInput *) * nbulk);
+			TimestampTz *starts = palloc(sizeof(TimestampTz) * nbulk);
+			bool	   *taken = palloc(sizeof(bool) * nbulk);
+
 			for (int i = 0; i < nbulk; i++)
-				bulk[i]->accepted = ub_direct_insert_event(writer, &bulk[i]->in,
-														   bulk[i]->pe.period_start);
+			{
+				ins[i] = &bulk[i]->in;
+				starts[i] = bulk[i]->pe.period_start;
+			}
+			ub_direct_insert_events(writer, ins, starts, nbulk, taken);
+			for (int i = 0; i < nbulk; i++)
+				bulk[i]->accepted = taken[i];
 		}
 		else
 			insert_ledger(bulk, nbulk);

@@ -102,6 +102,10 @@ struct UbDirectWriter
 	ResultRelInfo *rri[2];		/* ledger, aggregates */
 	Relation	pkey;			/* the aggregates' primary key, among rri[1]'s indexes */
 	TupleTableSlot *ledger_row;
+	TupleTableSlot **ledger_rows;	/* for multi-row inserts, grown on demand */
+	int			nledger_rows;
+	Datum	   *ledger_defaults;	/* the ledger's stable defaults, evaluated at open */
+	bool	   *ledger_default_nulls;
 	TupleTableSlot *agg_old;
 	TupleTableSlot *agg_row;
 };
@@ -115,6 +119,7 @@ typedef struct TargetTable
 	AttrNumber *attnums;		/* of the columns above */
 	ExprState **defaults;		/* per attribute; NULL: none.  Kept across calls:
 								 * evaluation state lives in the ExprContext */
+	bool	   *volatile_default;	/* evaluated per row; the others once per writer */
 } TargetTable;
 
 static TargetTable ledger;
@@ -172,6 +177,7 @@ resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
 			elog(ERROR, "usage_billing.%s has no column \"%s\"", relname, columns[i]);
 	}
 	t->defaults = palloc0(sizeof(ExprState *) * desc->natts);
+	t->volatile_default = palloc0(sizeof(bool) * desc->natts);
 	for (i = 0; i < desc->natts; i++)
 	{
 		Node	   *def;
@@ -180,7 +186,12 @@ resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
 			continue;
 		def = build_column_default(rel, i + 1);
 		if (def != NULL)
-			t->defaults[i] = ExecInitExpr(expression_planner((Expr *) def), NULL);
+		{
+			Expr	   *expr = expression_planner((Expr *) def);
+
+			t->defaults[i] = ExecInitExpr(expr, NULL);
+			t->volatile_default[i] = contain_volatile_functions((Node *) expr);
+		}
 	}
 	table_close(rel, AccessShareLock);
 }
@@ -268,27 +279,25 @@ speculative_insert(EState *estate, ResultRelInfo *rri, TupleTableSlot *slot, Lis
 	}
 }
 
-/* Appends an event to the ledger; false when its idempotency key was recorded before. */
-bool
-ub_direct_insert_event(UbDirectWriter *w, const UbEventInput *in, TimestampTz period_start)
+/* Fills slot with the ledger row of an event; columns we do not set take their defaults. */
+static void
+fill_ledger_row(UbDirectWriter *w, TupleTableSlot *slot, const UbEventInput *in,
+				TimestampTz period_start)
 {
-	ResultRelInfo *rri = w->rri[0];
-	TupleTableSlot *slot = w->ledger_row;
 	Datum	   *values = slot->tts_values;
 	bool	   *nulls = slot->tts_isnull;
 	int			i;
 
-	w->estate->es_output_cid = GetCurrentCommandId(true);
 	ExecClearTuple(slot);
 	for (i = 0; i < ledger.natts; i++)
 	{
-		if (ledger.defaults[i] != NULL)
+		if (ledger.defaults[i] != NULL && ledger.volatile_default[i])
 			values[i] = eval_default(w->estate, ledger.defaults[i],
 									 TupleDescAttr(slot->tts_tupleDescriptor, i), &nulls[i]);
 		else
 		{
-			values[i] = (Datum) 0;
-			nulls[i] = true;
+			values[i] = w->ledger_defaults[i];
+			nulls[i] = w->ledger_default_nulls[i];
 		}
 	}
 #define SET_COL(col, isnull, value) \
@@ -308,8 +317,19 @@ ub_direct_insert_event(UbDirectWriter *w, const UbEventInput *in, TimestampTz pe
 #undef SET_COL
 	ExecStoreVirtualTuple(slot);
 
-	if (rri->ri_RelationDesc->rd_att->constr)
-		ExecConstraints(rri, slot, w->estate);
+	if (w->rri[0]->ri_RelationDesc->rd_att->constr)
+		ExecConstraints(w->rri[0], slot, w->estate);
+}
+
+/* Appends an event to the ledger; false when its idempotency key was recorded before. */
+bool
+ub_direct_insert_event(UbDirectWriter *w, const UbEventInput *in, TimestampTz period_start)
+{
+	ResultRelInfo *rri = w->rri[0];
+	TupleTableSlot *slot = w->ledger_row;
+
+	w->estate->es_output_cid = GetCurrentCommandId(true);
+	fill_ledger_row(w, slot, in, period_start);
 
 	if (in->idempotency_key != NULL)
 		return speculative_insert(w->estate, rri, slot, list_make1_oid(ledger.arbiter));
@@ -318,6 +338,56 @@ ub_direct_insert_event(UbDirectWriter *w, const UbEventInput *in, TimestampTz pe
 	simple_table_tuple_insert(rri->ri_RelationDesc, slot);
 	list_free(ExecInsertIndexTuples(rri, slot, w->estate, false, false, NULL, NIL));
 	return true;
+}
+
+/*
+ * Appends n events to the ledger, setting accepted[i] to whether event i was
+ * written (false: its key was recorded before).  Keyed events go one by one
+ * through the arbiter; the keyless ones, which cannot conflict, as one
+ * multi-row heap insert (one WAL record per page instead of one per row), as
+ * COPY does.
+ */
+void
+ub_direct_insert_events(UbDirectWriter *w, const UbEventInput *const *ins,
+						const TimestampTz *period_starts, int n, bool *accepted)
+{
+	ResultRelInfo *rri = w->rri[0];
+	int			nplain = 0;
+	int			i;
+
+	w->estate->es_output_cid = GetCurrentCommandId(true);
+	if (w->nledger_rows < n)
+	{
+		MemoryContext old = MemoryContextSwitchTo(w->estate->es_query_cxt);
+		TupleDesc	desc = RelationGetDescr(rri->ri_RelationDesc);
+
+		w->ledger_rows = w->ledger_rows == NULL ?
+			palloc(sizeof(TupleTableSlot *) * n) :
+			repalloc(w->ledger_rows, sizeof(TupleTableSlot *) * n);
+		for (i = w->nledger_rows; i < n; i++)
+			w->ledger_rows[i] = ExecInitExtraTupleSlot(w->estate, desc, &TTSOpsVirtual);
+		w->nledger_rows = n;
+		MemoryContextSwitchTo(old);
+	}
+
+	for (i = 0; i < n; i++)
+	{
+		if (ins[i]->idempotency_key != NULL)
+		{
+			accepted[i] = ub_direct_insert_event(w, ins[i], period_starts[i]);
+			continue;
+		}
+		fill_ledger_row(w, w->ledger_rows[nplain++], ins[i], period_starts[i]);
+		accepted[i] = true;
+	}
+	if (nplain == 0)
+		return;
+
+	table_multi_insert(rri->ri_RelationDesc, w->ledger_rows, nplain,
+					   w->estate->es_output_cid, 0, NULL);
+	for (i = 0; i < nplain; i++)
+		list_free(ExecInsertIndexTuples(rri, w->ledger_rows[i], w->estate,
+										false, false, NULL, NIL));
 }
 
 /*
@@ -603,6 +673,17 @@ ub_direct_open(void)
 
 	w->ledger_row = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[0]->ri_RelationDesc),
 										   &TTSOpsVirtual);
+	/* now(), session_user, constants: the same for every row of the statement */
+	w->ledger_defaults = palloc0(sizeof(Datum) * ledger.natts);
+	w->ledger_default_nulls = palloc(sizeof(bool) * ledger.natts);
+	for (i = 0; i < ledger.natts; i++)
+	{
+		w->ledger_default_nulls[i] = true;
+		if (ledger.defaults[i] != NULL && !ledger.volatile_default[i])
+			w->ledger_defaults[i] = eval_default(estate, ledger.defaults[i],
+												 TupleDescAttr(RelationGetDescr(w->rri[0]->ri_RelationDesc), i),
+												 &w->ledger_default_nulls[i]);
+	}
 	w->agg_old = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[1]->ri_RelationDesc),
 										table_slot_callbacks(w->rri[1]->ri_RelationDesc));
 	w->agg_row = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[1]->ri_RelationDesc),

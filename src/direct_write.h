@@ -34,6 +34,8 @@ extern bool ub_direct_writes_usable(void);
 extern UbDirectWriter *ub_direct_open(void);
 extern bool ub_direct_insert_event(UbDirectWriter *w, const UbEventInput *in,
 								   TimestampTz period_start);
+extern void ub_direct_insert_events(UbDirectWriter *w, const UbEventInput *const *ins,
+									const TimestampTz *period_starts, int n, bool *accepted);
 extern void ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 						   Numeric *previous_total);
 extern void ub_direct_close(UbDirectWriter *w);
