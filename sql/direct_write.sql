@@ -158,3 +158,17 @@ SELECT meter, occurred_at, amount, idempotency_key,
    AND period_start = '2025-04-01'
  GROUP BY 1, 2, 3, 4
  ORDER BY 1, 2, 3, 4;
+
+-- a batch refused at a hard cap inside an exception block leaves nothing behind, and the
+-- transaction goes on writing through the same path
+DO $$
+BEGIN
+    PERFORM usage_billing.increment_usage_batch(
+        '[{"customer_id": "dw_direct", "meter": "dw_calls", "amount": 1, "occurred_at": "2025-05-02"},
+          {"customer_id": "dw_direct", "meter": "dw_calls", "amount": 500, "occurred_at": "2025-05-03"}]');
+EXCEPTION WHEN SQLSTATE 'PT402' THEN
+    RAISE NOTICE 'refused: %', SQLERRM;
+END $$;
+SELECT total, duplicate FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 2, occurred_at => '2025-05-04');
+SELECT count(*) FROM usage_billing.usage_events
+ WHERE customer_id = 'dw_direct' AND period_start = '2025-05-01';

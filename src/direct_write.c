@@ -33,7 +33,8 @@
  * ledger's event_id identity, kind, recorded_by, recorded_at) take their
  * declared defaults, evaluated here.
  *
- * It is only used where it is equivalent: read committed (the SQL path's
+ * It is only used where it is equivalent: not for unique_count meters (their
+ * contribution depends on a third table; record.c), read committed (the SQL path's
  * ON CONFLICT would raise serialization failures under repeatable read),
  * a read-write transaction, plain tables without row triggers (triggers and
  * partitions are what the executor would add), and not when
