@@ -10,13 +10,17 @@
  * Every lookup is one SPI execution of a plan prepared once per backend
  * (SPI_keepplan), so the hot path pays no parse or plan cost; usage targets
  * are also cached per backend (catalog_cache.c).  A miss of the hot path
- * reads either everything at once (preload_catalog, when the cache is empty
- * and there are few enough customers) or the one customer with all its
+ * reads either everything at once (catalog_preload.c, when the cache is
+ * empty and there are few enough customers) or the one customer with all its
  * overrides, from the indexes, and the (plan, meter) part with SQL.  The
  * effective limit is made by ub_build_target, from the cache or from what
  * was just read alike.  Results are palloc'd in the caller's memory context
  * (the SPI procedure context when called between SPI_connect and
  * SPI_finish).
+ *
+ * The row fillers (ub_fill_customer_row, ub_fill_override,
+ * ub_fill_plan_meter) live here, used by the per-key reads and the preload
+ * alike.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -30,7 +34,6 @@
 #include "executor/tuptable.h"
 #include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
-#include "utils/memutils.h"
 #include "utils/rel.h"
 #include "utils/relcache.h"
 #include "utils/builtins.h"
@@ -42,6 +45,7 @@
 
 #include "catalog.h"
 #include "catalog_cache.h"
+#include "catalog_preload.h"
 #include "pricing.h"
 #include "usage_billing.h"
 
@@ -73,8 +77,8 @@ ub_prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types)
 }
 
 /* Column accessors that copy out of the SPI tuple table. */
-static char *
-col_text(HeapTuple tup, TupleDesc desc, int col)
+char *
+ub_col_text(HeapTuple tup, TupleDesc desc, int col)
 {
 	bool		isnull;
 	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
@@ -107,13 +111,13 @@ fill_customer(const char *customer_id, HeapTuple tup, TupleDesc desc, UbCustomer
 	bool		isnull;
 
 	c->customer_id = pstrdup(customer_id);
-	c->plan = col_text(tup, desc, 1);
+	c->plan = ub_col_text(tup, desc, 1);
 	c->billing_anchor = DatumGetTimestampTz(SPI_getbinval(tup, desc, 2, &isnull));
 	c->period = *DatumGetIntervalP(SPI_getbinval(tup, desc, 3, &isnull));
-	c->status = col_text(tup, desc, 4);
-	c->stripe_customer_id = col_text(tup, desc, 5);
+	c->status = ub_col_text(tup, desc, 4);
+	c->stripe_customer_id = ub_col_text(tup, desc, 5);
 	c->base_price = col_numeric(tup, desc, 6);
-	c->currency = col_text(tup, desc, 7);
+	c->currency = ub_col_text(tup, desc, 7);
 }
 
 /* Fills a limit from seven consecutive columns starting at "first". */
@@ -132,7 +136,7 @@ fill_limit(HeapTuple tup, TupleDesc desc, int first, UbLimit *l)
 		l->overage_unit = ub_num_int(1);
 	l->soft_threshold = col_numeric(tup, desc, first + 4);
 	tiers = SPI_getbinval(tup, desc, first + 5, &isnull);
-	mode = col_text(tup, desc, first + 6);
+	mode = ub_col_text(tup, desc, first + 6);
 	l->tiers = isnull ? NULL :
 		ub_parse_tiers(DatumGetJsonbPCopy(tiers), mode != NULL && strcmp(mode, "volume") == 0);
 }
@@ -251,18 +255,10 @@ probe_rows(const char *relname, int nkeys, const Datum *keyvals, Snapshot snap,
 	return nrows;
 }
 
-/* The columns fill_plan_meter reads, for a plans p, meters m and plan_limits pl join. */
-#define PLAN_METER_COLUMNS \
-	"p.period, p.base_price, p.currency," \
-	" m.aggregation, m.value_property, m.stripe_event_name," \
-	" pl.plan IS NOT NULL," \
-	" pl.included, pl.hard_cap, pl.overage_price, pl.overage_unit," \
-	" pl.soft_threshold, pl.tiers, pl.tier_mode"
-
-/* Fills a plan meter from the PLAN_METER_COLUMNS starting at "first". */
-static void
-fill_plan_meter(HeapTuple tup, TupleDesc desc, int first, const char *plan, const char *meter,
-				UbPlanMeter *pm)
+/* Fills a plan meter from the UB_PLAN_METER_COLUMNS starting at "first". */
+void
+ub_fill_plan_meter(HeapTuple tup, TupleDesc desc, int first, const char *plan, const char *meter,
+				   UbPlanMeter *pm)
 {
 	bool		isnull;
 	char	   *agg;
@@ -271,15 +267,15 @@ fill_plan_meter(HeapTuple tup, TupleDesc desc, int first, const char *plan, cons
 	pm->plan_part.plan = pstrdup(plan);
 	pm->plan_part.period = *DatumGetIntervalP(SPI_getbinval(tup, desc, first, &isnull));
 	pm->plan_part.base_price = col_numeric(tup, desc, first + 1);
-	pm->plan_part.currency = col_text(tup, desc, first + 2);
+	pm->plan_part.currency = ub_col_text(tup, desc, first + 2);
 	pm->meter.meter = pstrdup(meter);
-	agg = col_text(tup, desc, first + 3);
+	agg = ub_col_text(tup, desc, first + 3);
 	pm->meter_found = (agg != NULL);
 	if (!pm->meter_found)
 		return;
 	pm->meter.aggregation = ub_parse_aggregation(agg);
-	pm->meter.value_property = col_text(tup, desc, first + 4);
-	pm->meter.stripe_event_name = col_text(tup, desc, first + 5);
+	pm->meter.value_property = ub_col_text(tup, desc, first + 4);
+	pm->meter.stripe_event_name = ub_col_text(tup, desc, first + 5);
 	pm->limit.meter = pm->meter.meter;
 	pm->limit.aggregation = pm->meter.aggregation;
 	pm->limit.exists = col_bool(tup, desc, first + 6);
@@ -306,7 +302,7 @@ lookup_plan_meter(const char *plan, const char *meter, uint64 generation, UbPlan
 		Oid			types[2] = {TEXTOID, TEXTOID};
 
 		target_plan = prepare_saved(
-			"SELECT " PLAN_METER_COLUMNS
+			"SELECT " UB_PLAN_METER_COLUMNS
 			"  FROM usage_billing.plans p"
 			"  LEFT JOIN usage_billing.meters m ON m.meter = $2"
 			"  LEFT JOIN usage_billing.plan_limits pl ON pl.plan = p.plan AND pl.meter = $2"
@@ -327,32 +323,32 @@ lookup_plan_meter(const char *plan, const char *meter, uint64 generation, UbPlan
 		elog(ERROR, "plan lookup failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
 		elog(ERROR, "plan \"%s\" of a customer does not exist", plan);
-	fill_plan_meter(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, plan, meter, pm);
+	ub_fill_plan_meter(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, plan, meter, pm);
 	SPI_freetuptable(SPI_tuptable);
 	ub_static_cache_put(generation, pm);
 }
 
 /* Fills a customer row (no overrides) from plan, billing_anchor, stripe_customer_id, status at "first". */
-static void
-fill_customer_row(HeapTuple tup, TupleDesc desc, int first, const char *customer_id,
-				  UbCustomerRow *row)
+void
+ub_fill_customer_row(HeapTuple tup, TupleDesc desc, int first, const char *customer_id,
+					 UbCustomerRow *row)
 {
 	bool		isnull;
 
 	row->customer_id = pstrdup(customer_id);
-	row->plan = col_text(tup, desc, first);
+	row->plan = ub_col_text(tup, desc, first);
 	row->billing_anchor = DatumGetTimestampTz(SPI_getbinval(tup, desc, first + 1, &isnull));
-	row->stripe_customer_id = col_text(tup, desc, first + 2);
-	row->status = col_text(tup, desc, first + 3);
+	row->stripe_customer_id = ub_col_text(tup, desc, first + 2);
+	row->status = ub_col_text(tup, desc, first + 3);
 	row->noverrides = 0;
 	row->overrides = NULL;
 }
 
 /* Fills an override from meter, included, hard_cap at "first". */
-static void
-fill_override(HeapTuple tup, TupleDesc desc, int first, UbOverride *o)
+void
+ub_fill_override(HeapTuple tup, TupleDesc desc, int first, UbOverride *o)
 {
-	o->meter = col_text(tup, desc, first);
+	o->meter = ub_col_text(tup, desc, first);
 	o->included = col_numeric(tup, desc, first + 1);
 	(void) SPI_getbinval(tup, desc, first + 2, &o->hard_cap_null);
 	o->hard_cap = col_bool(tup, desc, first + 2);
@@ -422,7 +418,7 @@ read_customer_sql(const char *customer_id, Snapshot snap, UbCustomerRow *row)
 	if (SPI_processed == 0)
 		return false;
 	desc = SPI_tuptable->tupdesc;
-	fill_customer_row(SPI_tuptable->vals[0], desc, 1, customer_id, row);
+	ub_fill_customer_row(SPI_tuptable->vals[0], desc, 1, customer_id, row);
 	row->overrides = palloc(SPI_processed * sizeof(UbOverride));
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -431,141 +427,10 @@ read_customer_sql(const char *customer_id, Snapshot snap, UbCustomerRow *row)
 
 		(void) SPI_getbinval(tup, desc, 5, &isnull);
 		if (!isnull)
-			fill_override(tup, desc, 5, &row->overrides[row->noverrides++]);
+			ub_fill_override(tup, desc, 5, &row->overrides[row->noverrides++]);
 	}
 	SPI_freetuptable(SPI_tuptable);
 	return true;
-}
-
-/* pg_class.reltuples of customers: what ANALYZE last counted, -1 when never. */
-static double
-customers_estimate(void)
-{
-	Oid			relid = get_relname_relid("customers", get_namespace_oid("usage_billing", false));
-	Relation	rel;
-	double		tuples;
-
-	if (!OidIsValid(relid))
-		elog(ERROR, "usage_billing.customers is missing");
-	rel = table_open(relid, AccessShareLock);
-	tuples = rel->rd_rel->reltuples;
-	table_close(rel, AccessShareLock);
-	return tuples;
-}
-
-/*
- * Loads every customer, override and plan meter into the cache in one pass
- * when there are at most usage_billing.catalog_preload_limit customers: a new
- * connection would otherwise miss once for every customer it meets.  The
- * reads share one fresh snapshot (fresh for the reason lookup_plan_meter
- * gives), and the cache installs them only if no invalidation arrived since
- * read_generation.  Plan meters past the limit are left to the misses.
- */
-static void
-preload_catalog(uint64 read_generation)
-{
-	static SPIPlanPtr customers_plan = NULL;
-	static SPIPlanPtr overrides_plan = NULL;
-	static SPIPlanPtr plan_meters_plan = NULL;
-	int64		limit = ub_catalog_preload_limit;
-	Oid			types[1] = {INT8OID};
-	Datum		args[1];
-	Snapshot	snap;
-	SPITupleTable *tuptable;
-	uint64		nrows;
-	UbCachePreload *p;
-	MemoryContext rowcxt;
-	MemoryContext old;
-
-	/* a table analyzed as too big is not read only to be dropped */
-	if (customers_estimate() > limit)
-		return;
-
-	ub_prepare_once(&customers_plan,
-					"SELECT customer_id, plan, billing_anchor, stripe_customer_id, status"
-					"  FROM usage_billing.customers LIMIT $1", 1, types);
-	ub_prepare_once(&overrides_plan,
-					"SELECT customer_id, meter, included, hard_cap"
-					"  FROM usage_billing.customer_limits", 0, NULL);
-	ub_prepare_once(&plan_meters_plan,
-					"SELECT p.plan, m.meter, " PLAN_METER_COLUMNS
-					"  FROM usage_billing.plans p"
-					" CROSS JOIN usage_billing.meters m"
-					"  LEFT JOIN usage_billing.plan_limits pl ON pl.plan = p.plan AND pl.meter = m.meter"
-					" LIMIT $1", 1, types);
-
-	snap = RegisterSnapshot(GetLatestSnapshot());
-	args[0] = Int64GetDatum(limit + 1);
-	if (SPI_execute_snapshot(customers_plan, args, NULL, snap, InvalidSnapshot,
-							 true, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "customer preload failed");
-	if (SPI_processed > (uint64) limit)
-	{
-		SPI_freetuptable(SPI_tuptable);
-		UnregisterSnapshot(snap);
-		return;
-	}
-
-	/* each row's strings are garbage once copied into the preload */
-	rowcxt = AllocSetContextCreate(CurrentMemoryContext, "usage_billing preload row",
-								   ALLOCSET_SMALL_SIZES);
-	tuptable = SPI_tuptable;
-	nrows = SPI_processed;
-	p = ub_cache_preload_begin((long) nrows);
-	for (uint64 i = 0; i < nrows; i++)
-	{
-		UbCustomerRow row;
-
-		old = MemoryContextSwitchTo(rowcxt);
-		fill_customer_row(tuptable->vals[i], tuptable->tupdesc, 2,
-						  col_text(tuptable->vals[i], tuptable->tupdesc, 1), &row);
-		MemoryContextSwitchTo(old);
-		ub_cache_preload_customer(p, &row);
-		MemoryContextReset(rowcxt);
-	}
-	SPI_freetuptable(tuptable);
-
-	if (SPI_execute_snapshot(overrides_plan, NULL, NULL, snap, InvalidSnapshot,
-							 true, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "customer limit preload failed");
-	tuptable = SPI_tuptable;
-	nrows = SPI_processed;
-	for (uint64 i = 0; i < nrows; i++)
-	{
-		UbOverride	o;
-		char	   *id;
-
-		old = MemoryContextSwitchTo(rowcxt);
-		id = col_text(tuptable->vals[i], tuptable->tupdesc, 1);
-		fill_override(tuptable->vals[i], tuptable->tupdesc, 2, &o);
-		MemoryContextSwitchTo(old);
-		ub_cache_preload_override(p, id, &o);
-		MemoryContextReset(rowcxt);
-	}
-	SPI_freetuptable(tuptable);
-
-	if (SPI_execute_snapshot(plan_meters_plan, args, NULL, snap, InvalidSnapshot,
-							 true, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "plan limit preload failed");
-	tuptable = SPI_tuptable;
-	nrows = Min(SPI_processed, (uint64) limit);
-	for (uint64 i = 0; i < nrows; i++)
-	{
-		UbPlanMeter pm;
-		HeapTuple	tup = tuptable->vals[i];
-
-		old = MemoryContextSwitchTo(rowcxt);
-		fill_plan_meter(tup, tuptable->tupdesc, 3, col_text(tup, tuptable->tupdesc, 1),
-						col_text(tup, tuptable->tupdesc, 2), &pm);
-		MemoryContextSwitchTo(old);
-		ub_cache_preload_plan_meter(p, &pm);
-		MemoryContextReset(rowcxt);
-	}
-	SPI_freetuptable(tuptable);
-	UnregisterSnapshot(snap);
-	MemoryContextDelete(rowcxt);
-
-	(void) ub_cache_preload_end(p, read_generation);
 }
 
 /*
@@ -585,12 +450,9 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 
 	if (ub_cache_get(customer_id, meter, customer, m, meter_found, limit))
 		return true;
-	if (ub_cache_claim_preload())
-	{
-		preload_catalog(ub_cache_generation());
-		if (ub_cache_get(customer_id, meter, customer, m, meter_found, limit))
-			return true;
-	}
+	if (ub_preload_catalog() &&
+		ub_cache_get(customer_id, meter, customer, m, meter_found, limit))
+		return true;
 
 	generation = ub_cache_generation();
 	if (!ub_cache_get_customer(customer_id, &row, &absent))
@@ -644,8 +506,8 @@ limit_list(SPIPlanPtr *slot, const char *sql, const char *key)
 		TupleDesc	desc = SPI_tuptable->tupdesc;
 		UbLimit    *l = palloc0(sizeof(UbLimit));
 
-		l->meter = col_text(tup, desc, 1);
-		l->aggregation = ub_parse_aggregation(col_text(tup, desc, 2));
+		l->meter = ub_col_text(tup, desc, 1);
+		l->aggregation = ub_parse_aggregation(ub_col_text(tup, desc, 2));
 		l->exists = true;
 		fill_limit(tup, desc, 3, l);
 		result = lappend(result, l);

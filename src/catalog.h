@@ -66,6 +66,30 @@ extern List *ub_customer_limits(const UbCustomer *customer);
 extern List *ub_plan_limits(const char *plan);
 
 extern SPIPlanPtr ub_prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types);
+
+/*
+ * Filling the catalog cache's rows (catalog_cache.h) from SPI tuples: shared
+ * by the per-key reads (catalog.c) and the preload (catalog_preload.c).
+ */
+struct UbCustomerRow;
+struct UbOverride;
+struct UbPlanMeter;
+
+/* The columns ub_fill_plan_meter reads, for a plans p, meters m and plan_limits pl join. */
+#define UB_PLAN_METER_COLUMNS \
+	"p.period, p.base_price, p.currency," \
+	" m.aggregation, m.value_property, m.stripe_event_name," \
+	" pl.plan IS NOT NULL," \
+	" pl.included, pl.hard_cap, pl.overage_price, pl.overage_unit," \
+	" pl.soft_threshold, pl.tiers, pl.tier_mode"
+
+extern char *ub_col_text(HeapTuple tup, TupleDesc desc, int col);
+extern void ub_fill_customer_row(HeapTuple tup, TupleDesc desc, int first, const char *customer_id,
+								 struct UbCustomerRow *row);
+extern void ub_fill_override(HeapTuple tup, TupleDesc desc, int first, struct UbOverride *o);
+extern void ub_fill_plan_meter(HeapTuple tup, TupleDesc desc, int first, const char *plan,
+							   const char *meter, struct UbPlanMeter *pm);
+
 extern UbAggregation ub_parse_aggregation(const char *name);
 extern const char *ub_aggregation_name(UbAggregation agg);
 extern void ub_check_name(const char *what, const char *value, int maxlen);

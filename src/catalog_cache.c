@@ -15,13 +15,13 @@
  * meter) unless the customer's entry remembers the plan meter it used last,
  * and applies the customer's override for the meter, if any.
  *
- * "Preload": a backend that misses with an empty cache (its first call, or
- * the first after an invalidation) loads every customer, override and plan
- * meter in one pass when there are at most usage_billing.
- * catalog_preload_limit customers; the cache is then "complete" and a
- * customer not in it does not exist.  Otherwise it reads key by key.  A
- * preload is built in a context of its own and only replaces the cache when
- * no invalidation arrived while it was read.
+ * "Preload": a backend that misses with an empty cache may load every
+ * customer, override and plan meter in one pass (catalog_preload.c reads
+ * them, and the setting usage_billing.catalog_preload_limit lives there); the
+ * cache is then "complete" and a customer not in it does not exist.  Here
+ * live the claim of a preload and its building: in a context of its own,
+ * which replaces the cache only when no invalidation arrived while it was
+ * read.
  *
  * Invalidation rides on PostgreSQL's own machinery: statement triggers on
  * the catalog tables (meters, plans, plan_limits, customers,
@@ -45,7 +45,6 @@
 #include "storage/sinval.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
-#include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -61,9 +60,6 @@ PG_FUNCTION_INFO_V1(ub_catalog_changed);
 
 /* a bound on memory when reading key by key: past this many entries we start over */
 #define UB_CACHE_MAX_ENTRIES	200000
-
-/* the largest preload we allow: about 150 bytes a customer, so some 1.5 GB a backend */
-#define UB_PRELOAD_MAX			10000000
 
 typedef struct PlanMeterKey
 {
@@ -91,8 +87,6 @@ struct UbCachePreload
 	HTAB	   *plan_meters;
 };
 
-int			ub_catalog_preload_limit = 100000;
-
 static HTAB *customer_cache = NULL;
 static HTAB *static_cache = NULL;	/* (plan, meter) -> UbPlanMeter */
 static MemoryContext target_cxt = NULL;
@@ -109,22 +103,6 @@ static const char *const catalog_table_names[UB_CATALOG_TABLES] = {
 };
 static Oid	catalog_table_oids[UB_CATALOG_TABLES];
 static bool catalog_oids_valid = false;
-
-/* Defines usage_billing.catalog_preload_limit; called from _PG_init. */
-void
-ub_catalog_cache_init(void)
-{
-	DefineCustomIntVariable("usage_billing.catalog_preload_limit",
-							"Most customers a backend loads into its catalog cache in one pass.",
-							"When the cache is empty and there are at most this many customers, "
-							"the first miss loads all customers, overrides and plan limits; "
-							"0 reads every customer on its own first use.",
-							&ub_catalog_preload_limit,
-							100000, 0, UB_PRELOAD_MAX,
-							PGC_SUSET,
-							0,
-							NULL, NULL, NULL);
-}
 
 /* Drops every cached target; entries' memory goes with the context. */
 static void
@@ -604,16 +582,16 @@ ub_static_cache_put(uint64 read_generation, const UbPlanMeter *pm)
 }
 
 /*
- * Whether this miss should preload: preloading is on, the cache holds no
- * customer, and no preload was tried since the last invalidation; a true
- * answer counts as the try, so that a preload that finds too many customers
- * is not repeated on every miss.
+ * Whether this miss should preload (the caller has checked that preloading
+ * is on): the cache holds no customer, and no preload was tried since the
+ * last invalidation; a true answer counts as the try, so that a preload that
+ * finds too many customers is not repeated on every miss.
  */
 bool
 ub_cache_claim_preload(void)
 {
 	(void) ub_cache_generation();
-	if (ub_catalog_preload_limit <= 0 || complete ||
+	if (complete ||
 		(preload_tried && preload_generation == generation) ||
 		hash_get_num_entries(customer_cache) > 0)
 		return false;

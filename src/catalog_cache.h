@@ -41,9 +41,6 @@ typedef struct UbPlanMeter
 /* a preload being built; see ub_cache_preload_begin */
 typedef struct UbCachePreload UbCachePreload;
 
-extern int	ub_catalog_preload_limit;
-
-extern void ub_catalog_cache_init(void);
 extern uint64 ub_cache_generation(void);
 
 extern bool ub_cache_get(const char *customer_id, const char *meter,

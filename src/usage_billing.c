@@ -13,7 +13,7 @@
 #include "miscadmin.h"
 #include "utils/guc.h"
 
-#include "catalog_cache.h"
+#include "catalog_preload.h"
 #include "export_cancel.h"
 #include "direct_write.h"
 #include "usage_billing.h"
@@ -73,7 +73,7 @@ _PG_init(void)
 							 0,
 							 NULL, NULL, NULL);
 
-	ub_catalog_cache_init();
+	ub_catalog_preload_init();
 	ub_export_init();
 	ub_cancel_init();
 	ub_alerts_init();
