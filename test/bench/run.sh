@@ -5,7 +5,7 @@
 # Starts its own throwaway cluster (unix socket in a temp dir, run by the postgres user when we
 # are root), loads 10,000 customers and the naive baselines, then runs pgbench -M prepared with 8
 # clients and 2 threads for BENCH_SECONDS (default 10) per run, alternating ours and the baseline
-# (A B A B) and averaging the two runs of each side.  Prints one table:
+# (A B A B A B, BENCH_ROUNDS times) and taking the median run of each side.  Prints one table:
 #   workload | ours | baseline | ratio | target | met
 # A side that fails (e.g. a function not implemented yet) shows ERR and the run goes on.
 #
@@ -16,6 +16,7 @@
 #
 # Environment:
 #   BENCH_SECONDS   seconds per pgbench run (default 10)
+#   BENCH_ROUNDS    alternations per workload (default 3: A B A B A B; each side's median counts)
 #   BENCH_ONLY      space-separated subset of: inc_spread inc_hot check_limit summary batch disk
 #   BENCH_OUT       also write the table to this file
 #   BENCH_LOAD_TIMEOUT  seconds allowed for loading the 1,000,000 events (default 600)
@@ -27,6 +28,7 @@ cd "$(dirname "$0")/../.."
 . test/common.sh
 
 SECS=${BENCH_SECONDS:-10}
+ROUNDS=${BENCH_ROUNDS:-3}
 CLIENTS=8
 THREADS=2
 ONLY=${BENCH_ONLY:-inc_spread inc_hot check_limit summary batch disk}
@@ -118,18 +120,25 @@ pgbench_run() {
     fi
 }
 
-# ab NAME "OURS ARGS" "BASELINE ARGS": A B A B; sets OURS/BASE (mean TPS or ERR), OURS_N/BASE_N
-# (transactions processed, summed) and notes the first error of a side.
+# median X...: the middle value (the mean of the two middle ones for an even count).
+median() {
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# ab NAME "OURS ARGS" "BASELINE ARGS": A B A B ... (ROUNDS times); sets OURS/BASE (median TPS of
+# the side's runs, or ERR), OURS_N/BASE_N (transactions processed, summed) and notes the first
+# error of a side.  The median, not the mean: one run disturbed by the VM's neighbours moves it
+# less.
 ab() {
     local name=$1 a=$2 b=$3 i r side
-    local -a oa ob
+    local -a oa ob ours_runs=() base_runs=()
     read -r -a oa <<<"$a"
     read -r -a ob <<<"$b"
     OURS=0; BASE=0; OURS_N=0; BASE_N=0
     local ours_err="" base_err=""
     if [ "$a" = SKIP ]; then ours_err="skipped"; oa=(-f -); fi
-    ub_log "$name: ours = $(basename -- "${oa[*]: -1}"), baseline = $(basename -- "${ob[*]: -1}"), 2 x 2 runs of ${SECS}s"
-    for i in 1 2; do
+    ub_log "$name: ours = $(basename -- "${oa[*]: -1}"), baseline = $(basename -- "${ob[*]: -1}"), $ROUNDS x 2 runs of ${SECS}s"
+    for i in $(seq 1 "$ROUNDS"); do
         for side in ours base; do
             if [ "$side" = ours ]; then
                 [ -n "$ours_err" ] && continue
@@ -144,14 +153,16 @@ ab() {
                 continue
             fi
             if [ "$side" = ours ]; then
-                OURS=$(awk -v x="$OURS" -v y="${r%% *}" 'BEGIN { print x + y / 2 }')
+                ours_runs+=("${r%% *}")
                 OURS_N=$((OURS_N + ${r##* }))
             else
-                BASE=$(awk -v x="$BASE" -v y="${r%% *}" 'BEGIN { print x + y / 2 }')
+                base_runs+=("${r%% *}")
                 BASE_N=$((BASE_N + ${r##* }))
             fi
         done
     done
+    [ ${#ours_runs[@]} -eq 0 ] || OURS=$(median "${ours_runs[@]}")
+    [ ${#base_runs[@]} -eq 0 ] || BASE=$(median "${base_runs[@]}")
     if [ -n "$ours_err" ]; then OURS=ERR; [ "$ours_err" = skipped ] || NOTES+=("$name, ours: $ours_err"); fi
     if [ -n "$base_err" ]; then BASE=ERR; NOTES+=("$name, baseline: $base_err"); fi
 }
@@ -230,17 +241,20 @@ if want batch; then
     if ub_is_root; then chown postgres: "$S"/batch_*.sql; fi
     # ab() splits on blanks, so pass the batch arguments through a file-free route
     OURS=0; OURS_N=0; BASE=0; BASE_N=0; oerr=""; berr=""
+    batch_runs=(); single_runs=()
     ub_log "batch ingestion: ours = increment_usage_batch (100 events per call), baseline = single increment_usage calls"
-    for i in 1 2; do
+    for i in $(seq 1 "$ROUNDS"); do
         if [ -z "$oerr" ]; then
             r=$(pgbench_run "${batch_args[@]}"); echo "    run $i ours (calls/s): $r"
-            if [ "${r%% *}" = ERR ]; then oerr=${r#ERR }; else OURS=$(awk -v x="$OURS" -v y="${r%% *}" 'BEGIN { print x + y / 2 }'); fi
+            if [ "${r%% *}" = ERR ]; then oerr=${r#ERR }; else batch_runs+=("${r%% *}"); fi
         fi
         if [ -z "$berr" ]; then
             r=$(pgbench_run -f "$S/inc_spread.sql"); echo "    run $i base (calls/s): $r"
-            if [ "${r%% *}" = ERR ]; then berr=${r#ERR }; else BASE=$(awk -v x="$BASE" -v y="${r%% *}" 'BEGIN { print x + y / 2 }'); fi
+            if [ "${r%% *}" = ERR ]; then berr=${r#ERR }; else single_runs+=("${r%% *}"); fi
         fi
     done
+    [ ${#batch_runs[@]} -eq 0 ] || OURS=$(median "${batch_runs[@]}")
+    [ ${#single_runs[@]} -eq 0 ] || BASE=$(median "${single_runs[@]}")
     [ -z "$oerr" ] || { OURS=ERR; NOTES+=("batch, ours: $oerr"); }
     [ -z "$berr" ] || { BASE=ERR; NOTES+=("batch, single calls: $berr"); }
     if [ "$OURS" != ERR ]; then OURS=$(awk -v x="$OURS" 'BEGIN { print x * 100 }'); fi
@@ -267,7 +281,7 @@ fi
 {
     echo
     echo "usage_billing benchmark -- $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs ($(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)), $(awk '/MemTotal/ { printf "%.0f GB", $2 / 1048576 }' /proc/meminfo) RAM"
-    echo "$("$PGBIN/postgres" --version), pgbench -M prepared -c $CLIENTS -j $THREADS -T $SECS, A B A B (mean of 2 runs per side), shared_buffers 1GB, synchronous_commit on"
+    echo "$("$PGBIN/postgres" --version), pgbench -M prepared -c $CLIENTS -j $THREADS -T $SECS, A B x $ROUNDS (median run per side), shared_buffers 1GB, synchronous_commit on"
     echo
     printf '| %-58s | %-16s | %-16s | %-8s | %-9s | %-4s |\n' workload ours baseline ratio target met
     printf '|%s|%s|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..60})" "$(printf -- '-%.0s' {1..18})" "$(printf -- '-%.0s' {1..18})" "$(printf -- '-%.0s' {1..10})" "$(printf -- '-%.0s' {1..11})" "$(printf -- '-%.0s' {1..6})"
