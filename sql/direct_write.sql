@@ -172,3 +172,14 @@ END $$;
 SELECT total, duplicate FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 2, occurred_at => '2025-05-04');
 SELECT count(*) FROM usage_billing.usage_events
  WHERE customer_id = 'dw_direct' AND period_start = '2025-05-01';
+
+-- the direct path is never more permissive than SQL: a function owner without INSERT on the
+-- ledger gets SQL's refusal, not a write
+CREATE ROLE dw_nobody NOLOGIN;
+ALTER FUNCTION usage_billing.increment_usage(text, text, numeric, text, timestamptz, jsonb) OWNER TO dw_nobody;
+\set VERBOSITY terse
+SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 1, occurred_at => '2025-05-05');
+\set VERBOSITY default
+DO $$ BEGIN EXECUTE format('ALTER FUNCTION usage_billing.increment_usage(text, text, numeric, text, timestamptz, jsonb) OWNER TO %I', current_user); END $$;
+DROP ROLE dw_nobody;
+SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 1, occurred_at => '2025-05-05');

@@ -37,7 +37,8 @@
  * contribution depends on a third table; record.c), read committed (the SQL path's
  * ON CONFLICT would raise serialization failures under repeatable read),
  * a read-write transaction, plain tables without row triggers (triggers and
- * partitions are what the executor would add), and not when
+ * partitions are what the executor would add), a caller for whom neither
+ * permissions nor row-level security would stop the SQL, and not when
  * usage_billing.direct_writes is off (tables distributed with Citus are
  * written on the shards, which only SQL reaches).  Everything else takes the
  * SQL path in record.c.
@@ -60,6 +61,7 @@
 #include "rewrite/rewriteHandler.h"
 #include "storage/lmgr.h"
 #include "storage/procarray.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
@@ -67,6 +69,7 @@
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rel.h"
+#include "utils/rls.h"
 #include "utils/snapmgr.h"
 
 #include "direct_write.h"
@@ -657,9 +660,18 @@ ub_direct_open(void)
 	{
 		Relation	rel = w->rri[i]->ri_RelationDesc;
 
-		/* what the executor would add to these writes, we do not: leave it to SQL */
+		/*
+		 * What the executor would add to these writes, we do not: leave it
+		 * to SQL.  That includes its permission checks and row-level
+		 * security: increment_usage runs as the tables' owner (SECURITY
+		 * DEFINER), for whom both pass, but should a role without them ever
+		 * get here, SQL refuses or filters as it must.
+		 */
 		if (rel->rd_rel->relhastriggers || rel->rd_rel->relkind != RELKIND_RELATION ||
-			RelationGetDescr(rel)->natts != targets[i]->natts)
+			RelationGetDescr(rel)->natts != targets[i]->natts ||
+			pg_class_aclcheck(targets[i]->relid, GetUserId(),
+							  i == 0 ? ACL_INSERT : ACL_INSERT | ACL_UPDATE) != ACLCHECK_OK ||
+			check_enable_rls(targets[i]->relid, InvalidOid, true) == RLS_ENABLED)
 		{
 			ub_direct_close(w);
 			return NULL;
