@@ -12,6 +12,7 @@ OBJS = \
 	src/pricing.o \
 	src/record.o \
 	src/direct_write.o \
+	src/direct_fold.o \
 	src/batch.o \
 	src/alerts.o \
 	src/corrections.o \
