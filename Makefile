@@ -14,6 +14,7 @@ OBJS = \
 	src/direct_write.o \
 	src/direct_fold.o \
 	src/batch.o \
+	src/batch_sql.o \
 	src/alerts.o \
 	src/corrections.o \
 	src/insight.o \
