@@ -11,6 +11,7 @@ OBJS = \
 	src/catalog_preload.o \
 	src/pricing.o \
 	src/record.o \
+	src/record_prepare.o \
 	src/direct_write.o \
 	src/direct_fold.o \
 	src/batch.o \
