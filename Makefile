@@ -8,6 +8,7 @@ OBJS = \
 	src/periods.o \
 	src/catalog.o \
 	src/catalog_cache.o \
+	src/catalog_target.o \
 	src/catalog_preload.o \
 	src/pricing.o \
 	src/record.o \
