@@ -8,11 +8,15 @@ OBJS = \
 	src/periods.o \
 	src/catalog.o \
 	src/catalog_cache.o \
+	src/catalog_target.o \
 	src/catalog_preload.o \
 	src/pricing.o \
 	src/record.o \
+	src/record_prepare.o \
 	src/direct_write.o \
+	src/direct_fold.o \
 	src/batch.o \
+	src/batch_sql.o \
 	src/alerts.o \
 	src/corrections.o \
 	src/insight.o \

@@ -13,10 +13,10 @@
  * reads either everything at once (catalog_preload.c, when the cache is
  * empty and there are few enough customers) or the one customer with all its
  * overrides, from the indexes, and the (plan, meter) part with SQL.  The
- * effective limit is made by ub_build_target, from the cache or from what
- * was just read alike.  Results are palloc'd in the caller's memory context
- * (the SPI procedure context when called between SPI_connect and
- * SPI_finish).
+ * effective limit is made by ub_build_target (catalog_target.c), from the
+ * cache or from what was just read alike.  Results are palloc'd in the
+ * caller's memory context (the SPI procedure context when called between
+ * SPI_connect and SPI_finish).
  *
  * The row fillers (ub_fill_customer_row, ub_fill_override,
  * ub_fill_plan_meter) live here, used by the per-key reads and the preload

@@ -13,7 +13,9 @@
  *
  * A "target" is the two combined: a hit hashes the customer id, then (plan,
  * meter) unless the customer's entry remembers the plan meter it used last,
- * and applies the customer's override for the meter, if any.
+ * and applies the customer's override for the meter, if any.  Building the
+ * target and every copy of a cached row handed out are in catalog_target.c;
+ * here live the hash tables, their invalidation and the preload.
  *
  * "Preload": a backend that misses with an empty cache may load every
  * customer, override and plan meter in one pass (catalog_preload.c reads
@@ -43,7 +45,6 @@
 #include "commands/trigger.h"
 #include "fmgr.h"
 #include "storage/sinval.h"
-#include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/hsearch.h"
 #include "utils/inval.h"
@@ -53,7 +54,6 @@
 #include "utils/rel.h"
 
 #include "catalog_cache.h"
-#include "pricing.h"
 #include "usage_billing.h"
 
 PG_FUNCTION_INFO_V1(ub_catalog_changed);
@@ -246,69 +246,6 @@ ensure_cache(void)
 	static_cache = create_plan_meter_table(target_cxt);
 }
 
-static char *
-copy_str(const char *s)
-{
-	return s ? pstrdup(s) : NULL;
-}
-
-static Numeric
-copy_num(Numeric n)
-{
-	return n ? DatumGetNumericCopy(NumericGetDatum(n)) : NULL;
-}
-
-/* Deep-copies a meter and a limit of it into CurrentMemoryContext. */
-static void
-copy_meter_limit(const UbMeter *sm, const UbLimit *sl, UbMeter *m, UbLimit *l)
-{
-	m->meter = copy_str(sm->meter);
-	m->aggregation = sm->aggregation;
-	m->value_property = copy_str(sm->value_property);
-	m->stripe_event_name = copy_str(sm->stripe_event_name);
-
-	l->meter = m->meter;
-	l->exists = sl->exists;
-	l->aggregation = sl->aggregation;
-	l->included = copy_num(sl->included);
-	l->hard_cap = sl->hard_cap;
-	l->overage_price = copy_num(sl->overage_price);
-	l->overage_unit = copy_num(sl->overage_unit);
-	l->soft_threshold = copy_num(sl->soft_threshold);
-	l->tiers = NULL;
-	if (sl->tiers != NULL)
-	{
-		const UbTiers *st = sl->tiers;
-		UbTiers    *t = palloc0(offsetof(UbTiers, tiers) + st->ntiers * sizeof(UbTier));
-
-		t->volume = st->volume;
-		t->ntiers = st->ntiers;
-		for (int i = 0; i < st->ntiers; i++)
-		{
-			t->tiers[i].up_to = copy_num(st->tiers[i].up_to);
-			t->tiers[i].unit_price = copy_num(st->tiers[i].unit_price);
-			t->tiers[i].flat_fee = copy_num(st->tiers[i].flat_fee);
-		}
-		l->tiers = t;
-	}
-}
-
-/* Deep-copies a plan meter into CurrentMemoryContext. */
-static void
-copy_plan_meter(const UbPlanMeter *src, UbPlanMeter *dst)
-{
-	memset(dst, 0, sizeof(UbPlanMeter));
-	dst->plan_part.plan = copy_str(src->plan_part.plan);
-	dst->plan_part.period = src->plan_part.period;
-	dst->plan_part.base_price = copy_num(src->plan_part.base_price);
-	dst->plan_part.currency = copy_str(src->plan_part.currency);
-	dst->meter_found = src->meter_found;
-	if (src->meter_found)
-		copy_meter_limit(&src->meter, &src->limit, &dst->meter, &dst->limit);
-	else
-		dst->meter.meter = copy_str(src->meter.meter);
-}
-
 /* Appends a copy of an override to a customer row that lives in cxt. */
 static void
 add_override(UbCustomerRow *row, MemoryContext cxt, const UbOverride *o)
@@ -321,10 +258,7 @@ add_override(UbCustomerRow *row, MemoryContext cxt, const UbOverride *o)
 	else
 		row->overrides = repalloc(row->overrides, (row->noverrides + 1) * sizeof(UbOverride));
 	dst = &row->overrides[row->noverrides];
-	dst->meter = pstrdup(o->meter);
-	dst->included = copy_num(o->included);
-	dst->hard_cap_null = o->hard_cap_null;
-	dst->hard_cap = o->hard_cap;
+	ub_copy_override(o, dst);
 	row->noverrides++;
 	MemoryContextSwitchTo(old);
 }
@@ -378,7 +312,7 @@ store_plan_meter(HTAB *table, MemoryContext cxt, const UbPlanMeter *pm)
 	PlanMeterEntry *entry;
 	bool		found;
 
-	copy_plan_meter(pm, &copy);
+	ub_copy_plan_meter(pm, &copy);
 	MemoryContextSwitchTo(old);
 	key.plan = copy.plan_part.plan;
 	key.meter = copy.meter.meter;
@@ -390,63 +324,6 @@ store_plan_meter(HTAB *table, MemoryContext cxt, const UbPlanMeter *pm)
 			entry->pm.limit.meter = entry->pm.meter.meter;
 	}
 	return entry;
-}
-
-/* The default soft threshold of a limit row, for an override without one. */
-static Numeric
-default_soft_threshold(void)
-{
-	return DatumGetNumeric(DirectFunctionCall3(numeric_in,
-											   CStringGetDatum("0.8"),
-											   ObjectIdGetDatum(InvalidOid),
-											   Int32GetDatum(-1)));
-}
-
-/*
- * Combines a customer row and a plan meter into the target, in
- * CurrentMemoryContext: the customer's override replaces included, and
- * hard_cap unless it leaves it NULL; an override of a meter the plan does not
- * limit makes a limit row of the table's defaults.
- */
-void
-ub_build_target(const UbCustomerRow *row, const UbPlanMeter *pm,
-				UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit)
-{
-	customer->customer_id = pstrdup(row->customer_id);
-	customer->plan = pstrdup(row->plan);
-	customer->billing_anchor = row->billing_anchor;
-	customer->period = pm->plan_part.period;
-	customer->status = pstrdup(row->status);
-	customer->stripe_customer_id = copy_str(row->stripe_customer_id);
-	customer->base_price = copy_num(pm->plan_part.base_price);
-	customer->currency = copy_str(pm->plan_part.currency);
-
-	*meter_found = pm->meter_found;
-	memset(limit, 0, sizeof(UbLimit));
-	if (!pm->meter_found)
-		return;
-	copy_meter_limit(&pm->meter, &pm->limit, m, limit);
-
-	for (int i = 0; i < row->noverrides; i++)
-	{
-		const UbOverride *o = &row->overrides[i];
-
-		if (strcmp(o->meter, m->meter) != 0)
-			continue;
-		if (!limit->exists)
-		{
-			limit->exists = true;
-			limit->hard_cap = false;
-			limit->overage_price = NULL;
-			limit->overage_unit = ub_num_int(1);
-			limit->soft_threshold = default_soft_threshold();
-			limit->tiers = NULL;
-		}
-		limit->included = copy_num(o->included);
-		if (!o->hard_cap_null)
-			limit->hard_cap = o->hard_cap;
-		break;
-	}
 }
 
 /* The current generation; take it before reading what you will put. */
@@ -511,27 +388,11 @@ bool
 ub_cache_get_customer(const char *customer_id, UbCustomerRow *row, bool *absent)
 {
 	CustomerEntry *entry = find_customer(customer_id);
-	const UbCustomerRow *src;
 
 	*absent = (entry == NULL && complete);
 	if (entry == NULL)
 		return false;
-	src = &entry->row;
-	row->customer_id = pstrdup(src->customer_id);
-	row->plan = pstrdup(src->plan);
-	row->billing_anchor = src->billing_anchor;
-	row->status = pstrdup(src->status);
-	row->stripe_customer_id = copy_str(src->stripe_customer_id);
-	row->noverrides = src->noverrides;
-	row->overrides = NULL;
-	if (src->noverrides > 0)
-		row->overrides = palloc(src->noverrides * sizeof(UbOverride));
-	for (int i = 0; i < src->noverrides; i++)
-	{
-		row->overrides[i] = src->overrides[i];
-		row->overrides[i].meter = pstrdup(src->overrides[i].meter);
-		row->overrides[i].included = copy_num(src->overrides[i].included);
-	}
+	ub_copy_customer_row(&entry->row, row);
 	return true;
 }
 
@@ -569,7 +430,7 @@ ub_static_cache_get(const char *plan, const char *meter, UbPlanMeter *pm)
 	entry = find_plan_meter(plan, meter);
 	if (entry == NULL)
 		return false;
-	copy_plan_meter(&entry->pm, pm);
+	ub_copy_plan_meter(&entry->pm, pm);
 	return true;
 }
 

@@ -1,6 +1,8 @@
 /*-------------------------------------------------------------------------
  * catalog_cache.h
- *	  Backend-local cache of usage targets (customer, meter, effective limit).
+ *	  Backend-local cache of usage targets (customer, meter, effective limit):
+ *	  the cache (catalog_cache.c) and the copies and targets made from its
+ *	  rows (catalog_target.c).
  *-------------------------------------------------------------------------
  */
 #ifndef UB_CATALOG_CACHE_H
@@ -45,8 +47,13 @@ extern uint64 ub_cache_generation(void);
 
 extern bool ub_cache_get(const char *customer_id, const char *meter,
 						 UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit);
+
+/* catalog_target.c: copies into CurrentMemoryContext, and the target built from them */
 extern void ub_build_target(const UbCustomerRow *row, const UbPlanMeter *pm,
 							UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit);
+extern void ub_copy_customer_row(const UbCustomerRow *src, UbCustomerRow *row);
+extern void ub_copy_override(const UbOverride *src, UbOverride *dst);
+extern void ub_copy_plan_meter(const UbPlanMeter *src, UbPlanMeter *dst);
 
 extern bool ub_cache_get_customer(const char *customer_id, UbCustomerRow *row, bool *absent);
 extern void ub_cache_put_customer(uint64 generation, const UbCustomerRow *row);

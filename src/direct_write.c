@@ -1,6 +1,7 @@
 /*-------------------------------------------------------------------------
  * direct_write.c
- *	  increment_usage's writes through table and index access, not SQL.
+ *	  increment_usage's writes through table and index access, not SQL: the
+ *	  writer and the ledger.
  *
  * Recording an event is two writes: append the event to the ledger
  * (usage_events) unless its idempotency key was recorded before, and fold it
@@ -9,7 +10,10 @@
  * executor: plan revalidation, executor start and end, expression setup for
  * ON CONFLICT.  Here the same protocol runs on the table AM and the
  * executor's index routines directly, the way logical replication's apply
- * worker writes rows:
+ * worker writes rows.  This file resolves the two tables, opens and closes
+ * the "writer" (both tables, their indexes and slots) and appends to the
+ * ledger; the aggregate side is direct_fold.c, and direct_write_int.h is
+ * what the two share.
  *
  *	 ledger     speculative insertion with the idempotency index as arbiter,
  *				exactly what INSERT ... ON CONFLICT DO NOTHING does: a
@@ -17,16 +21,8 @@
  *				key, then insert, then a recheck that backs the row out and
  *				starts over if a concurrent insert won.  Without a key there
  *				is no arbiter and a plain insert.
- *	 aggregate  find the row through the primary key with a dirty snapshot
- *				(waiting for an in-progress inserter) and update the version
- *				found; the update waits for a concurrent updater and fails if
- *				that one committed, and then we read again.  When there is no
- *				row, insert it speculatively and go back to the lookup if a
- *				concurrent insert won.  The updated row stays locked to
- *				commit, so callers on one aggregate are serialized and the
- *				hard-cap check after the update stays exact.  ON CONFLICT DO
- *				UPDATE locks the row before updating it, a second WAL record
- *				that this path does without.
+ *	 aggregate  a lookup through the primary key and an update of the version
+ *				found, or a speculative insert (direct_fold.c).
  *
  * The result is the SQL path's, row for row: the same column values, the
  * same serialization, the same waits.  Columns we do not set (the
@@ -46,8 +42,6 @@
  */
 #include "postgres.h"
 
-#include "access/genam.h"
-#include "access/stratnum.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "access/xact.h"
@@ -64,7 +58,6 @@
 #include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
-#include "utils/fmgroids.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -72,13 +65,12 @@
 #include "utils/rls.h"
 #include "utils/snapmgr.h"
 
-#include "direct_write.h"
-#include "pricing.h"
+#include "direct_write_int.h"
 #include "usage_billing.h"
 
 bool		ub_direct_writes = true;
 
-/* Columns we write; the rest take their defaults (ledger) or keep their values (aggregate). */
+/* Ledger columns we write; the rest take their defaults. */
 enum
 {
 	LEDGER_CUSTOMER, LEDGER_METER, LEDGER_PERIOD_START, LEDGER_OCCURRED_AT, LEDGER_AMOUNT,
@@ -89,42 +81,11 @@ static const char *const ledger_columns[LEDGER_NCOLS] = {
 	"idempotency_key", "properties"
 };
 
-enum
-{
-	AGG_CUSTOMER, AGG_METER, AGG_PERIOD_START, AGG_PERIOD_END, AGG_TOTAL, AGG_PREVIOUS,
-	AGG_COUNT, AGG_FIRST, AGG_LAST, AGG_UPDATED, AGG_NCOLS
-};
+/* Names of the aggregates' columns we write, in the order of AGG_* (direct_write_int.h). */
 static const char *const agg_columns[AGG_NCOLS] = {
 	"customer_id", "meter", "period_start", "period_end", "total", "previous_total",
 	"event_count", "first_usage", "last_usage", "updated_at"
 };
-
-/* An open pair of tables and the slots we write with. */
-struct UbDirectWriter
-{
-	EState	   *estate;
-	ResultRelInfo *rri[2];		/* ledger, aggregates */
-	Relation	pkey;			/* the aggregates' primary key, among rri[1]'s indexes */
-	TupleTableSlot *ledger_row;
-	TupleTableSlot **ledger_rows;	/* for multi-row inserts, grown on demand */
-	int			nledger_rows;
-	Datum	   *ledger_defaults;	/* the ledger's stable defaults, evaluated at open */
-	bool	   *ledger_default_nulls;
-	TupleTableSlot *agg_old;
-	TupleTableSlot *agg_row;
-};
-
-/* A table we write, resolved once per backend and forgotten on any relcache invalidation. */
-typedef struct TargetTable
-{
-	Oid			relid;
-	Oid			arbiter;		/* ledger: idempotency index; aggregate: primary key */
-	int			natts;
-	AttrNumber *attnums;		/* of the columns above */
-	ExprState **defaults;		/* per attribute; NULL: none.  Kept across calls:
-								 * evaluation state lives in the ExprContext */
-	bool	   *volatile_default;	/* evaluated per row; the others once per writer */
-} TargetTable;
 
 static TargetTable ledger;
 static TargetTable aggregates;
@@ -137,14 +98,7 @@ static void forget_tables(Datum arg, Oid relid);
 static void resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
 						  const char *const *columns, int ncols);
 static void resolve_tables(void);
-static Datum eval_default(EState *estate, ExprState *state, Form_pg_attribute att, bool *isnull);
 static ResultRelInfo *open_target(EState *estate, const TargetTable *t, Index rti);
-static bool speculative_insert(EState *estate, ResultRelInfo *rri, TupleTableSlot *slot,
-							   List *arbiters);
-static bool find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
-						   TimestampTz period_start, TupleTableSlot *out);
-static bool update_aggregate(EState *estate, ResultRelInfo *rri, TupleTableSlot *old,
-							 TupleTableSlot *row);
 
 /* Relcache callback: our tables were altered, dropped or created again (or everything was reset). */
 static void
@@ -232,8 +186,8 @@ resolve_tables(void)
 }
 
 /* A column default, evaluated into the current memory context. */
-static Datum
-eval_default(EState *estate, ExprState *state, Form_pg_attribute att, bool *isnull)
+Datum
+ub_direct_eval_default(EState *estate, ExprState *state, Form_pg_attribute att, bool *isnull)
 {
 	Datum		value = ExecEvalExprSwitchContext(state, GetPerTupleExprContext(estate), isnull);
 
@@ -256,8 +210,8 @@ open_target(EState *estate, const TargetTable *t, Index rti)
  * INSERT ... ON CONFLICT DO NOTHING for one row: false when the arbiter found
  * a conflicting row (after waiting for its inserter, if in progress).
  */
-static bool
-speculative_insert(EState *estate, ResultRelInfo *rri, TupleTableSlot *slot, List *arbiters)
+bool
+ub_direct_speculative_insert(EState *estate, ResultRelInfo *rri, TupleTableSlot *slot, List *arbiters)
 {
 	Relation	rel = rri->ri_RelationDesc;
 
@@ -296,7 +250,7 @@ fill_ledger_row(UbDirectWriter *w, TupleTableSlot *slot, const UbEventInput *in,
 	for (i = 0; i < ledger.natts; i++)
 	{
 		if (ledger.defaults[i] != NULL && ledger.volatile_default[i])
-			values[i] = eval_default(w->estate, ledger.defaults[i],
+			values[i] = ub_direct_eval_default(w->estate, ledger.defaults[i],
 									 TupleDescAttr(slot->tts_tupleDescriptor, i), &nulls[i]);
 		else
 		{
@@ -336,7 +290,7 @@ ub_direct_insert_event(UbDirectWriter *w, const UbEventInput *in, TimestampTz pe
 	fill_ledger_row(w, slot, in, period_start);
 
 	if (in->idempotency_key != NULL)
-		return speculative_insert(w->estate, rri, slot, list_make1_oid(ledger.arbiter));
+		return ub_direct_speculative_insert(w->estate, rri, slot, list_make1_oid(ledger.arbiter));
 
 	/* no key, nothing to conflict on: the idempotency index is partial and skips the row */
 	simple_table_tuple_insert(rri->ri_RelationDesc, slot);
@@ -394,211 +348,6 @@ ub_direct_insert_events(UbDirectWriter *w, const UbEventInput *const *ins,
 										false, false, NULL, NIL));
 }
 
-/*
- * Looks the aggregate up through its primary key with a dirty snapshot, which
- * also sees rows of transactions in progress.  A row being inserted by one is
- * waited for: its commit or abort decides whether there is a row.  A row
- * being updated by one is returned as is; update_aggregate waits for that
- * transaction.
- */
-static bool
-find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
-			   TimestampTz period_start, TupleTableSlot *out)
-{
-	SnapshotData dirty;
-	ScanKeyData keys[3];
-	IndexScanDesc scan;
-	bool		found;
-
-	InitDirtySnapshot(dirty);
-	ScanKeyEntryInitialize(&keys[0], 0, 1, BTEqualStrategyNumber, InvalidOid,
-						   pkey->rd_indcollation[0], F_TEXTEQ, customer);
-	ScanKeyEntryInitialize(&keys[1], 0, 2, BTEqualStrategyNumber, InvalidOid,
-						   pkey->rd_indcollation[1], F_TEXTEQ, meter);
-	ScanKeyEntryInitialize(&keys[2], 0, 3, BTEqualStrategyNumber, InvalidOid,
-						   pkey->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
-						   TimestampTzGetDatum(period_start));
-	scan = index_beginscan(rel, pkey, &dirty, 3, 0);
-	for (;;)
-	{
-		index_rescan(scan, keys, 3, NULL, 0);
-		found = index_getnext_slot(scan, ForwardScanDirection, out);
-		if (found && TransactionIdIsValid(dirty.xmin))
-		{
-			XactLockTableWait(dirty.xmin, rel, &out->tts_tid, XLTW_None);
-			continue;
-		}
-		break;
-	}
-	if (found)
-		ExecMaterializeSlot(out);
-	index_endscan(scan);
-	return found;
-}
-
-/*
- * Replaces the version of the aggregate we read by row.  heap_update waits
- * for a transaction that is updating or locking it; returns false when the
- * version is no longer the latest (someone committed an update first), and
- * the caller reads again.  No separate row lock: the update is the lock, and
- * it is held to commit, which is what serializes callers and keeps the
- * hard-cap check exact.
- */
-static bool
-update_aggregate(EState *estate, ResultRelInfo *rri, TupleTableSlot *old, TupleTableSlot *row)
-{
-	Relation	rel = rri->ri_RelationDesc;
-	TM_FailureData tmfd;
-	LockTupleMode lockmode;
-	bool		update_indexes;
-	TM_Result	res;
-
-	CheckCmdReplicaIdentity(rel, CMD_UPDATE);
-	res = table_tuple_update(rel, &old->tts_tid, row, estate->es_output_cid,
-							 estate->es_snapshot, InvalidSnapshot, true,
-							 &tmfd, &lockmode, &update_indexes);
-	switch (res)
-	{
-		case TM_Ok:
-			if (update_indexes && rri->ri_NumIndices > 0)
-				list_free(ExecInsertIndexTuples(rri, row, estate, true, false, NULL, NIL));
-			return true;
-		case TM_Updated:
-		case TM_Deleted:
-			return false;
-		case TM_SelfModified:
-			/* we increment the command counter before every call: cannot happen */
-			elog(ERROR, "aggregate row already modified by this command");
-			break;
-		default:
-			elog(ERROR, "unexpected result %d updating an aggregate row", (int) res);
-			break;
-	}
-	return false;
-}
-
-/*
- * Folds a delta into its aggregate, INSERT ... ON CONFLICT DO UPDATE as in
- * record.c's SQL: returns the new total and the one before (NULL for a new
- * row), in the caller's memory context.
- */
-void
-ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
-			   Numeric *previous_total)
-{
-	ResultRelInfo *rri = w->rri[1];
-	EState	   *estate = w->estate;
-	Relation	rel = rri->ri_RelationDesc;
-	TupleDesc	desc = RelationGetDescr(rel);
-	TupleTableSlot *old = w->agg_old;
-	TupleTableSlot *row = w->agg_row;
-	TimestampTz now = GetCurrentTransactionStartTimestamp();
-	Datum		customer = CStringGetTextDatum(d->customer_id);
-	Datum		meter = CStringGetTextDatum(d->meter);
-	int			i;
-
-	estate->es_output_cid = GetCurrentCommandId(true);
-
-#define A(col) (aggregates.attnums[col] - 1)
-	for (;;)
-	{
-		Datum	   *v = row->tts_values;
-		bool	   *n = row->tts_isnull;
-
-		ExecClearTuple(row);
-		if (find_aggregate(rel, w->pkey, customer, meter, d->period_start, old))
-		{
-			Numeric		old_total;
-			TimestampTz t;
-
-			/* every other column keeps its value */
-			slot_getallattrs(old);
-			memcpy(v, old->tts_values, sizeof(Datum) * desc->natts);
-			memcpy(n, old->tts_isnull, sizeof(bool) * desc->natts);
-			if (n[A(AGG_TOTAL)])
-				elog(ERROR, "usage_billing.usage_aggregates has a NULL total");
-			old_total = DatumGetNumeric(v[A(AGG_TOTAL)]);
-
-			switch (d->aggregation)
-			{
-				case UB_AGG_MAX:
-					*total = ub_num_max(old_total, d->contribution);
-					break;
-				case UB_AGG_LAST:
-					/* the latest occurred_at wins; on a tie the later call does */
-					*total = (!n[A(AGG_LAST)] &&
-							  d->last_usage >= DatumGetTimestampTz(v[A(AGG_LAST)])) ?
-						d->contribution : old_total;
-					break;
-				default:
-					*total = ub_num_add(old_total, d->contribution);
-					break;
-			}
-			/* both outlive the slots: copy */
-			*total = DatumGetNumericCopy(NumericGetDatum(*total));
-			*previous_total = DatumGetNumericCopy(NumericGetDatum(old_total));
-			v[A(AGG_TOTAL)] = NumericGetDatum(*total);
-			v[A(AGG_PREVIOUS)] = NumericGetDatum(*previous_total);
-			n[A(AGG_PREVIOUS)] = false;
-			v[A(AGG_COUNT)] = Int64GetDatum((n[A(AGG_COUNT)] ? 0 : DatumGetInt64(v[A(AGG_COUNT)])) + d->count);
-			n[A(AGG_COUNT)] = false;
-			/* least() and greatest() ignore NULLs */
-			t = DatumGetTimestampTz(v[A(AGG_FIRST)]);
-			if (n[A(AGG_FIRST)] || d->first_usage < t)
-				v[A(AGG_FIRST)] = TimestampTzGetDatum(d->first_usage);
-			n[A(AGG_FIRST)] = false;
-			t = DatumGetTimestampTz(v[A(AGG_LAST)]);
-			if (n[A(AGG_LAST)] || d->last_usage > t)
-				v[A(AGG_LAST)] = TimestampTzGetDatum(d->last_usage);
-			n[A(AGG_LAST)] = false;
-			v[A(AGG_UPDATED)] = TimestampTzGetDatum(now);
-			n[A(AGG_UPDATED)] = false;
-			ExecStoreVirtualTuple(row);
-			if (rel->rd_att->constr)
-				ExecConstraints(rri, row, estate);
-			if (update_aggregate(estate, rri, old, row))
-				return;
-			/* updated by a transaction that committed meanwhile: start over */
-			continue;
-		}
-
-		/* no row yet: insert one, unless a concurrent caller does first */
-		for (i = 0; i < desc->natts; i++)
-		{
-			if (aggregates.defaults[i] != NULL)
-				v[i] = eval_default(estate, aggregates.defaults[i], TupleDescAttr(desc, i), &n[i]);
-			else
-			{
-				v[i] = (Datum) 0;
-				n[i] = true;
-			}
-		}
-		v[A(AGG_CUSTOMER)] = customer;
-		v[A(AGG_METER)] = meter;
-		v[A(AGG_PERIOD_START)] = TimestampTzGetDatum(d->period_start);
-		v[A(AGG_PERIOD_END)] = TimestampTzGetDatum(d->period_end);
-		v[A(AGG_TOTAL)] = NumericGetDatum(d->contribution);
-		v[A(AGG_COUNT)] = Int64GetDatum(d->count);
-		v[A(AGG_FIRST)] = TimestampTzGetDatum(d->first_usage);
-		v[A(AGG_LAST)] = TimestampTzGetDatum(d->last_usage);
-		v[A(AGG_UPDATED)] = TimestampTzGetDatum(now);
-		n[A(AGG_CUSTOMER)] = n[A(AGG_METER)] = n[A(AGG_PERIOD_START)] = false;
-		n[A(AGG_PERIOD_END)] = n[A(AGG_TOTAL)] = n[A(AGG_COUNT)] = false;
-		n[A(AGG_FIRST)] = n[A(AGG_LAST)] = n[A(AGG_UPDATED)] = false;
-		v[A(AGG_PREVIOUS)] = (Datum) 0;
-		n[A(AGG_PREVIOUS)] = true;
-		ExecStoreVirtualTuple(row);
-		if (rel->rd_att->constr)
-			ExecConstraints(rri, row, estate);
-		if (speculative_insert(estate, rri, row, list_make1_oid(aggregates.arbiter)))
-		{
-			*total = d->contribution;
-			*previous_total = NULL;
-			return;
-		}
-	}
-#undef A
-}
 
 /*
  * Can events of this transaction take the direct path?  Checks what does not
@@ -653,6 +402,7 @@ ub_direct_open(void)
 
 	w = palloc0(sizeof(UbDirectWriter));
 	w->estate = estate;
+	w->agg_table = &aggregates;
 	for (i = 0; i < 2; i++)
 		w->rri[i] = open_target(estate, targets[i], i + 1);
 
@@ -693,7 +443,7 @@ ub_direct_open(void)
 	{
 		w->ledger_default_nulls[i] = true;
 		if (ledger.defaults[i] != NULL && !ledger.volatile_default[i])
-			w->ledger_defaults[i] = eval_default(estate, ledger.defaults[i],
+			w->ledger_defaults[i] = ub_direct_eval_default(estate, ledger.defaults[i],
 												 TupleDescAttr(RelationGetDescr(w->rri[0]->ri_RelationDesc), i),
 												 &w->ledger_default_nulls[i]);
 	}

@@ -1,6 +1,7 @@
 /*-------------------------------------------------------------------------
  * record.h
- *	  Recording usage events: the hot path behind increment_usage.
+ *	  Recording usage events: the hot path behind increment_usage
+ *	  (record.c, record_prepare.c).
  *-------------------------------------------------------------------------
  */
 #ifndef UB_RECORD_H
@@ -51,6 +52,7 @@ typedef struct UbPreparedEvent
 extern void ub_push_safe_search_path(void);
 extern void ub_record_event(const UbEventInput *in, UbRecordResult *out);
 extern bool ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbRecordResult *dup);
+extern bool ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *out);
 extern void ub_finish_aggregate(const UbEventInput *in, const UbPreparedEvent *pe,
 								Numeric previous_total, Numeric total, Numeric contribution);
 

@@ -1,0 +1,61 @@
+/*-------------------------------------------------------------------------
+ * direct_write_int.h
+ *	  What direct_write.c (the writer, the ledger) shares with direct_fold.c
+ *	  (the aggregates): the writer, the resolved tables and the insert
+ *	  protocol.  Not for use outside those two files.
+ *-------------------------------------------------------------------------
+ */
+#ifndef UB_DIRECT_WRITE_INT_H
+#define UB_DIRECT_WRITE_INT_H
+
+#include "access/tupdesc.h"
+#include "executor/tuptable.h"
+#include "nodes/execnodes.h"
+#include "nodes/pg_list.h"
+
+#include "direct_write.h"
+
+/*
+ * Columns of the aggregates we write; the rest keep their values.  Their
+ * names are agg_columns in direct_write.c, in this order.
+ */
+enum
+{
+	AGG_CUSTOMER, AGG_METER, AGG_PERIOD_START, AGG_PERIOD_END, AGG_TOTAL, AGG_PREVIOUS,
+	AGG_COUNT, AGG_FIRST, AGG_LAST, AGG_UPDATED, AGG_NCOLS
+};
+
+/* A table we write, resolved once per backend and forgotten on any relcache invalidation. */
+typedef struct TargetTable
+{
+	Oid			relid;
+	Oid			arbiter;		/* ledger: idempotency index; aggregate: primary key */
+	int			natts;
+	AttrNumber *attnums;		/* of the columns above */
+	ExprState **defaults;		/* per attribute; NULL: none.  Kept across calls:
+								 * evaluation state lives in the ExprContext */
+	bool	   *volatile_default;	/* evaluated per row; the others once per writer */
+} TargetTable;
+
+/* An open pair of tables and the slots we write with. */
+struct UbDirectWriter
+{
+	EState	   *estate;
+	ResultRelInfo *rri[2];		/* ledger, aggregates */
+	const TargetTable *agg_table;	/* the aggregates as resolved at open */
+	Relation	pkey;			/* the aggregates' primary key, among rri[1]'s indexes */
+	TupleTableSlot *ledger_row;
+	TupleTableSlot **ledger_rows;	/* for multi-row inserts, grown on demand */
+	int			nledger_rows;
+	Datum	   *ledger_defaults;	/* the ledger's stable defaults, evaluated at open */
+	bool	   *ledger_default_nulls;
+	TupleTableSlot *agg_old;
+	TupleTableSlot *agg_row;
+};
+
+extern Datum ub_direct_eval_default(EState *estate, ExprState *state, Form_pg_attribute att,
+									bool *isnull);
+extern bool ub_direct_speculative_insert(EState *estate, ResultRelInfo *rri,
+										 TupleTableSlot *slot, List *arbiters);
+
+#endif							/* UB_DIRECT_WRITE_INT_H */
