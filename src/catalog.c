@@ -86,6 +86,7 @@ ub_col_text(HeapTuple tup, TupleDesc desc, int col)
 	return isnull ? NULL : TextDatumGetCString(d);
 }
 
+/* A numeric column of an SPI row, copied; NULL stays NULL. */
 static Numeric
 col_numeric(HeapTuple tup, TupleDesc desc, int col)
 {
@@ -95,6 +96,7 @@ col_numeric(HeapTuple tup, TupleDesc desc, int col)
 	return isnull ? NULL : DatumGetNumericCopy(d);
 }
 
+/* A boolean column of an SPI row; NULL reads as false. */
 static bool
 col_bool(HeapTuple tup, TupleDesc desc, int col)
 {

@@ -111,6 +111,7 @@ forget_tables(Datum arg, Oid relid)
 	invalidations++;
 }
 
+/* Finds one table, its arbiter index, the attribute numbers of our columns and its defaults. */
 static void
 resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
 			  const char *const *columns, int ncols)
