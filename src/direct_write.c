@@ -299,6 +299,18 @@ ub_direct_insert_event(UbDirectWriter *w, const UbEventInput *in, TimestampTz pe
 	return true;
 }
 
+/* Orders positions of keyed events (in arg, the events) by customer, then idempotency key. */
+static int
+key_order_cmp(const void *a, const void *b, void *arg)
+{
+	const UbEventInput *const *ins = arg;
+	const UbEventInput *x = ins[*(const int *) a];
+	const UbEventInput *y = ins[*(const int *) b];
+	int			c = strcmp(x->customer_id, y->customer_id);
+
+	return c != 0 ? c : strcmp(x->idempotency_key, y->idempotency_key);
+}
+
 /*
  * Appends n events to the ledger, setting accepted[i] to whether event i was
  * written (false: its key was recorded before).  Keyed events go one by one
@@ -312,6 +324,8 @@ ub_direct_insert_events(UbDirectWriter *w, const UbEventInput *const *ins,
 {
 	ResultRelInfo *rri = w->rri[0];
 	int			nplain = 0;
+	int			nkeyed = 0;
+	int		   *keyed;
 	int			i;
 
 	w->estate->es_output_cid = GetCurrentCommandId(true);
@@ -329,16 +343,26 @@ ub_direct_insert_events(UbDirectWriter *w, const UbEventInput *const *ins,
 		MemoryContextSwitchTo(old);
 	}
 
+	/*
+	 * Keyed rows in (customer, key) order: a concurrent batch that shares
+	 * keys with this one waits for us on its first shared key instead of
+	 * holding one we need next, so two batches never deadlock on keys.
+	 */
+	keyed = palloc(sizeof(int) * Max(n, 1));
 	for (i = 0; i < n; i++)
 	{
 		if (ins[i]->idempotency_key != NULL)
 		{
-			accepted[i] = ub_direct_insert_event(w, ins[i], period_starts[i]);
+			keyed[nkeyed++] = i;
 			continue;
 		}
 		fill_ledger_row(w, w->ledger_rows[nplain++], ins[i], period_starts[i]);
 		accepted[i] = true;
 	}
+	qsort_arg(keyed, nkeyed, sizeof(int), key_order_cmp, (void *) ins);
+	for (i = 0; i < nkeyed; i++)
+		accepted[keyed[i]] = ub_direct_insert_event(w, ins[keyed[i]], period_starts[keyed[i]]);
+	pfree(keyed);
 	if (nplain == 0)
 		return;
 
