@@ -8,7 +8,10 @@
 # backend's private memory (palloc and malloc); VmRSS also counts the shared buffers the backend
 # has touched, so it grows with the data and is shown for reference only.  Prints a table and
 # the change of RssAnon between the second sample (after the first 100,000 calls, which warm the
-# per-backend caches) and the last.  Numbers, not a test.
+# per-backend caches) and the last.  contexts_kb is what palloc holds (pg_backend_memory_contexts)
+# when the sample is taken: RssAnon can keep a high-water mark of memory a statement used and
+# freed (100,000 calls in one transaction), contexts_kb shows whether anything stays allocated.
+# Numbers, not a test.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 . test/common.sh
@@ -42,10 +45,11 @@ SELECT usage_billing.upsert_customer('c' || g, 'big') FROM generate_series(1, 10
 SQL
 
 {
-    echo "CREATE TEMP TABLE rss (round int, kind text, calls bigint, rss_anon_kb bigint, vm_rss_kb bigint);"
+    echo "CREATE TEMP TABLE rss (round int, kind text, calls bigint, rss_anon_kb bigint, vm_rss_kb bigint, contexts_kb bigint);"
     echo "CREATE FUNCTION pg_temp.sample(r int, k text, n bigint) RETURNS void LANGUAGE sql AS \$\$
         INSERT INTO rss SELECT r, k, n,
-               (regexp_match(s, 'RssAnon:\s+(\d+)'))[1]::bigint, (regexp_match(s, 'VmRSS:\s+(\d+)'))[1]::bigint
+               (regexp_match(s, 'RssAnon:\s+(\d+)'))[1]::bigint, (regexp_match(s, 'VmRSS:\s+(\d+)'))[1]::bigint,
+               (SELECT sum(total_bytes) / 1024 FROM pg_backend_memory_contexts)
           FROM pg_read_file('/proc/' || pg_backend_pid() || '/status') s \$\$;"
     echo "SELECT pg_temp.sample(0, 'start', 0);"
     for r in $(seq 1 "$ROUNDS"); do
@@ -65,10 +69,12 @@ SQL
         echo "SELECT pg_temp.sample($ROUNDS + $r, 'increment_usage_batch', $((r * 10000)));"
     done
     echo "\\o"
-    echo "SELECT round, kind, calls, rss_anon_kb, vm_rss_kb FROM rss ORDER BY round;"
+    echo "SELECT round, kind, calls, rss_anon_kb, vm_rss_kb, contexts_kb FROM rss ORDER BY round;"
     echo "SELECT round(100.0 * (max(rss_anon_kb) FILTER (WHERE round = $ROUNDS) - max(rss_anon_kb) FILTER (WHERE round = 2))
                    / max(rss_anon_kb) FILTER (WHERE round = 2), 1) AS increment_rss_anon_change_percent,
                  round(100.0 * (max(rss_anon_kb) FILTER (WHERE round = 2 * $ROUNDS) - max(rss_anon_kb) FILTER (WHERE round = $ROUNDS + 1))
-                   / max(rss_anon_kb) FILTER (WHERE round = $ROUNDS + 1), 1) AS batch_rss_anon_change_percent
+                   / max(rss_anon_kb) FILTER (WHERE round = $ROUNDS + 1), 1) AS batch_rss_anon_change_percent,
+                 round(100.0 * (max(contexts_kb) FILTER (WHERE round = 2 * $ROUNDS) - max(contexts_kb) FILTER (WHERE round = 2))
+                   / max(contexts_kb) FILTER (WHERE round = 2), 1) AS contexts_change_percent
             FROM rss;"
 } | psql_pg -o /dev/null
