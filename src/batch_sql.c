@@ -15,31 +15,13 @@
 
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
-#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/hsearch.h"
 #include "utils/jsonb.h"
-#include "utils/lsyscache.h"
 #include "utils/timestamp.h"
 
 #include "batch.h"
 #include "usage_billing.h"
-
-/* A one-dimensional array of n datums of the given type. */
-static Datum
-make_array(Datum *elems, bool *nulls, int n, Oid elmtype)
-{
-	int16		typlen;
-	bool		typbyval;
-	char		typalign;
-	int			dims[1];
-	int			lbs[1] = {1};
-
-	dims[0] = n;
-	get_typlenbyvalalign(elmtype, &typlen, &typbyval, &typalign);
-	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs,
-											  elmtype, typlen, typbyval, typalign));
-}
 
 #define LEDGER_BULK \
 	"INSERT INTO usage_billing.usage_events" \
@@ -86,13 +68,13 @@ ub_batch_insert_ledger(BatchEvent **events, int n)
 		cols[6][i] = in->properties ? JsonbPGetDatum(in->properties) : (Datum) 0;
 		keyed |= (in->idempotency_key != NULL);
 	}
-	args[0] = make_array(cols[0], colnulls[0], n, TEXTOID);
-	args[1] = make_array(cols[1], colnulls[1], n, TEXTOID);
-	args[2] = make_array(cols[2], colnulls[2], n, TIMESTAMPTZOID);
-	args[3] = make_array(cols[3], colnulls[3], n, TIMESTAMPTZOID);
-	args[4] = make_array(cols[4], colnulls[4], n, NUMERICOID);
-	args[5] = make_array(cols[5], colnulls[5], n, TEXTOID);
-	args[6] = make_array(cols[6], colnulls[6], n, JSONBOID);
+	args[0] = ub_array(cols[0], colnulls[0], n, TEXTOID);
+	args[1] = ub_array(cols[1], colnulls[1], n, TEXTOID);
+	args[2] = ub_array(cols[2], colnulls[2], n, TIMESTAMPTZOID);
+	args[3] = ub_array(cols[3], colnulls[3], n, TIMESTAMPTZOID);
+	args[4] = ub_array(cols[4], colnulls[4], n, NUMERICOID);
+	args[5] = ub_array(cols[5], colnulls[5], n, TEXTOID);
+	args[6] = ub_array(cols[6], colnulls[6], n, JSONBOID);
 
 	if (!keyed)
 	{
@@ -223,14 +205,14 @@ ub_batch_upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
 		cols[6][g] = TimestampTzGetDatum(groups[g].first_usage);
 		cols[7][g] = TimestampTzGetDatum(groups[g].last_usage);
 	}
-	args[0] = make_array(cols[0], NULL, n, TEXTOID);
-	args[1] = make_array(cols[1], NULL, n, TEXTOID);
-	args[2] = make_array(cols[2], NULL, n, TIMESTAMPTZOID);
-	args[3] = make_array(cols[3], NULL, n, TIMESTAMPTZOID);
-	args[4] = make_array(cols[4], NULL, n, NUMERICOID);
-	args[5] = make_array(cols[5], NULL, n, INT8OID);
-	args[6] = make_array(cols[6], NULL, n, TIMESTAMPTZOID);
-	args[7] = make_array(cols[7], NULL, n, TIMESTAMPTZOID);
+	args[0] = ub_array(cols[0], NULL, n, TEXTOID);
+	args[1] = ub_array(cols[1], NULL, n, TEXTOID);
+	args[2] = ub_array(cols[2], NULL, n, TIMESTAMPTZOID);
+	args[3] = ub_array(cols[3], NULL, n, TIMESTAMPTZOID);
+	args[4] = ub_array(cols[4], NULL, n, NUMERICOID);
+	args[5] = ub_array(cols[5], NULL, n, INT8OID);
+	args[6] = ub_array(cols[6], NULL, n, TIMESTAMPTZOID);
+	args[7] = ub_array(cols[7], NULL, n, TIMESTAMPTZOID);
 
 	ret = SPI_execute_plan(plans[slot], args, NULL, false, 0);
 	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != (uint64) n)

@@ -32,14 +32,15 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "executor/tuptable.h"
-#include "utils/fmgroids.h"
-#include "utils/lsyscache.h"
-#include "utils/rel.h"
-#include "utils/relcache.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/fmgroids.h"
 #include "utils/jsonb.h"
+#include "utils/lsyscache.h"
 #include "utils/numeric.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -74,6 +75,21 @@ ub_prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types)
 	if (*slot == NULL)
 		*slot = prepare_saved(sql, nargs, types);
 	return *slot;
+}
+
+/* A one-dimensional array of n datums of a built-in type, for array parameters of SPI plans. */
+Datum
+ub_array(Datum *elems, bool *nulls, int n, Oid type)
+{
+	int			dims[1];
+	int			lbs[1] = {1};
+	int16		typlen;
+	bool		byval;
+	char		align;
+
+	dims[0] = n;
+	get_typlenbyvalalign(type, &typlen, &byval, &align);
+	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs, type, typlen, byval, align));
 }
 
 /* Column accessors that copy out of the SPI tuple table. */

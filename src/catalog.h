@@ -62,10 +62,14 @@ extern bool ub_lookup_customer(const char *customer_id, UbCustomer *customer);
 extern bool ub_lookup_usage_target(const char *customer_id, const char *meter,
 								   UbCustomer *customer, UbMeter *m, bool *meter_found,
 								   UbLimit *limit);
+/* catalog_target.c: the same, raising P0002 for an unknown customer or meter */
+extern void ub_require_usage_target(const char *customer_id, const char *meter,
+									UbCustomer *customer, UbMeter *m, UbLimit *limit);
 extern List *ub_customer_limits(const UbCustomer *customer);
 extern List *ub_plan_limits(const char *plan);
 
 extern SPIPlanPtr ub_prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types);
+extern Datum ub_array(Datum *elems, bool *nulls, int n, Oid type);
 
 /*
  * Filling the catalog cache's rows (catalog_cache.h) from SPI tuples: shared

@@ -9,7 +9,8 @@
  * pointing at freed memory.  Those copies are made here, and so is the
  * "target" of a call (see catalog_cache.c): the customer row combined with
  * the plan meter, the customer's override of the meter applied.  catalog.c
- * builds targets the same way from what it read with SPI.
+ * builds targets the same way from what it read with SPI.  Here too: the
+ * lookup of a target that must exist, for the calls that refuse otherwise.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -171,4 +172,25 @@ ub_build_target(const UbCustomerRow *row, const UbPlanMeter *pm,
 			limit->hard_cap = o->hard_cap;
 		break;
 	}
+}
+
+/*
+ * The usage target of (customer, meter), or P0002 for an unknown customer or
+ * meter: the first check of the calls that need both (adjust_usage,
+ * usage_history).
+ */
+void
+ub_require_usage_target(const char *customer_id, const char *meter,
+						UbCustomer *customer, UbMeter *m, UbLimit *limit)
+{
+	bool		meter_found = false;
+
+	if (!ub_lookup_usage_target(customer_id, meter, customer, m, &meter_found, limit))
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("customer \"%s\" does not exist", customer_id)));
+	if (!meter_found)
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("meter \"%s\" does not exist", meter)));
 }

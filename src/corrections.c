@@ -62,13 +62,6 @@ static SPIPlanPtr agg_void_plan = NULL;
 static SPIPlanPtr agg_adjust_plan = NULL;
 
 
-/* Numeric as text, for messages. */
-static char *
-num_str(Numeric n)
-{
-	return DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(n)));
-}
-
 /* Raises P0002 for an unknown customer; the usual first check of a writing call. */
 static void
 require_customer(const char *customer_id, UbCustomer *customer)
@@ -332,8 +325,8 @@ ub_void_usage(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("voiding usage event \"%s\" would make the total of meter \"%s\" negative", key, meter_name),
 				 errdetail("The total of customer \"%s\" in the billing period starting %s is %s; the event contributed %s.",
-						   customer_id, timestamptz_to_str(period_start), num_str(total),
-						   num_str(ub_num_sub(total, new_total))),
+						   customer_id, timestamptz_to_str(period_start), ub_num_str(total),
+						   ub_num_str(ub_num_sub(total, new_total))),
 				 errhint("Remove the negative adjustments of that period first.")));
 
 	{
@@ -371,7 +364,6 @@ ub_adjust_usage(PG_FUNCTION_ARGS)
 	UbCustomer	customer;
 	UbMeter		meter;
 	UbLimit		limit;
-	bool		meter_found;
 	TimestampTz occurred_at;
 	TimestampTz period_start;
 	TimestampTz period_end;
@@ -387,7 +379,7 @@ ub_adjust_usage(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("delta must be a finite number"),
 				 errdetail("Meter \"%s\" was given %s.", meter_name,
-						   delta == NULL ? "NULL" : num_str(delta))));
+						   delta == NULL ? "NULL" : ub_num_str(delta))));
 	if (PG_ARGISNULL(4) || TIMESTAMP_NOT_FINITE(PG_GETARG_TIMESTAMPTZ(4)))
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -397,14 +389,7 @@ ub_adjust_usage(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (!ub_lookup_usage_target(customer_id, meter_name, &customer, &meter, &meter_found, &limit))
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("customer \"%s\" does not exist", customer_id)));
-	if (!meter_found)
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("meter \"%s\" does not exist", meter_name)));
+	ub_require_usage_target(customer_id, meter_name, &customer, &meter, &limit);
 	if (meter.aggregation != UB_AGG_SUM && meter.aggregation != UB_AGG_COUNT)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
@@ -418,7 +403,7 @@ ub_adjust_usage(PG_FUNCTION_ARGS)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("delta for count meter \"%s\" must be a whole number", meter_name),
-				 errdetail("The delta given was %s.", num_str(delta))));
+				 errdetail("The delta given was %s.", ub_num_str(delta))));
 
 	ub_period_containing(customer.billing_anchor, &customer.period, occurred_at,
 						 &period_start, &period_end);
@@ -449,7 +434,7 @@ ub_adjust_usage(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("adjustment would make the total of meter \"%s\" negative", meter_name),
 				 errdetail("The total of customer \"%s\" in the billing period starting %s is %s; the delta is %s.",
-						   customer_id, timestamptz_to_str(period_start), num_str(total), num_str(delta)),
+						   customer_id, timestamptz_to_str(period_start), ub_num_str(total), ub_num_str(delta)),
 				 errhint("A total can be lowered to 0 at most.")));
 
 	{

@@ -21,10 +21,9 @@
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
-#include "utils/array.h"
 #include "utils/builtins.h"
-#include "utils/lsyscache.h"
 
+#include "catalog.h"
 #include "export_worker.h"
 
 static SPIPlanPtr fetch_plan = NULL;
@@ -129,21 +128,6 @@ ub_outbox_fetch(int limit, MemoryContext cxt, int *n)
 	}
 	SPI_finish();
 	return events;
-}
-
-/* Builds a one-dimensional array of n elements of a built-in type. */
-static Datum
-ub_array(Datum *elems, bool *nulls, int n, Oid type)
-{
-	int			dims[1];
-	int			lbs[1] = {1};
-	int16		typlen;
-	bool		byval;
-	char		align;
-
-	dims[0] = n;
-	get_typlenbyvalalign(type, &typlen, &byval, &align);
-	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs, type, typlen, byval, align));
 }
 
 /*

@@ -135,7 +135,6 @@ ub_usage_history(PG_FUNCTION_ARGS)
 	UbCustomer	customer;
 	UbMeter		meter;
 	UbLimit		limit;
-	bool		meter_found;
 	Datum	   *starts;
 	Datum	   *ends;
 	int			n = 0;
@@ -164,14 +163,7 @@ ub_usage_history(PG_FUNCTION_ARGS)
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	if (!ub_lookup_usage_target(customer_id, meter_name, &customer, &meter, &meter_found, &limit))
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("customer \"%s\" does not exist", customer_id)));
-	if (!meter_found)
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("meter \"%s\" does not exist", meter_name)));
+	ub_require_usage_target(customer_id, meter_name, &customer, &meter, &limit);
 
 	/* every start since + k * bucket below until; each computed from since, so months do not drift */
 	capacity = 64;

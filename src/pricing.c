@@ -84,6 +84,13 @@ ub_num_max(Numeric a, Numeric b)
 	return ub_num_cmp(a, b) >= 0 ? a : b;
 }
 
+/* A numeric as text, for messages and reports. */
+char *
+ub_num_str(Numeric n)
+{
+	return DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(n)));
+}
+
 /* NaN or an infinity: values that must never reach a total or a price. */
 bool
 ub_num_is_special(Numeric a)

@@ -43,5 +43,6 @@ extern Numeric ub_num_zero(void);
 extern Numeric ub_num_int(int64 v);
 extern Numeric ub_num_max(Numeric a, Numeric b);
 extern bool ub_num_is_special(Numeric a);
+extern char *ub_num_str(Numeric n);
 
 #endif							/* UB_PRICING_H */

@@ -52,7 +52,6 @@ PG_FUNCTION_INFO_V1(ub_increment_usage);
 
 static void raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const UbLimit *limit,
 						   Numeric total, Numeric contribution, TimestampTz period_start);
-static char *num_str(Numeric n);
 
 /*
  * The statements of the hot path.  Parameters: $1 customer_id, $2 meter,
@@ -153,13 +152,6 @@ combined_plan(UbAggregation agg, bool keyed)
 				ub_prepare_once(&plans[0][0], COMBINED("", AGG_SET_ADD), 9, record_types);
 	}
 }
-/* Numeric as text, for messages. */
-static char *
-num_str(Numeric n)
-{
-	return DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(n)));
-}
-
 /* Raises PT402: the message names the meter and the limit, the detail the usage. */
 static void
 raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const UbLimit *limit,
@@ -170,14 +162,14 @@ raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const UbLimit *limi
 	ereport(ERROR,
 			(errcode(ERRCODE_UB_HARD_CAP),
 			 errmsg("usage of meter \"%s\" would exceed the limit of %s",
-					in->meter, num_str(limit->included)),
+					in->meter, ub_num_str(limit->included)),
 			 additive ?
 			 errdetail("Customer \"%s\" has used %s of %s in the billing period starting %s; this call adds %s.",
-					   in->customer_id, num_str(ub_num_sub(total, contribution)),
-					   num_str(limit->included), timestamptz_to_str(period_start),
-					   num_str(contribution)) :
+					   in->customer_id, ub_num_str(ub_num_sub(total, contribution)),
+					   ub_num_str(limit->included), timestamptz_to_str(period_start),
+					   ub_num_str(contribution)) :
 			 errdetail("This call would set the value of customer \"%s\" to %s, above the limit of %s in the billing period starting %s.",
-					   in->customer_id, num_str(total), num_str(limit->included),
+					   in->customer_id, ub_num_str(total), ub_num_str(limit->included),
 					   timestamptz_to_str(period_start)),
 			 errhint("Upgrade the plan or raise the limit to record more usage.")));
 }

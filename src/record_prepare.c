@@ -47,7 +47,6 @@ static bool validate_event(const UbEventInput *in, const UbCustomer *customer,
 						   bool meter_found, const UbMeter *meter, char **unique_value,
 						   DeferredError *err);
 static void raise_deferred(const DeferredError *err);
-static char *num_str(Numeric n);
 static void place_in_period(const UbCustomer *customer, TimestampTz occurred_at,
 							TimestampTz *start, TimestampTz *end);
 
@@ -99,7 +98,7 @@ validate_event(const UbEventInput *in, const UbCustomer *customer,
 		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
 			  psprintf("amount must be a finite number"),
 			  psprintf("Meter \"%s\" was given %s.", in->meter,
-					   num_str(in->amount)),
+					   ub_num_str(in->amount)),
 			  NULL);
 	if ((meter->aggregation == UB_AGG_SUM || meter->aggregation == UB_AGG_COUNT ||
 		 meter->aggregation == UB_AGG_UNIQUE_COUNT) &&
@@ -108,7 +107,7 @@ validate_event(const UbEventInput *in, const UbCustomer *customer,
 			  psprintf("amount must not be negative"),
 			  psprintf("Meter \"%s\" aggregates with %s and was given %s.", in->meter,
 					   ub_aggregation_name(meter->aggregation),
-					   num_str(in->amount)),
+					   ub_num_str(in->amount)),
 			  pstrdup("Correct recorded usage with usage_billing.adjust_usage() or usage_billing.void_usage()."));
 
 	if (in->occurred_at_null)
@@ -257,13 +256,6 @@ ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *ou
 	out->remaining = ub_remaining(&limit, out->total);
 	out->status = ub_usage_status(&limit, out->total);
 	return true;
-}
-
-/* Numeric as text, for messages. */
-static char *
-num_str(Numeric n)
-{
-	return DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(n)));
 }
 
 /*

@@ -49,13 +49,6 @@ utc_minute(TimestampTz t)
 					tm.tm_hour, tm.tm_min);
 }
 
-/* Numeric as text. */
-static char *
-num_str(Numeric n)
-{
-	return DatumGetCString(DirectFunctionCall1(numeric_out, NumericGetDatum(n)));
-}
-
 /* "████░░░░ 62 %": the share of included used, full past 100 %. */
 static void
 append_bar(StringInfo buf, Numeric total, Numeric included)
@@ -87,7 +80,7 @@ append_bar(StringInfo buf, Numeric total, Numeric included)
 	for (int i = 0; i < UB_BAR_WIDTH; i++)
 		appendStringInfoString(buf, i < filled ? full : empty);
 	if (percent != NULL)
-		appendStringInfo(buf, " %3s %%", num_str(percent));
+		appendStringInfo(buf, " %3s %%", ub_num_str(percent));
 	else
 		appendStringInfoString(buf, "   - %");
 }
@@ -139,17 +132,17 @@ ub_usage_report(PG_FUNCTION_ARGS)
 		if (limited)
 		{
 			append_bar(&buf, mu->current, mu->limit->included);
-			appendStringInfo(&buf, "  %s / %s", num_str(mu->current), num_str(mu->limit->included));
+			appendStringInfo(&buf, "  %s / %s", ub_num_str(mu->current), ub_num_str(mu->limit->included));
 		}
 		else
-			appendStringInfo(&buf, "%*s  %s", UB_BAR_WIDTH + 6, "", num_str(mu->current));
+			appendStringInfo(&buf, "%*s  %s", UB_BAR_WIDTH + 6, "", ub_num_str(mu->current));
 		if (mu->unit != NULL)
 			appendStringInfo(&buf, " %s", mu->unit);
 		if (!limited)
 			appendStringInfoString(&buf, " (unlimited)");
 		if (cost != NULL)
 			appendStringInfo(&buf, ", overage %s %s",
-							 num_str(ub_round_money(cost, customer.currency)), customer.currency);
+							 ub_num_str(ub_round_money(cost, customer.currency)), customer.currency);
 		else
 			appendStringInfoString(&buf, ", not billed");
 		appendStringInfo(&buf, ", ends %s", utc_minute(end));
