@@ -15,6 +15,8 @@ OBJS = \
 	src/record_prepare.o \
 	src/direct_write.o \
 	src/direct_fold.o \
+	src/direct_escrow.o \
+	src/escrow.o \
 	src/batch.o \
 	src/batch_sql.o \
 	src/alerts.o \

@@ -169,6 +169,7 @@ fold_groups(UbDirectWriter *w, BatchGroup *groups, int n, UbAggregation agg)
 		d.count = groups[g].count;
 		d.first_usage = groups[g].first_usage;
 		d.last_usage = groups[g].last_usage;
+		d.limit = &groups[g].first->pe.limit;
 		ub_direct_fold(w, &d, &total, &previous_total);
 
 		in.amount = groups[g].contribution;

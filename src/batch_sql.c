@@ -21,6 +21,8 @@
 #include "utils/timestamp.h"
 
 #include "batch.h"
+#include "escrow.h"
+#include "pricing.h"
 #include "usage_billing.h"
 
 #define LEDGER_BULK \
@@ -163,7 +165,7 @@ ub_batch_insert_ledger(BatchEvent **events, int n)
 	"        first_usage = least(a.first_usage, EXCLUDED.first_usage)," \
 	"        last_usage = greatest(a.last_usage, EXCLUDED.last_usage)," \
 	"        updated_at = now()," set \
-	" RETURNING a.total, a.previous_total"
+	" RETURNING a.total, a.previous_total, a.slotted"
 
 /* Upserts the groups of one aggregation kind and checks caps and alerts. */
 void
@@ -227,11 +229,21 @@ ub_batch_upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
 			bool		isnull;
 			Numeric		total = DatumGetNumericCopy(SPI_getbinval(tt->vals[g], tt->tupdesc, 1, &isnull));
 			Datum		prev = SPI_getbinval(tt->vals[g], tt->tupdesc, 2, &isnull);
+			Numeric		previous = isnull ? NULL : DatumGetNumericCopy(prev);
 			UbEventInput in = groups[g].first->in;
 
+			if (DatumGetBool(SPI_getbinval(tt->vals[g], tt->tupdesc, 3, &isnull)) && !isnull &&
+				previous != NULL)
+			{
+				/* we hold the row's lock: fold its escrow slots, decide on the exact total */
+				Numeric		folded = ub_escrow_fold_key_sql(in.customer_id, in.meter,
+															groups[g].first->pe.period_start);
+
+				total = ub_num_add(total, folded);
+				previous = ub_num_add(previous, folded);
+			}
 			in.amount = groups[g].contribution;
-			ub_finish_aggregate(&in, &groups[g].first->pe,
-								isnull ? NULL : DatumGetNumericCopy(prev), total,
+			ub_finish_aggregate(&in, &groups[g].first->pe, previous, total,
 								groups[g].contribution);
 		}
 	}

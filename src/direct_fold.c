@@ -32,23 +32,23 @@
 #include "utils/snapmgr.h"
 
 #include "direct_write_int.h"
+#include "escrow.h"
 #include "pricing.h"
 
 static bool find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
-						   TimestampTz period_start, TupleTableSlot *out);
-static bool update_aggregate(EState *estate, ResultRelInfo *rri, TupleTableSlot *old,
-							 TupleTableSlot *row);
+						   TimestampTz period_start, TupleTableSlot *out, bool *contended);
+static bool lock_aggregate(UbDirectWriter *w, TupleTableSlot *old);
 
 /*
  * Looks the aggregate up through its primary key with a dirty snapshot, which
  * also sees rows of transactions in progress.  A row being inserted by one is
  * waited for: its commit or abort decides whether there is a row.  A row
- * being updated by one is returned as is; update_aggregate waits for that
- * transaction.
+ * being updated by one is returned as is (*contended); ub_direct_update_row
+ * waits for that transaction.
  */
 static bool
 find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
-			   TimestampTz period_start, TupleTableSlot *out)
+			   TimestampTz period_start, TupleTableSlot *out, bool *contended)
 {
 	SnapshotData dirty;
 	ScanKeyData keys[3];
@@ -75,6 +75,7 @@ find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
 		}
 		break;
 	}
+	*contended = found && TransactionIdIsValid(dirty.xmax);
 	if (found)
 		ExecMaterializeSlot(out);
 	index_endscan(scan);
@@ -82,15 +83,30 @@ find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
 }
 
 /*
- * Replaces the version of the aggregate we read by row.  heap_update waits
- * for a transaction that is updating or locking it; returns false when the
- * version is no longer the latest (someone committed an update first), and
- * the caller reads again.  No separate row lock: the update is the lock, and
- * it is held to commit, which is what serializes callers and keeps the
- * hard-cap check exact.
+ * Locks the latest version of the aggregate row into old, before its escrow
+ * slots are read or folded: they may only change under this lock.  False
+ * when the row was deleted; the caller looks it up again.
  */
 static bool
-update_aggregate(EState *estate, ResultRelInfo *rri, TupleTableSlot *old, TupleTableSlot *row)
+lock_aggregate(UbDirectWriter *w, TupleTableSlot *old)
+{
+	TM_FailureData tmfd;
+
+	return table_tuple_lock(w->rri[1]->ri_RelationDesc, &old->tts_tid, w->estate->es_snapshot,
+							old, w->estate->es_output_cid, LockTupleNoKeyExclusive,
+							LockWaitBlock, TUPLE_LOCK_FLAG_FIND_LAST_VERSION, &tmfd) == TM_Ok;
+}
+
+/*
+ * Replaces the version of an aggregate (or escrow slot) we read by row.
+ * heap_update waits for a transaction that is updating or locking it;
+ * returns false when the version is no longer the latest (someone committed
+ * an update first), and the caller reads again.  No separate row lock: the
+ * update is the lock, and it is held to commit, which is what serializes
+ * callers and keeps the hard-cap check exact.
+ */
+bool
+ub_direct_update_row(EState *estate, ResultRelInfo *rri, TupleTableSlot *old, TupleTableSlot *row)
 {
 	Relation	rel = rri->ri_RelationDesc;
 	TM_FailureData tmfd;
@@ -113,10 +129,10 @@ update_aggregate(EState *estate, ResultRelInfo *rri, TupleTableSlot *old, TupleT
 			return false;
 		case TM_SelfModified:
 			/* we increment the command counter before every call: cannot happen */
-			elog(ERROR, "aggregate row already modified by this command");
+			elog(ERROR, "row already modified by this command");
 			break;
 		default:
-			elog(ERROR, "unexpected result %d updating an aggregate row", (int) res);
+			elog(ERROR, "unexpected result %d updating a row", (int) res);
 			break;
 	}
 	return false;
@@ -125,7 +141,10 @@ update_aggregate(EState *estate, ResultRelInfo *rri, TupleTableSlot *old, TupleT
 /*
  * Folds a delta into its aggregate, INSERT ... ON CONFLICT DO UPDATE as in
  * record.c's SQL: returns the new total and the one before (NULL for a new
- * row), in the caller's memory context.
+ * row), in the caller's memory context.  A sum or count key may also take
+ * the delta into this backend's escrow slot (escrow.c): then, and whenever
+ * the key has slots that no decision needs folded, the previous total
+ * returned equals the new one, as no point was crossed.
  */
 void
 ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
@@ -141,29 +160,103 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
 	Datum		customer = CStringGetTextDatum(d->customer_id);
 	Datum		meter = CStringGetTextDatum(d->meter);
+	bool		escrow = ub_hot_key_slots != UB_SLOTS_OFF &&
+		(d->aggregation == UB_AGG_SUM || d->aggregation == UB_AGG_COUNT);
+	uint64		key = escrow ? ub_escrow_key_hash(d->customer_id, d->meter, d->period_start) : 0;
 	int			i;
 
 	estate->es_output_cid = GetCurrentCommandId(true);
+	if (escrow && ub_escrow_has_slot(key) && ub_escrow_try_spend(w, d, key, total))
+	{
+		*previous_total = *total;
+		return;
+	}
 
 #define A(col) (aggregates->attnums[col] - 1)
 	for (;;)
 	{
 		Datum	   *v = row->tts_values;
 		bool	   *n = row->tts_isnull;
+		bool		contended;
 
 		ExecClearTuple(row);
-		if (find_aggregate(rel, w->pkey, customer, meter, d->period_start, old))
+		if (find_aggregate(rel, w->pkey, customer, meter, d->period_start, old, &contended))
 		{
 			Numeric		old_total;
 			TimestampTz t;
+			bool		slotted;
+			bool		want_slot = false;
+			bool		kept_slots = false;
+			bool		granted = false;
+			bool		own_found = false;
+			ItemPointerData own_tid;
+			Numeric		escrowed = NULL;
+			Numeric		budget = NULL;
+			Numeric		budget_limit = NULL;
+
+			slot_getallattrs(old);
+			slotted = !old->tts_isnull[A(AGG_SLOTTED)] &&
+				DatumGetBool(old->tts_values[A(AGG_SLOTTED)]);
+			if (escrow)
+				want_slot = ub_hot_key_slots == UB_SLOTS_ALWAYS ||
+					ub_escrow_has_slot(key) ||
+					(contended && ub_escrow_note_contention(key));
+			/* slots change only under the row's lock: take it before reading them */
+			if (slotted || want_slot)
+			{
+				if (!lock_aggregate(w, old))
+					continue;
+				slot_getallattrs(old);
+				slotted = !old->tts_isnull[A(AGG_SLOTTED)] &&
+					DatumGetBool(old->tts_values[A(AGG_SLOTTED)]);
+			}
 
 			/* every other column keeps its value */
-			slot_getallattrs(old);
 			memcpy(v, old->tts_values, sizeof(Datum) * desc->natts);
 			memcpy(n, old->tts_isnull, sizeof(bool) * desc->natts);
 			if (n[A(AGG_TOTAL)])
 				elog(ERROR, "usage_billing.usage_aggregates has a NULL total");
 			old_total = DatumGetNumeric(v[A(AGG_TOTAL)]);
+			if (n[A(AGG_COUNT)])
+			{
+				v[A(AGG_COUNT)] = Int64GetDatum(0);
+				n[A(AGG_COUNT)] = false;
+			}
+
+			if (slotted)
+			{
+				ub_escrow_scan(w, d, &escrowed, &own_found, &own_tid);
+				kept_slots = escrow &&
+					!ub_escrow_near(d->limit, old_total,
+									escrowed == NULL ? NULL :
+									ub_num_add(ub_num_add(old_total, escrowed), d->contribution));
+				if (!kept_slots)
+				{
+					Numeric		folded;
+					int64		folded_count;
+					TimestampTz first;
+					TimestampTz last;
+					bool		have_usage;
+
+					/* a decision may be near: fold, and decide on the exact total */
+					ub_escrow_fold(w, d, &folded, &folded_count, &first, &last, &have_usage);
+					old_total = ub_num_add(old_total, folded);
+					v[A(AGG_COUNT)] = Int64GetDatum(DatumGetInt64(v[A(AGG_COUNT)]) + folded_count);
+					if (have_usage)
+					{
+						if (n[A(AGG_FIRST)] || first < DatumGetTimestampTz(v[A(AGG_FIRST)]))
+							v[A(AGG_FIRST)] = TimestampTzGetDatum(first);
+						if (n[A(AGG_LAST)] || last > DatumGetTimestampTz(v[A(AGG_LAST)]))
+							v[A(AGG_LAST)] = TimestampTzGetDatum(last);
+						n[A(AGG_FIRST)] = n[A(AGG_LAST)] = false;
+					}
+					escrowed = ub_num_zero();
+					own_found = false;
+					ub_escrow_remember(key, false);
+				}
+			}
+			else
+				escrowed = ub_num_zero();
 
 			switch (d->aggregation)
 			{
@@ -183,11 +276,17 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 			/* both outlive the slots: copy */
 			*total = DatumGetNumericCopy(NumericGetDatum(*total));
 			*previous_total = DatumGetNumericCopy(NumericGetDatum(old_total));
+
+			/* a budget for our slot, if what is left below the next point allows one */
+			if (want_slot)
+				granted = ub_escrow_grant(d->limit, *total,
+										  escrowed == NULL ? NULL : ub_num_add(*total, escrowed),
+										  &budget, &budget_limit);
+
 			v[A(AGG_TOTAL)] = NumericGetDatum(*total);
 			v[A(AGG_PREVIOUS)] = NumericGetDatum(*previous_total);
 			n[A(AGG_PREVIOUS)] = false;
-			v[A(AGG_COUNT)] = Int64GetDatum((n[A(AGG_COUNT)] ? 0 : DatumGetInt64(v[A(AGG_COUNT)])) + d->count);
-			n[A(AGG_COUNT)] = false;
+			v[A(AGG_COUNT)] = Int64GetDatum(DatumGetInt64(v[A(AGG_COUNT)]) + d->count);
 			/* least() and greatest() ignore NULLs */
 			t = DatumGetTimestampTz(v[A(AGG_FIRST)]);
 			if (n[A(AGG_FIRST)] || d->first_usage < t)
@@ -199,13 +298,29 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 			n[A(AGG_LAST)] = false;
 			v[A(AGG_UPDATED)] = TimestampTzGetDatum(now);
 			n[A(AGG_UPDATED)] = false;
+			v[A(AGG_SLOTTED)] = BoolGetDatum(kept_slots || granted);
+			n[A(AGG_SLOTTED)] = false;
 			ExecStoreVirtualTuple(row);
 			if (rel->rd_att->constr)
 				ExecConstraints(rri, row, estate);
-			if (update_aggregate(estate, rri, old, row))
-				return;
-			/* updated by a transaction that committed meanwhile: start over */
-			continue;
+			if (!ub_direct_update_row(estate, rri, old, row))
+			{
+				/* updated by a transaction that committed meanwhile: start over */
+				continue;
+			}
+			if (granted)
+			{
+				ub_escrow_give(w, d, own_found, &own_tid, *total, budget, budget_limit);
+				ub_escrow_remember(key, true);
+			}
+			if (kept_slots)
+			{
+				/* no point within reach: report the key's total, decide nothing */
+				*total = ub_num_add(*total, ub_escrow_slots_total(w, d, -1));
+				*total = DatumGetNumericCopy(NumericGetDatum(*total));
+				*previous_total = *total;
+			}
+			return;
 		}
 
 		/* no row yet: insert one, unless a concurrent caller does first */

@@ -84,11 +84,18 @@ static const char *const ledger_columns[LEDGER_NCOLS] = {
 /* Names of the aggregates' columns we write, in the order of AGG_* (direct_write_int.h). */
 static const char *const agg_columns[AGG_NCOLS] = {
 	"customer_id", "meter", "period_start", "period_end", "total", "previous_total",
-	"event_count", "first_usage", "last_usage", "updated_at"
+	"event_count", "first_usage", "last_usage", "updated_at", "slotted"
+};
+
+/* Names of the escrow slots' columns, in the order of SLOT_* (direct_write_int.h). */
+static const char *const slot_columns[SLOT_NCOLS] = {
+	"customer_id", "meter", "period_start", "slot", "total", "event_count",
+	"budget", "floor_total", "budget_limit", "first_usage", "last_usage"
 };
 
 static TargetTable ledger;
 static TargetTable aggregates;
+static TargetTable slots;
 static bool tables_valid = false;
 static uint64 invalidations = 0;
 static bool callback_registered = false;
@@ -105,7 +112,7 @@ static void
 forget_tables(Datum arg, Oid relid)
 {
 	if (relid != InvalidOid && tables_valid &&
-		relid != ledger.relid && relid != aggregates.relid)
+		relid != ledger.relid && relid != aggregates.relid && relid != slots.relid)
 		return;
 	tables_valid = false;
 	invalidations++;
@@ -181,6 +188,8 @@ resolve_tables(void)
 				  ledger_columns, LEDGER_NCOLS);
 	resolve_table(&aggregates, nsp, "usage_aggregates", "usage_aggregates_pkey",
 				  agg_columns, AGG_NCOLS);
+	resolve_table(&slots, nsp, "usage_aggregate_slots", "usage_aggregate_slots_pkey",
+				  slot_columns, SLOT_NCOLS);
 	MemoryContextSwitchTo(old);
 	/* an invalidation while we read makes the next call read again */
 	tables_valid = (invalidations == seen);
@@ -396,7 +405,7 @@ UbDirectWriter *
 ub_direct_open(void)
 {
 	MemoryContext caller = CurrentMemoryContext;
-	const TargetTable *targets[2];
+	const TargetTable *targets[3];
 	UbDirectWriter *w;
 	EState	   *estate;
 	List	   *rtable = NIL;
@@ -405,12 +414,13 @@ ub_direct_open(void)
 	resolve_tables();
 	targets[0] = &ledger;
 	targets[1] = &aggregates;
+	targets[2] = &slots;
 
 	/* writes of earlier calls in this statement must be visible to our lookups */
 	CommandCounterIncrement();
 
 	estate = CreateExecutorState();
-	for (i = 0; i < 2; i++)
+	for (i = 0; i < 3; i++)
 	{
 		RangeTblEntry *rte = makeNode(RangeTblEntry);
 
@@ -428,11 +438,14 @@ ub_direct_open(void)
 	w = palloc0(sizeof(UbDirectWriter));
 	w->estate = estate;
 	w->agg_table = &aggregates;
-	for (i = 0; i < 2; i++)
+	w->slot_table = &slots;
+	for (i = 0; i < 3; i++)
 		w->rri[i] = open_target(estate, targets[i], i + 1);
 
-	for (i = 0; i < 2; i++)
+	for (i = 0; i < 3; i++)
 	{
+		static const AclMode modes[3] = {ACL_INSERT, ACL_INSERT | ACL_UPDATE,
+		ACL_INSERT | ACL_UPDATE | ACL_DELETE};
 		Relation	rel = w->rri[i]->ri_RelationDesc;
 
 		/*
@@ -444,8 +457,7 @@ ub_direct_open(void)
 		 */
 		if (rel->rd_rel->relhastriggers || rel->rd_rel->relkind != RELKIND_RELATION ||
 			RelationGetDescr(rel)->natts != targets[i]->natts ||
-			pg_class_aclcheck(targets[i]->relid, GetUserId(),
-							  i == 0 ? ACL_INSERT : ACL_INSERT | ACL_UPDATE) != ACLCHECK_OK ||
+			pg_class_aclcheck(targets[i]->relid, GetUserId(), modes[i]) != ACLCHECK_OK ||
 			check_enable_rls(targets[i]->relid, InvalidOid, true) == RLS_ENABLED)
 		{
 			ub_direct_close(w);
@@ -458,6 +470,11 @@ ub_direct_open(void)
 			w->pkey = w->rri[1]->ri_IndexRelationDescs[i];
 	if (w->pkey == NULL)
 		elog(ERROR, "usage_billing.usage_aggregates_pkey is not open");
+	for (i = 0; i < w->rri[2]->ri_NumIndices; i++)
+		if (RelationGetRelid(w->rri[2]->ri_IndexRelationDescs[i]) == slots.arbiter)
+			w->slot_pkey = w->rri[2]->ri_IndexRelationDescs[i];
+	if (w->slot_pkey == NULL)
+		elog(ERROR, "usage_billing.usage_aggregate_slots_pkey is not open");
 
 	w->ledger_row = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[0]->ri_RelationDesc),
 										   &TTSOpsVirtual);
@@ -476,6 +493,10 @@ ub_direct_open(void)
 										table_slot_callbacks(w->rri[1]->ri_RelationDesc));
 	w->agg_row = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[1]->ri_RelationDesc),
 										&TTSOpsVirtual);
+	w->slot_old = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[2]->ri_RelationDesc),
+										 table_slot_callbacks(w->rri[2]->ri_RelationDesc));
+	w->slot_row = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[2]->ri_RelationDesc),
+										 &TTSOpsVirtual);
 	return w;
 }
 
@@ -487,8 +508,10 @@ ub_direct_close(UbDirectWriter *w)
 
 	/* what runs after us (alerts, the next call) sees our writes */
 	CommandCounterIncrement();
-	for (i = 0; i < 2; i++)
+	for (i = 0; i < 3; i++)
 	{
+		if (w->rri[i] == NULL)
+			continue;
 		ExecCloseIndices(w->rri[i]);
 		table_close(w->rri[i]->ri_RelationDesc, NoLock);
 	}

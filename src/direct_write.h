@@ -26,6 +26,7 @@ typedef struct UbAggregateDelta
 	int64		count;			/* events */
 	TimestampTz first_usage;
 	TimestampTz last_usage;		/* for last: the occurred_at of the contribution */
+	const UbLimit *limit;		/* the limit in force: where escrow budgets must stop */
 } UbAggregateDelta;
 
 typedef struct UbDirectWriter UbDirectWriter;

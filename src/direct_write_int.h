@@ -22,7 +22,14 @@
 enum
 {
 	AGG_CUSTOMER, AGG_METER, AGG_PERIOD_START, AGG_PERIOD_END, AGG_TOTAL, AGG_PREVIOUS,
-	AGG_COUNT, AGG_FIRST, AGG_LAST, AGG_UPDATED, AGG_NCOLS
+	AGG_COUNT, AGG_FIRST, AGG_LAST, AGG_UPDATED, AGG_SLOTTED, AGG_NCOLS
+};
+
+/* Columns of the escrow slots (escrow.c), named in slot_columns in direct_write.c. */
+enum
+{
+	SLOT_CUSTOMER, SLOT_METER, SLOT_PERIOD_START, SLOT_SLOT, SLOT_TOTAL, SLOT_COUNT,
+	SLOT_BUDGET, SLOT_FLOOR, SLOT_LIMIT, SLOT_FIRST, SLOT_LAST, SLOT_NCOLS
 };
 
 /* A table we write, resolved once per backend and forgotten on any relcache invalidation. */
@@ -41,9 +48,11 @@ typedef struct TargetTable
 struct UbDirectWriter
 {
 	EState	   *estate;
-	ResultRelInfo *rri[2];		/* ledger, aggregates */
+	ResultRelInfo *rri[3];		/* ledger, aggregates, escrow slots */
 	const TargetTable *agg_table;	/* the aggregates as resolved at open */
+	const TargetTable *slot_table;	/* the escrow slots as resolved at open */
 	Relation	pkey;			/* the aggregates' primary key, among rri[1]'s indexes */
+	Relation	slot_pkey;		/* the slots' primary key, among rri[2]'s indexes */
 	TupleTableSlot *ledger_row;
 	TupleTableSlot **ledger_rows;	/* for multi-row inserts, grown on demand */
 	int			nledger_rows;
@@ -51,11 +60,29 @@ struct UbDirectWriter
 	bool	   *ledger_default_nulls;
 	TupleTableSlot *agg_old;
 	TupleTableSlot *agg_row;
+	TupleTableSlot *slot_old;
+	TupleTableSlot *slot_row;
 };
 
 extern Datum ub_direct_eval_default(EState *estate, ExprState *state, Form_pg_attribute att,
 									bool *isnull);
 extern bool ub_direct_speculative_insert(EState *estate, ResultRelInfo *rri,
 										 TupleTableSlot *slot, List *arbiters);
+extern bool ub_direct_update_row(EState *estate, ResultRelInfo *rri, TupleTableSlot *old,
+								 TupleTableSlot *row);
+
+/* direct_escrow.c */
+extern bool ub_escrow_try_spend(UbDirectWriter *w, const UbAggregateDelta *d, uint64 key,
+								Numeric *total);
+extern void ub_escrow_scan(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *escrowed,
+						   bool *own_found, ItemPointer own_tid);
+extern void ub_escrow_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
+						   int64 *event_count, TimestampTz *first_usage, TimestampTz *last_usage,
+						   bool *have_usage);
+extern void ub_escrow_give(UbDirectWriter *w, const UbAggregateDelta *d, bool own_found,
+						   ItemPointer own_tid, Numeric floor_total, Numeric budget,
+						   Numeric budget_limit);
+extern Numeric ub_escrow_committed(UbDirectWriter *w, const UbAggregateDelta *d, int skip_slot);
+extern Numeric ub_escrow_slots_total(UbDirectWriter *w, const UbAggregateDelta *d, int skip_slot);
 
 #endif							/* UB_DIRECT_WRITE_INT_H */

@@ -40,6 +40,7 @@
 #include "utils/wait_event.h"
 
 #include "export_cancel.h"
+#include "escrow.h"
 #include "export_worker.h"
 #include "shmem.h"
 #include "usage_billing.h"
@@ -300,6 +301,10 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 
 	/* hard_cap_blocked alerts queued by refused calls reach alert_log (export_cancel.c) */
 	ub_cancel_flush_alerts();
+
+	/* escrow slots back into their aggregates: the plan below reads the rows alone */
+	pgstat_report_activity(STATE_RUNNING, "folding escrow slots");
+	(void) ub_escrow_fold_all(NULL);
 
 	/* in the cycle context: the transaction's memory goes at commit */
 	{

@@ -254,9 +254,9 @@ ub_meter_usage(const UbCustomer *customer, TimestampTz current_start, TimestampT
 				 "SELECT m.meter, m.aggregation, m.unit,"
 				 "       coalesce(cur.total, 0), coalesce(prev.total, 0)"
 				 "  FROM usage_billing.meters m"
-				 "  LEFT JOIN usage_billing.usage_aggregates cur"
+				 "  LEFT JOIN usage_billing.aggregate_totals cur"
 				 "         ON cur.customer_id = $1 AND cur.meter = m.meter AND cur.period_start = $2"
-				 "  LEFT JOIN usage_billing.usage_aggregates prev"
+				 "  LEFT JOIN usage_billing.aggregate_totals prev"
 				 "         ON prev.customer_id = $1 AND prev.meter = m.meter AND prev.period_start = $3"
 				 " WHERE cur.customer_id IS NOT NULL OR prev.customer_id IS NOT NULL"
 				 "    OR EXISTS (SELECT 1 FROM usage_billing.effective_limits l"
@@ -431,7 +431,7 @@ ub_recommend_plan(PG_FUNCTION_ARGS)
 		ub_prepare_once(&period_totals_plan,
 					 "SELECT a.meter, a.total, p.i"
 					 "  FROM pg_catalog.unnest($2) WITH ORDINALITY AS p(s, i)"
-					 "  JOIN usage_billing.usage_aggregates a"
+					 "  JOIN usage_billing.aggregate_totals a"
 					 "    ON a.customer_id = $1 AND a.period_start = p.s", 2, types);
 		args[0] = CStringGetTextDatum(customer_id);
 		args[1] = PointerGetDatum(construct_array(starts, periods, TIMESTAMPTZOID,

@@ -54,6 +54,7 @@
 
 #include "catalog.h"
 #include "catalog_cache.h"
+#include "escrow.h"
 #include "periods.h"
 #include "pricing.h"
 #include "reading.h"
@@ -81,6 +82,9 @@ typedef struct CheckResult
 static Oid	aggregates_relid = InvalidOid;
 static Oid	aggregates_pkey = InvalidOid;
 static AttrNumber aggregates_total_attnum = InvalidAttrNumber;
+static AttrNumber aggregates_slotted_attnum = InvalidAttrNumber;
+static Oid	slots_relid = InvalidOid;
+static Oid	slots_pkey = InvalidOid;
 static bool aggregates_callback_registered = false;
 
 static void ForgetAggregatesRelation(Datum arg, Oid relid);
@@ -100,9 +104,12 @@ ForgetAggregatesRelation(Datum arg, Oid relid)
 	aggregates_relid = InvalidOid;
 	aggregates_pkey = InvalidOid;
 	aggregates_total_attnum = InvalidAttrNumber;
+	aggregates_slotted_attnum = InvalidAttrNumber;
+	slots_relid = InvalidOid;
+	slots_pkey = InvalidOid;
 }
 
-/* Finds usage_aggregates, its primary key and its total column. */
+/* Finds usage_aggregates, its primary key, its total and slotted columns, and the escrow slots. */
 static void
 LookupAggregatesRelation(void)
 {
@@ -121,8 +128,14 @@ LookupAggregatesRelation(void)
 	if (!OidIsValid(aggregates_relid) || !OidIsValid(aggregates_pkey))
 		elog(ERROR, "usage_billing.usage_aggregates or its primary key is missing");
 	aggregates_total_attnum = get_attnum(aggregates_relid, "total");
-	if (aggregates_total_attnum == InvalidAttrNumber)
-		elog(ERROR, "usage_billing.usage_aggregates has no column \"total\"");
+	aggregates_slotted_attnum = get_attnum(aggregates_relid, "slotted");
+	if (aggregates_total_attnum == InvalidAttrNumber ||
+		aggregates_slotted_attnum == InvalidAttrNumber)
+		elog(ERROR, "usage_billing.usage_aggregates has no column \"total\" or \"slotted\"");
+	slots_relid = get_relname_relid("usage_aggregate_slots", nsp);
+	slots_pkey = get_relname_relid("usage_aggregate_slots_pkey", nsp);
+	if (!OidIsValid(slots_relid) || !OidIsValid(slots_pkey))
+		elog(ERROR, "usage_billing.usage_aggregate_slots or its primary key is missing");
 }
 
 /*
@@ -149,7 +162,7 @@ CurrentTotalSql(const char *customer_id, const char *meter, TimestampTz period_s
 	{
 		Oid			types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
 
-		plan = SPI_prepare("SELECT total FROM usage_billing.usage_aggregates"
+		plan = SPI_prepare("SELECT total FROM usage_billing.aggregate_totals"
 						   " WHERE customer_id = $1 AND meter = $2 AND period_start = $3",
 						   3, types);
 		if (plan == NULL || SPI_keepplan(plan) != 0)
@@ -186,6 +199,11 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 	Oid			relid;
 	Oid			pkey;
 	AttrNumber	total_attnum;
+	AttrNumber	slotted_attnum;
+	Oid			slots;
+	Oid			slots_index;
+	bool		slotted = false;
+	Snapshot	snapshot;
 	ScanKeyData keys[3];
 	IndexScanDesc scan;
 	TupleTableSlot *slot;
@@ -198,6 +216,9 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 	relid = aggregates_relid;
 	pkey = aggregates_pkey;
 	total_attnum = aggregates_total_attnum;
+	slotted_attnum = aggregates_slotted_attnum;
+	slots = slots_relid;
+	slots_index = slots_pkey;
 	rel = table_open(relid, AccessShareLock);
 	idx = index_open(pkey, AccessShareLock);
 
@@ -212,9 +233,8 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 						   idx->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
 						   TimestampTzGetDatum(period_start));
 
-	scan = index_beginscan(rel, idx,
-						   ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot(),
-						   3, 0);
+	snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
+	scan = index_beginscan(rel, idx, snapshot, 3, 0);
 	index_rescan(scan, keys, 3, NULL, 0);
 	slot = table_slot_create(rel, NULL);
 	if (index_getnext_slot(scan, ForwardScanDirection, slot))
@@ -224,9 +244,26 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 
 		if (!isnull)
 			total = DatumGetNumericCopy(d);
+		d = slot_getattr(slot, slotted_attnum, &isnull);
+		slotted = !isnull && DatumGetBool(d);
 	}
 	index_endscan(scan);
 	ExecDropSingleTupleTableSlot(slot);
+
+	/* part of a contended key's total is in its escrow slots, under the same snapshot */
+	if (slotted && total != NULL)
+	{
+		Relation	srel = table_open(slots, AccessShareLock);
+		Relation	sidx = index_open(slots_index, AccessShareLock);
+		Numeric		held;
+		int64		events;
+
+		ub_escrow_slot_sum(srel, sidx, keys[0].sk_argument, keys[1].sk_argument, period_start,
+						   snapshot, -1, &held, &events);
+		total = ub_num_add(total, held);
+		index_close(sidx, AccessShareLock);
+		table_close(srel, AccessShareLock);
+	}
 	index_close(idx, AccessShareLock);
 	table_close(rel, AccessShareLock);
 

@@ -44,6 +44,7 @@
 #include "alerts.h"
 #include "catalog.h"
 #include "direct_write.h"
+#include "escrow.h"
 #include "pricing.h"
 #include "record.h"
 #include "usage_billing.h"
@@ -85,7 +86,7 @@ static void raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const U
 #define AGG_SET_LAST \
 	" total = CASE WHEN EXCLUDED.last_usage >= a.last_usage" \
 	"              THEN EXCLUDED.total ELSE a.total END"
-#define AGG_RETURNING	" RETURNING a.total, a.previous_total"
+#define AGG_RETURNING	" RETURNING a.total, a.previous_total, a.slotted"
 
 #define COMBINED(ledger_tail, set) \
 	"WITH ev AS (" LEDGER_INSERT ledger_tail " RETURNING 1) " \
@@ -272,6 +273,7 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 				d.contribution = contribution;
 				d.count = 1;
 				d.first_usage = d.last_usage = in->occurred_at;
+				d.limit = &pe.limit;
 				ub_direct_fold(writer, &d, &out->total, &previous_total);
 			}
 			ub_direct_close(writer);
@@ -298,6 +300,15 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 												   SPI_tuptable->tupdesc, 1, &isnull));
 	previous = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	previous_total = isnull ? NULL : DatumGetNumericCopy(previous);
+	if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull)) &&
+		!isnull && previous_total != NULL)
+	{
+		/* the upsert holds the row's lock: fold its escrow slots and decide on the exact total */
+		Numeric		folded = ub_escrow_fold_key_sql(in->customer_id, in->meter, pe.period_start);
+
+		out->total = ub_num_add(out->total, folded);
+		previous_total = ub_num_add(previous_total, folded);
+	}
 
 recorded:
 	ub_finish_aggregate(in, &pe, previous_total, out->total, contribution);

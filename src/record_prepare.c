@@ -220,7 +220,7 @@ ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *ou
 													 SPI_tuptable->tupdesc, 2, &isnull));
 
 	ub_prepare_once(&agg_read_plan,
-				 "SELECT total, period_end FROM usage_billing.usage_aggregates"
+				 "SELECT total, period_end FROM usage_billing.aggregate_totals"
 				 " WHERE customer_id = $1 AND meter = $2 AND period_start = $3", 3, types3);
 	args[1] = CStringGetTextDatum(meter);
 	args[2] = TimestampTzGetDatum(period_start);

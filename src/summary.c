@@ -137,7 +137,7 @@ ub_period_aggregates(const char *customer_id, TimestampTz period_start)
 
 		aggregates_plan = KeepPlan(
 			"SELECT a.meter, a.total, a.event_count, a.first_usage, a.last_usage"
-			"  FROM usage_billing.usage_aggregates a"
+			"  FROM usage_billing.aggregate_totals a"
 			" WHERE a.customer_id = $1 AND a.period_start = $2", 2, types);
 	}
 	args[0] = CStringGetTextDatum(customer_id);
@@ -264,7 +264,7 @@ PeriodRows(const char *customer_id, TimestampTz period_start)
 		period_rows_plan = KeepPlan(
 			"SELECT coalesce(a.meter, l.meter), a.total, a.event_count,"
 			"       a.first_usage, a.last_usage"
-			"  FROM (SELECT * FROM usage_billing.usage_aggregates"
+			"  FROM (SELECT * FROM usage_billing.aggregate_totals"
 			"         WHERE customer_id = $1 AND period_start = $2) a"
 			"  FULL JOIN (SELECT DISTINCT el.meter FROM usage_billing.effective_limits el"
 			"              WHERE el.customer_id = $1) l ON l.meter = a.meter"

@@ -16,6 +16,7 @@
 #include "catalog_preload.h"
 #include "export_cancel.h"
 #include "direct_write.h"
+#include "escrow.h"
 #include "usage_billing.h"
 
 PG_MODULE_MAGIC;
@@ -27,6 +28,13 @@ int			ub_late_event_action = UB_LATE_REJECT;
 static const struct config_enum_entry late_event_action_options[] = {
 	{"reject", UB_LATE_REJECT, false},
 	{"current_period", UB_LATE_CURRENT_PERIOD, false},
+	{NULL, 0, false}
+};
+
+static const struct config_enum_entry hot_key_slots_options[] = {
+	{"off", UB_SLOTS_OFF, false},
+	{"auto", UB_SLOTS_AUTO, false},
+	{"always", UB_SLOTS_ALWAYS, false},
 	{NULL, 0, false}
 };
 
@@ -60,6 +68,16 @@ _PG_init(void)
 							 "Turn off when the tables are distributed with Citus: only SQL is routed to the shards.",
 							 &ub_direct_reads,
 							 true,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("usage_billing.hot_key_slots",
+							 "When a contended aggregate takes usage through escrow slots.",
+							 "auto: a key this backend found locked a few times; always: every sum and count key; off: never (existing slots are still read and folded).",
+							 &ub_hot_key_slots,
+							 UB_SLOTS_AUTO,
+							 hot_key_slots_options,
 							 PGC_SUSET,
 							 0,
 							 NULL, NULL, NULL);

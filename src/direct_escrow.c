@@ -1,0 +1,362 @@
+/*-------------------------------------------------------------------------
+ * direct_escrow.c
+ *	  The direct writer's side of the escrow slots (the rules are in escrow.c).
+ *
+ * A backend's slot of a key is the usage_aggregate_slots row numbered with
+ * its backend id: no other live backend writes it, so spending it waits
+ * only for a writer that is folding the key.  What lives here:
+ *
+ *	 spend      the fast path: find our slot, check its budget and that it
+ *				is still valid under the limit in force, add the delta to it.
+ *	 scan       under the aggregate row's lock: what the slots hold in total
+ *				and budget, and where our own slot is.
+ *	 fold       under the aggregate row's lock: delete every slot (waiting
+ *				for a caller spending one) and return what they held.
+ *	 give       under the aggregate row's lock: a new budget for our slot.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/stratnum.h"
+#include "access/tableam.h"
+#include "access/xact.h"
+#include "executor/executor.h"
+#include "miscadmin.h"
+#include "storage/backendid.h"
+#include "utils/builtins.h"
+#include "utils/timestamp.h"
+#include "utils/fmgroids.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
+
+#include "direct_write_int.h"
+#include "escrow.h"
+#include "pricing.h"
+
+static void slot_keys(UbDirectWriter *w, const UbAggregateDelta *d, ScanKeyData *keys,
+					  bool own);
+
+#define S(col) (w->slot_table->attnums[col] - 1)
+
+/* Scan keys on the slots' primary key: the aggregate's key, and our slot number if own. */
+static void
+slot_keys(UbDirectWriter *w, const UbAggregateDelta *d, ScanKeyData *keys, bool own)
+{
+	Relation	pkey = w->slot_pkey;
+
+	ScanKeyEntryInitialize(&keys[0], 0, 1, BTEqualStrategyNumber, InvalidOid,
+						   pkey->rd_indcollation[0], F_TEXTEQ,
+						   CStringGetTextDatum(d->customer_id));
+	ScanKeyEntryInitialize(&keys[1], 0, 2, BTEqualStrategyNumber, InvalidOid,
+						   pkey->rd_indcollation[1], F_TEXTEQ,
+						   CStringGetTextDatum(d->meter));
+	ScanKeyEntryInitialize(&keys[2], 0, 3, BTEqualStrategyNumber, InvalidOid,
+						   pkey->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
+						   TimestampTzGetDatum(d->period_start));
+	if (own)
+		ScanKeyEntryInitialize(&keys[3], 0, 4, BTEqualStrategyNumber, InvalidOid,
+							   InvalidOid, F_INT4EQ, Int32GetDatum(MyBackendId));
+}
+
+/*
+ * The fast path: adds the delta to our slot if its budget covers it and the
+ * limits it was granted under still allow it.  On success *total is the
+ * key's total as this call leaves it: the committed aggregate and slots and
+ * our own.  False: nothing was written, take the aggregate row.
+ */
+bool
+ub_escrow_try_spend(UbDirectWriter *w, const UbAggregateDelta *d, uint64 key, Numeric *total)
+{
+	ResultRelInfo *rri = w->rri[2];
+	Relation	rel = rri->ri_RelationDesc;
+	TupleTableSlot *old = w->slot_old;
+	TupleTableSlot *row = w->slot_row;
+	TupleDesc	desc = RelationGetDescr(rel);
+	SnapshotData dirty;
+	ScanKeyData keys[4];
+	IndexScanDesc scan;
+	bool		found;
+	bool		busy;
+	Datum	   *v = row->tts_values;
+	bool	   *n = row->tts_isnull;
+	Numeric		budget;
+	Numeric		slot_total;
+	TimestampTz t;
+
+	InitDirtySnapshot(dirty);
+	slot_keys(w, d, keys, true);
+	scan = index_beginscan(rel, w->slot_pkey, &dirty, 4, 0);
+	index_rescan(scan, keys, 4, NULL, 0);
+	found = index_getnext_slot(scan, ForwardScanDirection, old);
+	if (found)
+		ExecMaterializeSlot(old);
+	/* a writer folding the key holds our slot: let the aggregate row wait for it */
+	busy = TransactionIdIsValid(dirty.xmin) || TransactionIdIsValid(dirty.xmax);
+	index_endscan(scan);
+	if (!found)
+	{
+		ub_escrow_remember(key, false);
+		return false;
+	}
+	if (busy)
+		return false;
+
+	ExecClearTuple(row);
+	slot_getallattrs(old);
+	memcpy(v, old->tts_values, sizeof(Datum) * desc->natts);
+	memcpy(n, old->tts_isnull, sizeof(bool) * desc->natts);
+	if (!ub_escrow_slot_valid(d->limit, DatumGetNumeric(v[S(SLOT_FLOOR)]),
+							  n[S(SLOT_LIMIT)] ? NULL : DatumGetNumeric(v[S(SLOT_LIMIT)])))
+		return false;
+	budget = n[S(SLOT_BUDGET)] ? NULL : DatumGetNumeric(v[S(SLOT_BUDGET)]);
+	/* strictly below: the invariant keeps the total short of every point */
+	if (budget != NULL && ub_num_cmp(d->contribution, budget) >= 0)
+		return false;
+
+	slot_total = ub_num_add(DatumGetNumeric(v[S(SLOT_TOTAL)]), d->contribution);
+	v[S(SLOT_TOTAL)] = NumericGetDatum(slot_total);
+	v[S(SLOT_COUNT)] = Int64GetDatum(DatumGetInt64(v[S(SLOT_COUNT)]) + d->count);
+	if (budget != NULL)
+		v[S(SLOT_BUDGET)] = NumericGetDatum(ub_num_sub(budget, d->contribution));
+	t = DatumGetTimestampTz(v[S(SLOT_FIRST)]);
+	if (n[S(SLOT_FIRST)] || d->first_usage < t)
+		v[S(SLOT_FIRST)] = TimestampTzGetDatum(d->first_usage);
+	n[S(SLOT_FIRST)] = false;
+	t = DatumGetTimestampTz(v[S(SLOT_LAST)]);
+	if (n[S(SLOT_LAST)] || d->last_usage > t)
+		v[S(SLOT_LAST)] = TimestampTzGetDatum(d->last_usage);
+	n[S(SLOT_LAST)] = false;
+	ExecStoreVirtualTuple(row);
+	if (rel->rd_att->constr)
+		ExecConstraints(rri, row, w->estate);
+	if (!ub_direct_update_row(w->estate, rri, old, row))
+		return false;
+
+	*total = ub_num_add(ub_escrow_committed(w, d, MyBackendId), slot_total);
+	*total = DatumGetNumericCopy(NumericGetDatum(*total));
+	return true;
+}
+
+/*
+ * The key's committed total: its aggregate row plus its slots, leaving out
+ * slot skip_slot (-1: none), under a new snapshot, which also sees what
+ * earlier calls of this transaction and statement wrote.
+ */
+Numeric
+ub_escrow_committed(UbDirectWriter *w, const UbAggregateDelta *d, int skip_slot)
+{
+	Relation	rel = w->rri[1]->ri_RelationDesc;
+	ScanKeyData keys[4];
+	IndexScanDesc scan;
+	Numeric		total = ub_num_zero();
+
+	/* the aggregate's primary key has the slots' first three columns */
+	slot_keys(w, d, keys, false);
+	scan = index_beginscan(rel, w->pkey, GetLatestSnapshot(), 3, 0);
+	index_rescan(scan, keys, 3, NULL, 0);
+	if (index_getnext_slot(scan, ForwardScanDirection, w->agg_old))
+	{
+		bool		isnull;
+		Datum		t = slot_getattr(w->agg_old, w->agg_table->attnums[AGG_TOTAL], &isnull);
+
+		if (!isnull)
+			total = DatumGetNumeric(t);
+	}
+	index_endscan(scan);
+	return ub_num_add(total, ub_escrow_slots_total(w, d, skip_slot));
+}
+
+/* What the key's slots hold under a new snapshot, leaving out skip_slot (-1: none). */
+Numeric
+ub_escrow_slots_total(UbDirectWriter *w, const UbAggregateDelta *d, int skip_slot)
+{
+	Numeric		total;
+	int64		count;
+
+	ub_escrow_slot_sum(w->rri[2]->ri_RelationDesc, w->slot_pkey,
+					   CStringGetTextDatum(d->customer_id), CStringGetTextDatum(d->meter),
+					   d->period_start, GetLatestSnapshot(), skip_slot, &total, &count);
+	return total;
+}
+
+/*
+ * Under the aggregate row's lock: what the key's slots hold, totals and
+ * budgets together (*escrowed; NULL when one has no limit), and our own
+ * slot's tid if we have one.  Spending moves budget into total, so the sum
+ * does not depend on which version of a slot we see.
+ */
+void
+ub_escrow_scan(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *escrowed,
+			   bool *own_found, ItemPointer own_tid)
+{
+	Relation	rel = w->rri[2]->ri_RelationDesc;
+	TupleTableSlot *old = w->slot_old;
+	SnapshotData dirty;
+	ScanKeyData keys[4];
+	IndexScanDesc scan;
+
+	*escrowed = ub_num_zero();
+	*own_found = false;
+	InitDirtySnapshot(dirty);
+	slot_keys(w, d, keys, false);
+	scan = index_beginscan(rel, w->slot_pkey, &dirty, 3, 0);
+	index_rescan(scan, keys, 3, NULL, 0);
+	while (index_getnext_slot(scan, ForwardScanDirection, old))
+	{
+		bool		isnull;
+		Datum		budget;
+
+		if (DatumGetInt32(slot_getattr(old, w->slot_table->attnums[SLOT_SLOT], &isnull)) == MyBackendId)
+		{
+			*own_found = true;
+			ItemPointerCopy(&old->tts_tid, own_tid);
+		}
+		budget = slot_getattr(old, w->slot_table->attnums[SLOT_BUDGET], &isnull);
+		if (isnull)
+			*escrowed = NULL;
+		if (*escrowed == NULL)
+			continue;
+		*escrowed = ub_num_add(*escrowed, DatumGetNumeric(budget));
+		*escrowed = ub_num_add(*escrowed,
+							   DatumGetNumeric(slot_getattr(old, w->slot_table->attnums[SLOT_TOTAL],
+															&isnull)));
+	}
+	index_endscan(scan);
+}
+
+/*
+ * Under the aggregate row's lock: deletes every slot of the key and returns
+ * what they held.  Deleting a slot waits for a caller spending it; if that
+ * caller committed, we read the slot again.
+ */
+void
+ub_escrow_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
+			   int64 *event_count, TimestampTz *first_usage, TimestampTz *last_usage,
+			   bool *have_usage)
+{
+	Relation	rel = w->rri[2]->ri_RelationDesc;
+	TupleTableSlot *old = w->slot_old;
+	ScanKeyData keys[4];
+	bool		again = true;
+
+	*total = ub_num_zero();
+	*event_count = 0;
+	*have_usage = false;
+	slot_keys(w, d, keys, false);
+	while (again)
+	{
+		SnapshotData dirty;
+		IndexScanDesc scan;
+
+		again = false;
+		InitDirtySnapshot(dirty);
+		scan = index_beginscan(rel, w->slot_pkey, &dirty, 3, 0);
+		index_rescan(scan, keys, 3, NULL, 0);
+		while (index_getnext_slot(scan, ForwardScanDirection, old))
+		{
+			TM_FailureData tmfd;
+			TM_Result	res;
+			bool		isnull;
+			Datum		t;
+
+			res = table_tuple_delete(rel, &old->tts_tid, w->estate->es_output_cid,
+									 w->estate->es_snapshot, InvalidSnapshot, true,
+									 &tmfd, false);
+			if (res == TM_Updated || res == TM_Deleted)
+			{
+				/* spent meanwhile: read it again (slots we deleted are gone for us) */
+				again = true;
+				break;
+			}
+			if (res != TM_Ok)
+				elog(ERROR, "unexpected result %d deleting an escrow slot", (int) res);
+			*total = ub_num_add(*total,
+								DatumGetNumeric(slot_getattr(old, w->slot_table->attnums[SLOT_TOTAL],
+															 &isnull)));
+			*event_count += DatumGetInt64(slot_getattr(old, w->slot_table->attnums[SLOT_COUNT],
+													   &isnull));
+			t = slot_getattr(old, w->slot_table->attnums[SLOT_FIRST], &isnull);
+			if (!isnull && (!*have_usage || DatumGetTimestampTz(t) < *first_usage))
+				*first_usage = DatumGetTimestampTz(t);
+			t = slot_getattr(old, w->slot_table->attnums[SLOT_LAST], &isnull);
+			if (!isnull)
+			{
+				if (!*have_usage || DatumGetTimestampTz(t) > *last_usage)
+					*last_usage = DatumGetTimestampTz(t);
+				*have_usage = true;
+			}
+		}
+		index_endscan(scan);
+	}
+}
+
+/*
+ * Under the aggregate row's lock: adds budget (NULL: no limit) to our slot,
+ * granted at floor_total below budget_limit, creating the slot if needed.
+ */
+void
+ub_escrow_give(UbDirectWriter *w, const UbAggregateDelta *d, bool own_found,
+			   ItemPointer own_tid, Numeric floor_total, Numeric budget, Numeric budget_limit)
+{
+	ResultRelInfo *rri = w->rri[2];
+	Relation	rel = rri->ri_RelationDesc;
+	TupleDesc	desc = RelationGetDescr(rel);
+	TupleTableSlot *old = w->slot_old;
+	TupleTableSlot *row = w->slot_row;
+	Datum	   *v = row->tts_values;
+	bool	   *n = row->tts_isnull;
+	int			i;
+
+	ExecClearTuple(row);
+	if (own_found)
+	{
+		if (!table_tuple_fetch_row_version(rel, own_tid, SnapshotAny, old))
+			elog(ERROR, "escrow slot disappeared");
+		slot_getallattrs(old);
+		memcpy(v, old->tts_values, sizeof(Datum) * desc->natts);
+		memcpy(n, old->tts_isnull, sizeof(bool) * desc->natts);
+		if (budget != NULL && !n[S(SLOT_BUDGET)])
+			budget = ub_num_add(budget, DatumGetNumeric(v[S(SLOT_BUDGET)]));
+	}
+	else
+	{
+		for (i = 0; i < desc->natts; i++)
+		{
+			if (w->slot_table->defaults[i] != NULL)
+				v[i] = ub_direct_eval_default(w->estate, w->slot_table->defaults[i],
+											  TupleDescAttr(desc, i), &n[i]);
+			else
+			{
+				v[i] = (Datum) 0;
+				n[i] = true;
+			}
+		}
+		v[S(SLOT_CUSTOMER)] = CStringGetTextDatum(d->customer_id);
+		v[S(SLOT_METER)] = CStringGetTextDatum(d->meter);
+		v[S(SLOT_PERIOD_START)] = TimestampTzGetDatum(d->period_start);
+		v[S(SLOT_SLOT)] = Int32GetDatum(MyBackendId);
+		v[S(SLOT_TOTAL)] = NumericGetDatum(ub_num_zero());
+		v[S(SLOT_COUNT)] = Int64GetDatum(0);
+		n[S(SLOT_CUSTOMER)] = n[S(SLOT_METER)] = n[S(SLOT_PERIOD_START)] = false;
+		n[S(SLOT_SLOT)] = n[S(SLOT_TOTAL)] = n[S(SLOT_COUNT)] = false;
+		n[S(SLOT_FIRST)] = n[S(SLOT_LAST)] = true;
+	}
+	v[S(SLOT_BUDGET)] = budget ? NumericGetDatum(budget) : (Datum) 0;
+	n[S(SLOT_BUDGET)] = (budget == NULL);
+	v[S(SLOT_FLOOR)] = NumericGetDatum(floor_total);
+	n[S(SLOT_FLOOR)] = false;
+	v[S(SLOT_LIMIT)] = budget_limit ? NumericGetDatum(budget_limit) : (Datum) 0;
+	n[S(SLOT_LIMIT)] = (budget_limit == NULL);
+	ExecStoreVirtualTuple(row);
+	if (rel->rd_att->constr)
+		ExecConstraints(rri, row, w->estate);
+	if (own_found)
+	{
+		if (!ub_direct_update_row(w->estate, rri, old, row))
+			elog(ERROR, "escrow slot changed under the aggregate row's lock");
+		return;
+	}
+	table_tuple_insert(rel, row, w->estate->es_output_cid, 0, NULL);
+	list_free(ExecInsertIndexTuples(rri, row, w->estate, false, false, NULL, NIL));
+}

@@ -1,0 +1,50 @@
+/*-------------------------------------------------------------------------
+ * escrow.h
+ *	  Escrow slots: how a contended aggregate takes usage without one row lock.
+ *-------------------------------------------------------------------------
+ */
+#ifndef UB_ESCROW_H
+#define UB_ESCROW_H
+
+#include "datatype/timestamp.h"
+#include "utils/numeric.h"
+#include "utils/relcache.h"
+#include "utils/snapshot.h"
+
+#include "catalog.h"
+
+/* usage_billing.hot_key_slots */
+typedef enum UbSlotMode
+{
+	UB_SLOTS_OFF,
+	UB_SLOTS_AUTO,				/* a key this backend found locked a few times */
+	UB_SLOTS_ALWAYS				/* every sum and count key (tests) */
+} UbSlotMode;
+
+extern int	ub_hot_key_slots;
+
+/* Waits on one key, seen by one backend, before that backend asks for a slot. */
+#define UB_ESCROW_CONTENTIONS	3
+
+/* A budget is this share of what is left before the next limit decision. */
+#define UB_ESCROW_SHARES		16
+
+extern uint64 ub_escrow_key_hash(const char *customer_id, const char *meter,
+								 TimestampTz period_start);
+extern bool ub_escrow_has_slot(uint64 key);
+extern void ub_escrow_remember(uint64 key, bool has_slot);
+extern bool ub_escrow_note_contention(uint64 key);
+
+extern bool ub_escrow_slot_valid(const UbLimit *limit, Numeric floor_total, Numeric budget_limit);
+extern bool ub_escrow_near(const UbLimit *limit, Numeric lower, Numeric upper);
+extern bool ub_escrow_grant(const UbLimit *limit, Numeric lower, Numeric upper,
+							Numeric *budget, Numeric *budget_limit);
+
+extern void ub_escrow_slot_sum(Relation slots, Relation pkey, Datum customer, Datum meter,
+							   TimestampTz period_start, Snapshot snapshot, int skip_slot,
+							   Numeric *total, int64 *event_count);
+extern Numeric ub_escrow_fold_key_sql(const char *customer_id, const char *meter,
+								   TimestampTz period_start);
+extern int64 ub_escrow_fold_all(const char *customer_id);
+
+#endif							/* UB_ESCROW_H */
