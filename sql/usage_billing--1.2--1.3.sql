@@ -28,6 +28,7 @@ CREATE TABLE usage_billing.usage_aggregate_slots (
     budget_limit numeric,                 -- the limit decision the budget stays below; NULL = none
     first_usage  timestamptz,
     last_usage   timestamptz,
+    updated_at   timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (customer_id, meter, period_start, slot),
     CHECK (budget IS NULL OR budget >= 0)
 ) WITH (fillfactor = 30);
@@ -204,3 +205,164 @@ SELECT a.customer_id, a.meter, a.period_start, a.period_end,
                             '23h')::interval
            AND NOT EXISTS (SELECT 1 FROM usage_billing.export_cancels xc
                             WHERE xc.identifier = ob.identifier)) k ON true;
+
+-- the export plans what Stripe has not received from the totals with their slots
+CREATE OR REPLACE FUNCTION usage_billing.export_plan(max_rows integer DEFAULT 10000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+/*
+ * Writes the outbox rows that bring Stripe from "planned" to floor(total), at most one open
+ * (pending or failed) row per customer, meter and period.  Timestamps: now, clamped into the
+ * period (at most period_end - 1 s, at least period_start); for formula-last meters strictly
+ * after the previous event of the period when the period leaves room.  A period whose events
+ * would be older than Stripe's 35-day window (less a one-hour margin) is not sent: its row is
+ * created failed with that reason, so the gap shows in export_status instead of landing in the
+ * wrong Stripe period.  A lowered sum/count total is never sent (no negative events): it shows
+ * as needs_manual_credit.
+ */
+DECLARE
+    n integer;
+    now_s bigint := extract(epoch FROM clock_timestamp())::bigint;
+    horizon bigint := extract(epoch FROM clock_timestamp() - interval '35 days' + interval '1 hour')::bigint;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be positive'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- one planner at a time (the worker; a manual call waits)
+    PERFORM pg_advisory_xact_lock(7245170349586201);
+    INSERT INTO usage_billing.export_epoch (epoch)
+    SELECT left(md5(random()::text || clock_timestamp()::text || pg_backend_pid()::text), 8)
+     WHERE NOT EXISTS (SELECT 1 FROM usage_billing.export_epoch);
+
+    WITH cand AS (
+        SELECT a.customer_id, a.meter, a.period_start, a.period_end,
+               floor(a.total) AS target,
+               m.aggregation IN ('sum', 'count') AS additive,
+               m.stripe_event_name, c.stripe_customer_id,
+               coalesce(s.planned, 0) AS planned,
+               coalesce(s.last_seq, 0) + 1 AS seq,
+               s.last_ts
+          FROM usage_billing.aggregate_totals a
+          JOIN usage_billing.meters m ON m.meter = a.meter
+          JOIN usage_billing.customers c ON c.customer_id = a.customer_id
+          LEFT JOIN usage_billing.export_state s
+                 ON s.customer_id = a.customer_id AND s.meter = a.meter AND s.period_start = a.period_start
+         WHERE m.stripe_event_name IS NOT NULL
+           AND c.stripe_customer_id IS NOT NULL
+           AND a.total >= 0
+           AND extract(epoch FROM a.period_start) <= now_s + 240
+           AND CASE WHEN m.aggregation IN ('sum', 'count')
+                    THEN floor(a.total) > coalesce(s.planned, 0)
+                    ELSE floor(a.total) <> coalesce(s.planned, 0) END
+           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_outbox o
+                            WHERE o.customer_id = a.customer_id AND o.meter = a.meter
+                              AND o.period_start = a.period_start
+                              AND o.status IN ('pending', 'failed'))
+         ORDER BY a.period_start, a.customer_id, a.meter
+         LIMIT max_rows
+    ), timed AS (
+        SELECT cand.*,
+               greatest(least(now_s, extract(epoch FROM period_end)::bigint - 1),
+                        extract(epoch FROM period_start)::bigint) AS ts_raw
+          FROM cand
+    ), ev AS (
+        SELECT timed.*,
+               CASE WHEN NOT additive AND last_ts IS NOT NULL AND ts_raw <= last_ts
+                         AND last_ts + 1 < extract(epoch FROM period_end)::bigint
+                    THEN last_ts + 1 ELSE ts_raw END AS event_ts,
+               usage_billing.export_identifier(customer_id, meter, period_start, seq::integer) AS ident
+          FROM timed
+    ), ins AS (
+        INSERT INTO usage_billing.export_outbox
+            (customer_id, meter, period_start, seq, stripe_customer_id, event_name, value, additive,
+             identifier, idempotency_key, event_ts, status, last_error)
+        SELECT customer_id, meter, period_start, seq, stripe_customer_id, stripe_event_name,
+               CASE WHEN additive THEN target - planned ELSE target END, additive,
+               ident, ident, event_ts,
+               CASE WHEN event_ts < horizon THEN 'failed' ELSE 'pending' END,
+               CASE WHEN event_ts < horizon
+                    THEN 'the period ended more than 35 days ago: Stripe no longer accepts events for it' END
+          FROM ev
+        RETURNING customer_id, meter, period_start, seq, event_ts
+    )
+    INSERT INTO usage_billing.export_state AS s (customer_id, meter, period_start, planned, last_seq, last_ts)
+    SELECT i.customer_id, i.meter, i.period_start, e.target, i.seq, i.event_ts
+      FROM ins i
+      JOIN ev e ON e.customer_id = i.customer_id AND e.meter = i.meter AND e.period_start = i.period_start
+    ON CONFLICT (customer_id, meter, period_start) DO UPDATE
+        SET planned = EXCLUDED.planned, last_seq = EXCLUDED.last_seq, last_ts = EXCLUDED.last_ts;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.export_plan(integer) IS
+    'Internal (export worker): writes the outbox rows that bring Stripe to floor(total); returns how many.';
+
+CREATE OR REPLACE FUNCTION usage_billing.export_cancel_plan(cancel_window interval, max_rows integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+/*
+ * Writes the cancels that bring what Stripe holds down to floor(total) where a correction
+ * lowered a sum/count total: per customer, meter and period, the cancellable events newest
+ * first, as long as the ones before cover less than the excess.  Skips a period with an open
+ * (pending or failed) outbox row or a pending cancel: its level is not known yet.
+ */
+DECLARE
+    n integer;
+BEGIN
+    IF max_rows IS NULL OR max_rows < 1 THEN
+        RAISE EXCEPTION 'max_rows must be positive'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF cancel_window IS NULL OR cancel_window <= interval '0' THEN
+        RETURN 0;
+    END IF;
+    PERFORM pg_advisory_xact_lock(7245170349586201);
+
+    WITH over AS (
+        SELECT s.customer_id, s.meter, s.period_start, s.planned - floor(a.total) AS excess
+          FROM usage_billing.export_state s
+          JOIN usage_billing.aggregate_totals a
+            ON a.customer_id = s.customer_id AND a.meter = s.meter AND a.period_start = s.period_start
+          JOIN usage_billing.meters m ON m.meter = s.meter
+         WHERE m.aggregation IN ('sum', 'count')
+           AND s.planned > floor(a.total)
+           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_outbox o
+                            WHERE o.customer_id = s.customer_id AND o.meter = s.meter
+                              AND o.period_start = s.period_start
+                              AND o.status IN ('pending', 'failed'))
+           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_cancels x
+                            WHERE x.customer_id = s.customer_id AND x.meter = s.meter
+                              AND x.period_start = s.period_start AND x.status = 'pending')
+         ORDER BY s.period_start, s.customer_id, s.meter
+         LIMIT max_rows
+    ), cand AS (
+        SELECT o.outbox_id, o.customer_id, o.meter, o.period_start, o.identifier, o.event_name,
+               o.value, over.excess,
+               coalesce(sum(o.value) OVER (PARTITION BY o.customer_id, o.meter, o.period_start
+                                           ORDER BY o.seq DESC
+                                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS newer
+          FROM over
+          JOIN usage_billing.export_outbox o
+            ON o.customer_id = over.customer_id AND o.meter = over.meter AND o.period_start = over.period_start
+         WHERE o.status = 'sent' AND o.additive AND o.value > 0
+           AND o.created_at > clock_timestamp() - cancel_window
+           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_cancels x WHERE x.identifier = o.identifier)
+    )
+    INSERT INTO usage_billing.export_cancels
+        (customer_id, meter, period_start, outbox_id, identifier, event_name, value, idempotency_key)
+    SELECT customer_id, meter, period_start, outbox_id, identifier, event_name, value,
+           'ubc-' || identifier
+      FROM cand
+     WHERE newer < excess;
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.export_cancel_plan(interval, integer) IS
+    'Internal (export worker): writes the meter event cancels that bring Stripe down to a lowered floor(total); returns how many.';

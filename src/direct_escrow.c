@@ -110,8 +110,8 @@ ub_escrow_try_spend(UbDirectWriter *w, const UbAggregateDelta *d, uint64 key, Nu
 							  n[S(SLOT_LIMIT)] ? NULL : DatumGetNumeric(v[S(SLOT_LIMIT)])))
 		return false;
 	budget = n[S(SLOT_BUDGET)] ? NULL : DatumGetNumeric(v[S(SLOT_BUDGET)]);
-	/* strictly below: the invariant keeps the total short of every point */
-	if (budget != NULL && ub_num_cmp(d->contribution, budget) >= 0)
+	/* spending moves budget into the slot's total: upper, and the invariant, stay as they are */
+	if (budget != NULL && ub_num_cmp(d->contribution, budget) > 0)
 		return false;
 
 	slot_total = ub_num_add(DatumGetNumeric(v[S(SLOT_TOTAL)]), d->contribution);
@@ -127,6 +127,8 @@ ub_escrow_try_spend(UbDirectWriter *w, const UbAggregateDelta *d, uint64 key, Nu
 	if (n[S(SLOT_LAST)] || d->last_usage > t)
 		v[S(SLOT_LAST)] = TimestampTzGetDatum(d->last_usage);
 	n[S(SLOT_LAST)] = false;
+	v[S(SLOT_UPDATED)] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	n[S(SLOT_UPDATED)] = false;
 	ExecStoreVirtualTuple(row);
 	if (rel->rd_att->constr)
 		ExecConstraints(rri, row, w->estate);
@@ -348,6 +350,8 @@ ub_escrow_give(UbDirectWriter *w, const UbAggregateDelta *d, bool own_found,
 	n[S(SLOT_FLOOR)] = false;
 	v[S(SLOT_LIMIT)] = budget_limit ? NumericGetDatum(budget_limit) : (Datum) 0;
 	n[S(SLOT_LIMIT)] = (budget_limit == NULL);
+	v[S(SLOT_UPDATED)] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
+	n[S(SLOT_UPDATED)] = false;
 	ExecStoreVirtualTuple(row);
 	if (rel->rd_att->constr)
 		ExecConstraints(rri, row, w->estate);

@@ -90,7 +90,7 @@ static const char *const agg_columns[AGG_NCOLS] = {
 /* Names of the escrow slots' columns, in the order of SLOT_* (direct_write_int.h). */
 static const char *const slot_columns[SLOT_NCOLS] = {
 	"customer_id", "meter", "period_start", "slot", "total", "event_count",
-	"budget", "floor_total", "budget_limit", "first_usage", "last_usage"
+	"budget", "floor_total", "budget_limit", "first_usage", "last_usage", "updated_at"
 };
 
 static TargetTable ledger;
@@ -453,9 +453,11 @@ ub_direct_open(void)
 		 * to SQL.  That includes its permission checks and row-level
 		 * security: increment_usage runs as the tables' owner (SECURITY
 		 * DEFINER), for whom both pass, but should a role without them ever
-		 * get here, SQL refuses or filters as it must.
+		 * get here, SQL refuses or filters as it must.  Triggers are read
+		 * from the trigger descriptor: pg_class.relhastriggers stays set
+		 * after DROP TRIGGER until the next VACUUM.
 		 */
-		if (rel->rd_rel->relhastriggers || rel->rd_rel->relkind != RELKIND_RELATION ||
+		if (rel->trigdesc != NULL || rel->rd_rel->relkind != RELKIND_RELATION ||
 			RelationGetDescr(rel)->natts != targets[i]->natts ||
 			pg_class_aclcheck(targets[i]->relid, GetUserId(), modes[i]) != ACLCHECK_OK ||
 			check_enable_rls(targets[i]->relid, InvalidOid, true) == RLS_ENABLED)

@@ -29,7 +29,7 @@ enum
 enum
 {
 	SLOT_CUSTOMER, SLOT_METER, SLOT_PERIOD_START, SLOT_SLOT, SLOT_TOTAL, SLOT_COUNT,
-	SLOT_BUDGET, SLOT_FLOOR, SLOT_LIMIT, SLOT_FIRST, SLOT_LAST, SLOT_NCOLS
+	SLOT_BUDGET, SLOT_FLOOR, SLOT_LIMIT, SLOT_FIRST, SLOT_LAST, SLOT_UPDATED, SLOT_NCOLS
 };
 
 /* A table we write, resolved once per backend and forgotten on any relcache invalidation. */

@@ -378,16 +378,18 @@ ub_escrow_fold_key_sql(const char *customer_id, const char *meter, TimestampTz p
 
 /*
  * Folds the slots of every slotted aggregate, or of one customer's
- * (customer_id not NULL), one key at a time; returns how many keys.  The
- * export worker runs it every cycle, which keeps the slots few.
+ * (customer_id not NULL), one key at a time; returns how many keys.  With
+ * idle_seconds > 0, only keys whose slots nobody wrote for that long: the
+ * export worker runs it every cycle so that slots do not pile up, and
+ * leaves the keys that are hot right now alone.
  */
 int64
-ub_escrow_fold_all(const char *customer_id)
+ub_escrow_fold_all(const char *customer_id, int idle_seconds)
 {
 	static SPIPlanPtr keys_plan = NULL;
-	Oid			types[1] = {TEXTOID};
-	Datum		args[1];
-	char		nulls[1];
+	Oid			types[2] = {TEXTOID, INT4OID};
+	Datum		args[2];
+	char		nulls[2];
 	SPITupleTable *keys;
 	uint64		n;
 	uint64		i;
@@ -397,11 +399,18 @@ ub_escrow_fold_all(const char *customer_id)
 	ub_push_safe_search_path();
 	args[0] = customer_id ? CStringGetTextDatum(customer_id) : (Datum) 0;
 	nulls[0] = customer_id ? ' ' : 'n';
+	args[1] = Int32GetDatum(idle_seconds);
+	nulls[1] = ' ';
 	if (SPI_execute_plan(ub_prepare_once(&keys_plan,
-										 "SELECT customer_id, meter, period_start"
-										 "  FROM usage_billing.usage_aggregates"
-										 " WHERE slotted AND ($1 IS NULL OR customer_id = $1)"
-										 " ORDER BY 1, 2, 3", 1, types),
+										 "SELECT a.customer_id, a.meter, a.period_start"
+										 "  FROM usage_billing.usage_aggregates a"
+										 " WHERE a.slotted AND ($1 IS NULL OR a.customer_id = $1)"
+										 "   AND NOT EXISTS (SELECT 1 FROM usage_billing.usage_aggregate_slots s"
+										 "                    WHERE s.customer_id = a.customer_id AND s.meter = a.meter"
+										 "                      AND s.period_start = a.period_start"
+										 "                      AND s.updated_at > pg_catalog.now()"
+										 "                          - pg_catalog.make_interval(secs => $2))"
+										 " ORDER BY 1, 2, 3", 2, types),
 						 args, nulls, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "slotted aggregates lookup failed");
 	keys = SPI_tuptable;
@@ -427,5 +436,5 @@ Datum
 ub_fold_escrow_slots(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_INT64(ub_escrow_fold_all(PG_ARGISNULL(0) ? NULL :
-									   text_to_cstring(PG_GETARG_TEXT_PP(0))));
+									   text_to_cstring(PG_GETARG_TEXT_PP(0)), 0));
 }

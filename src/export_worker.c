@@ -302,9 +302,9 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	/* hard_cap_blocked alerts queued by refused calls reach alert_log (export_cancel.c) */
 	ub_cancel_flush_alerts();
 
-	/* escrow slots back into their aggregates: the plan below reads the rows alone */
-	pgstat_report_activity(STATE_RUNNING, "folding escrow slots");
-	(void) ub_escrow_fold_all(NULL);
+	/* escrow slots of keys that cooled down go back into their rows, so they do not pile up */
+	pgstat_report_activity(STATE_RUNNING, "folding idle escrow slots");
+	(void) ub_escrow_fold_all(NULL, UB_ESCROW_IDLE_SECONDS);
 
 	/* in the cycle context: the transaction's memory goes at commit */
 	{
