@@ -152,10 +152,13 @@ ub_escrow_committed(UbDirectWriter *w, const UbAggregateDelta *d, int skip_slot)
 	ScanKeyData keys[4];
 	IndexScanDesc scan;
 	Numeric		total = ub_num_zero();
+	Snapshot	snapshot = GetLatestSnapshot();
+	Numeric		slots_total;
+	int64		slots_count;
 
 	/* the aggregate's primary key has the slots' first three columns */
 	slot_keys(w, d, keys, false);
-	scan = index_beginscan(rel, w->pkey, GetLatestSnapshot(), 3, 0);
+	scan = index_beginscan(rel, w->pkey, snapshot, 3, 0);
 	index_rescan(scan, keys, 3, NULL, 0);
 	if (index_getnext_slot(scan, ForwardScanDirection, w->agg_old))
 	{
@@ -166,7 +169,10 @@ ub_escrow_committed(UbDirectWriter *w, const UbAggregateDelta *d, int skip_slot)
 			total = DatumGetNumeric(t);
 	}
 	index_endscan(scan);
-	return ub_num_add(total, ub_escrow_slots_total(w, d, skip_slot));
+	ub_escrow_slot_sum(w->rri[2]->ri_RelationDesc, w->slot_pkey, w->slot_table->attnums,
+					   keys[0].sk_argument, keys[1].sk_argument, d->period_start, snapshot,
+					   skip_slot, &slots_total, &slots_count);
+	return ub_num_add(total, slots_total);
 }
 
 /* What the key's slots hold under a new snapshot, leaving out skip_slot (-1: none). */
@@ -176,7 +182,7 @@ ub_escrow_slots_total(UbDirectWriter *w, const UbAggregateDelta *d, int skip_slo
 	Numeric		total;
 	int64		count;
 
-	ub_escrow_slot_sum(w->rri[2]->ri_RelationDesc, w->slot_pkey,
+	ub_escrow_slot_sum(w->rri[2]->ri_RelationDesc, w->slot_pkey, w->slot_table->attnums,
 					   CStringGetTextDatum(d->customer_id), CStringGetTextDatum(d->meter),
 					   d->period_start, GetLatestSnapshot(), skip_slot, &total, &count);
 	return total;

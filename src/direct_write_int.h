@@ -14,6 +14,7 @@
 #include "nodes/pg_list.h"
 
 #include "direct_write.h"
+#include "escrow.h"
 
 /*
  * Columns of the aggregates we write; the rest keep their values.  Their
@@ -25,12 +26,6 @@ enum
 	AGG_COUNT, AGG_FIRST, AGG_LAST, AGG_UPDATED, AGG_SLOTTED, AGG_NCOLS
 };
 
-/* Columns of the escrow slots (escrow.c), named in slot_columns in direct_write.c. */
-enum
-{
-	SLOT_CUSTOMER, SLOT_METER, SLOT_PERIOD_START, SLOT_SLOT, SLOT_TOTAL, SLOT_COUNT,
-	SLOT_BUDGET, SLOT_FLOOR, SLOT_LIMIT, SLOT_FIRST, SLOT_LAST, SLOT_UPDATED, SLOT_NCOLS
-};
 
 /* A table we write, resolved once per backend and forgotten on any relcache invalidation. */
 typedef struct TargetTable

@@ -263,17 +263,18 @@ ub_escrow_grant(const UbLimit *limit, Numeric lower, Numeric upper,
 /*
  * Adds up a key's slots visible to snapshot (total, events), leaving out
  * slot skip_slot (-1: none).  The caller has the table and its primary key
- * open.
+ * open; attnums, when not NULL, are its columns in the order of SLOT_*
+ * (attnums[SLOT_TOTAL] ...), else they are looked up by name.
  */
 void
-ub_escrow_slot_sum(Relation slots, Relation pkey, Datum customer, Datum meter,
-				   TimestampTz period_start, Snapshot snapshot, int skip_slot,
-				   Numeric *total, int64 *event_count)
+ub_escrow_slot_sum(Relation slots, Relation pkey, const AttrNumber *attnums,
+				   Datum customer, Datum meter, TimestampTz period_start, Snapshot snapshot,
+				   int skip_slot, Numeric *total, int64 *event_count)
 {
 	Oid			relid = RelationGetRelid(slots);
-	AttrNumber	slot_att = get_attnum(relid, "slot");
-	AttrNumber	total_att = get_attnum(relid, "total");
-	AttrNumber	count_att = get_attnum(relid, "event_count");
+	AttrNumber	slot_att = attnums ? attnums[SLOT_SLOT] : get_attnum(relid, "slot");
+	AttrNumber	total_att = attnums ? attnums[SLOT_TOTAL] : get_attnum(relid, "total");
+	AttrNumber	count_att = attnums ? attnums[SLOT_COUNT] : get_attnum(relid, "event_count");
 	ScanKeyData keys[3];
 	IndexScanDesc scan;
 	TupleTableSlot *tuple;

@@ -23,6 +23,13 @@ typedef enum UbSlotMode
 
 extern int	ub_hot_key_slots;
 
+/* Columns of usage_aggregate_slots, named in slot_columns in direct_write.c. */
+enum
+{
+	SLOT_CUSTOMER, SLOT_METER, SLOT_PERIOD_START, SLOT_SLOT, SLOT_TOTAL, SLOT_COUNT,
+	SLOT_BUDGET, SLOT_FLOOR, SLOT_LIMIT, SLOT_FIRST, SLOT_LAST, SLOT_UPDATED, SLOT_NCOLS
+};
+
 /* Waits on one key, seen by one backend, before that backend asks for a slot. */
 #define UB_ESCROW_CONTENTIONS	3
 
@@ -40,9 +47,10 @@ extern bool ub_escrow_near(const UbLimit *limit, Numeric lower, Numeric upper);
 extern bool ub_escrow_grant(const UbLimit *limit, Numeric lower, Numeric upper,
 							Numeric *budget, Numeric *budget_limit);
 
-extern void ub_escrow_slot_sum(Relation slots, Relation pkey, Datum customer, Datum meter,
-							   TimestampTz period_start, Snapshot snapshot, int skip_slot,
-							   Numeric *total, int64 *event_count);
+extern void ub_escrow_slot_sum(Relation slots, Relation pkey, const AttrNumber *attnums,
+							   Datum customer, Datum meter, TimestampTz period_start,
+							   Snapshot snapshot, int skip_slot, Numeric *total,
+							   int64 *event_count);
 extern Numeric ub_escrow_fold_key_sql(const char *customer_id, const char *meter,
 								   TimestampTz period_start);
 extern int64 ub_escrow_fold_all(const char *customer_id, int idle_seconds);

@@ -258,7 +258,7 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 		Numeric		held;
 		int64		events;
 
-		ub_escrow_slot_sum(srel, sidx, keys[0].sk_argument, keys[1].sk_argument, period_start,
+		ub_escrow_slot_sum(srel, sidx, NULL, keys[0].sk_argument, keys[1].sk_argument, period_start,
 						   snapshot, -1, &held, &events);
 		total = ub_num_add(total, held);
 		index_close(sidx, AccessShareLock);
