@@ -128,10 +128,11 @@ elif [ "$has_export_now" != t ]; then
 else
     ub_log "export_now(): waking the export worker, waiting up to ${EXPORT_TIMEOUT}s for the mock"
     # what the database holds per Stripe customer and event: all periods, and the current one
+    # (aggregate_totals: a key's total includes its escrow slots)
     psql_val "
         SELECT c.stripe_customer_id, m.stripe_event_name, sum(floor(a.total)),
                coalesce(sum(floor(a.total)) FILTER (WHERE now() >= a.period_start AND now() < a.period_end), 0)
-          FROM usage_billing.usage_aggregates a
+          FROM usage_billing.aggregate_totals a
           JOIN usage_billing.customers c USING (customer_id)
           JOIN usage_billing.meters m USING (meter)
          WHERE c.stripe_customer_id IS NOT NULL AND m.stripe_event_name IS NOT NULL

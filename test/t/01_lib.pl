@@ -134,13 +134,14 @@ ON CONFLICT (customer_id, meter, period_start) DO UPDATE
    SET total = $op, event_count = a.event_count + 1, updated_at = now();});
 }
 
-# What Stripe must hold per "cus|event" for sum/count meters: floor(total) summed over periods.
+# What Stripe must hold per "cus|event" for sum/count meters: floor(total) summed over periods
+# (aggregate_totals: a key's total includes its escrow slots).
 sub ub_expected_totals
 {
 	my ($node) = @_;
 	my $out = $node->safe_psql('postgres', q{
 SELECT c.stripe_customer_id || '|' || m.stripe_event_name, sum(floor(a.total))::bigint
-  FROM usage_billing.usage_aggregates a
+  FROM usage_billing.aggregate_totals a
   JOIN usage_billing.meters m ON m.meter = a.meter
   JOIN usage_billing.customers c ON c.customer_id = a.customer_id
  WHERE m.stripe_event_name IS NOT NULL AND c.stripe_customer_id IS NOT NULL

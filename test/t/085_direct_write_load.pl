@@ -86,7 +86,7 @@ SELECT count(*) FROM (SELECT customer_id, idempotency_key FROM usage_billing.usa
                        GROUP BY 1, 2 HAVING count(*) > 1) d}),
 	'0', 'every idempotency key is recorded once');
 
-# every aggregate against its ledger rows
+# every aggregate against its ledger rows, read with its escrow slots (aggregate_totals)
 my $mismatch_q = q{
 WITH l AS (
     SELECT customer_id, meter, period_start, count(*) AS n, sum(amount) AS s, max(amount) AS mx,
@@ -100,7 +100,7 @@ SELECT customer_id || '/' || meter || ': total ' || coalesce(a.total::text, 'non
        || ', events ' || coalesce(a.event_count::text, 'none')
        || ' vs ledger ' || coalesce(l.n::text, 'none') || ' rows, sum ' || coalesce(l.s::text, '-')
        || ', max ' || coalesce(l.mx::text, '-') || ', latest ' || coalesce(l.latest::text, '-')
-  FROM usage_billing.usage_aggregates a
+  FROM usage_billing.aggregate_totals a
   FULL JOIN l USING (customer_id, meter, period_start)
  WHERE l.n IS NULL OR a.event_count IS DISTINCT FROM l.n
     OR a.total IS DISTINCT FROM CASE meter WHEN 'l_sum' THEN l.s
