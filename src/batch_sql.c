@@ -165,7 +165,7 @@ ub_batch_insert_ledger(BatchEvent **events, int n)
 	"        first_usage = least(a.first_usage, EXCLUDED.first_usage)," \
 	"        last_usage = greatest(a.last_usage, EXCLUDED.last_usage)," \
 	"        updated_at = now()," set \
-	" RETURNING a.total, a.previous_total, a.slotted"
+	" RETURNING a.total, a.previous_total"
 
 /* Upserts the groups of one aggregation kind and checks caps and alerts. */
 void
@@ -232,8 +232,7 @@ ub_batch_upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
 			Numeric		previous = isnull ? NULL : DatumGetNumericCopy(prev);
 			UbEventInput in = groups[g].first->in;
 
-			if (DatumGetBool(SPI_getbinval(tt->vals[g], tt->tupdesc, 3, &isnull)) && !isnull &&
-				previous != NULL)
+			if (previous != NULL && (agg == UB_AGG_SUM || agg == UB_AGG_COUNT))
 			{
 				/* we hold the row's lock: fold its escrow slots, decide on the exact total */
 				Numeric		folded = ub_escrow_fold_key_sql(in.customer_id, in.meter,

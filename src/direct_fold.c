@@ -160,7 +160,7 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
 	Datum		customer = CStringGetTextDatum(d->customer_id);
 	Datum		meter = CStringGetTextDatum(d->meter);
-	bool		escrow = ub_hot_key_slots != UB_SLOTS_OFF &&
+	bool		escrow = ub_hot_key_slots != UB_SLOTS_OFF && w->rri[2] != NULL &&
 		(d->aggregation == UB_AGG_SUM || d->aggregation == UB_AGG_COUNT);
 	uint64		key = escrow ? ub_escrow_key_hash(d->customer_id, d->meter, d->period_start) : 0;
 	int			i;
@@ -195,7 +195,7 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 			Numeric		budget_limit = NULL;
 
 			slot_getallattrs(old);
-			slotted = !old->tts_isnull[A(AGG_SLOTTED)] &&
+			slotted = w->rri[2] != NULL && !old->tts_isnull[A(AGG_SLOTTED)] &&
 				DatumGetBool(old->tts_values[A(AGG_SLOTTED)]);
 			if (escrow)
 				want_slot = ub_hot_key_slots == UB_SLOTS_ALWAYS ||
@@ -298,8 +298,11 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 			n[A(AGG_LAST)] = false;
 			v[A(AGG_UPDATED)] = TimestampTzGetDatum(now);
 			n[A(AGG_UPDATED)] = false;
-			v[A(AGG_SLOTTED)] = BoolGetDatum(kept_slots || granted);
-			n[A(AGG_SLOTTED)] = false;
+			if (w->rri[2] != NULL)
+			{
+				v[A(AGG_SLOTTED)] = BoolGetDatum(kept_slots || granted);
+				n[A(AGG_SLOTTED)] = false;
+			}
 			ExecStoreVirtualTuple(row);
 			if (rel->rd_att->constr)
 				ExecConstraints(rri, row, estate);

@@ -103,7 +103,7 @@ static MemoryContext tables_cxt = NULL;
 
 static void forget_tables(Datum arg, Oid relid);
 static void resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
-						  const char *const *columns, int ncols);
+						  const char *const *columns, int ncols, int nrequired);
 static void resolve_tables(void);
 static ResultRelInfo *open_target(EState *estate, const TargetTable *t, Index rti);
 
@@ -121,7 +121,7 @@ forget_tables(Datum arg, Oid relid)
 /* Finds one table, its arbiter index, the attribute numbers of our columns and its defaults. */
 static void
 resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
-			  const char *const *columns, int ncols)
+			  const char *const *columns, int ncols, int nrequired)
 {
 	Relation	rel;
 	TupleDesc	desc;
@@ -129,6 +129,8 @@ resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
 
 	t->relid = get_relname_relid(relname, nsp);
 	t->arbiter = get_relname_relid(arbiter, nsp);
+	if (nrequired == 0 && !OidIsValid(t->relid))
+		return;
 	if (!OidIsValid(t->relid) || !OidIsValid(t->arbiter))
 		elog(ERROR, "usage_billing.%s or its index %s is missing", relname, arbiter);
 
@@ -139,7 +141,7 @@ resolve_table(TargetTable *t, Oid nsp, const char *relname, const char *arbiter,
 	for (i = 0; i < ncols; i++)
 	{
 		t->attnums[i] = get_attnum(t->relid, columns[i]);
-		if (t->attnums[i] == InvalidAttrNumber)
+		if (t->attnums[i] == InvalidAttrNumber && i < nrequired)
 			elog(ERROR, "usage_billing.%s has no column \"%s\"", relname, columns[i]);
 	}
 	t->defaults = palloc0(sizeof(ExprState *) * desc->natts);
@@ -185,11 +187,14 @@ resolve_tables(void)
 	nsp = get_namespace_oid("usage_billing", false);
 	seen = invalidations;
 	resolve_table(&ledger, nsp, "usage_events", "usage_events_idempotency_idx",
-				  ledger_columns, LEDGER_NCOLS);
+				  ledger_columns, LEDGER_NCOLS, LEDGER_NCOLS);
+	/* slotted and the escrow slots came with 1.3; an older schema has neither */
 	resolve_table(&aggregates, nsp, "usage_aggregates", "usage_aggregates_pkey",
-				  agg_columns, AGG_NCOLS);
+				  agg_columns, AGG_NCOLS, AGG_SLOTTED);
 	resolve_table(&slots, nsp, "usage_aggregate_slots", "usage_aggregate_slots_pkey",
-				  slot_columns, SLOT_NCOLS);
+				  slot_columns, SLOT_NCOLS, 0);
+	if (!OidIsValid(slots.relid) || aggregates.attnums[AGG_SLOTTED] == InvalidAttrNumber)
+		slots.relid = InvalidOid;
 	MemoryContextSwitchTo(old);
 	/* an invalidation while we read makes the next call read again */
 	tables_valid = (invalidations == seen);
@@ -414,7 +419,7 @@ ub_direct_open(void)
 	resolve_tables();
 	targets[0] = &ledger;
 	targets[1] = &aggregates;
-	targets[2] = &slots;
+	targets[2] = OidIsValid(slots.relid) ? &slots : NULL;
 
 	/* writes of earlier calls in this statement must be visible to our lookups */
 	CommandCounterIncrement();
@@ -424,8 +429,9 @@ ub_direct_open(void)
 	{
 		RangeTblEntry *rte = makeNode(RangeTblEntry);
 
+		/* without the slots, an entry for the aggregates again keeps the numbering */
 		rte->rtekind = RTE_RELATION;
-		rte->relid = targets[i]->relid;
+		rte->relid = targets[i] ? targets[i]->relid : aggregates.relid;
 		rte->relkind = RELKIND_RELATION;
 		rte->rellockmode = RowExclusiveLock;
 		rtable = lappend(rtable, rte);
@@ -440,13 +446,17 @@ ub_direct_open(void)
 	w->agg_table = &aggregates;
 	w->slot_table = &slots;
 	for (i = 0; i < 3; i++)
-		w->rri[i] = open_target(estate, targets[i], i + 1);
+		w->rri[i] = targets[i] ? open_target(estate, targets[i], i + 1) : NULL;
 
 	for (i = 0; i < 3; i++)
 	{
 		static const AclMode modes[3] = {ACL_INSERT, ACL_INSERT | ACL_UPDATE,
 		ACL_INSERT | ACL_UPDATE | ACL_DELETE};
-		Relation	rel = w->rri[i]->ri_RelationDesc;
+		Relation	rel;
+
+		if (w->rri[i] == NULL)
+			continue;
+		rel = w->rri[i]->ri_RelationDesc;
 
 		/*
 		 * What the executor would add to these writes, we do not: leave it
@@ -472,11 +482,14 @@ ub_direct_open(void)
 			w->pkey = w->rri[1]->ri_IndexRelationDescs[i];
 	if (w->pkey == NULL)
 		elog(ERROR, "usage_billing.usage_aggregates_pkey is not open");
-	for (i = 0; i < w->rri[2]->ri_NumIndices; i++)
-		if (RelationGetRelid(w->rri[2]->ri_IndexRelationDescs[i]) == slots.arbiter)
-			w->slot_pkey = w->rri[2]->ri_IndexRelationDescs[i];
-	if (w->slot_pkey == NULL)
-		elog(ERROR, "usage_billing.usage_aggregate_slots_pkey is not open");
+	if (w->rri[2] != NULL)
+	{
+		for (i = 0; i < w->rri[2]->ri_NumIndices; i++)
+			if (RelationGetRelid(w->rri[2]->ri_IndexRelationDescs[i]) == slots.arbiter)
+				w->slot_pkey = w->rri[2]->ri_IndexRelationDescs[i];
+		if (w->slot_pkey == NULL)
+			elog(ERROR, "usage_billing.usage_aggregate_slots_pkey is not open");
+	}
 
 	w->ledger_row = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[0]->ri_RelationDesc),
 										   &TTSOpsVirtual);
@@ -495,10 +508,13 @@ ub_direct_open(void)
 										table_slot_callbacks(w->rri[1]->ri_RelationDesc));
 	w->agg_row = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[1]->ri_RelationDesc),
 										&TTSOpsVirtual);
-	w->slot_old = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[2]->ri_RelationDesc),
-										 table_slot_callbacks(w->rri[2]->ri_RelationDesc));
-	w->slot_row = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[2]->ri_RelationDesc),
-										 &TTSOpsVirtual);
+	if (w->rri[2] != NULL)
+	{
+		w->slot_old = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[2]->ri_RelationDesc),
+											 table_slot_callbacks(w->rri[2]->ri_RelationDesc));
+		w->slot_row = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[2]->ri_RelationDesc),
+											 &TTSOpsVirtual);
+	}
 	return w;
 }
 

@@ -44,6 +44,7 @@
 #include "access/genam.h"
 #include "access/stratnum.h"
 #include "common/hashfn.h"
+#include "lib/stringinfo.h"
 #include "executor/spi.h"
 #include "executor/tuptable.h"
 #include "fmgr.h"
@@ -88,6 +89,52 @@ static int	limit_points(const UbLimit *limit, EscrowPoint *points);
 static bool point_passed(const EscrowPoint *p, Numeric lower);
 
 PG_FUNCTION_INFO_V1(ub_fold_escrow_slots);
+
+/*
+ * Does this database's schema have the escrow slots (version 1.3 on)?  The
+ * library also serves older schemas, between installing it and ALTER
+ * EXTENSION UPDATE: there nothing has slots and totals are the rows alone.
+ */
+bool
+ub_escrow_installed(void)
+{
+	Oid			nsp = get_namespace_oid("usage_billing", true);
+
+	return OidIsValid(nsp) && OidIsValid(get_relname_relid("usage_aggregate_slots", nsp));
+}
+
+/*
+ * The saved plan of a query written against usage_billing.aggregate_totals,
+ * or, on a schema without escrow slots, of the same query against
+ * usage_billing.usage_aggregates.  plans[2] holds one plan per schema, so a
+ * backend that lived through ALTER EXTENSION UPDATE reads the slots from
+ * then on.
+ */
+SPIPlanPtr
+ub_totals_plan(SPIPlanPtr *plans, const char *sql, int nargs, Oid *types)
+{
+	int			variant = ub_escrow_installed() ? 1 : 0;
+
+	if (plans[variant] == NULL)
+	{
+		StringInfoData buf;
+		const char *view = "usage_billing.aggregate_totals";
+		const char *p = sql;
+		const char *hit;
+
+		initStringInfo(&buf);
+		while (variant == 0 && (hit = strstr(p, view)) != NULL)
+		{
+			appendBinaryStringInfo(&buf, p, hit - p);
+			appendStringInfoString(&buf, "usage_billing.usage_aggregates");
+			p = hit + strlen(view);
+		}
+		appendStringInfoString(&buf, p);
+		ub_prepare_once(&plans[variant], buf.data, nargs, types);
+		pfree(buf.data);
+	}
+	return plans[variant];
+}
 
 /* A key's hint-table hash; a collision only costs a slot lookup that finds nothing. */
 uint64
@@ -318,13 +365,16 @@ ub_escrow_slot_sum(Relation slots, Relation pkey, const AttrNumber *attnums,
 Numeric
 ub_escrow_fold_key_sql(const char *customer_id, const char *meter, TimestampTz period_start)
 {
-	MemoryContext caller = CurrentMemoryContext;
-	Numeric		folded = NULL;
 	static SPIPlanPtr lock_plan = NULL;
 	static SPIPlanPtr fold_plan = NULL;
+	MemoryContext caller = CurrentMemoryContext;
+	Numeric		folded = NULL;
 	Oid			types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
 	Datum		args[3];
 	int			ret;
+
+	if (!ub_escrow_installed())
+		return ub_num_zero();
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -395,6 +445,8 @@ ub_escrow_fold_all(const char *customer_id, int idle_seconds)
 	uint64		n;
 	uint64		i;
 
+	if (!ub_escrow_installed())
+		return 0;
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	ub_push_safe_search_path();

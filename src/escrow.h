@@ -7,6 +7,7 @@
 #define UB_ESCROW_H
 
 #include "datatype/timestamp.h"
+#include "executor/spi.h"
 #include "utils/numeric.h"
 #include "utils/relcache.h"
 #include "utils/snapshot.h"
@@ -35,6 +36,9 @@ enum
 
 /* A budget is this share of what is left before the next limit decision. */
 #define UB_ESCROW_SHARES		16
+
+extern bool ub_escrow_installed(void);
+extern SPIPlanPtr ub_totals_plan(SPIPlanPtr *plans, const char *sql, int nargs, Oid *types);
 
 extern uint64 ub_escrow_key_hash(const char *customer_id, const char *meter,
 								 TimestampTz period_start);

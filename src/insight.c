@@ -36,6 +36,7 @@
 #include "utils/tuplestore.h"
 
 #include "catalog.h"
+#include "escrow.h"
 #include "insight.h"
 #include "periods.h"
 #include "pricing.h"
@@ -49,8 +50,8 @@ PG_FUNCTION_INFO_V1(ub_recommend_plan);
 #define UB_MAX_PERIODS		1000
 
 static SPIPlanPtr history_plans[5] = {NULL, NULL, NULL, NULL, NULL};
-static SPIPlanPtr meter_usage_plan = NULL;
-static SPIPlanPtr period_totals_plan = NULL;
+static SPIPlanPtr meter_usage_plans[2];	/* per schema: ub_totals_plan */
+static SPIPlanPtr period_totals_plans[2];
 static SPIPlanPtr plans_plan = NULL;
 
 
@@ -249,8 +250,7 @@ ub_meter_usage(const UbCustomer *customer, TimestampTz current_start, TimestampT
 	Datum		args[3];
 	List	   *limits = ub_customer_limits(customer);
 	List	   *result = NIL;
-
-	ub_prepare_once(&meter_usage_plan,
+	SPIPlanPtr	meter_usage_plan = ub_totals_plan(meter_usage_plans,
 				 "SELECT m.meter, m.aggregation, m.unit,"
 				 "       coalesce(cur.total, 0), coalesce(prev.total, 0)"
 				 "  FROM usage_billing.meters m"
@@ -427,8 +427,7 @@ ub_recommend_plan(PG_FUNCTION_ARGS)
 
 	{
 		Oid			types[2] = {TEXTOID, TIMESTAMPTZARRAYOID};
-
-		ub_prepare_once(&period_totals_plan,
+		SPIPlanPtr	period_totals_plan = ub_totals_plan(period_totals_plans,
 					 "SELECT a.meter, a.total, p.i"
 					 "  FROM pg_catalog.unnest($2) WITH ORDINALITY AS p(s, i)"
 					 "  JOIN usage_billing.aggregate_totals a"

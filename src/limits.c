@@ -128,14 +128,14 @@ LookupAggregatesRelation(void)
 	if (!OidIsValid(aggregates_relid) || !OidIsValid(aggregates_pkey))
 		elog(ERROR, "usage_billing.usage_aggregates or its primary key is missing");
 	aggregates_total_attnum = get_attnum(aggregates_relid, "total");
+	if (aggregates_total_attnum == InvalidAttrNumber)
+		elog(ERROR, "usage_billing.usage_aggregates has no column \"total\"");
+	/* schemas before 1.3 have no escrow slots: the row is the total */
 	aggregates_slotted_attnum = get_attnum(aggregates_relid, "slotted");
-	if (aggregates_total_attnum == InvalidAttrNumber ||
-		aggregates_slotted_attnum == InvalidAttrNumber)
-		elog(ERROR, "usage_billing.usage_aggregates has no column \"total\" or \"slotted\"");
 	slots_relid = get_relname_relid("usage_aggregate_slots", nsp);
 	slots_pkey = get_relname_relid("usage_aggregate_slots_pkey", nsp);
 	if (!OidIsValid(slots_relid) || !OidIsValid(slots_pkey))
-		elog(ERROR, "usage_billing.usage_aggregate_slots or its primary key is missing");
+		aggregates_slotted_attnum = InvalidAttrNumber;
 }
 
 /*
@@ -147,7 +147,8 @@ LookupAggregatesRelation(void)
 static Numeric
 CurrentTotalSql(const char *customer_id, const char *meter, TimestampTz period_start)
 {
-	static SPIPlanPtr plan = NULL;
+	static SPIPlanPtr plans[2];	/* per schema: ub_totals_plan */
+	Oid			types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
 	MemoryContext caller = CurrentMemoryContext;
 	Datum		args[3];
 	Numeric		total = NULL;
@@ -158,20 +159,14 @@ CurrentTotalSql(const char *customer_id, const char *meter, TimestampTz period_s
 	guc_level = NewGUCNestLevel();
 	(void) set_config_option("search_path", "pg_catalog, pg_temp",
 							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
-	if (plan == NULL)
-	{
-		Oid			types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
-
-		plan = SPI_prepare("SELECT total FROM usage_billing.aggregate_totals"
-						   " WHERE customer_id = $1 AND meter = $2 AND period_start = $3",
-						   3, types);
-		if (plan == NULL || SPI_keepplan(plan) != 0)
-			elog(ERROR, "could not prepare the aggregate read");
-	}
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = CStringGetTextDatum(meter);
 	args[2] = TimestampTzGetDatum(period_start);
-	if (SPI_execute_plan(plan, args, NULL, true, 1) != SPI_OK_SELECT)
+	if (SPI_execute_plan(ub_totals_plan(plans,
+										"SELECT total FROM usage_billing.aggregate_totals"
+										" WHERE customer_id = $1 AND meter = $2 AND period_start = $3",
+										3, types),
+						 args, NULL, true, 1) != SPI_OK_SELECT)
 		elog(ERROR, "aggregate read failed");
 	if (SPI_processed > 0)
 	{
@@ -244,8 +239,11 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 
 		if (!isnull)
 			total = DatumGetNumericCopy(d);
-		d = slot_getattr(slot, slotted_attnum, &isnull);
-		slotted = !isnull && DatumGetBool(d);
+		if (slotted_attnum != InvalidAttrNumber)
+		{
+			d = slot_getattr(slot, slotted_attnum, &isnull);
+			slotted = !isnull && DatumGetBool(d);
+		}
 	}
 	index_endscan(scan);
 	ExecDropSingleTupleTableSlot(slot);

@@ -86,7 +86,7 @@ static void raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const U
 #define AGG_SET_LAST \
 	" total = CASE WHEN EXCLUDED.last_usage >= a.last_usage" \
 	"              THEN EXCLUDED.total ELSE a.total END"
-#define AGG_RETURNING	" RETURNING a.total, a.previous_total, a.slotted"
+#define AGG_RETURNING	" RETURNING a.total, a.previous_total"
 
 #define COMBINED(ledger_tail, set) \
 	"WITH ev AS (" LEDGER_INSERT ledger_tail " RETURNING 1) " \
@@ -300,8 +300,8 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 												   SPI_tuptable->tupdesc, 1, &isnull));
 	previous = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	previous_total = isnull ? NULL : DatumGetNumericCopy(previous);
-	if (DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull)) &&
-		!isnull && previous_total != NULL)
+	if (previous_total != NULL &&
+		(pe.meter.aggregation == UB_AGG_SUM || pe.meter.aggregation == UB_AGG_COUNT))
 	{
 		/* the upsert holds the row's lock: fold its escrow slots and decide on the exact total */
 		Numeric		folded = ub_escrow_fold_key_sql(in->customer_id, in->meter, pe.period_start);

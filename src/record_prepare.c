@@ -26,6 +26,7 @@
 #include "utils/timestamp.h"
 
 #include "catalog.h"
+#include "escrow.h"
 #include "periods.h"
 #include "pricing.h"
 #include "record.h"
@@ -41,7 +42,7 @@ typedef struct DeferredError
 } DeferredError;
 
 static SPIPlanPtr original_plan = NULL;
-static SPIPlanPtr agg_read_plan = NULL;
+static SPIPlanPtr agg_read_plans[2];	/* per schema: ub_totals_plan */
 
 static bool validate_event(const UbEventInput *in, const UbCustomer *customer,
 						   bool meter_found, const UbMeter *meter, char **unique_value,
@@ -219,12 +220,13 @@ ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *ou
 	period_start = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
 													 SPI_tuptable->tupdesc, 2, &isnull));
 
-	ub_prepare_once(&agg_read_plan,
-				 "SELECT total, period_end FROM usage_billing.aggregate_totals"
-				 " WHERE customer_id = $1 AND meter = $2 AND period_start = $3", 3, types3);
 	args[1] = CStringGetTextDatum(meter);
 	args[2] = TimestampTzGetDatum(period_start);
-	if (SPI_execute_plan(agg_read_plan, args, NULL, false, 1) != SPI_OK_SELECT)
+	if (SPI_execute_plan(ub_totals_plan(agg_read_plans,
+										"SELECT total, period_end FROM usage_billing.aggregate_totals"
+										" WHERE customer_id = $1 AND meter = $2 AND period_start = $3",
+										3, types3),
+						 args, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "aggregate lookup failed");
 
 	out->duplicate = true;

@@ -50,6 +50,7 @@
 #include "utils/timestamp.h"
 
 #include "catalog.h"
+#include "escrow.h"
 #include "periods.h"
 #include "pricing.h"
 #include "reading.h"
@@ -59,8 +60,8 @@ PG_FUNCTION_INFO_V1(ub_get_usage_summary);
 
 #define SUMMARY_COLS 9
 
-static SPIPlanPtr aggregates_plan = NULL;
-static SPIPlanPtr period_rows_plan = NULL;
+static SPIPlanPtr aggregates_plans[2];	/* per schema: ub_totals_plan */
+static SPIPlanPtr period_rows_plans[2];
 static SPIPlanPtr range_rows_plan = NULL;
 
 static SPIPlanPtr KeepPlan(const char *sql, int nargs, Oid *types);
@@ -130,19 +131,16 @@ ub_period_aggregates(const char *customer_id, TimestampTz period_start)
 	Datum		args[2];
 	int			ret;
 	List	   *rows = NIL;
+	Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
 
-	if (aggregates_plan == NULL)
-	{
-		Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
-
-		aggregates_plan = KeepPlan(
-			"SELECT a.meter, a.total, a.event_count, a.first_usage, a.last_usage"
-			"  FROM usage_billing.aggregate_totals a"
-			" WHERE a.customer_id = $1 AND a.period_start = $2", 2, types);
-	}
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = TimestampTzGetDatum(period_start);
-	ret = SPI_execute_plan(aggregates_plan, args, NULL, true, 0);
+	ret = SPI_execute_plan(ub_totals_plan(aggregates_plans,
+										  "SELECT a.meter, a.total, a.event_count, a.first_usage, a.last_usage"
+										  "  FROM usage_billing.aggregate_totals a"
+										  " WHERE a.customer_id = $1 AND a.period_start = $2",
+										  2, types),
+						   args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "aggregate lookup failed: %s", SPI_result_code_string(ret));
 	for (uint64 i = 0; i < SPI_processed; i++)
@@ -256,23 +254,19 @@ PeriodRows(const char *customer_id, TimestampTz period_start)
 	Datum		args[2];
 	int			ret;
 	List	   *rows = NIL;
+	Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
 
-	if (period_rows_plan == NULL)
-	{
-		Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
-
-		period_rows_plan = KeepPlan(
-			"SELECT coalesce(a.meter, l.meter), a.total, a.event_count,"
-			"       a.first_usage, a.last_usage"
-			"  FROM (SELECT * FROM usage_billing.aggregate_totals"
-			"         WHERE customer_id = $1 AND period_start = $2) a"
-			"  FULL JOIN (SELECT DISTINCT el.meter FROM usage_billing.effective_limits el"
-			"              WHERE el.customer_id = $1) l ON l.meter = a.meter"
-			" ORDER BY 1", 2, types);
-	}
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = TimestampTzGetDatum(period_start);
-	ret = SPI_execute_plan(period_rows_plan, args, NULL, true, 0);
+	ret = SPI_execute_plan(ub_totals_plan(period_rows_plans,
+										  "SELECT coalesce(a.meter, l.meter), a.total, a.event_count,"
+										  "       a.first_usage, a.last_usage"
+										  "  FROM (SELECT * FROM usage_billing.aggregate_totals"
+										  "         WHERE customer_id = $1 AND period_start = $2) a"
+										  "  FULL JOIN (SELECT DISTINCT el.meter FROM usage_billing.effective_limits el"
+										  "              WHERE el.customer_id = $1) l ON l.meter = a.meter"
+										  " ORDER BY 1", 2, types),
+						   args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "period summary failed: %s", SPI_result_code_string(ret));
 	for (uint64 i = 0; i < SPI_processed; i++)
