@@ -29,8 +29,9 @@ CREATE TABLE usage_billing.usage_aggregate_slots (
     first_usage  timestamptz,
     last_usage   timestamptz,
     updated_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (customer_id, meter, period_start, slot),
-    CHECK (budget IS NULL OR budget >= 0)
+    -- no CHECK constraint: the executor would parse it again on every write of the hot
+    -- path (our ResultRelInfo lives one call); escrow.c never makes a budget negative
+    PRIMARY KEY (customer_id, meter, period_start, slot)
 ) WITH (fillfactor = 30);
 COMMENT ON TABLE usage_billing.usage_aggregate_slots IS
     'Escrow slots of contended aggregates: each holds part of the total and a budget to add without the aggregate row''s lock.';

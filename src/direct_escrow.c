@@ -34,14 +34,14 @@
 #include "escrow.h"
 #include "pricing.h"
 
-static void slot_keys(UbDirectWriter *w, const UbAggregateDelta *d, ScanKeyData *keys,
-					  bool own);
+static void slot_keys(UbDirectWriter *w, const UbAggregateDelta *d, ScanKeyData *keys);
+static Numeric row_total(UbDirectWriter *w, const UbAggregateDelta *d, Snapshot snapshot);
 
 #define S(col) (w->slot_table->attnums[col] - 1)
 
-/* Scan keys on the slots' primary key: the aggregate's key, and our slot number if own. */
+/* Scan keys on the slots' (and the aggregates') primary key: the aggregate's key. */
 static void
-slot_keys(UbDirectWriter *w, const UbAggregateDelta *d, ScanKeyData *keys, bool own)
+slot_keys(UbDirectWriter *w, const UbAggregateDelta *d, ScanKeyData *keys)
 {
 	Relation	pkey = w->slot_pkey;
 
@@ -54,9 +54,6 @@ slot_keys(UbDirectWriter *w, const UbAggregateDelta *d, ScanKeyData *keys, bool 
 	ScanKeyEntryInitialize(&keys[2], 0, 3, BTEqualStrategyNumber, InvalidOid,
 						   pkey->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
 						   TimestampTzGetDatum(d->period_start));
-	if (own)
-		ScanKeyEntryInitialize(&keys[3], 0, 4, BTEqualStrategyNumber, InvalidOid,
-							   InvalidOid, F_INT4EQ, Int32GetDatum(MyBackendId));
 }
 
 /*
@@ -72,40 +69,50 @@ ub_escrow_try_spend(UbDirectWriter *w, const UbAggregateDelta *d, uint64 key, Nu
 	Relation	rel = rri->ri_RelationDesc;
 	TupleTableSlot *old = w->slot_old;
 	TupleTableSlot *row = w->slot_row;
-	TupleDesc	desc = RelationGetDescr(rel);
-	SnapshotData dirty;
-	ScanKeyData keys[4];
+	Snapshot	snapshot = GetLatestSnapshot();
+	ScanKeyData keys[3];
 	IndexScanDesc scan;
-	bool		found;
-	bool		busy;
+	bool		found = false;
+	ItemPointerData own_tid;
+	Numeric		others = ub_num_zero();
 	Datum	   *v = row->tts_values;
 	bool	   *n = row->tts_isnull;
 	Numeric		budget;
 	Numeric		slot_total;
 	TimestampTz t;
 
-	InitDirtySnapshot(dirty);
-	slot_keys(w, d, keys, true);
-	scan = index_beginscan(rel, w->slot_pkey, &dirty, 4, 0);
-	index_rescan(scan, keys, 4, NULL, 0);
-	found = index_getnext_slot(scan, ForwardScanDirection, old);
-	if (found)
-		ExecMaterializeSlot(old);
-	/* a writer folding the key holds our slot: let the aggregate row wait for it */
-	busy = TransactionIdIsValid(dirty.xmin) || TransactionIdIsValid(dirty.xmax);
+	/*
+	 * One pass over the key's slots: ours, and what the others hold as
+	 * committed, for the total we report.  Nobody else updates our slot, so
+	 * the version this snapshot sees is the latest, unless a writer is
+	 * folding the key: then the update below waits for it and fails.
+	 */
+	slot_keys(w, d, keys);
+	scan = index_beginscan(rel, w->slot_pkey, snapshot, 3, 0);
+	index_rescan(scan, keys, 3, NULL, 0);
+	while (index_getnext_slot(scan, ForwardScanDirection, old))
+	{
+		bool		isnull;
+
+		if (DatumGetInt32(slot_getattr(old, w->slot_table->attnums[SLOT_SLOT], &isnull)) == MyBackendId)
+		{
+			ExecCopySlot(row, old);
+			ItemPointerCopy(&old->tts_tid, &own_tid);
+			found = true;
+			continue;
+		}
+		others = ub_num_add(others,
+							DatumGetNumeric(slot_getattr(old, w->slot_table->attnums[SLOT_TOTAL],
+														 &isnull)));
+	}
 	index_endscan(scan);
 	if (!found)
 	{
 		ub_escrow_remember(key, false);
 		return false;
 	}
-	if (busy)
-		return false;
 
-	ExecClearTuple(row);
-	slot_getallattrs(old);
-	memcpy(v, old->tts_values, sizeof(Datum) * desc->natts);
-	memcpy(n, old->tts_isnull, sizeof(bool) * desc->natts);
+	slot_getallattrs(row);
 	if (!ub_escrow_slot_valid(d->limit, DatumGetNumeric(v[S(SLOT_FLOOR)]),
 							  n[S(SLOT_LIMIT)] ? NULL : DatumGetNumeric(v[S(SLOT_LIMIT)])))
 		return false;
@@ -132,32 +139,26 @@ ub_escrow_try_spend(UbDirectWriter *w, const UbAggregateDelta *d, uint64 key, Nu
 	ExecStoreVirtualTuple(row);
 	if (rel->rd_att->constr)
 		ExecConstraints(rri, row, w->estate);
+	old->tts_tid = own_tid;
 	if (!ub_direct_update_row(w->estate, rri, old, row))
 		return false;
 
-	*total = ub_num_add(ub_escrow_committed(w, d, MyBackendId), slot_total);
+	*total = ub_num_add(ub_num_add(row_total(w, d, snapshot), others), slot_total);
 	*total = DatumGetNumericCopy(NumericGetDatum(*total));
 	return true;
 }
 
-/*
- * The key's committed total: its aggregate row plus its slots, leaving out
- * slot skip_slot (-1: none), under a new snapshot, which also sees what
- * earlier calls of this transaction and statement wrote.
- */
-Numeric
-ub_escrow_committed(UbDirectWriter *w, const UbAggregateDelta *d, int skip_slot)
+/* The total of the key's aggregate row under snapshot (0 when there is none). */
+static Numeric
+row_total(UbDirectWriter *w, const UbAggregateDelta *d, Snapshot snapshot)
 {
 	Relation	rel = w->rri[1]->ri_RelationDesc;
-	ScanKeyData keys[4];
+	ScanKeyData keys[3];
 	IndexScanDesc scan;
 	Numeric		total = ub_num_zero();
-	Snapshot	snapshot = GetLatestSnapshot();
-	Numeric		slots_total;
-	int64		slots_count;
 
 	/* the aggregate's primary key has the slots' first three columns */
-	slot_keys(w, d, keys, false);
+	slot_keys(w, d, keys);
 	scan = index_beginscan(rel, w->pkey, snapshot, 3, 0);
 	index_rescan(scan, keys, 3, NULL, 0);
 	if (index_getnext_slot(scan, ForwardScanDirection, w->agg_old))
@@ -169,10 +170,7 @@ ub_escrow_committed(UbDirectWriter *w, const UbAggregateDelta *d, int skip_slot)
 			total = DatumGetNumeric(t);
 	}
 	index_endscan(scan);
-	ub_escrow_slot_sum(w->rri[2]->ri_RelationDesc, w->slot_pkey, w->slot_table->attnums,
-					   keys[0].sk_argument, keys[1].sk_argument, d->period_start, snapshot,
-					   skip_slot, &slots_total, &slots_count);
-	return ub_num_add(total, slots_total);
+	return total;
 }
 
 /* What the key's slots hold under a new snapshot, leaving out skip_slot (-1: none). */
@@ -201,13 +199,13 @@ ub_escrow_scan(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *escrowed,
 	Relation	rel = w->rri[2]->ri_RelationDesc;
 	TupleTableSlot *old = w->slot_old;
 	SnapshotData dirty;
-	ScanKeyData keys[4];
+	ScanKeyData keys[3];
 	IndexScanDesc scan;
 
 	*escrowed = ub_num_zero();
 	*own_found = false;
 	InitDirtySnapshot(dirty);
-	slot_keys(w, d, keys, false);
+	slot_keys(w, d, keys);
 	scan = index_beginscan(rel, w->slot_pkey, &dirty, 3, 0);
 	index_rescan(scan, keys, 3, NULL, 0);
 	while (index_getnext_slot(scan, ForwardScanDirection, old))
@@ -245,13 +243,13 @@ ub_escrow_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 {
 	Relation	rel = w->rri[2]->ri_RelationDesc;
 	TupleTableSlot *old = w->slot_old;
-	ScanKeyData keys[4];
+	ScanKeyData keys[3];
 	bool		again = true;
 
 	*total = ub_num_zero();
 	*event_count = 0;
 	*have_usage = false;
-	slot_keys(w, d, keys, false);
+	slot_keys(w, d, keys);
 	while (again)
 	{
 		SnapshotData dirty;

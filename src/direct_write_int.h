@@ -77,7 +77,6 @@ extern void ub_escrow_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric
 extern void ub_escrow_give(UbDirectWriter *w, const UbAggregateDelta *d, bool own_found,
 						   ItemPointer own_tid, Numeric floor_total, Numeric budget,
 						   Numeric budget_limit);
-extern Numeric ub_escrow_committed(UbDirectWriter *w, const UbAggregateDelta *d, int skip_slot);
 extern Numeric ub_escrow_slots_total(UbDirectWriter *w, const UbAggregateDelta *d, int skip_slot);
 
 #endif							/* UB_DIRECT_WRITE_INT_H */
