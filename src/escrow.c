@@ -429,7 +429,8 @@ ub_escrow_fold_key_sql(const char *customer_id, const char *meter, TimestampTz p
 
 /*
  * Folds the slots of every slotted aggregate, or of one customer's
- * (customer_id not NULL), one key at a time; returns how many keys.  With
+ * (customer_id not NULL), one key at a time; returns how many keys.  It
+ * reads the slots table, which is small, not the aggregates.  With
  * idle_seconds > 0, only keys whose slots nobody wrote for that long: the
  * export worker runs it every cycle so that slots do not pile up, and
  * leaves the keys that are hot right now alone.
@@ -455,14 +456,12 @@ ub_escrow_fold_all(const char *customer_id, int idle_seconds)
 	args[1] = Int32GetDatum(idle_seconds);
 	nulls[1] = ' ';
 	if (SPI_execute_plan(ub_prepare_once(&keys_plan,
-										 "SELECT a.customer_id, a.meter, a.period_start"
-										 "  FROM usage_billing.usage_aggregates a"
-										 " WHERE a.slotted AND ($1 IS NULL OR a.customer_id = $1)"
-										 "   AND NOT EXISTS (SELECT 1 FROM usage_billing.usage_aggregate_slots s"
-										 "                    WHERE s.customer_id = a.customer_id AND s.meter = a.meter"
-										 "                      AND s.period_start = a.period_start"
-										 "                      AND s.updated_at > pg_catalog.now()"
-										 "                          - pg_catalog.make_interval(secs => $2))"
+										 "SELECT customer_id, meter, period_start"
+										 "  FROM usage_billing.usage_aggregate_slots"
+										 " WHERE $1 IS NULL OR customer_id = $1"
+										 " GROUP BY 1, 2, 3"
+										 " HAVING max(updated_at) <= pg_catalog.now()"
+										 "       - pg_catalog.make_interval(secs => $2)"
 										 " ORDER BY 1, 2, 3", 2, types),
 						 args, nulls, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "slotted aggregates lookup failed");
