@@ -59,7 +59,7 @@ extern Numeric ub_escrow_fold_key_sql(const char *customer_id, const char *meter
 								   TimestampTz period_start);
 extern int64 ub_escrow_fold_all(const char *customer_id, int idle_seconds);
 
-/* The export worker folds the slots of keys nobody wrote for this long. */
+/* Default of usage_billing.escrow_fold_idle: the export worker folds the slots of keys nobody wrote for this long. */
 #define UB_ESCROW_IDLE_SECONDS	60
 
 #endif							/* UB_ESCROW_H */
