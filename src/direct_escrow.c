@@ -43,17 +43,8 @@ static Numeric row_total(UbDirectWriter *w, const UbAggregateDelta *d, Snapshot 
 static void
 slot_keys(UbDirectWriter *w, const UbAggregateDelta *d, ScanKeyData *keys)
 {
-	Relation	pkey = w->slot_pkey;
-
-	ScanKeyEntryInitialize(&keys[0], 0, 1, BTEqualStrategyNumber, InvalidOid,
-						   pkey->rd_indcollation[0], F_TEXTEQ,
-						   CStringGetTextDatum(d->customer_id));
-	ScanKeyEntryInitialize(&keys[1], 0, 2, BTEqualStrategyNumber, InvalidOid,
-						   pkey->rd_indcollation[1], F_TEXTEQ,
-						   CStringGetTextDatum(d->meter));
-	ScanKeyEntryInitialize(&keys[2], 0, 3, BTEqualStrategyNumber, InvalidOid,
-						   pkey->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
-						   TimestampTzGetDatum(d->period_start));
+	ub_key_scankeys(w->slot_pkey, CStringGetTextDatum(d->customer_id),
+					CStringGetTextDatum(d->meter), d->period_start, keys);
 }
 
 /*

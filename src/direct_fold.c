@@ -56,13 +56,7 @@ find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
 	bool		found;
 
 	InitDirtySnapshot(dirty);
-	ScanKeyEntryInitialize(&keys[0], 0, 1, BTEqualStrategyNumber, InvalidOid,
-						   pkey->rd_indcollation[0], F_TEXTEQ, customer);
-	ScanKeyEntryInitialize(&keys[1], 0, 2, BTEqualStrategyNumber, InvalidOid,
-						   pkey->rd_indcollation[1], F_TEXTEQ, meter);
-	ScanKeyEntryInitialize(&keys[2], 0, 3, BTEqualStrategyNumber, InvalidOid,
-						   pkey->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
-						   TimestampTzGetDatum(period_start));
+	ub_key_scankeys(pkey, customer, meter, period_start, keys);
 	scan = index_beginscan(rel, pkey, &dirty, 3, 0);
 	for (;;)
 	{

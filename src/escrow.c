@@ -308,6 +308,24 @@ ub_escrow_grant(const UbLimit *limit, Numeric lower, Numeric upper,
 }
 
 /*
+ * Scan keys for the aggregate key (customer, meter, period_start) on an
+ * index that starts with those columns (the aggregates' and the slots'
+ * primary keys), compared in the index's own collations as the planner would.
+ */
+void
+ub_key_scankeys(Relation index, Datum customer, Datum meter, TimestampTz period_start,
+				ScanKeyData *keys)
+{
+	ScanKeyEntryInitialize(&keys[0], 0, 1, BTEqualStrategyNumber, InvalidOid,
+						   index->rd_indcollation[0], F_TEXTEQ, customer);
+	ScanKeyEntryInitialize(&keys[1], 0, 2, BTEqualStrategyNumber, InvalidOid,
+						   index->rd_indcollation[1], F_TEXTEQ, meter);
+	ScanKeyEntryInitialize(&keys[2], 0, 3, BTEqualStrategyNumber, InvalidOid,
+						   index->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
+						   TimestampTzGetDatum(period_start));
+}
+
+/*
  * Adds up a key's slots visible to snapshot (total, events), leaving out
  * slot skip_slot (-1: none).  The caller has the table and its primary key
  * open; attnums, when not NULL, are its columns in the order of SLOT_*
@@ -331,13 +349,7 @@ ub_escrow_slot_sum(Relation slots, Relation pkey, const AttrNumber *attnums,
 		elog(ERROR, "usage_billing.usage_aggregate_slots is missing a column");
 	*total = ub_num_zero();
 	*event_count = 0;
-	ScanKeyEntryInitialize(&keys[0], 0, 1, BTEqualStrategyNumber, InvalidOid,
-						   pkey->rd_indcollation[0], F_TEXTEQ, customer);
-	ScanKeyEntryInitialize(&keys[1], 0, 2, BTEqualStrategyNumber, InvalidOid,
-						   pkey->rd_indcollation[1], F_TEXTEQ, meter);
-	ScanKeyEntryInitialize(&keys[2], 0, 3, BTEqualStrategyNumber, InvalidOid,
-						   pkey->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
-						   TimestampTzGetDatum(period_start));
+	ub_key_scankeys(pkey, customer, meter, period_start, keys);
 	tuple = table_slot_create(slots, NULL);
 	scan = index_beginscan(slots, pkey, snapshot, 3, 0);
 	index_rescan(scan, keys, 3, NULL, 0);

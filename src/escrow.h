@@ -7,6 +7,7 @@
 #define UB_ESCROW_H
 
 #include "datatype/timestamp.h"
+#include "access/skey.h"
 #include "executor/spi.h"
 #include "utils/numeric.h"
 #include "utils/relcache.h"
@@ -51,6 +52,8 @@ extern bool ub_escrow_near(const UbLimit *limit, Numeric lower, Numeric upper);
 extern bool ub_escrow_grant(const UbLimit *limit, Numeric lower, Numeric upper,
 							Numeric *budget, Numeric *budget_limit);
 
+extern void ub_key_scankeys(Relation index, Datum customer, Datum meter,
+							TimestampTz period_start, ScanKeyData *keys);
 extern void ub_escrow_slot_sum(Relation slots, Relation pkey, const AttrNumber *attnums,
 							   Datum customer, Datum meter, TimestampTz period_start,
 							   Snapshot snapshot, int skip_slot, Numeric *total,

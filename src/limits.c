@@ -217,16 +217,8 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 	rel = table_open(relid, AccessShareLock);
 	idx = index_open(pkey, AccessShareLock);
 
-	/* compare in the index's own collations, as the planner would */
-	ScanKeyEntryInitialize(&keys[0], 0, 1, BTEqualStrategyNumber, InvalidOid,
-						   idx->rd_indcollation[0], F_TEXTEQ,
-						   CStringGetTextDatum(customer_id));
-	ScanKeyEntryInitialize(&keys[1], 0, 2, BTEqualStrategyNumber, InvalidOid,
-						   idx->rd_indcollation[1], F_TEXTEQ,
-						   CStringGetTextDatum(meter));
-	ScanKeyEntryInitialize(&keys[2], 0, 3, BTEqualStrategyNumber, InvalidOid,
-						   idx->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
-						   TimestampTzGetDatum(period_start));
+	ub_key_scankeys(idx, CStringGetTextDatum(customer_id), CStringGetTextDatum(meter),
+					period_start, keys);
 
 	snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
 	scan = index_beginscan(rel, idx, snapshot, 3, 0);
