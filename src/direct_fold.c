@@ -192,11 +192,19 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 			slotted = w->rri[2] != NULL && !old->tts_isnull[A(AGG_SLOTTED)] &&
 				DatumGetBool(old->tts_values[A(AGG_SLOTTED)]);
 			if (escrow)
+			{
+				if (contended)
+					ub_escrow_note_contention(key);
 				want_slot = ub_hot_key_slots == UB_SLOTS_ALWAYS ||
-					ub_escrow_has_slot(key) ||
-					(contended && ub_escrow_note_contention(key));
-			/* slots change only under the row's lock: take it before reading them */
-			if (slotted || want_slot)
+					ub_escrow_has_slot(key) || ub_escrow_is_hot(key);
+			}
+			/*
+			 * Slots change only under the row's lock: take it before reading
+			 * them.  A key without slots needs no lock first, even to grant
+			 * one: a grant by someone else updates the row, and then our
+			 * update below fails and we read again.
+			 */
+			if (slotted)
 			{
 				if (!lock_aggregate(w, old))
 					continue;

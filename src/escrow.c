@@ -197,13 +197,20 @@ ub_escrow_remember(uint64 key, bool has_slot)
 		e->has_slot = has_slot;
 }
 
-/* Counts a wait on the key's row; true once the key looks hot enough for a slot. */
-bool
+/* Counts a wait on the key's row. */
+void
 ub_escrow_note_contention(uint64 key)
 {
-	EscrowHint *e = hint_entry(key, true);
+	hint_entry(key, true)->contentions++;
+}
 
-	return ++e->contentions >= UB_ESCROW_CONTENTIONS;
+/* Has this backend waited on the key's row often enough to ask for a slot? */
+bool
+ub_escrow_is_hot(uint64 key)
+{
+	EscrowHint *e = hint_entry(key, false);
+
+	return e != NULL && e->contentions >= UB_ESCROW_CONTENTIONS;
 }
 
 /* The points of a limit: the soft threshold and the included quantity. */

@@ -45,7 +45,8 @@ extern uint64 ub_escrow_key_hash(const char *customer_id, const char *meter,
 								 TimestampTz period_start);
 extern bool ub_escrow_has_slot(uint64 key);
 extern void ub_escrow_remember(uint64 key, bool has_slot);
-extern bool ub_escrow_note_contention(uint64 key);
+extern void ub_escrow_note_contention(uint64 key);
+extern bool ub_escrow_is_hot(uint64 key);
 
 extern bool ub_escrow_slot_valid(const UbLimit *limit, Numeric floor_total, Numeric budget_limit);
 extern bool ub_escrow_near(const UbLimit *limit, Numeric lower, Numeric upper);
