@@ -1,6 +1,8 @@
 # Crash under load: 8 clients record usage with unique idempotency keys (half of them through
-# increment_usage_batch, 3 events per call) as a role holding usage_billing_writer only, while
-# the server is stopped with "pg_ctl stop -m immediate".  After the restart every acknowledged
+# increment_usage_batch, 3 events per call, the others 5 calls per connection) as a role
+# holding usage_billing_writer only, while
+# the server is stopped with "pg_ctl stop -m immediate", with every key's usage going through
+# the clients' escrow slots (hot_key_slots = always).  After the restart every acknowledged
 # (committed) event is in the ledger exactly once, nothing was recorded that was not attempted,
 # the aggregates equal the ledger, and retrying every attempted key makes the ledger equal to
 # the attempts: exactly once, with idempotent retries.
@@ -22,6 +24,8 @@ usage_billing.export_interval = 0
 max_connections = 40
 fsync = on
 synchronous_commit = on
+# every call after a key's first goes through its client's escrow slot: the crash hits slots
+usage_billing.hot_key_slots = always
 });
 $node->start;
 
@@ -57,31 +61,32 @@ sub client
 	while (!-e "$dir/stop")
 	{
 		$n++;
-		my (@keys, $sql);
+		my (@keys, $sql, %acked);
 		if ($c % 4 < 2)
 		{
-			@keys = ("c$c-$n");
-			$sql = "SELECT 'ACK' FROM usage_billing.increment_usage('$customer', 'hits', 1, '$keys[0]')";
+			# five calls on one connection, each its own transaction: after the first, the
+			# backend's escrow slot takes them
+			@keys = map { "c$c-$n-s$_" } 1 .. 5;
+			$sql = join "\n",
+			  map { "SELECT 'ACK $_' FROM usage_billing.increment_usage('$customer', 'hits', 1, '$_');" } @keys;
 		}
 		else
 		{
 			@keys = map { "c$c-$n-$_" } 1 .. 3;
 			my $events = join ', ',
 			  map { qq({"customer_id": "$customer", "meter": "hits", "amount": 1, "idempotency_key": "$_"}) } @keys;
-			$sql = "SELECT 'ACK' FROM usage_billing.increment_usage_batch('[$events]')";
+			# one ACK line per key of the batch, printed once it committed
+			$sql = "SELECT 'ACK ' || k FROM usage_billing.increment_usage_batch('[$events]') b, unnest(ARRAY["
+			  . join(', ', map { "'$_'" } @keys) . "]) k;";
 		}
 		print $att "$_\n" for @keys;
 		my ($out, $err) = ('', '');
-		my $ok = IPC::Run::run([ 'psql', '-X', '-A', '-t', '-v', 'ON_ERROR_STOP=1', '-d', $connstr, '-c', $sql ],
-			'<', \undef, '>', \$out, '2>', \$err);
-		if ($ok && $out =~ /^ACK$/m)
-		{
-			print $ack "$_\n" for @keys;
-		}
-		else
-		{
-			sleep 0.05;
-		}
+		# psql prints a statement's row once the server said the transaction is over (committed)
+		IPC::Run::run([ 'psql', '-X', '-A', '-t', '-v', 'ON_ERROR_STOP=1', '-d', $connstr, '-f', '-' ],
+			'<', \$sql, '>', \$out, '2>', \$err);
+		%acked = map { /^ACK (\S+)$/ ? ($1 => 1) : () } split /\n/, $out;
+		print $ack "$_\n" for grep { $acked{$_} } @keys;
+		sleep 0.05 if $err ne '';
 	}
 	POSIX::_exit(0);
 }
@@ -138,6 +143,8 @@ is($node->safe_psql('postgres', q{
 SELECT count(*) FROM (SELECT customer_id, idempotency_key FROM usage_billing.usage_events
                        WHERE customer_id IN ('crash_a', 'crash_b') GROUP BY 1, 2 HAVING count(*) > 1) d}),
 	'0', 'no event is in the ledger twice');
+cmp_ok($node->safe_psql('postgres', q{SELECT coalesce(sum(event_count), 0) FROM usage_billing.usage_aggregate_slots}),
+	'>', 0, 'escrow slots hold part of the totals after the crash');
 # aggregate_totals: a key's total includes its escrow slots (which survive the crash like rows)
 my $consistency_q = q{
 SELECT string_agg(format('%s: ledger %s, total %s, event_count %s', e.customer_id, e.n, a.total, a.event_count), '; '
