@@ -10,8 +10,9 @@
  * executor: plan revalidation, executor start and end, expression setup for
  * ON CONFLICT.  Here the same protocol runs on the table AM and the
  * executor's index routines directly, the way logical replication's apply
- * worker writes rows.  This file resolves the two tables, opens and closes
- * the "writer" (both tables, their indexes and slots) and appends to the
+ * worker writes rows.  This file resolves the tables (the ledger, the
+ * aggregates and, from 1.3, their escrow slots), opens and closes the
+ * "writer" (the tables, their indexes and tuple slots) and appends to the
  * ledger; the aggregate side is direct_fold.c, and direct_write_int.h is
  * what the two share.
  *
@@ -22,10 +23,14 @@
  *				starts over if a concurrent insert won.  Without a key there
  *				is no arbiter and a plain insert.
  *	 aggregate  a lookup through the primary key and an update of the version
- *				found, or a speculative insert (direct_fold.c).
+ *				found, or a speculative insert (direct_fold.c); on a
+ *				contended sum or count key, this backend's escrow slot
+ *				(direct_escrow.c, escrow.c).
  *
- * The result is the SQL path's, row for row: the same column values, the
- * same serialization, the same waits.  Columns we do not set (the
+ * Without escrow slots the result is the SQL path's, row for row: the same
+ * column values, the same serialization, the same waits; with them, the
+ * same totals, limits and alerts, with the key's total split between its
+ * row and its slots.  Columns we do not set (the
  * ledger's event_id identity, kind, recorded_by, recorded_at) take their
  * declared defaults, evaluated here.
  *
