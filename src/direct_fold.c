@@ -16,6 +16,12 @@
  *	 to commit, so callers on one aggregate are serialized and the hard-cap
  *	 check after the update stays exact.  ON CONFLICT DO UPDATE locks the row
  *	 before updating it, a second WAL record that this path does without.
+ *
+ * A contended sum or count key also has escrow slots (escrow.c explains the
+ * rules): a call that fits its backend's slot takes it and leaves the row
+ * alone; a call on the row of a key with slots locks the row first, folds
+ * the slots when a limit decision may be near, and may grant its slot a
+ * budget after its update.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
