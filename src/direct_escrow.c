@@ -70,7 +70,6 @@ ub_escrow_try_spend(UbDirectWriter *w, const UbAggregateDelta *d, uint64 key, Nu
 	bool	   *n = row->tts_isnull;
 	Numeric		budget;
 	Numeric		slot_total;
-	TimestampTz t;
 
 	/*
 	 * One pass over the key's slots: ours, and what the others hold as
@@ -117,14 +116,7 @@ ub_escrow_try_spend(UbDirectWriter *w, const UbAggregateDelta *d, uint64 key, Nu
 	v[S(SLOT_COUNT)] = Int64GetDatum(DatumGetInt64(v[S(SLOT_COUNT)]) + d->count);
 	if (budget != NULL)
 		v[S(SLOT_BUDGET)] = NumericGetDatum(ub_num_sub(budget, d->contribution));
-	t = DatumGetTimestampTz(v[S(SLOT_FIRST)]);
-	if (n[S(SLOT_FIRST)] || d->first_usage < t)
-		v[S(SLOT_FIRST)] = TimestampTzGetDatum(d->first_usage);
-	n[S(SLOT_FIRST)] = false;
-	t = DatumGetTimestampTz(v[S(SLOT_LAST)]);
-	if (n[S(SLOT_LAST)] || d->last_usage > t)
-		v[S(SLOT_LAST)] = TimestampTzGetDatum(d->last_usage);
-	n[S(SLOT_LAST)] = false;
+	ub_direct_widen_usage(v, n, S(SLOT_FIRST), S(SLOT_LAST), d->first_usage, d->last_usage);
 	v[S(SLOT_UPDATED)] = TimestampTzGetDatum(GetCurrentTransactionStartTimestamp());
 	n[S(SLOT_UPDATED)] = false;
 	ExecStoreVirtualTuple(row);

@@ -44,6 +44,7 @@
 static bool find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
 						   TimestampTz period_start, TupleTableSlot *out, bool *contended);
 static bool lock_aggregate(UbDirectWriter *w, TupleTableSlot *old);
+static bool row_slotted(UbDirectWriter *w, TupleTableSlot *row);
 
 /*
  * Looks the aggregate up through its primary key with a dirty snapshot, which
@@ -80,6 +81,19 @@ find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
 		ExecMaterializeSlot(out);
 	index_endscan(scan);
 	return found;
+}
+
+/* Does this version of the aggregate row say the key has escrow slots (never before 1.3)? */
+static bool
+row_slotted(UbDirectWriter *w, TupleTableSlot *row)
+{
+	bool		isnull;
+	Datum		d;
+
+	if (w->rri[2] == NULL)
+		return false;
+	d = slot_getattr(row, w->agg_table->attnums[AGG_SLOTTED], &isnull);
+	return !isnull && DatumGetBool(d);
 }
 
 /*
@@ -139,6 +153,20 @@ ub_direct_update_row(EState *estate, ResultRelInfo *rri, TupleTableSlot *old, Tu
 }
 
 /*
+ * Widens the first and last usage of a row (attribute indexes first and
+ * last) to take [f, l]; like least() and greatest(), a NULL gives way.
+ */
+void
+ub_direct_widen_usage(Datum *v, bool *n, int first, int last, TimestampTz f, TimestampTz l)
+{
+	if (n[first] || f < DatumGetTimestampTz(v[first]))
+		v[first] = TimestampTzGetDatum(f);
+	if (n[last] || l > DatumGetTimestampTz(v[last]))
+		v[last] = TimestampTzGetDatum(l);
+	n[first] = n[last] = false;
+}
+
+/*
  * Folds a delta into its aggregate, INSERT ... ON CONFLICT DO UPDATE as in
  * record.c's SQL: returns the new total and the one before (NULL for a new
  * row), in the caller's memory context.  A sum or count key may also take
@@ -183,7 +211,6 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 		if (find_aggregate(rel, w->pkey, customer, meter, d->period_start, old, &contended))
 		{
 			Numeric		old_total;
-			TimestampTz t;
 			bool		slotted;
 			bool		want_slot = false;
 			bool		kept_slots = false;
@@ -194,9 +221,7 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 			Numeric		budget = NULL;
 			Numeric		budget_limit = NULL;
 
-			slot_getallattrs(old);
-			slotted = w->rri[2] != NULL && !old->tts_isnull[A(AGG_SLOTTED)] &&
-				DatumGetBool(old->tts_values[A(AGG_SLOTTED)]);
+			slotted = row_slotted(w, old);
 			if (escrow)
 			{
 				if (contended)
@@ -214,12 +239,11 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 			{
 				if (!lock_aggregate(w, old))
 					continue;
-				slot_getallattrs(old);
-				slotted = !old->tts_isnull[A(AGG_SLOTTED)] &&
-					DatumGetBool(old->tts_values[A(AGG_SLOTTED)]);
+				slotted = row_slotted(w, old);
 			}
 
 			/* every other column keeps its value */
+			slot_getallattrs(old);
 			memcpy(v, old->tts_values, sizeof(Datum) * desc->natts);
 			memcpy(n, old->tts_isnull, sizeof(bool) * desc->natts);
 			if (n[A(AGG_TOTAL)])
@@ -252,11 +276,7 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 					v[A(AGG_COUNT)] = Int64GetDatum(DatumGetInt64(v[A(AGG_COUNT)]) + folded_count);
 					if (have_usage)
 					{
-						if (n[A(AGG_FIRST)] || first < DatumGetTimestampTz(v[A(AGG_FIRST)]))
-							v[A(AGG_FIRST)] = TimestampTzGetDatum(first);
-						if (n[A(AGG_LAST)] || last > DatumGetTimestampTz(v[A(AGG_LAST)]))
-							v[A(AGG_LAST)] = TimestampTzGetDatum(last);
-						n[A(AGG_FIRST)] = n[A(AGG_LAST)] = false;
+						ub_direct_widen_usage(v, n, A(AGG_FIRST), A(AGG_LAST), first, last);
 					}
 					escrowed = ub_num_zero();
 					own_found = false;
@@ -295,15 +315,7 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 			v[A(AGG_PREVIOUS)] = NumericGetDatum(*previous_total);
 			n[A(AGG_PREVIOUS)] = false;
 			v[A(AGG_COUNT)] = Int64GetDatum(DatumGetInt64(v[A(AGG_COUNT)]) + d->count);
-			/* least() and greatest() ignore NULLs */
-			t = DatumGetTimestampTz(v[A(AGG_FIRST)]);
-			if (n[A(AGG_FIRST)] || d->first_usage < t)
-				v[A(AGG_FIRST)] = TimestampTzGetDatum(d->first_usage);
-			n[A(AGG_FIRST)] = false;
-			t = DatumGetTimestampTz(v[A(AGG_LAST)]);
-			if (n[A(AGG_LAST)] || d->last_usage > t)
-				v[A(AGG_LAST)] = TimestampTzGetDatum(d->last_usage);
-			n[A(AGG_LAST)] = false;
+			ub_direct_widen_usage(v, n, A(AGG_FIRST), A(AGG_LAST), d->first_usage, d->last_usage);
 			v[A(AGG_UPDATED)] = TimestampTzGetDatum(now);
 			n[A(AGG_UPDATED)] = false;
 			if (w->rri[2] != NULL)

@@ -419,24 +419,26 @@ ub_direct_open(void)
 	UbDirectWriter *w;
 	EState	   *estate;
 	List	   *rtable = NIL;
+	int			ntargets;
 	int			i;
 
 	resolve_tables();
 	targets[0] = &ledger;
 	targets[1] = &aggregates;
-	targets[2] = OidIsValid(slots.relid) ? &slots : NULL;
+	targets[2] = &slots;
+	/* a schema before 1.3 has no escrow slots: rri[2] stays NULL */
+	ntargets = OidIsValid(slots.relid) ? 3 : 2;
 
 	/* writes of earlier calls in this statement must be visible to our lookups */
 	CommandCounterIncrement();
 
 	estate = CreateExecutorState();
-	for (i = 0; i < 3; i++)
+	for (i = 0; i < ntargets; i++)
 	{
 		RangeTblEntry *rte = makeNode(RangeTblEntry);
 
-		/* without the slots, an entry for the aggregates again keeps the numbering */
 		rte->rtekind = RTE_RELATION;
-		rte->relid = targets[i] ? targets[i]->relid : aggregates.relid;
+		rte->relid = targets[i]->relid;
 		rte->relkind = RELKIND_RELATION;
 		rte->rellockmode = RowExclusiveLock;
 		rtable = lappend(rtable, rte);
@@ -450,18 +452,14 @@ ub_direct_open(void)
 	w->estate = estate;
 	w->agg_table = &aggregates;
 	w->slot_table = &slots;
-	for (i = 0; i < 3; i++)
-		w->rri[i] = targets[i] ? open_target(estate, targets[i], i + 1) : NULL;
+	for (i = 0; i < ntargets; i++)
+		w->rri[i] = open_target(estate, targets[i], i + 1);
 
-	for (i = 0; i < 3; i++)
+	for (i = 0; i < ntargets; i++)
 	{
 		static const AclMode modes[3] = {ACL_INSERT, ACL_INSERT | ACL_UPDATE,
 		ACL_INSERT | ACL_UPDATE | ACL_DELETE};
-		Relation	rel;
-
-		if (w->rri[i] == NULL)
-			continue;
-		rel = w->rri[i]->ri_RelationDesc;
+		Relation	rel = w->rri[i]->ri_RelationDesc;
 
 		/*
 		 * What the executor would add to these writes, we do not: leave it

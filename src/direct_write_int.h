@@ -65,6 +65,8 @@ extern bool ub_direct_speculative_insert(EState *estate, ResultRelInfo *rri,
 										 TupleTableSlot *slot, List *arbiters);
 extern bool ub_direct_update_row(EState *estate, ResultRelInfo *rri, TupleTableSlot *old,
 								 TupleTableSlot *row);
+extern void ub_direct_widen_usage(Datum *v, bool *n, int first, int last, TimestampTz f,
+								  TimestampTz l);
 
 /* direct_escrow.c */
 extern bool ub_escrow_try_spend(UbDirectWriter *w, const UbAggregateDelta *d, uint64 key,
