@@ -114,6 +114,16 @@ RESET usage_billing.direct_writes;
 SELECT total FROM usage_billing.increment_usage('es_b', 'es_count', 1, NULL, '2025-01-09');
 SELECT total FROM usage_billing.increment_usage('es_b', 'es_count', 1, NULL, '2025-01-09');
 SELECT * FROM pg_temp.state('es_b', 'es_count');
+-- a batch on the SQL path folds them too
+SET usage_billing.direct_writes = off;
+SELECT * FROM usage_billing.increment_usage_batch('[
+  {"customer_id": "es_b", "meter": "es_count", "occurred_at": "2025-01-10"},
+  {"customer_id": "es_b", "meter": "es_count", "occurred_at": "2025-01-11"}]');
+SELECT * FROM pg_temp.state('es_b', 'es_count');
+RESET usage_billing.direct_writes;
+SELECT total FROM usage_billing.increment_usage('es_b', 'es_count', 1, NULL, '2025-01-12');
+SELECT total FROM usage_billing.increment_usage('es_b', 'es_count', 1, NULL, '2025-01-12');
+SELECT * FROM pg_temp.state('es_b', 'es_count');
 
 -- 5. max is not a sum: no slots.
 SELECT total FROM usage_billing.increment_usage('es_b', 'es_peak', 7, NULL, '2025-01-03');

@@ -151,7 +151,7 @@ ub_batch_insert_ledger(BatchEvent **events, int n)
 	}
 }
 
-#define AGG_BULK(set) \
+#define AGG_BULK_RETURNING(set, returning) \
 	"INSERT INTO usage_billing.usage_aggregates AS a" \
 	"       (customer_id, meter, period_start, period_end, total, event_count," \
 	"        first_usage, last_usage, updated_at)" \
@@ -164,18 +164,20 @@ ub_batch_insert_ledger(BatchEvent **events, int n)
 	"        previous_total = a.total," \
 	"        first_usage = least(a.first_usage, EXCLUDED.first_usage)," \
 	"        last_usage = greatest(a.last_usage, EXCLUDED.last_usage)," \
-	"        updated_at = now()," set \
-	" RETURNING a.total, a.previous_total"
+	"        updated_at = now()," set returning
+#define AGG_BULK(set) AGG_BULK_RETURNING(set, " RETURNING a.total, a.previous_total")
 
 /* Upserts the groups of one aggregation kind and checks caps and alerts. */
 void
 ub_batch_upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
 {
-	static SPIPlanPtr plans[3];
+	static SPIPlanPtr plans[4];
 	static Oid	types[8] = {TEXTARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID,
 	TIMESTAMPTZARRAYOID, NUMERICARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID,
 	TIMESTAMPTZARRAYOID};
-	int			slot = agg == UB_AGG_MAX ? 1 : agg == UB_AGG_LAST ? 2 : 0;
+	/* 3: sum and count on a schema with escrow slots, which also returns a.slotted */
+	int			slot = agg == UB_AGG_MAX ? 1 : agg == UB_AGG_LAST ? 2 :
+		ub_escrow_installed() ? 3 : 0;
 	Datum	   *cols[8];
 	Datum		args[8];
 	int			ret;
@@ -187,6 +189,8 @@ ub_batch_upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
 		const char *sql = slot == 1 ? AGG_BULK(" total = greatest(a.total, EXCLUDED.total)") :
 		slot == 2 ? AGG_BULK(" total = CASE WHEN EXCLUDED.last_usage >= a.last_usage"
 							 "              THEN EXCLUDED.total ELSE a.total END") :
+		slot == 3 ? AGG_BULK_RETURNING(" total = a.total + EXCLUDED.total",
+									   " RETURNING a.total, a.previous_total, a.slotted") :
 		AGG_BULK(" total = a.total + EXCLUDED.total");
 
 		plans[slot] = SPI_prepare(sql, 8, types);
@@ -232,7 +236,8 @@ ub_batch_upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
 			Numeric		previous = isnull ? NULL : DatumGetNumericCopy(prev);
 			UbEventInput in = groups[g].first->in;
 
-			if (previous != NULL && (agg == UB_AGG_SUM || agg == UB_AGG_COUNT))
+			if (previous != NULL && tt->tupdesc->natts >= 3 &&
+				DatumGetBool(SPI_getbinval(tt->vals[g], tt->tupdesc, 3, &isnull)))
 			{
 				/* we hold the row's lock: fold its escrow slots, decide on the exact total */
 				Numeric		folded = ub_escrow_fold_key_sql(in.customer_id, in.meter,

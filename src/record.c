@@ -87,10 +87,13 @@ static void raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const U
 	" total = CASE WHEN EXCLUDED.last_usage >= a.last_usage" \
 	"              THEN EXCLUDED.total ELSE a.total END"
 #define AGG_RETURNING	" RETURNING a.total, a.previous_total"
+/* from 1.3: does the row have escrow slots to fold? */
+#define AGG_RETURNING_SLOTTED	AGG_RETURNING ", a.slotted"
 
-#define COMBINED(ledger_tail, set) \
+#define COMBINED_RETURNING(ledger_tail, set, returning) \
 	"WITH ev AS (" LEDGER_INSERT ledger_tail " RETURNING 1) " \
-	AGG_INSERT "SELECT " AGG_ROW " FROM ev" AGG_ON_CONFLICT set AGG_RETURNING
+	AGG_INSERT "SELECT " AGG_ROW " FROM ev" AGG_ON_CONFLICT set returning
+#define COMBINED(ledger_tail, set) COMBINED_RETURNING(ledger_tail, set, AGG_RETURNING)
 
 static Oid	record_types[9] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
 	NUMERICOID, TEXTOID, JSONBOID, TIMESTAMPTZOID, NUMERICOID};
@@ -131,11 +134,15 @@ aggregate_plan(void)
 						9, record_types);
 }
 
-/* Ledger insert and aggregate upsert in one statement. */
+/*
+ * Ledger insert and aggregate upsert in one statement.  For sum and count,
+ * on a schema with escrow slots, it also returns whether the row has some.
+ */
 static SPIPlanPtr
 combined_plan(UbAggregation agg, bool keyed)
 {
 	static SPIPlanPtr plans[3][2];
+	static SPIPlanPtr slotted_plans[2];
 
 	switch (agg)
 	{
@@ -148,6 +155,14 @@ combined_plan(UbAggregation agg, bool keyed)
 				ub_prepare_once(&plans[2][1], COMBINED(LEDGER_ON_CONFLICT, AGG_SET_LAST), 9, record_types) :
 				ub_prepare_once(&plans[2][0], COMBINED("", AGG_SET_LAST), 9, record_types);
 		default:
+			if (ub_escrow_installed())
+				return keyed ?
+					ub_prepare_once(&slotted_plans[1],
+									COMBINED_RETURNING(LEDGER_ON_CONFLICT, AGG_SET_ADD, AGG_RETURNING_SLOTTED),
+									9, record_types) :
+					ub_prepare_once(&slotted_plans[0],
+									COMBINED_RETURNING("", AGG_SET_ADD, AGG_RETURNING_SLOTTED),
+									9, record_types);
 			return keyed ?
 				ub_prepare_once(&plans[0][1], COMBINED(LEDGER_ON_CONFLICT, AGG_SET_ADD), 9, record_types) :
 				ub_prepare_once(&plans[0][0], COMBINED("", AGG_SET_ADD), 9, record_types);
@@ -300,8 +315,8 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 												   SPI_tuptable->tupdesc, 1, &isnull));
 	previous = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	previous_total = isnull ? NULL : DatumGetNumericCopy(previous);
-	if (previous_total != NULL &&
-		(pe.meter.aggregation == UB_AGG_SUM || pe.meter.aggregation == UB_AGG_COUNT))
+	if (previous_total != NULL && SPI_tuptable->tupdesc->natts >= 3 &&
+		DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull)))
 	{
 		/* the upsert holds the row's lock: fold its escrow slots and decide on the exact total */
 		Numeric		folded = ub_escrow_fold_key_sql(in->customer_id, in->meter, pe.period_start);
