@@ -16,6 +16,7 @@ OBJS = \
 	src/direct_write.o \
 	src/direct_fold.o \
 	src/direct_escrow.o \
+	src/row_hint.o \
 	src/escrow.o \
 	src/batch.o \
 	src/batch_sql.o \
@@ -56,6 +57,9 @@ PROVE_TESTS = test/t/*.pl
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
+
+# every object is rebuilt when a header changes: structs are shared between files
+$(OBJS): $(wildcard $(srcdir)/src/*.h)
 
 # Benchmark of issue 4 (numbers, not a test): throwaway cluster, pgbench ours vs naive baselines.
 # Needs the extension installed (make install). BENCH_SECONDS=10 per run by default.

@@ -40,35 +40,35 @@
 #include "direct_write_int.h"
 #include "escrow.h"
 #include "pricing.h"
+#include "row_hint.h"
 
-static bool find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
+static bool find_aggregate(UbDirectWriter *w, Datum customer, Datum meter,
 						   TimestampTz period_start, TupleTableSlot *out, bool *contended);
 static bool lock_aggregate(UbDirectWriter *w, TupleTableSlot *old);
 static bool row_slotted(UbDirectWriter *w, TupleTableSlot *row);
 
 /*
- * Looks the aggregate up through its primary key with a dirty snapshot, which
- * also sees rows of transactions in progress.  A row being inserted by one is
+ * Looks the aggregate up through its primary key (row_hint.c: where it was
+ * last found first) with a dirty snapshot, which also sees rows of
+ * transactions in progress.  A row being inserted by one is
  * waited for: its commit or abort decides whether there is a row.  A row
  * being updated by one is returned as is (*contended); ub_direct_update_row
  * waits for that transaction.
  */
 static bool
-find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
-			   TimestampTz period_start, TupleTableSlot *out, bool *contended)
+find_aggregate(UbDirectWriter *w, Datum customer, Datum meter, TimestampTz period_start,
+			   TupleTableSlot *out, bool *contended)
 {
+	Relation	rel = w->rri[1]->ri_RelationDesc;
 	SnapshotData dirty;
 	ScanKeyData keys[3];
-	IndexScanDesc scan;
 	bool		found;
 
 	InitDirtySnapshot(dirty);
-	ub_key_scankeys(pkey, customer, meter, period_start, keys);
-	scan = index_beginscan(rel, pkey, &dirty, 3, 0);
+	ub_key_scankeys(w->pkey, customer, meter, period_start, keys);
 	for (;;)
 	{
-		index_rescan(scan, keys, 3, NULL, 0);
-		found = index_getnext_slot(scan, ForwardScanDirection, out);
+		found = ub_row_fetch(rel, w->pkey, keys, 3, &dirty, out, &w->agg_nblocks);
 		if (found && TransactionIdIsValid(dirty.xmin))
 		{
 			XactLockTableWait(dirty.xmin, rel, &out->tts_tid, XLTW_None);
@@ -79,7 +79,6 @@ find_aggregate(Relation rel, Relation pkey, Datum customer, Datum meter,
 	*contended = found && TransactionIdIsValid(dirty.xmax);
 	if (found)
 		ExecMaterializeSlot(out);
-	index_endscan(scan);
 	return found;
 }
 
@@ -208,7 +207,7 @@ ub_direct_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 		bool		contended;
 
 		ExecClearTuple(row);
-		if (find_aggregate(rel, w->pkey, customer, meter, d->period_start, old, &contended))
+		if (find_aggregate(w, customer, meter, d->period_start, old, &contended))
 		{
 			Numeric		old_total;
 			bool		slotted;

@@ -507,6 +507,7 @@ ub_direct_open(void)
 												 TupleDescAttr(RelationGetDescr(w->rri[0]->ri_RelationDesc), i),
 												 &w->ledger_default_nulls[i]);
 	}
+	w->agg_nblocks = InvalidBlockNumber;
 	w->agg_old = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[1]->ri_RelationDesc),
 										table_slot_callbacks(w->rri[1]->ri_RelationDesc));
 	w->agg_row = ExecInitExtraTupleSlot(estate, RelationGetDescr(w->rri[1]->ri_RelationDesc),

@@ -12,6 +12,7 @@
 #include "executor/tuptable.h"
 #include "nodes/execnodes.h"
 #include "nodes/pg_list.h"
+#include "storage/block.h"
 
 #include "direct_write.h"
 #include "escrow.h"
@@ -47,6 +48,7 @@ struct UbDirectWriter
 	const TargetTable *agg_table;	/* the aggregates as resolved at open */
 	const TargetTable *slot_table;	/* the escrow slots as resolved at open */
 	Relation	pkey;			/* the aggregates' primary key, among rri[1]'s indexes */
+	BlockNumber agg_nblocks;	/* the aggregates' size, for row_hint.c (locked: kept) */
 	Relation	slot_pkey;		/* the slots' primary key, among rri[2]'s indexes */
 	TupleTableSlot *ledger_row;
 	TupleTableSlot **ledger_rows;	/* for multi-row inserts, grown on demand */

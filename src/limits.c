@@ -58,6 +58,7 @@
 #include "periods.h"
 #include "pricing.h"
 #include "reading.h"
+#include "row_hint.h"
 #include "usage_billing.h"
 
 PG_FUNCTION_INFO_V1(ub_check_limit);
@@ -200,8 +201,8 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 	bool		slotted = false;
 	Snapshot	snapshot;
 	ScanKeyData keys[3];
-	IndexScanDesc scan;
 	TupleTableSlot *slot;
+	BlockNumber nblocks = InvalidBlockNumber;
 	Numeric		total = NULL;
 
 	if (!ub_direct_reads)
@@ -221,10 +222,8 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 					period_start, keys);
 
 	snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
-	scan = index_beginscan(rel, idx, snapshot, 3, 0);
-	index_rescan(scan, keys, 3, NULL, 0);
 	slot = table_slot_create(rel, NULL);
-	if (index_getnext_slot(scan, ForwardScanDirection, slot))
+	if (ub_row_fetch(rel, idx, keys, 3, snapshot, slot, &nblocks))
 	{
 		bool		isnull;
 		Datum		d = slot_getattr(slot, total_attnum, &isnull);
@@ -237,7 +236,6 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 			slotted = !isnull && DatumGetBool(d);
 		}
 	}
-	index_endscan(scan);
 	ExecDropSingleTupleTableSlot(slot);
 
 	/* part of a contended key's total is in its escrow slots, under the same snapshot */
