@@ -35,6 +35,7 @@ ONLY=${BENCH_ONLY:-inc_spread inc_hot check_limit summary batch disk}
 LOAD_TIMEOUT=${BENCH_LOAD_TIMEOUT:-600}
 TMP=""
 ROWS=()        # "workload|ours|baseline|ratio|target|met"
+CPUS=()        # "workload|ours|baseline|ratio|unit": busy CPU microseconds
 NOTES=()
 
 cleanup() {
@@ -105,18 +106,25 @@ EOF
     fi
 fi
 
-# pgbench_run SCRIPTS...: one pgbench run; prints "TPS PROCESSED" or "ERR first-error-line".
+# busy_jiffies: the whole machine's busy CPU time so far (user, nice, system, irq, softirq).
+busy_jiffies() { awk '/^cpu / { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
+
+# pgbench_run SCRIPTS...: one pgbench run; prints "TPS PROCESSED CPU" or "ERR first-error-line".
+# CPU: the machine's busy CPU microseconds per transaction during the run (server, client and
+# kernel alike); it moves less than TPS with the speed of the disk's flushes.
 pgbench_run() {
-    local out rc=0 tps n
+    local out rc=0 tps n b0 b1
     out=$(mktemp "$TMP/pgbench.XXXXXX")
+    b0=$(busy_jiffies)
     ub_as_pg "$PGBIN/pgbench" -n -M prepared -c "$CLIENTS" -j "$THREADS" -T "$SECS" \
         -h "$TMP" -p "$PORT" "$@" bench >"$out" 2>&1 || rc=$?
+    b1=$(busy_jiffies)
     tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' "$out" | tail -n 1)
     n=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
     if [ "$rc" -ne 0 ] || [ -z "$tps" ] || [ -z "$n" ] || [ "$n" = 0 ] || grep -q 'aborted in command' "$out"; then
         echo "ERR $(grep -m1 -E 'ERROR|error' "$out" | cut -c1-160)"
     else
-        echo "$tps $n"
+        echo "$tps $n $(awk -v b=$((b1 - b0)) -v n="$n" -v hz="$(getconf CLK_TCK)" 'BEGIN { printf "%.1f", b * 1e6 / hz / n }')"
     fi
 }
 
@@ -126,15 +134,15 @@ median() {
 }
 
 # ab NAME "OURS ARGS" "BASELINE ARGS": A B A B ... (ROUNDS times); sets OURS/BASE (median TPS of
-# the side's runs, or ERR), OURS_N/BASE_N (transactions processed, summed) and notes the first
-# error of a side.  The median, not the mean: one run disturbed by the VM's neighbours moves it
+# the side's runs, or ERR), OURS_N/BASE_N (transactions processed, summed), OURS_CPU/BASE_CPU
+# (median CPU per transaction) and notes the first error of a side.  The median, not the mean: one run disturbed by the VM's neighbours moves it
 # less.
 ab() {
-    local name=$1 a=$2 b=$3 i r side
-    local -a oa ob ours_runs=() base_runs=()
+    local name=$1 a=$2 b=$3 i r side tps n cpu
+    local -a oa ob ours_runs=() base_runs=() ours_cpu=() base_cpu=()
     read -r -a oa <<<"$a"
     read -r -a ob <<<"$b"
-    OURS=0; BASE=0; OURS_N=0; BASE_N=0
+    OURS=0; BASE=0; OURS_N=0; BASE_N=0; OURS_CPU=ERR; BASE_CPU=ERR
     local ours_err="" base_err=""
     if [ "$a" = SKIP ]; then ours_err="skipped"; oa=(-f -); fi
     ub_log "$name: ours = $(basename -- "${oa[*]: -1}"), baseline = $(basename -- "${ob[*]: -1}"), $ROUNDS x 2 runs of ${SECS}s"
@@ -152,19 +160,32 @@ ab() {
                 if [ "$side" = ours ]; then ours_err=${r#ERR }; else base_err=${r#ERR }; fi
                 continue
             fi
+            read -r tps n cpu <<<"$r"
             if [ "$side" = ours ]; then
-                ours_runs+=("${r%% *}")
-                OURS_N=$((OURS_N + ${r##* }))
+                ours_runs+=("$tps"); ours_cpu+=("$cpu")
+                OURS_N=$((OURS_N + n))
             else
-                base_runs+=("${r%% *}")
-                BASE_N=$((BASE_N + ${r##* }))
+                base_runs+=("$tps"); base_cpu+=("$cpu")
+                BASE_N=$((BASE_N + n))
             fi
         done
     done
     [ ${#ours_runs[@]} -eq 0 ] || OURS=$(median "${ours_runs[@]}")
     [ ${#base_runs[@]} -eq 0 ] || BASE=$(median "${base_runs[@]}")
+    [ ${#ours_cpu[@]} -eq 0 ] || OURS_CPU=$(median "${ours_cpu[@]}")
+    [ ${#base_cpu[@]} -eq 0 ] || BASE_CPU=$(median "${base_cpu[@]}")
     if [ -n "$ours_err" ]; then OURS=ERR; [ "$ours_err" = skipped ] || NOTES+=("$name, ours: $ours_err"); fi
     if [ -n "$base_err" ]; then BASE=ERR; NOTES+=("$name, baseline: $base_err"); fi
+}
+
+# cpu_row WORKLOAD OURS BASE [UNIT]: a row of the CPU table (microseconds per transaction, or per
+# UNIT); the ratio is baseline / ours, so above 1 means ours costs less.
+cpu_row() {
+    local r="-"
+    if [ "$2" != ERR ] && [ "$3" != ERR ]; then
+        r=$(awk -v o="$2" -v b="$3" 'BEGIN { if (o > 0) printf "%.2fx", b / o; else print "-" }')
+    fi
+    CPUS+=("$1|$2|$3|$r|${4:-transaction}")
 }
 
 # row WORKLOAD OURS BASE MIN-RATIO UNIT [SCALE]: adds a table row; ratio = ours / baseline.
@@ -191,6 +212,13 @@ S="$TMP/scripts"
 if want inc_spread; then
     ab "increment_usage, 10,000 customers" "-f $S/inc_spread.sql" "-f $S/naive_counter_spread.sql"
     row "increment_usage spread (10,000 customers) vs naive counter" "$OURS" "$BASE" 1.0 TPS
+    cpu_row "increment_usage spread vs naive counter" "$OURS_CPU" "$BASE_CPU"
+    # reference, no target: a naive app that keeps a ledger writes a row and bumps a counter
+    ab "increment_usage vs naive counter + ledger row, 10,000 customers" \
+        "-f $S/inc_spread.sql" "-f $S/naive_counter_ledger_spread.sql"
+    row "  reference: vs naive counter + naive ledger row" "$OURS" "$BASE" report TPS
+    cpu_row "  reference: vs naive counter + naive ledger row" "$OURS_CPU" "$BASE_CPU"
+    NOTES+=("reference rows carry no target: the baseline does what ours does at the least (same durable work), or is what ours can at best reach (a constant result row)")
 fi
 
 if want inc_hot; then
@@ -198,6 +226,7 @@ if want inc_hot; then
     before_b=$(val "SELECT coalesce(sum(count), 0) FROM usage WHERE user_id = 'hot'" || echo ERR)
     ab "increment_usage, one hot customer" "-f $S/inc_hot.sql" "-f $S/naive_counter_hot.sql"
     row "increment_usage hot key vs naive counter hot key" "$OURS" "$BASE" 2.5 TPS
+    cpu_row "increment_usage hot key vs naive counter hot key" "$OURS_CPU" "$BASE_CPU"
     after_o=$(val "SELECT coalesce(sum(total), 0) FROM usage_billing.get_usage_summary('hot') WHERE meter = 'api_calls'" || echo ERR)
     after_b=$(val "SELECT coalesce(sum(count), 0) FROM usage WHERE user_id = 'hot'" || echo ERR)
     for side in ours baseline; do
@@ -215,6 +244,11 @@ fi
 if want check_limit; then
     ab "check_limit, 10,000 customers" "-f $S/check_limit_spread.sql" "-f $S/select1.sql"
     row "check_limit spread vs SELECT 1" "$OURS" "$BASE" 0.8 TPS
+    cpu_row "check_limit spread vs SELECT 1" "$OURS_CPU" "$BASE_CPU"
+    # reference, no target: check_limit's eight result columns as constants, no function call
+    ab "check_limit's result row as constants vs SELECT 1" "-f $S/check_limit_shape.sql" "-f $S/select1.sql"
+    row "  reference: check_limit's result row as constants" "$OURS" "$BASE" report TPS
+    cpu_row "  reference: check_limit's result row as constants" "$OURS_CPU" "$BASE_CPU"
 fi
 
 if want summary; then
@@ -241,16 +275,16 @@ if want batch; then
     if ub_is_root; then chown postgres: "$S"/batch_*.sql; fi
     # ab() splits on blanks, so pass the batch arguments through a file-free route
     OURS=0; OURS_N=0; BASE=0; BASE_N=0; oerr=""; berr=""
-    batch_runs=(); single_runs=()
+    batch_runs=(); single_runs=(); batch_cpu=(); single_cpu=()
     ub_log "batch ingestion: ours = increment_usage_batch (100 events per call), baseline = single increment_usage calls"
     for i in $(seq 1 "$ROUNDS"); do
         if [ -z "$oerr" ]; then
             r=$(pgbench_run "${batch_args[@]}"); echo "    run $i ours (calls/s): $r"
-            if [ "${r%% *}" = ERR ]; then oerr=${r#ERR }; else batch_runs+=("${r%% *}"); fi
+            if [ "${r%% *}" = ERR ]; then oerr=${r#ERR }; else read -r tps n cpu <<<"$r"; batch_runs+=("$tps"); batch_cpu+=("$cpu"); fi
         fi
         if [ -z "$berr" ]; then
             r=$(pgbench_run -f "$S/inc_spread.sql"); echo "    run $i base (calls/s): $r"
-            if [ "${r%% *}" = ERR ]; then berr=${r#ERR }; else single_runs+=("${r%% *}"); fi
+            if [ "${r%% *}" = ERR ]; then berr=${r#ERR }; else read -r tps n cpu <<<"$r"; single_runs+=("$tps"); single_cpu+=("$cpu"); fi
         fi
     done
     [ ${#batch_runs[@]} -eq 0 ] || OURS=$(median "${batch_runs[@]}")
@@ -259,6 +293,11 @@ if want batch; then
     [ -z "$berr" ] || { BASE=ERR; NOTES+=("batch, single calls: $berr"); }
     if [ "$OURS" != ERR ]; then OURS=$(awk -v x="$OURS" 'BEGIN { print x * 100 }'); fi
     row "increment_usage_batch (100/call) vs single increment_usage" "$OURS" "$BASE" 10 "events/s"
+    # per event: a batch call carries 100
+    OURS_CPU=ERR; BASE_CPU=ERR
+    [ ${#batch_cpu[@]} -eq 0 ] || OURS_CPU=$(awk -v x="$(median "${batch_cpu[@]}")" 'BEGIN { printf "%.1f", x / 100 }')
+    [ ${#single_cpu[@]} -eq 0 ] || BASE_CPU=$(median "${single_cpu[@]}")
+    cpu_row "increment_usage_batch (100/call) vs single increment_usage" "$OURS_CPU" "$BASE_CPU" event
 fi
 
 if want disk; then
@@ -289,6 +328,18 @@ fi
         IFS='|' read -r w o b ra t m <<<"$r"
         printf '| %-58s | %-16s | %-16s | %-8s | %-9s | %-4s |\n' "$w" "$o" "$b" "$ra" "$t" "$m"
     done
+    if [ "${#CPUS[@]}" -gt 0 ]; then
+        echo
+        echo "Busy CPU per transaction, whole machine (server, pgbench and kernel), median run per side:"
+        echo
+        printf '| %-58s | %-10s | %-10s | %-18s |\n' workload "ours (us)" "base (us)" "base / ours"
+        printf '|%s|%s|%s|%s|\n' "$(printf -- '-%.0s' {1..60})" "$(printf -- '-%.0s' {1..12})" "$(printf -- '-%.0s' {1..12})" "$(printf -- '-%.0s' {1..20})"
+        for r in "${CPUS[@]}"; do
+            IFS='|' read -r w o b ra u <<<"$r"
+            [ "$u" = transaction ] || ra="$ra (per $u)"
+            printf '| %-58s | %-10s | %-10s | %-18s |\n' "$w" "$o" "$b" "$ra"
+        done
+    fi
     if [ "${#NOTES[@]}" -gt 0 ]; then
         echo
         for n in "${NOTES[@]}"; do echo "- $n"; done
