@@ -33,6 +33,7 @@
 #include "direct_write_int.h"
 #include "escrow.h"
 #include "pricing.h"
+#include "row_hint.h"
 
 static void slot_keys(UbDirectWriter *w, const UbAggregateDelta *d, ScanKeyData *keys);
 static Numeric row_total(UbDirectWriter *w, const UbAggregateDelta *d, Snapshot snapshot);
@@ -135,16 +136,13 @@ ub_escrow_try_spend(UbDirectWriter *w, const UbAggregateDelta *d, uint64 key, Nu
 static Numeric
 row_total(UbDirectWriter *w, const UbAggregateDelta *d, Snapshot snapshot)
 {
-	Relation	rel = w->rri[1]->ri_RelationDesc;
 	ScanKeyData keys[3];
-	IndexScanDesc scan;
 	Numeric		total = ub_num_zero();
 
-	/* the aggregate's primary key has the slots' first three columns */
-	slot_keys(w, d, keys);
-	scan = index_beginscan(rel, w->pkey, snapshot, 3, 0);
-	index_rescan(scan, keys, 3, NULL, 0);
-	if (index_getnext_slot(scan, ForwardScanDirection, w->agg_old))
+	ub_key_scankeys(w->pkey, CStringGetTextDatum(d->customer_id), CStringGetTextDatum(d->meter),
+					d->period_start, keys);
+	if (ub_row_fetch(w->rri[1]->ri_RelationDesc, w->pkey, keys, 3, snapshot, w->agg_old,
+					 &w->agg_nblocks))
 	{
 		bool		isnull;
 		Datum		t = slot_getattr(w->agg_old, w->agg_table->attnums[AGG_TOTAL], &isnull);
@@ -152,7 +150,6 @@ row_total(UbDirectWriter *w, const UbAggregateDelta *d, Snapshot snapshot)
 		if (!isnull)
 			total = DatumGetNumeric(t);
 	}
-	index_endscan(scan);
 	return total;
 }
 
