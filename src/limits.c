@@ -8,9 +8,10 @@
  * reads them through SPI and fills it), then one probe of usage_aggregates'
  * primary key reads the meter's aggregate in the customer's current billing
  * period (row_hint.c: where this backend last found that row first, the
- * index only when that fails): on a cache hit no SPI, no executor, no ledger.  The function is
- * declared without SET search_path (a function SET costs about a fifth of a
- * cached call); the SQL of a miss runs under a search_path we set ourselves.
+ * index only when that fails): on a cache hit no SPI, no executor, no
+ * ledger.  The function is declared without SET search_path (a function SET
+ * costs about a fifth of a cached call); the SQL of a miss runs under a
+ * search_path we set ourselves.
  * It never raises for bad input: an unknown customer or meter, or an
  * invalid requested quantity, answers allowed = false with a reason.
  *

@@ -135,8 +135,8 @@ median() {
 
 # ab NAME "OURS ARGS" "BASELINE ARGS": A B A B ... (ROUNDS times); sets OURS/BASE (median TPS of
 # the side's runs, or ERR), OURS_N/BASE_N (transactions processed, summed), OURS_CPU/BASE_CPU
-# (median CPU per transaction) and notes the first error of a side.  The median, not the mean: one run disturbed by the VM's neighbours moves it
-# less.
+# (median CPU per transaction) and notes the first error of a side.  The median, not the mean:
+# one run disturbed by the VM's neighbours moves it less.
 ab() {
     local name=$1 a=$2 b=$3 i r side tps n cpu
     local -a oa ob ours_runs=() base_runs=() ours_cpu=() base_cpu=()
@@ -188,6 +188,12 @@ cpu_row() {
     CPUS+=("$1|$2|$3|$r|${4:-transaction}")
 }
 
+# ab_row WORKLOAD MIN-RATIO: the table row and the CPU row of the last ab() run.
+ab_row() {
+    row "$1" "$OURS" "$BASE" "$2" TPS
+    cpu_row "$1" "$OURS_CPU" "$BASE_CPU"
+}
+
 # row WORKLOAD OURS BASE MIN-RATIO UNIT [SCALE]: adds a table row; ratio = ours / baseline.
 row() {
     local w=$1 o=$2 b=$3 min=$4 unit=$5 scale=${6:-1} ratio="-" met="-" os bs
@@ -211,13 +217,11 @@ S="$TMP/scripts"
 
 if want inc_spread; then
     ab "increment_usage, 10,000 customers" "-f $S/inc_spread.sql" "-f $S/naive_counter_spread.sql"
-    row "increment_usage spread (10,000 customers) vs naive counter" "$OURS" "$BASE" 1.0 TPS
-    cpu_row "increment_usage spread vs naive counter" "$OURS_CPU" "$BASE_CPU"
+    ab_row "increment_usage spread (10,000 customers) vs naive counter" 1.0
     # reference, no target: a naive app that keeps a ledger writes a row and bumps a counter
     ab "increment_usage vs naive counter + ledger row, 10,000 customers" \
         "-f $S/inc_spread.sql" "-f $S/naive_counter_ledger_spread.sql"
-    row "  reference: vs naive counter + naive ledger row" "$OURS" "$BASE" report TPS
-    cpu_row "  reference: vs naive counter + naive ledger row" "$OURS_CPU" "$BASE_CPU"
+    ab_row "  reference: vs naive counter + naive ledger row" report
     NOTES+=("reference rows carry no target: the baseline does what ours does at the least (same durable work), or is what ours can at best reach (a constant result row)")
 fi
 
@@ -225,8 +229,7 @@ if want inc_hot; then
     before_o=$(val "SELECT coalesce(sum(total), 0) FROM usage_billing.get_usage_summary('hot') WHERE meter = 'api_calls'" || echo ERR)
     before_b=$(val "SELECT coalesce(sum(count), 0) FROM usage WHERE user_id = 'hot'" || echo ERR)
     ab "increment_usage, one hot customer" "-f $S/inc_hot.sql" "-f $S/naive_counter_hot.sql"
-    row "increment_usage hot key vs naive counter hot key" "$OURS" "$BASE" 2.5 TPS
-    cpu_row "increment_usage hot key vs naive counter hot key" "$OURS_CPU" "$BASE_CPU"
+    ab_row "increment_usage hot key vs naive counter hot key" 2.5
     after_o=$(val "SELECT coalesce(sum(total), 0) FROM usage_billing.get_usage_summary('hot') WHERE meter = 'api_calls'" || echo ERR)
     after_b=$(val "SELECT coalesce(sum(count), 0) FROM usage WHERE user_id = 'hot'" || echo ERR)
     for side in ours baseline; do
@@ -243,12 +246,10 @@ fi
 
 if want check_limit; then
     ab "check_limit, 10,000 customers" "-f $S/check_limit_spread.sql" "-f $S/select1.sql"
-    row "check_limit spread vs SELECT 1" "$OURS" "$BASE" 0.8 TPS
-    cpu_row "check_limit spread vs SELECT 1" "$OURS_CPU" "$BASE_CPU"
+    ab_row "check_limit spread vs SELECT 1" 0.8
     # reference, no target: check_limit's eight result columns as constants, no function call
     ab "check_limit's result row as constants vs SELECT 1" "-f $S/check_limit_shape.sql" "-f $S/select1.sql"
-    row "  reference: check_limit's result row as constants" "$OURS" "$BASE" report TPS
-    cpu_row "  reference: check_limit's result row as constants" "$OURS_CPU" "$BASE_CPU"
+    ab_row "  reference: check_limit's result row as constants" report
 fi
 
 if want summary; then
