@@ -77,7 +77,8 @@ my $t0 = time();
 $node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
 ok(ub_wait_for(sub { ub_worker_pid($node) ne $pid }, 10), 'worker left');
 my $took = time() - $t0;
-ok($took < 3, sprintf('SIGTERM obeyed within %.1f s while a request hung', $took));
+# the hung request lasts 15 s: 8 s leaves a loaded machine room and still tells the two apart
+ok($took < 8, sprintf('SIGTERM obeyed within %.1f s while a request hung', $took));
 ok(ub_wait_for(sub { ub_worker_pid($node) ne '' }, 30), 'worker restarted (bgw_restart_time)');
 ok(ub_export_and_wait($node, $mock, 30), 'after SIGTERM: in sync');
 is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'after SIGTERM: totals equal');

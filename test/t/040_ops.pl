@@ -128,7 +128,8 @@ ok($took >= 4, sprintf('pacing took %.1f s for 30 requests', $took));
 $node->safe_psql('postgres', 'CREATE DATABASE scratch');
 $t0 = time();
 $node->safe_psql('postgres', 'DROP DATABASE scratch');
-ok(time() - $t0 < 5, sprintf('DROP DATABASE of another database took %.1f s', time() - $t0));
+# a worker that ignores the barrier holds DROP DATABASE for good: 15 s is only there for slow machines
+ok(time() - $t0 < 15, sprintf('DROP DATABASE of another database took %.1f s', time() - $t0));
 is(ub_worker_pid($node) ne '', 1, 'worker still running');
 
 # --- never on a standby ---
