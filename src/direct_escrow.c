@@ -35,16 +35,16 @@
 #include "pricing.h"
 #include "row_hint.h"
 
-static void slot_keys(UbDirectWriter *w, const UbAggregateDelta *d, ScanKeyData *keys);
+static void delta_keys(Relation index, const UbAggregateDelta *d, ScanKeyData *keys);
 static Numeric row_total(UbDirectWriter *w, const UbAggregateDelta *d, Snapshot snapshot);
 
 #define S(col) (w->slot_table->attnums[col] - 1)
 
-/* Scan keys on the slots' (and the aggregates') primary key: the aggregate's key. */
+/* Scan keys for the delta's aggregate key on index (the slots' or the aggregates' primary key). */
 static void
-slot_keys(UbDirectWriter *w, const UbAggregateDelta *d, ScanKeyData *keys)
+delta_keys(Relation index, const UbAggregateDelta *d, ScanKeyData *keys)
 {
-	ub_key_scankeys(w->slot_pkey, CStringGetTextDatum(d->customer_id),
+	ub_key_scankeys(index, CStringGetTextDatum(d->customer_id),
 					CStringGetTextDatum(d->meter), d->period_start, keys);
 }
 
@@ -78,7 +78,7 @@ ub_escrow_try_spend(UbDirectWriter *w, const UbAggregateDelta *d, uint64 key, Nu
 	 * the version this snapshot sees is the latest, unless a writer is
 	 * folding the key: then the update below waits for it and fails.
 	 */
-	slot_keys(w, d, keys);
+	delta_keys(w->slot_pkey, d, keys);
 	scan = index_beginscan(rel, w->slot_pkey, snapshot, 3, 0);
 	index_rescan(scan, keys, 3, NULL, 0);
 	while (index_getnext_slot(scan, ForwardScanDirection, old))
@@ -139,8 +139,7 @@ row_total(UbDirectWriter *w, const UbAggregateDelta *d, Snapshot snapshot)
 	ScanKeyData keys[3];
 	Numeric		total = ub_num_zero();
 
-	ub_key_scankeys(w->pkey, CStringGetTextDatum(d->customer_id), CStringGetTextDatum(d->meter),
-					d->period_start, keys);
+	delta_keys(w->pkey, d, keys);
 	if (ub_row_fetch(w->rri[1]->ri_RelationDesc, w->pkey, keys, 3, snapshot, w->agg_old,
 					 &w->agg_nblocks))
 	{
@@ -185,7 +184,7 @@ ub_escrow_scan(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *escrowed,
 	*escrowed = ub_num_zero();
 	*own_found = false;
 	InitDirtySnapshot(dirty);
-	slot_keys(w, d, keys);
+	delta_keys(w->slot_pkey, d, keys);
 	scan = index_beginscan(rel, w->slot_pkey, &dirty, 3, 0);
 	index_rescan(scan, keys, 3, NULL, 0);
 	while (index_getnext_slot(scan, ForwardScanDirection, old))
@@ -229,7 +228,7 @@ ub_escrow_fold(UbDirectWriter *w, const UbAggregateDelta *d, Numeric *total,
 	*total = ub_num_zero();
 	*event_count = 0;
 	*have_usage = false;
-	slot_keys(w, d, keys);
+	delta_keys(w->slot_pkey, d, keys);
 	while (again)
 	{
 		SnapshotData dirty;
