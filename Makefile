@@ -13,11 +13,8 @@ OBJS = \
 	src/pricing.o \
 	src/record.o \
 	src/record_prepare.o \
-	src/direct_write.o \
-	src/direct_fold.o \
-	src/direct_escrow.o \
-	src/row_hint.o \
 	src/escrow.o \
+	src/escrow_store.o \
 	src/batch.o \
 	src/batch_sql.o \
 	src/alerts.o \

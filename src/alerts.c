@@ -14,6 +14,8 @@
  *	 pending	a hard_cap_blocked alert waiting in the queue to be flushed
  *	 flush		inserting pending alerts into alert_log, in some transaction
  *				that can write
+ *	 claim		a pending alert that one transaction is flushing: no other
+ *				flusher takes it until that transaction ends
  *
  * The notification payload is {"customer_id", "meter", "period_start",
  * "kind", "value", "included"} with period_start in UTC ("...Z"), whatever
@@ -42,9 +44,12 @@
  * meter (in any backend of the same database), by usage_billing.flush_alerts()
  * (the export worker calls it each cycle) and by acknowledge_alert().  A
  * slot is marked flushed only when the flushing transaction commits (a
- * transaction callback), so a flusher that rolls back loses nothing; two
- * concurrent flushers are reconciled by ON CONFLICT.  usage_billing.alerts
- * also shows pending alerts, so a refusal is visible at once.
+ * transaction callback), so a flusher that rolls back loses nothing.  A
+ * flusher claims the slots it inserts, so two flushers never insert the same
+ * alert: a flush never waits for another transaction, and so can never close
+ * a deadlock with the row or slot locks its caller holds.
+ * usage_billing.alerts also shows pending alerts, so a refusal is visible at
+ * once.
  *
  * Limits: pending alerts are lost if the server stops or crashes before a
  * flush; when all slots are pending, further refusals are not queued
@@ -85,6 +90,7 @@ typedef enum UbSlotState
 {
 	SLOT_FREE = 0,
 	SLOT_PENDING,
+	SLOT_CLAIMED,				/* being flushed by a transaction in progress */
 	SLOT_FLUSHED
 } UbSlotState;
 
@@ -394,7 +400,6 @@ flush_pending(void)
 {
 	UbAlertQueue *q = get_queue();
 	UbAlertSlot copy[UB_FLUSH_BATCH];
-	int			index[UB_FLUSH_BATCH];
 	int			inserted = 0;
 	int			n;
 
@@ -404,20 +409,21 @@ flush_pending(void)
 	do
 	{
 		n = 0;
-		queue_lock(q, LW_SHARED);
+		if (nflushed + UB_FLUSH_BATCH > UB_ALERT_SLOTS)
+			break;
+		queue_lock(q, LW_EXCLUSIVE);
 		for (int i = 0; i < UB_ALERT_SLOTS && n < UB_FLUSH_BATCH; i++)
 		{
-			bool		mine = false;
-
 			if (q->slots[i].state != SLOT_PENDING || q->slots[i].dboid != MyDatabaseId)
 				continue;
-			for (int j = 0; j < nflushed; j++)
-				if (flushed[j].slot == i && flushed[j].generation == q->slots[i].generation)
-					mine = true;
-			if (mine)
-				continue;
+			/* ours until this transaction ends: no other flusher waits on our insert */
+			q->slots[i].state = SLOT_CLAIMED;
 			copy[n] = q->slots[i];
-			index[n++] = i;
+			flushed[nflushed].slot = i;
+			flushed[nflushed].generation = q->slots[i].generation;
+			flushed[nflushed].subid = GetCurrentSubTransactionId();
+			nflushed++;
+			n++;
 		}
 		queue_unlock(q);
 
@@ -441,19 +447,29 @@ flush_pending(void)
 							 inull ? NULL : DatumGetNumeric(included),
 							 copy[i].created_at))
 				inserted++;
-			/* not remembered: the slot stays pending and a later flush is a no-op */
-			if (nflushed >= UB_ALERT_SLOTS)
-				return inserted;
-			flushed[nflushed].slot = index[i];
-			flushed[nflushed].generation = copy[i].generation;
-			flushed[nflushed].subid = GetCurrentSubTransactionId();
-			nflushed++;
 		}
 	} while (n == UB_FLUSH_BATCH);
 	return inserted;
 }
 
-/* At commit the flushed slots are done; at abort they stay pending for the next flusher. */
+/* Gives the claimed slots of flushed[from..] back to the queue as pending. */
+static void
+release_claims(int from)
+{
+	UbAlertQueue *q = get_queue();
+
+	queue_lock(q, LW_EXCLUSIVE);
+	for (int j = from; j < nflushed; j++)
+	{
+		UbAlertSlot *s = &q->slots[flushed[j].slot];
+
+		if (s->state == SLOT_CLAIMED && s->generation == flushed[j].generation)
+			s->state = SLOT_PENDING;
+	}
+	queue_unlock(q);
+}
+
+/* At commit the flushed slots are done; at abort they are pending again for the next flusher. */
 static void
 alerts_xact_callback(XactEvent event, void *arg)
 {
@@ -469,7 +485,7 @@ alerts_xact_callback(XactEvent event, void *arg)
 		{
 			UbAlertSlot *s = &q->slots[flushed[j].slot];
 
-			if (s->state == SLOT_PENDING && s->generation == flushed[j].generation)
+			if (s->state == SLOT_CLAIMED && s->generation == flushed[j].generation)
 			{
 				s->state = SLOT_FLUSHED;
 				pg_atomic_fetch_sub_u32(&q->npending, 1);
@@ -480,7 +496,10 @@ alerts_xact_callback(XactEvent event, void *arg)
 	}
 	else if (event == XACT_EVENT_ABORT || event == XACT_EVENT_PARALLEL_ABORT ||
 			 event == XACT_EVENT_PREPARE)
+	{
+		release_claims(0);
 		nflushed = 0;
+	}
 }
 
 /* A rolled-back subtransaction undid the inserts of the flushes made inside it. */
@@ -488,14 +507,22 @@ static void
 alerts_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 						SubTransactionId parentSubid, void *arg)
 {
+	static FlushedSlot undone[UB_ALERT_SLOTS];
 	int			kept = 0;
+	int			nundone = 0;
 
 	if (event != SUBXACT_EVENT_ABORT_SUB)
 		return;
 	/* subtransaction ids only grow: ids >= mySubid are it and its children */
 	for (int j = 0; j < nflushed; j++)
+	{
 		if (flushed[j].subid < mySubid)
 			flushed[kept++] = flushed[j];
+		else
+			undone[nundone++] = flushed[j];
+	}
+	memcpy(&flushed[kept], undone, sizeof(FlushedSlot) * nundone);
+	release_claims(kept);
 	nflushed = kept;
 }
 
@@ -528,7 +555,8 @@ ub_pending_alerts(PG_FUNCTION_ARGS)
 	copy = palloc(sizeof(UbAlertSlot) * UB_ALERT_SLOTS);
 	queue_lock(q, LW_SHARED);
 	for (int i = 0; i < UB_ALERT_SLOTS; i++)
-		if (q->slots[i].state == SLOT_PENDING && q->slots[i].dboid == MyDatabaseId)
+		if ((q->slots[i].state == SLOT_PENDING || q->slots[i].state == SLOT_CLAIMED) &&
+			q->slots[i].dboid == MyDatabaseId)
 			copy[n++] = q->slots[i];
 	queue_unlock(q);
 

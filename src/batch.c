@@ -4,13 +4,12 @@
  *
  * The batch is a JSON array of objects with the same fields, meaning and
  * defaults as the arguments of increment_usage, and every event passes the
- * same checks (ub_prepare_event).  Writing is done in bulk: the ledger rows
- * of the whole batch, then one aggregate update per (customer, meter,
- * period) "group" of the batch, each followed by the same hard-cap and alert
- * step as a single call (ub_finish_aggregate).  The writes go through
- * direct_write.c where it is usable, otherwise through one multi-row ledger
- * insert and one multi-row aggregate upsert per aggregation kind in SQL
- * (batch_sql.c; batch.h is what the two share).  unique_count events, whose
+ * same checks (ub_prepare_event).  Writing is done in bulk: one multi-row
+ * ledger insert for the whole batch, then one multi-row aggregate upsert per
+ * aggregation kind with a row per (customer, meter, period) "group" of the
+ * batch, each group followed by the same hard-cap and alert step as a
+ * single call (ub_finish_aggregate); the statements are in batch_sql.c
+ * (batch.h is what the two share).  unique_count events, whose
  * contribution depends on the set of values already seen, take the
  * single-event path.  Any error, a hard cap included, aborts the statement
  * and with it the whole batch.
@@ -40,7 +39,6 @@
 #include "utils/hsearch.h"
 
 #include "batch.h"
-#include "direct_write.h"
 #include "pricing.h"
 #include "record.h"
 #include "usage_billing.h"
@@ -149,41 +147,12 @@ group_cmp(const void *a, const void *b)
 	return x->position - y->position;
 }
 
-/* Folds the groups of one aggregation kind in with the direct writer, checking caps and alerts. */
-static void
-fold_groups(UbDirectWriter *w, BatchGroup *groups, int n, UbAggregation agg)
-{
-	for (int g = 0; g < n; g++)
-	{
-		UbEventInput in = groups[g].first->in;
-		UbAggregateDelta d;
-		Numeric		total;
-		Numeric		previous_total;
-
-		d.customer_id = in.customer_id;
-		d.meter = in.meter;
-		d.period_start = groups[g].first->pe.period_start;
-		d.period_end = groups[g].first->pe.period_end;
-		d.aggregation = agg;
-		d.contribution = groups[g].contribution;
-		d.count = groups[g].count;
-		d.first_usage = groups[g].first_usage;
-		d.last_usage = groups[g].last_usage;
-		d.limit = &groups[g].first->pe.limit;
-		ub_direct_fold(w, &d, &total, &previous_total);
-
-		in.amount = groups[g].contribution;
-		ub_finish_aggregate(&in, &groups[g].first->pe, previous_total, total,
-							groups[g].contribution);
-	}
-}
-
 /*
  * Folds the accepted bulk events, in group order, into groups per aggregation
- * kind, and writes them with the direct writer w or, when NULL, with SQL.
+ * kind, and writes them.
  */
 static void
-write_aggregates(BatchEvent **events, int n, UbDirectWriter *w)
+write_aggregates(BatchEvent **events, int n)
 {
 	BatchGroup *groups[3];
 	int			ngroups[3] = {0, 0, 0};
@@ -238,10 +207,7 @@ write_aggregates(BatchEvent **events, int n, UbDirectWriter *w)
 	{
 		UbAggregation agg = k == 1 ? UB_AGG_MAX : k == 2 ? UB_AGG_LAST : UB_AGG_SUM;
 
-		if (w != NULL)
-			fold_groups(w, groups[k], ngroups[k], agg);
-		else
-			ub_batch_upsert_groups(groups[k], ngroups[k], agg);
+		ub_batch_upsert_groups(groups[k], ngroups[k], agg);
 	}
 }
 
@@ -384,26 +350,8 @@ ub_increment_usage_batch(PG_FUNCTION_ARGS)
 
 	if (nbulk > 0)
 	{
-		UbDirectWriter *writer = ub_direct_writes_usable() ? ub_direct_open() : NULL;
-
 		qsort(bulk, nbulk, sizeof(BatchEvent *), group_cmp);
-		if (writer != NULL)
-		{
-			const UbEventInput **ins = palloc(sizeof(UbEventInput *) * nbulk);
-			TimestampTz *starts = palloc(sizeof(TimestampTz) * nbulk);
-			bool	   *taken = palloc(sizeof(bool) * nbulk);
-
-			for (int i = 0; i < nbulk; i++)
-			{
-				ins[i] = &bulk[i]->in;
-				starts[i] = bulk[i]->pe.period_start;
-			}
-			ub_direct_insert_events(writer, ins, starts, nbulk, taken);
-			for (int i = 0; i < nbulk; i++)
-				bulk[i]->accepted = taken[i];
-		}
-		else
-			ub_batch_insert_ledger(bulk, nbulk);
+		ub_batch_insert_ledger(bulk, nbulk);
 		for (int i = 0; i < nbulk; i++)
 		{
 			if (bulk[i]->accepted)
@@ -411,9 +359,7 @@ ub_increment_usage_batch(PG_FUNCTION_ARGS)
 			else
 				duplicates++;
 		}
-		write_aggregates(bulk, nbulk, writer);
-		if (writer != NULL)
-			ub_direct_close(writer);
+		write_aggregates(bulk, nbulk);
 	}
 
 	/* unique_count events one by one: each may or may not add a value */

@@ -1,8 +1,7 @@
 /*-------------------------------------------------------------------------
  * batch_sql.c
- *	  increment_usage_batch's bulk writes in SQL, where the direct writer
- *	  (direct_write.c) is not usable: usage_billing.direct_writes off,
- *	  repeatable read, triggers, partitions, row-level security.
+ *	  increment_usage_batch's bulk writes: the ledger rows and the
+ *	  aggregates of a whole batch in a few statements.
  *
  * Two statements per batch, whatever its size: one multi-row ledger insert
  * (unnest of column arrays, ON CONFLICT DO NOTHING on the idempotency key
@@ -32,10 +31,27 @@
 	" SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::timestamptz[]," \
 	"                      $5::numeric[], $6::text[], $7::jsonb[])"
 
+/* Orders events by customer, then idempotency key (keyless last): the ledger's insert order. */
+static int
+ledger_order_cmp(const void *a, const void *b)
+{
+	const UbEventInput *x = &(*(BatchEvent *const *) a)->in;
+	const UbEventInput *y = &(*(BatchEvent *const *) b)->in;
+	int			c = strcmp(x->customer_id, y->customer_id);
+
+	if (c != 0)
+		return c;
+	if (x->idempotency_key == NULL || y->idempotency_key == NULL)
+		return (x->idempotency_key == NULL) - (y->idempotency_key == NULL);
+	return strcmp(x->idempotency_key, y->idempotency_key);
+}
+
 /*
  * Writes the ledger rows of the bulk events in one statement and marks the
  * events it accepted: keyless events always, keyed events when their key was
- * new (the first occurrence of a key repeated inside the batch).
+ * new (the first occurrence of a key repeated inside the batch).  The rows
+ * go in (customer, key) order: two batches that share keys then wait for
+ * each other's keys in the same order and never deadlock.
  */
 void
 ub_batch_insert_ledger(BatchEvent **events, int n)
@@ -49,19 +65,23 @@ ub_batch_insert_ledger(BatchEvent **events, int n)
 	bool		keyed = false;
 	int			ret;
 	HTAB	   *inserted = NULL;
+	BatchEvent **ordered;
 
 	for (int c = 0; c < 7; c++)
 	{
 		cols[c] = palloc(sizeof(Datum) * n);
 		colnulls[c] = palloc0(sizeof(bool) * n);
 	}
+	ordered = palloc(sizeof(BatchEvent *) * n);
+	memcpy(ordered, events, sizeof(BatchEvent *) * n);
+	qsort(ordered, n, sizeof(BatchEvent *), ledger_order_cmp);
 	for (int i = 0; i < n; i++)
 	{
-		const UbEventInput *in = &events[i]->in;
+		const UbEventInput *in = &ordered[i]->in;
 
 		cols[0][i] = CStringGetTextDatum(in->customer_id);
 		cols[1][i] = CStringGetTextDatum(in->meter);
-		cols[2][i] = TimestampTzGetDatum(events[i]->pe.period_start);
+		cols[2][i] = TimestampTzGetDatum(ordered[i]->pe.period_start);
 		cols[3][i] = TimestampTzGetDatum(in->occurred_at);
 		cols[4][i] = NumericGetDatum(in->amount);
 		colnulls[5][i] = (in->idempotency_key == NULL);
@@ -240,8 +260,8 @@ ub_batch_upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
 				DatumGetBool(SPI_getbinval(tt->vals[g], tt->tupdesc, 3, &isnull)))
 			{
 				/* we hold the row's lock: fold its escrow slots, decide on the exact total */
-				Numeric		folded = ub_escrow_fold_key_sql(in.customer_id, in.meter,
-															groups[g].first->pe.period_start);
+				Numeric		folded = ub_escrow_fold_locked(in.customer_id, in.meter,
+													   groups[g].first->pe.period_start);
 
 				total = ub_num_add(total, folded);
 				previous = ub_num_add(previous, folded);

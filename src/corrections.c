@@ -85,7 +85,7 @@ lock_aggregate(const char *customer_id, const char *meter, TimestampTz period_st
 	bool		isnull;
 
 	/* a correction decides on the exact total: escrow slots go back into the row first */
-	(void) ub_escrow_fold_key_sql(customer_id, meter, period_start);
+	(void) ub_escrow_fold_key(customer_id, meter, period_start);
 	ub_prepare_once(&agg_lock_plan,
 				 "SELECT total FROM usage_billing.usage_aggregates"
 				 " WHERE customer_id = $1 AND meter = $2 AND period_start = $3"

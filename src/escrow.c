@@ -1,6 +1,6 @@
 /*-------------------------------------------------------------------------
  * escrow.c
- *	  Escrow slots: the rules, the readers' sum, and folding slots back.
+ *	  Escrow slots: the rules, and what this backend remembers of hot keys.
  *
  * Every call of increment_usage updates its (customer, meter, period)
  * aggregate row and holds that row's lock until its commit is flushed, so
@@ -8,35 +8,37 @@
  * also keeps part of its total in escrow slots (usage_aggregate_slots), one
  * per backend that writes it.  Each slot holds a budget: a share of what is
  * left before the next limit decision.  A caller whose contribution fits its
- * slot's budget updates only its slot (direct_escrow.c), so callers of one
- * key commit in parallel, and sharing a WAL flush.
+ * slot's budget updates only its slot, so callers of one key commit in
+ * parallel, sharing a WAL flush.  The statements are in escrow_store.c.
  *
  * The rules that keep every decision exact:
  *
  *	 points     the totals where something is decided: the soft threshold
  *				(an alert), the included quantity (an alert, and with a hard
- *				cap the refusal).  A point is "passed" when the total is
+ *				cap the refusal).  A point is "passed" when the row's total is
  *				already past it for good: never for a hard cap, which refuses
  *				every call once reached.
- *	 invariant  the aggregate row's total plus every slot's total and budget
- *				("upper") stays below every point not passed.  Spending a
- *				budget moves it into the slot's total, so spending needs no
- *				other lock; granting a budget happens under the aggregate
- *				row's lock and only if the invariant holds after it.
+ *	 upper      the aggregate row's total plus every slot's total and budget.
+ *				Spending a budget moves it into the slot's total, so spending
+ *				leaves upper as it is; only a grant raises it.
+ *	 invariant  under the limit in force, upper stays below every point not
+ *				passed.  A grant happens under the aggregate row's lock and
+ *				only if the invariant holds after it.
+ *	 spendable  a slot is spent only after upper, read at that moment, is
+ *				checked against the limit in force now.  A plan, limit,
+ *				override or status change that brings a point within reach
+ *				of what was granted under the old limits therefore sends
+ *				every spender to the row: no grant outlives a change.
  *	 near       a call on the aggregate row whose effect could reach a point
  *				(one lies between the row's total and upper plus the call)
  *				first folds every slot into the row, under the row's lock and
  *				each slot's: the row then holds the exact total, and the
  *				decision is the one a single row makes.
- *	 validity   a slot's budget is tied to the limits it was granted under:
- *				its floor (the row's total then) and the point it stays below.
- *				A slot may be spent only if, under the limits in force now,
- *				every point is passed at the floor or at or above that point.
  *
  * Only sum and count aggregates take slots (max and last are not sums).
- * Writers other than increment_usage's direct path (SQL, corrections) fold
- * a key's slots first.  Readers add the slots: the view aggregate_totals,
- * and ub_escrow_slot_sum for the C readers.
+ * Writers other than increment_usage (batches, corrections) fold a key's
+ * slots first.  Readers add the slots: the view aggregate_totals, and
+ * check_limit's probe.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -87,8 +89,6 @@ typedef struct EscrowPoint
 static EscrowHint *hint_entry(uint64 key, bool create);
 static int	limit_points(const UbLimit *limit, EscrowPoint *points);
 static bool point_passed(const EscrowPoint *p, Numeric lower);
-
-PG_FUNCTION_INFO_V1(ub_fold_escrow_slots);
 
 /*
  * Does this database's schema have the escrow slots (version 1.3 on)?  The
@@ -240,23 +240,19 @@ point_passed(const EscrowPoint *p, Numeric lower)
 	return p->passable && ub_num_cmp(p->value, lower) < 0;
 }
 
-/* May a slot granted at floor_total, below budget_limit (NULL: none), be spent under this limit? */
+/*
+ * May a slot be spent now?  Re-validates the key's combined budget under the
+ * limit in force: no point that the row's total has not passed may lie at
+ * or below upper (the row's total plus every slot's total and budget).  It
+ * does not matter under which limits the budgets were granted: a plan,
+ * limit, override or status change that brings a point within reach of
+ * what is granted sends every spender back to the row, which folds.
+ */
 bool
-ub_escrow_slot_valid(const UbLimit *limit, Numeric floor_total, Numeric budget_limit)
+ub_escrow_spendable(const UbLimit *limit, const UbEscrowProbe *p)
 {
-	EscrowPoint points[2];
-	int			n = limit_points(limit, points);
-	int			i;
-
-	for (i = 0; i < n; i++)
-	{
-		if (point_passed(&points[i], floor_total))
-			continue;
-		if (budget_limit != NULL && ub_num_cmp(points[i].value, budget_limit) >= 0)
-			continue;
-		return false;
-	}
-	return true;
+	return !ub_escrow_near(limit, p->row_total,
+						   p->escrowed == NULL ? NULL : ub_num_add(p->row_total, p->escrowed));
 }
 
 /*
@@ -312,200 +308,4 @@ ub_escrow_grant(const UbLimit *limit, Numeric lower, Numeric upper,
 	*budget = share;
 	*budget_limit = next;
 	return true;
-}
-
-/*
- * Scan keys for the aggregate key (customer, meter, period_start) on an
- * index that starts with those columns (the aggregates' and the slots'
- * primary keys), compared in the index's own collations as the planner would.
- */
-void
-ub_key_scankeys(Relation index, Datum customer, Datum meter, TimestampTz period_start,
-				ScanKeyData *keys)
-{
-	ScanKeyEntryInitialize(&keys[0], 0, 1, BTEqualStrategyNumber, InvalidOid,
-						   index->rd_indcollation[0], F_TEXTEQ, customer);
-	ScanKeyEntryInitialize(&keys[1], 0, 2, BTEqualStrategyNumber, InvalidOid,
-						   index->rd_indcollation[1], F_TEXTEQ, meter);
-	ScanKeyEntryInitialize(&keys[2], 0, 3, BTEqualStrategyNumber, InvalidOid,
-						   index->rd_indcollation[2], F_TIMESTAMPTZ_EQ,
-						   TimestampTzGetDatum(period_start));
-}
-
-/*
- * Adds up a key's slots visible to snapshot (total, events), leaving out
- * slot skip_slot (-1: none).  The caller has the table and its primary key
- * open; attnums, when not NULL, are its columns in the order of SLOT_*
- * (attnums[SLOT_TOTAL] ...), else they are looked up by name.
- */
-void
-ub_escrow_slot_sum(Relation slots, Relation pkey, const AttrNumber *attnums,
-				   Datum customer, Datum meter, TimestampTz period_start, Snapshot snapshot,
-				   int skip_slot, Numeric *total, int64 *event_count)
-{
-	Oid			relid = RelationGetRelid(slots);
-	AttrNumber	slot_att = attnums ? attnums[SLOT_SLOT] : get_attnum(relid, "slot");
-	AttrNumber	total_att = attnums ? attnums[SLOT_TOTAL] : get_attnum(relid, "total");
-	AttrNumber	count_att = attnums ? attnums[SLOT_COUNT] : get_attnum(relid, "event_count");
-	ScanKeyData keys[3];
-	IndexScanDesc scan;
-	TupleTableSlot *tuple;
-
-	if (slot_att == InvalidAttrNumber || total_att == InvalidAttrNumber ||
-		count_att == InvalidAttrNumber)
-		elog(ERROR, "usage_billing.usage_aggregate_slots is missing a column");
-	*total = ub_num_zero();
-	*event_count = 0;
-	ub_key_scankeys(pkey, customer, meter, period_start, keys);
-	tuple = table_slot_create(slots, NULL);
-	scan = index_beginscan(slots, pkey, snapshot, 3, 0);
-	index_rescan(scan, keys, 3, NULL, 0);
-	while (index_getnext_slot(scan, ForwardScanDirection, tuple))
-	{
-		bool		isnull;
-
-		if (DatumGetInt32(slot_getattr(tuple, slot_att, &isnull)) == skip_slot)
-			continue;
-		*total = ub_num_add(*total, DatumGetNumeric(slot_getattr(tuple, total_att, &isnull)));
-		*event_count += DatumGetInt64(slot_getattr(tuple, count_att, &isnull));
-	}
-	index_endscan(scan);
-	ExecDropSingleTupleTableSlot(tuple);
-}
-
-/*
- * Folds one key's slots into its aggregate row with SQL: locks the row
- * first (the order every writer takes), then deletes the slots, which waits
- * for a caller spending one, and adds what they held.  For the writers that
- * are not the direct path: the SQL path, corrections, the worker.  Returns
- * the total the slots held (0 when the key had none), in the caller's
- * memory context.
- */
-Numeric
-ub_escrow_fold_key_sql(const char *customer_id, const char *meter, TimestampTz period_start)
-{
-	static SPIPlanPtr lock_plan = NULL;
-	static SPIPlanPtr fold_plan = NULL;
-	MemoryContext caller = CurrentMemoryContext;
-	Numeric		folded = NULL;
-	Oid			types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
-	Datum		args[3];
-	int			ret;
-
-	if (!ub_escrow_installed())
-		return ub_num_zero();
-
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	ub_push_safe_search_path();
-	args[0] = CStringGetTextDatum(customer_id);
-	args[1] = CStringGetTextDatum(meter);
-	args[2] = TimestampTzGetDatum(period_start);
-	ret = SPI_execute_plan(ub_prepare_once(&lock_plan,
-										   "SELECT 1 FROM usage_billing.usage_aggregates"
-										   " WHERE customer_id = $1 AND meter = $2 AND period_start = $3"
-										   "   AND slotted FOR NO KEY UPDATE", 3, types),
-						   args, NULL, false, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "aggregate lock failed: %s", SPI_result_code_string(ret));
-	if (SPI_processed > 0)
-	{
-		ret = SPI_execute_plan(ub_prepare_once(&fold_plan,
-											   "WITH gone AS ("
-											   "  DELETE FROM usage_billing.usage_aggregate_slots"
-											   "   WHERE customer_id = $1 AND meter = $2 AND period_start = $3"
-											   "  RETURNING total, event_count, first_usage, last_usage)"
-											   " UPDATE usage_billing.usage_aggregates a"
-											   "    SET total = a.total + g.total,"
-											   "        event_count = a.event_count + g.event_count,"
-											   "        first_usage = least(a.first_usage, g.first_usage),"
-											   "        last_usage = greatest(a.last_usage, g.last_usage),"
-											   "        slotted = false"
-											   "   FROM (SELECT coalesce(sum(total), 0) AS total,"
-											   "                coalesce(sum(event_count), 0)::bigint AS event_count,"
-											   "                min(first_usage) AS first_usage,"
-											   "                max(last_usage) AS last_usage FROM gone) g"
-											   "  WHERE a.customer_id = $1 AND a.meter = $2 AND a.period_start = $3"
-											   " RETURNING g.total",
-											   3, types),
-							   args, NULL, false, 0);
-		if (ret != SPI_OK_UPDATE_RETURNING || SPI_processed != 1)
-			elog(ERROR, "escrow fold failed: %s", SPI_result_code_string(ret));
-		else
-		{
-			bool		isnull;
-			Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
-			MemoryContext spi = MemoryContextSwitchTo(caller);
-
-			folded = DatumGetNumericCopy(d);
-			MemoryContextSwitchTo(spi);
-		}
-	}
-	PopOverrideSearchPath();
-	SPI_finish();
-	return folded != NULL ? folded : ub_num_zero();
-}
-
-/*
- * Folds the slots of every slotted aggregate, or of one customer's
- * (customer_id not NULL), one key at a time; returns how many keys.  It
- * reads the slots table, which is small, not the aggregates.  With
- * idle_seconds > 0, only keys whose slots nobody wrote for that long: the
- * export worker runs it every cycle so that slots do not pile up, and
- * leaves the keys that are hot right now alone.
- */
-int64
-ub_escrow_fold_all(const char *customer_id, int idle_seconds)
-{
-	static SPIPlanPtr keys_plan = NULL;
-	Oid			types[2] = {TEXTOID, INT4OID};
-	Datum		args[2];
-	char		nulls[2];
-	SPITupleTable *keys;
-	uint64		n;
-	uint64		i;
-
-	if (!ub_escrow_installed())
-		return 0;
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
-	ub_push_safe_search_path();
-	args[0] = customer_id ? CStringGetTextDatum(customer_id) : (Datum) 0;
-	nulls[0] = customer_id ? ' ' : 'n';
-	args[1] = Int32GetDatum(idle_seconds);
-	nulls[1] = ' ';
-	if (SPI_execute_plan(ub_prepare_once(&keys_plan,
-										 "SELECT customer_id, meter, period_start"
-										 "  FROM usage_billing.usage_aggregate_slots"
-										 " WHERE $1 IS NULL OR customer_id = $1"
-										 " GROUP BY 1, 2, 3"
-										 " HAVING max(updated_at) <= pg_catalog.now()"
-										 "       - pg_catalog.make_interval(secs => $2)"
-										 " ORDER BY 1, 2, 3", 2, types),
-						 args, nulls, true, 0) != SPI_OK_SELECT)
-		elog(ERROR, "slotted aggregates lookup failed");
-	keys = SPI_tuptable;
-	n = SPI_processed;
-	for (i = 0; i < n; i++)
-	{
-		HeapTuple	t = keys->vals[i];
-		bool		isnull;
-		char	   *customer = TextDatumGetCString(SPI_getbinval(t, keys->tupdesc, 1, &isnull));
-		char	   *meter = TextDatumGetCString(SPI_getbinval(t, keys->tupdesc, 2, &isnull));
-		TimestampTz period_start = DatumGetTimestampTz(SPI_getbinval(t, keys->tupdesc, 3, &isnull));
-
-		CHECK_FOR_INTERRUPTS();
-		(void) ub_escrow_fold_key_sql(customer, meter, period_start);
-	}
-	PopOverrideSearchPath();
-	SPI_finish();
-	return (int64) n;
-}
-
-/* SQL: fold_escrow_slots(customer_id DEFAULT NULL), the number of aggregates folded. */
-Datum
-ub_fold_escrow_slots(PG_FUNCTION_ARGS)
-{
-	PG_RETURN_INT64(ub_escrow_fold_all(PG_ARGISNULL(0) ? NULL :
-									   text_to_cstring(PG_GETARG_TEXT_PP(0)), 0));
 }

@@ -25,12 +25,19 @@ typedef enum UbSlotMode
 
 extern int	ub_hot_key_slots;
 
-/* Columns of usage_aggregate_slots, named in slot_columns in direct_write.c. */
-enum
+/* A key's aggregate row and slots as one statement saw them (escrow_store.c). */
+typedef struct UbEscrowProbe
 {
-	SLOT_CUSTOMER, SLOT_METER, SLOT_PERIOD_START, SLOT_SLOT, SLOT_TOTAL, SLOT_COUNT,
-	SLOT_BUDGET, SLOT_FLOOR, SLOT_LIMIT, SLOT_FIRST, SLOT_LAST, SLOT_UPDATED, SLOT_NCOLS
-};
+	bool		row_found;
+	Numeric		row_total;		/* 0 when there is no row */
+	Numeric		slots_total;	/* every slot's total */
+	Numeric		others_total;	/* every slot's total but this backend's */
+	Numeric		escrowed;		/* every slot's total and budget; NULL when one has no limit */
+	bool		unbounded;		/* a slot has a budget without limit */
+	bool		own_found;		/* this backend has a slot */
+	Numeric		own_budget;		/* its budget, NULL when none or without limit */
+	bool		own_unbounded;	/* its budget has no limit */
+} UbEscrowProbe;
 
 /* Waits on one key, seen by one backend, before that backend asks for a slot. */
 #define UB_ESCROW_CONTENTIONS	3
@@ -48,20 +55,30 @@ extern void ub_escrow_remember(uint64 key, bool has_slot);
 extern void ub_escrow_note_contention(uint64 key);
 extern bool ub_escrow_is_hot(uint64 key);
 
-extern bool ub_escrow_slot_valid(const UbLimit *limit, Numeric floor_total, Numeric budget_limit);
+extern bool ub_escrow_spendable(const UbLimit *limit, const UbEscrowProbe *p);
 extern bool ub_escrow_near(const UbLimit *limit, Numeric lower, Numeric upper);
 extern bool ub_escrow_grant(const UbLimit *limit, Numeric lower, Numeric upper,
 							Numeric *budget, Numeric *budget_limit);
 
+/* escrow_store.c */
+extern void ub_escrow_probe(const char *customer_id, const char *meter,
+							TimestampTz period_start, UbEscrowProbe *p);
+extern Numeric ub_escrow_fold_locked(const char *customer_id, const char *meter,
+									 TimestampTz period_start);
+extern void ub_escrow_give(const char *customer_id, const char *meter,
+						   TimestampTz period_start, Numeric floor_total, Numeric budget,
+						   Numeric budget_limit);
+extern Numeric ub_escrow_fold_key(const char *customer_id, const char *meter,
+								  TimestampTz period_start);
+extern int64 ub_escrow_fold_all(const char *customer_id, int idle_seconds);
 extern void ub_key_scankeys(Relation index, Datum customer, Datum meter,
 							TimestampTz period_start, ScanKeyData *keys);
-extern void ub_escrow_slot_sum(Relation slots, Relation pkey, const AttrNumber *attnums,
-							   Datum customer, Datum meter, TimestampTz period_start,
-							   Snapshot snapshot, int skip_slot, Numeric *total,
+extern void ub_escrow_slot_sum(Relation slots, Relation pkey, Datum customer, Datum meter,
+							   TimestampTz period_start, Snapshot snapshot, Numeric *total,
 							   int64 *event_count);
-extern Numeric ub_escrow_fold_key_sql(const char *customer_id, const char *meter,
-								   TimestampTz period_start);
-extern int64 ub_escrow_fold_all(const char *customer_id, int idle_seconds);
+
+/* A row-path statement that took longer than this (microseconds) most likely waited for the row's lock. */
+#define UB_ESCROW_WAIT_USEC		500
 
 /* Default of usage_billing.escrow_fold_idle: the export worker folds the slots of keys nobody wrote for this long. */
 #define UB_ESCROW_IDLE_SECONDS	60

@@ -7,9 +7,7 @@
  * backend's catalog cache (catalog_cache.c; on a miss ub_lookup_usage_target
  * reads them through SPI and fills it), then one probe of usage_aggregates'
  * primary key reads the meter's aggregate in the customer's current billing
- * period (row_hint.c: where this backend last found that row first, the
- * index only when that fails): on a cache hit no SPI, no executor, no
- * ledger.  The function is declared without SET search_path (a function SET
+ * period: on a cache hit no SPI, no executor, no ledger.  The function is declared without SET search_path (a function SET
  * costs about a fifth of a cached call); the SQL of a miss runs under a
  * search_path we set ourselves.
  * It never raises for bad input: an unknown customer or meter, or an
@@ -60,7 +58,6 @@
 #include "periods.h"
 #include "pricing.h"
 #include "reading.h"
-#include "row_hint.h"
 #include "usage_billing.h"
 
 PG_FUNCTION_INFO_V1(ub_check_limit);
@@ -204,7 +201,7 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 	Snapshot	snapshot;
 	ScanKeyData keys[3];
 	TupleTableSlot *slot;
-	BlockNumber nblocks = InvalidBlockNumber;
+	IndexScanDesc scan;
 	Numeric		total = NULL;
 
 	if (!ub_direct_reads)
@@ -225,7 +222,9 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 
 	snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
 	slot = table_slot_create(rel, NULL);
-	if (ub_row_fetch(rel, idx, keys, 3, snapshot, slot, &nblocks))
+	scan = index_beginscan(rel, idx, snapshot, 3, 0);
+	index_rescan(scan, keys, 3, NULL, 0);
+	if (index_getnext_slot(scan, ForwardScanDirection, slot))
 	{
 		bool		isnull;
 		Datum		d = slot_getattr(slot, total_attnum, &isnull);
@@ -238,6 +237,7 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 			slotted = !isnull && DatumGetBool(d);
 		}
 	}
+	index_endscan(scan);
 	ExecDropSingleTupleTableSlot(slot);
 
 	/* part of a contended key's total is in its escrow slots, under the same snapshot */
@@ -248,8 +248,8 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 		Numeric		held;
 		int64		events;
 
-		ub_escrow_slot_sum(srel, sidx, NULL, keys[0].sk_argument, keys[1].sk_argument, period_start,
-						   snapshot, -1, &held, &events);
+		ub_escrow_slot_sum(srel, sidx, keys[0].sk_argument, keys[1].sk_argument, period_start,
+						   snapshot, &held, &events);
 		total = ub_num_add(total, held);
 		index_close(sidx, AccessShareLock);
 		table_close(srel, AccessShareLock);

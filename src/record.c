@@ -11,11 +11,23 @@
  * A call that would pass a hard cap raises PT402 after its writes, and the
  * error rolls them back: nothing is half-written.
  *
- * The writes go through direct_write.c (table and index access with the
- * same protocol) where that is equivalent, and through the SQL below
- * otherwise.  Before them, the event is checked and placed in its period by
- * ub_prepare_event (record_prepare.c); after them ub_finish_aggregate, here,
- * enforces the hard cap and hands the crossing to the alerts.
+ * Every write is a statement of the executor (SPI with saved plans), so
+ * whatever a DBA adds to the tables -- triggers, generated columns,
+ * constraints, indexes, replica identity, publications, row-level
+ * security -- behaves as with plain SQL.  Before them, the event is checked
+ * and placed in its period by ub_prepare_event (record_prepare.c); after
+ * them ub_finish_aggregate, here, enforces the hard cap and hands the
+ * crossing to the alerts.
+ *
+ * A contended sum or count key also has escrow slots (escrow.c has the
+ * rules, escrow_store.c the statements).  A call whose backend holds a slot
+ * of the key first probes the key (row, slots and budgets in one
+ * statement); when the slot may be spent under the limit in force and its
+ * budget covers the call, one statement appends the event and adds it to
+ * the slot, leaving the aggregate row alone ("spend").  Otherwise the call
+ * takes the row ("row path"): the upsert locks it, and under that lock the
+ * key's slots are folded when a decision may be near, and this backend's
+ * slot may get a budget.
  *
  * Idempotency: the ledger has a unique index on (customer_id,
  * idempotency_key).  The event is inserted with ON CONFLICT DO NOTHING; a
@@ -35,6 +47,7 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "storage/backendid.h"
 #include "tcop/utility.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
@@ -43,7 +56,6 @@
 
 #include "alerts.h"
 #include "catalog.h"
-#include "direct_write.h"
 #include "escrow.h"
 #include "pricing.h"
 #include "record.h"
@@ -124,14 +136,53 @@ unique_plan(void)
 						" VALUES ($1, $2, $3, $9) ON CONFLICT DO NOTHING", 9, types);
 }
 
-/* The aggregate upsert alone, additive (unique_count). */
+/*
+ * The aggregate upsert alone, additive: unique_count, and a sum or count
+ * event whose ledger row the spend statement already wrote.  On a schema
+ * with escrow slots it also returns whether the row has some.
+ */
 static SPIPlanPtr
 aggregate_plan(void)
 {
-	static SPIPlanPtr plan;
+	static SPIPlanPtr plans[2];
 
-	return ub_prepare_once(&plan, AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT AGG_SET_ADD AGG_RETURNING,
-						9, record_types);
+	if (ub_escrow_installed())
+		return ub_prepare_once(&plans[1], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
+							   AGG_SET_ADD AGG_RETURNING_SLOTTED, 9, record_types);
+	return ub_prepare_once(&plans[0], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
+						   AGG_SET_ADD AGG_RETURNING, 9, record_types);
+}
+
+/*
+ * The spend: the ledger insert and the addition to this backend's slot in
+ * one statement, if the ledger took the event and the slot's budget covers
+ * it.  Returns (events the ledger took, the slot's new total or NULL).
+ * $10 is the slot (the backend id).
+ */
+#define SLOT_SPEND(ledger_tail) \
+	"WITH ev AS (" LEDGER_INSERT ledger_tail " RETURNING 1)," \
+	" up AS (UPDATE usage_billing.usage_aggregate_slots s" \
+	"           SET total = s.total + $9, event_count = s.event_count + 1," \
+	"               budget = s.budget - $9," \
+	"               first_usage = least(s.first_usage, $4)," \
+	"               last_usage = greatest(s.last_usage, $4)," \
+	"               updated_at = now()" \
+	"         WHERE s.customer_id = $1 AND s.meter = $2 AND s.period_start = $3" \
+	"           AND s.slot = $10 AND (s.budget IS NULL OR s.budget >= $9)" \
+	"           AND EXISTS (SELECT FROM ev)" \
+	"        RETURNING s.total)" \
+	" SELECT (SELECT count(*) FROM ev), (SELECT total FROM up)"
+
+static SPIPlanPtr
+spend_plan(bool keyed)
+{
+	static SPIPlanPtr plans[2];
+	static Oid	types[10] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	NUMERICOID, TEXTOID, JSONBOID, TIMESTAMPTZOID, NUMERICOID, INT4OID};
+
+	if (keyed)
+		return ub_prepare_once(&plans[1], SLOT_SPEND(LEDGER_ON_CONFLICT), 10, types);
+	return ub_prepare_once(&plans[0], SLOT_SPEND(""), 10, types);
 }
 
 /*
@@ -214,6 +265,128 @@ ub_finish_aggregate(const UbEventInput *in, const UbPreparedEvent *pe,
 							   previous_total, total);
 }
 
+/* May this aggregation take usage through escrow slots on this schema now? */
+static bool
+escrow_eligible(UbAggregation agg)
+{
+	return (agg == UB_AGG_SUM || agg == UB_AGG_COUNT) &&
+		ub_hot_key_slots != UB_SLOTS_OFF && ub_escrow_installed();
+}
+
+/* What came of trying to record an event through this backend's slot. */
+typedef enum SpendOutcome
+{
+	SPEND_DONE,					/* recorded: ledger row and slot */
+	SPEND_DUPLICATE,			/* the key was recorded before: nothing written */
+	SPEND_LEDGER_ONLY,			/* ledger row written, the slot was gone: take the row */
+	SPEND_NONE					/* nothing written: take the row */
+} SpendOutcome;
+
+/*
+ * The spend: records a sum or count event in this backend's escrow slot of
+ * the key when the slot may be spent under the limit in force and its budget
+ * covers the contribution (args[8]).  On SPEND_DONE *total is the key's
+ * total as this call leaves it: the committed row and other slots, and ours.
+ */
+static SpendOutcome
+try_spend(const UbEventInput *in, const UbPreparedEvent *pe, const Datum *args,
+		  const char *nulls, uint64 key, Numeric *total)
+{
+	Numeric		contribution = DatumGetNumeric(args[8]);
+	UbEscrowProbe p;
+	Datum		spend_args[10];
+	char		spend_nulls[10];
+	bool		isnull;
+	Datum		slot_total;
+	int			ret;
+
+	ub_escrow_probe(in->customer_id, in->meter, pe->period_start, &p);
+	if (!p.own_found)
+	{
+		ub_escrow_remember(key, false);
+		return SPEND_NONE;
+	}
+	if (!p.own_unbounded &&
+		(p.own_budget == NULL || ub_num_cmp(contribution, p.own_budget) > 0))
+		return SPEND_NONE;
+	if (!ub_escrow_spendable(&pe->limit, &p))
+		return SPEND_NONE;
+
+	memcpy(spend_args, args, sizeof(Datum) * 9);
+	memcpy(spend_nulls, nulls, 9);
+	spend_args[9] = Int32GetDatum(MyBackendId);
+	spend_nulls[9] = ' ';
+	ret = SPI_execute_plan(spend_plan(in->idempotency_key != NULL), spend_args, spend_nulls,
+						   false, 0);
+	if (ret != SPI_OK_SELECT || SPI_processed != 1)
+		elog(ERROR, "escrow spend failed: %s", SPI_result_code_string(ret));
+	if (DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)) == 0)
+		return SPEND_DUPLICATE;
+	slot_total = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	if (isnull)
+	{
+		/* a writer folded the key since the probe */
+		ub_escrow_remember(key, false);
+		return SPEND_LEDGER_ONLY;
+	}
+	*total = ub_num_add(ub_num_add(p.row_total, p.others_total), DatumGetNumeric(slot_total));
+	return SPEND_DONE;
+}
+
+/*
+ * On the row path, under the aggregate row's lock that the upsert took:
+ * folds the key's escrow slots when a decision may be near (the totals
+ * then become exact), and gives this backend's slot a budget when it wants
+ * one.  When the slots stay, no point is within reach: *total becomes the
+ * key's total and *previous_total the same, as nothing was crossed.
+ */
+static void
+settle_row(const UbEventInput *in, const UbPreparedEvent *pe, bool escrow, uint64 key,
+		   bool slotted, Numeric *total, Numeric *previous_total)
+{
+	bool		want_slot = escrow &&
+		(ub_hot_key_slots == UB_SLOTS_ALWAYS || ub_escrow_has_slot(key) || ub_escrow_is_hot(key));
+	UbEscrowProbe p;
+	bool		kept = false;
+	Numeric		escrowed = ub_num_zero();
+	Numeric		budget;
+	Numeric		budget_limit;
+
+	if (slotted)
+	{
+		ub_escrow_probe(in->customer_id, in->meter, pe->period_start, &p);
+		kept = escrow &&
+			!ub_escrow_near(&pe->limit, *previous_total,
+							p.escrowed == NULL ? NULL : ub_num_add(p.row_total, p.escrowed));
+		if (!kept)
+		{
+			/* a decision may be near: fold, and decide on the exact total */
+			Numeric		folded = ub_escrow_fold_locked(in->customer_id, in->meter,
+													   pe->period_start);
+
+			*total = ub_num_add(*total, folded);
+			*previous_total = ub_num_add(*previous_total, folded);
+			ub_escrow_remember(key, false);
+		}
+		else
+			escrowed = p.escrowed;
+	}
+	if (want_slot &&
+		ub_escrow_grant(&pe->limit, *total,
+						escrowed == NULL ? NULL : ub_num_add(*total, escrowed),
+						&budget, &budget_limit))
+	{
+		ub_escrow_give(in->customer_id, in->meter, pe->period_start, *total, budget,
+					   budget_limit);
+		ub_escrow_remember(key, true);
+	}
+	if (kept)
+	{
+		*total = ub_num_add(*total, p.slots_total);
+		*previous_total = *total;
+	}
+}
+
 /* Records one event; see the file header for the protocol. */
 void
 ub_record_event(const UbEventInput *in, UbRecordResult *out)
@@ -225,8 +398,9 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 	Datum		args[9];
 	char		nulls[9];
 	bool		isnull;
+	bool		escrow = false;
+	uint64		key = 0;
 	int			ret;
-	UbDirectWriter *writer;
 
 	if (!ub_prepare_event(in, &pe, out))
 		return;
@@ -271,37 +445,39 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 	}
 	else
 	{
+		TimestampTz started;
+
 		contribution = pe.meter.aggregation == UB_AGG_COUNT ? ub_num_int(1) : in->amount;
-		if (ub_direct_writes_usable() && (writer = ub_direct_open()) != NULL)
-		{
-			bool		recorded = ub_direct_insert_event(writer, in, pe.period_start);
-
-			if (recorded)
-			{
-				UbAggregateDelta d;
-
-				d.customer_id = in->customer_id;
-				d.meter = in->meter;
-				d.period_start = pe.period_start;
-				d.period_end = pe.period_end;
-				d.aggregation = pe.meter.aggregation;
-				d.contribution = contribution;
-				d.count = 1;
-				d.first_usage = d.last_usage = in->occurred_at;
-				d.limit = &pe.limit;
-				ub_direct_fold(writer, &d, &out->total, &previous_total);
-			}
-			ub_direct_close(writer);
-			if (recorded)
-				goto recorded;
-			if (!ub_lookup_duplicate(in->customer_id, in->idempotency_key, out))
-				elog(ERROR, "idempotency conflict without an original event");
-			return;
-		}
 		args[8] = NumericGetDatum(contribution);
+		escrow = escrow_eligible(pe.meter.aggregation);
+		if (escrow)
+			key = ub_escrow_key_hash(in->customer_id, in->meter, pe.period_start);
+		if (escrow && ub_escrow_has_slot(key))
+		{
+			switch (try_spend(in, &pe, args, nulls, key, &out->total))
+			{
+				case SPEND_DONE:
+					/* no point was within reach: nothing to decide or alert */
+					goto recorded;
+				case SPEND_DUPLICATE:
+					if (!ub_lookup_duplicate(in->customer_id, in->idempotency_key, out))
+						elog(ERROR, "idempotency conflict without an original event");
+					return;
+				case SPEND_LEDGER_ONLY:
+					ret = SPI_execute_plan(aggregate_plan(), args, nulls, false, 0);
+					goto row_written;
+				case SPEND_NONE:
+					break;
+			}
+		}
+		/* a row path that waited for the row's lock counts towards a slot */
+		started = escrow ? GetCurrentTimestamp() : 0;
 		ret = SPI_execute_plan(combined_plan(pe.meter.aggregation, in->idempotency_key != NULL),
 							   args, nulls, false, 0);
+		if (escrow && GetCurrentTimestamp() - started >= UB_ESCROW_WAIT_USEC)
+			ub_escrow_note_contention(key);
 	}
+row_written:
 	if (ret != SPI_OK_INSERT_RETURNING)
 		elog(ERROR, "aggregate update failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
@@ -315,19 +491,17 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 												   SPI_tuptable->tupdesc, 1, &isnull));
 	previous = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	previous_total = isnull ? NULL : DatumGetNumericCopy(previous);
-	if (previous_total != NULL && SPI_tuptable->tupdesc->natts >= 3 &&
-		DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull)))
+	if (previous_total != NULL)
 	{
-		/* the upsert holds the row's lock: fold its escrow slots and decide on the exact total */
-		Numeric		folded = ub_escrow_fold_key_sql(in->customer_id, in->meter, pe.period_start);
+		bool		slotted = SPI_tuptable->tupdesc->natts >= 3 &&
+			DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
 
-		out->total = ub_num_add(out->total, folded);
-		previous_total = ub_num_add(previous_total, folded);
+		if (slotted || escrow)
+			settle_row(in, &pe, escrow, key, slotted, &out->total, &previous_total);
 	}
-
-recorded:
 	ub_finish_aggregate(in, &pe, previous_total, out->total, contribution);
 
+recorded:
 	out->duplicate = false;
 	out->period_start = pe.period_start;
 	out->period_end = pe.period_end;

@@ -15,7 +15,6 @@
 
 #include "catalog_preload.h"
 #include "export_cancel.h"
-#include "direct_write.h"
 #include "escrow.h"
 #include "usage_billing.h"
 
@@ -78,15 +77,6 @@ _PG_init(void)
 							 &ub_hot_key_slots,
 							 UB_SLOTS_AUTO,
 							 hot_key_slots_options,
-							 PGC_SUSET,
-							 0,
-							 NULL, NULL, NULL);
-
-	DefineCustomBoolVariable("usage_billing.direct_writes",
-							 "Record events with table and index access instead of SQL on the hot path.",
-							 "Turn off when the tables are distributed with Citus: only SQL is routed to the shards.",
-							 &ub_direct_writes,
-							 true,
 							 PGC_SUSET,
 							 0,
 							 NULL, NULL, NULL);

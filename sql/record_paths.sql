@@ -1,5 +1,7 @@
--- increment_usage's direct writes (table and index access) against its SQL path:
--- the same events recorded both ways leave the same ledger and aggregates.
+-- increment_usage's two paths: through escrow slots (hot_key_slots = always: every sum and
+-- count key takes usage through this backend's slot once it has one) and through the
+-- aggregate row alone (off).  The same events recorded both ways leave the same ledger and
+-- the same totals.
 SET client_min_messages = warning;
 CREATE EXTENSION IF NOT EXISTS usage_billing;
 RESET client_min_messages;
@@ -13,8 +15,8 @@ SELECT usage_billing.create_meter('dw_peak', 'max', 'GB');
 SELECT usage_billing.create_meter('dw_seats', 'last', 'seats');
 SELECT usage_billing.create_plan('dw_plan', 0);
 SELECT usage_billing.set_plan_limit('dw_plan', 'dw_calls', included => 100, hard_cap => true);
-SELECT usage_billing.upsert_customer('dw_direct', 'dw_plan', '2025-01-01 00:00+00');
-SELECT usage_billing.upsert_customer('dw_sql', 'dw_plan', '2025-01-01 00:00+00');
+SELECT usage_billing.upsert_customer('dw_slots', 'dw_plan', '2025-01-01 00:00+00');
+SELECT usage_billing.upsert_customer('dw_row', 'dw_plan', '2025-01-01 00:00+00');
 
 -- One script of events, run once per path: every aggregation, out-of-order and tied
 -- occurred_at for last, repeated keys, several calls in one statement and in one
@@ -29,7 +31,7 @@ BEGIN
             ('dw_calls', 10, 'k1', '2025-01-06', NULL),            -- duplicate key
             ('dw_calls', 2.5, NULL, '2025-01-04', '{"region": "eu"}'),
             ('dw_calls', 1, NULL, '2025-02-04', NULL),             -- next period
-            ('dw_logins', 7, 'k2', '2025-01-07', NULL),
+            ('dw_logins', 1, 'k2', '2025-01-07', NULL),
             ('dw_logins', 1, NULL, '2025-01-02', NULL),
             ('dw_peak', 20, NULL, '2025-01-03', NULL),
             ('dw_peak', 5, 'k3', '2025-01-04', NULL),
@@ -60,48 +62,49 @@ BEGIN
                    FROM usage_billing.increment_usage(c, 'dw_calls', 3.5, 'k5', '2025-01-21') AS i);
 END $$;
 
-SET usage_billing.direct_writes = on;
-SELECT * FROM pg_temp.script('dw_direct');
-SET usage_billing.direct_writes = off;
-SELECT * FROM pg_temp.script('dw_sql');
-RESET usage_billing.direct_writes;
+SET usage_billing.hot_key_slots = always;
+SELECT * FROM pg_temp.script('dw_slots');
+SET usage_billing.hot_key_slots = off;
+SELECT * FROM pg_temp.script('dw_row');
+RESET usage_billing.hot_key_slots;
 
 -- the two customers' ledgers and aggregates are identical but for ids and clocks
 SELECT meter, period_start, occurred_at, amount, idempotency_key, properties, kind,
        voided_event_id, reason, recorded_by = session_user AS by_session_user,
        recorded_at = now() AS at_now, count(*) AS events
-  FROM usage_billing.usage_events WHERE customer_id IN ('dw_direct', 'dw_sql')
+  FROM usage_billing.usage_events WHERE customer_id IN ('dw_slots', 'dw_row')
  GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
 HAVING count(*) <> 2;
-SELECT meter, period_start, period_end, total, previous_total, event_count, first_usage,
-       last_usage, updated_at = now() AS at_now, count(*)
-  FROM usage_billing.usage_aggregates WHERE customer_id IN ('dw_direct', 'dw_sql')
- GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9
+SELECT meter, period_start, period_end, total, event_count, first_usage, last_usage, count(*)
+  FROM usage_billing.aggregate_totals WHERE customer_id IN ('dw_slots', 'dw_row')
+ GROUP BY 1, 2, 3, 4, 5, 6, 7
 HAVING count(*) <> 2;
-SELECT meter, period_start, total, previous_total, event_count, first_usage, last_usage
-  FROM usage_billing.usage_aggregates WHERE customer_id = 'dw_direct' ORDER BY 1, 2;
+-- the slots path did take slots
+SELECT count(*) > 0 AS slots_used FROM usage_billing.usage_aggregate_slots WHERE customer_id = 'dw_slots';
+SELECT meter, period_start, total, event_count, first_usage, last_usage
+  FROM usage_billing.aggregate_totals WHERE customer_id = 'dw_slots' ORDER BY 1, 2;
 SELECT count(*) AS events, count(DISTINCT event_id) AS ids
-  FROM usage_billing.usage_events WHERE customer_id IN ('dw_direct', 'dw_sql');
+  FROM usage_billing.usage_events WHERE customer_id IN ('dw_slots', 'dw_row');
 
 -- several calls in one transaction see each other's writes
 BEGIN;
-SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, occurred_at => '2025-01-25');
-SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, occurred_at => '2025-01-25');
-SELECT total, duplicate FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, 'k6', '2025-01-25');
-SELECT total, duplicate FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, 'k6', '2025-01-25');
+SELECT total FROM usage_billing.increment_usage('dw_slots', 'dw_logins', 1, occurred_at => '2025-01-25');
+SELECT total FROM usage_billing.increment_usage('dw_slots', 'dw_logins', 1, occurred_at => '2025-01-25');
+SELECT total, duplicate FROM usage_billing.increment_usage('dw_slots', 'dw_logins', 1, 'k6', '2025-01-25');
+SELECT total, duplicate FROM usage_billing.increment_usage('dw_slots', 'dw_logins', 1, 'k6', '2025-01-25');
 ROLLBACK;
-SELECT total, event_count FROM usage_billing.usage_aggregates
- WHERE customer_id = 'dw_direct' AND meter = 'dw_logins';
+SELECT total, event_count FROM usage_billing.aggregate_totals
+ WHERE customer_id = 'dw_slots' AND meter = 'dw_logins';
 
--- repeatable read takes the SQL path; a read-only transaction records nothing
+-- repeatable read records too; a read-only transaction records nothing
 BEGIN ISOLATION LEVEL REPEATABLE READ;
-SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, occurred_at => '2025-01-26');
+SELECT total FROM usage_billing.increment_usage('dw_slots', 'dw_logins', 1, occurred_at => '2025-01-26');
 COMMIT;
 BEGIN READ ONLY;
-SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, occurred_at => '2025-01-26');
+SELECT total FROM usage_billing.increment_usage('dw_slots', 'dw_logins', 1, occurred_at => '2025-01-26');
 ROLLBACK;
 
--- a row trigger on the ledger is honoured: the call falls back to SQL
+-- a row trigger on the ledger is honoured
 CREATE FUNCTION pg_temp.note_event() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     RAISE NOTICE 'ledger row for % (%)', NEW.customer_id, NEW.amount;
@@ -109,52 +112,52 @@ BEGIN
 END $$;
 CREATE TRIGGER dw_note AFTER INSERT ON usage_billing.usage_events
     FOR EACH ROW EXECUTE FUNCTION pg_temp.note_event();
-SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, occurred_at => '2025-01-27');
+SELECT total FROM usage_billing.increment_usage('dw_slots', 'dw_logins', 1, occurred_at => '2025-01-27');
 DROP TRIGGER dw_note ON usage_billing.usage_events;
-SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_logins', 1, occurred_at => '2025-01-27');
+SELECT total FROM usage_billing.increment_usage('dw_slots', 'dw_logins', 1, occurred_at => '2025-01-27');
 
 -- a column added to the aggregates keeps its default on insert and its value on update
 ALTER TABLE usage_billing.usage_aggregates ADD COLUMN dw_note text DEFAULT 'fresh';
-SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 1, occurred_at => '2025-03-05');
+SELECT total FROM usage_billing.increment_usage('dw_slots', 'dw_calls', 1, occurred_at => '2025-03-05');
 UPDATE usage_billing.usage_aggregates SET dw_note = 'kept'
- WHERE customer_id = 'dw_direct' AND meter = 'dw_calls' AND period_start = '2025-03-01';
-SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 1, occurred_at => '2025-03-06');
+ WHERE customer_id = 'dw_slots' AND meter = 'dw_calls' AND period_start = '2025-03-01';
+SELECT total FROM usage_billing.increment_usage('dw_slots', 'dw_calls', 1, occurred_at => '2025-03-06');
 SELECT total, dw_note FROM usage_billing.usage_aggregates
- WHERE customer_id = 'dw_direct' AND meter = 'dw_calls' AND period_start >= '2025-02-01' ORDER BY period_start;
+ WHERE customer_id = 'dw_slots' AND meter = 'dw_calls' AND period_start >= '2025-02-01' ORDER BY period_start;
 ALTER TABLE usage_billing.usage_aggregates DROP COLUMN dw_note;
-SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 1, occurred_at => '2025-03-07');
+SELECT total FROM usage_billing.increment_usage('dw_slots', 'dw_calls', 1, occurred_at => '2025-03-07');
 
--- increment_usage_batch takes the same two paths: one batch (every aggregation, keys repeated
--- inside the batch and recorded before) recorded both ways leaves the same rows
+-- a batch (every aggregation, keys repeated inside the batch and recorded before) recorded
+-- with and without slots leaves the same rows
 CREATE FUNCTION pg_temp.batch_for(c text) RETURNS jsonb LANGUAGE sql AS $$
     SELECT jsonb_agg(jsonb_build_object('customer_id', c, 'meter', m, 'amount', a,
                                         'idempotency_key', k, 'occurred_at', t))
       FROM (VALUES ('dw_calls', 1, 'b1', '2025-04-02'), ('dw_calls', 2, 'b1', '2025-04-03'),
                    ('dw_calls', 3, NULL, '2025-04-01'), ('dw_calls', 4, 'k1', '2025-04-04'),
-                   ('dw_logins', 5, NULL, '2025-04-05'), ('dw_logins', 5, NULL, '2025-04-06'),
+                   ('dw_logins', 1, NULL, '2025-04-05'), ('dw_logins', 1, NULL, '2025-04-06'),
                    ('dw_peak', 7, NULL, '2025-04-07'), ('dw_peak', 3, 'b2', '2025-04-08'),
                    ('dw_seats', 2, NULL, '2025-04-09'), ('dw_seats', 8, NULL, '2025-04-08'),
                    ('dw_seats', 5, 'b3', '2025-04-09')) AS e(m, a, k, t)
 $$;
-SET usage_billing.direct_writes = on;
-SELECT * FROM usage_billing.increment_usage_batch(pg_temp.batch_for('dw_direct'));
-SELECT * FROM usage_billing.increment_usage_batch(pg_temp.batch_for('dw_direct'));
-SET usage_billing.direct_writes = off;
-SELECT * FROM usage_billing.increment_usage_batch(pg_temp.batch_for('dw_sql'));
-SELECT * FROM usage_billing.increment_usage_batch(pg_temp.batch_for('dw_sql'));
-RESET usage_billing.direct_writes;
-SELECT meter, total, previous_total, event_count, first_usage, last_usage
-  FROM usage_billing.usage_aggregates WHERE customer_id = 'dw_direct' AND period_start = '2025-04-01'
+SET usage_billing.hot_key_slots = always;
+SELECT * FROM usage_billing.increment_usage_batch(pg_temp.batch_for('dw_slots'));
+SELECT * FROM usage_billing.increment_usage_batch(pg_temp.batch_for('dw_slots'));
+SET usage_billing.hot_key_slots = off;
+SELECT * FROM usage_billing.increment_usage_batch(pg_temp.batch_for('dw_row'));
+SELECT * FROM usage_billing.increment_usage_batch(pg_temp.batch_for('dw_row'));
+RESET usage_billing.hot_key_slots;
+SELECT meter, total, event_count, first_usage, last_usage
+  FROM usage_billing.aggregate_totals WHERE customer_id = 'dw_slots' AND period_start = '2025-04-01'
  ORDER BY 1;
-SELECT meter, period_start, total, previous_total, event_count, first_usage, last_usage, count(*)
-  FROM usage_billing.usage_aggregates WHERE customer_id IN ('dw_direct', 'dw_sql')
+SELECT meter, period_start, total, event_count, first_usage, last_usage, count(*)
+  FROM usage_billing.aggregate_totals WHERE customer_id IN ('dw_slots', 'dw_row')
    AND period_start = '2025-04-01'
- GROUP BY 1, 2, 3, 4, 5, 6, 7
+ GROUP BY 1, 2, 3, 4, 5, 6
 HAVING count(*) <> 2;
 SELECT meter, occurred_at, amount, idempotency_key,
-       count(*) FILTER (WHERE customer_id = 'dw_direct') AS direct,
-       count(*) FILTER (WHERE customer_id = 'dw_sql') AS sql
-  FROM usage_billing.usage_events WHERE customer_id IN ('dw_direct', 'dw_sql')
+       count(*) FILTER (WHERE customer_id = 'dw_slots') AS slots,
+       count(*) FILTER (WHERE customer_id = 'dw_row') AS row
+  FROM usage_billing.usage_events WHERE customer_id IN ('dw_slots', 'dw_row')
    AND period_start = '2025-04-01'
  GROUP BY 1, 2, 3, 4
  ORDER BY 1, 2, 3, 4;
@@ -164,22 +167,21 @@ SELECT meter, occurred_at, amount, idempotency_key,
 DO $$
 BEGIN
     PERFORM usage_billing.increment_usage_batch(
-        '[{"customer_id": "dw_direct", "meter": "dw_calls", "amount": 1, "occurred_at": "2025-05-02"},
-          {"customer_id": "dw_direct", "meter": "dw_calls", "amount": 500, "occurred_at": "2025-05-03"}]');
+        '[{"customer_id": "dw_slots", "meter": "dw_calls", "amount": 1, "occurred_at": "2025-05-02"},
+          {"customer_id": "dw_slots", "meter": "dw_calls", "amount": 500, "occurred_at": "2025-05-03"}]');
 EXCEPTION WHEN SQLSTATE 'PT402' THEN
     RAISE NOTICE 'refused: %', SQLERRM;
 END $$;
-SELECT total, duplicate FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 2, occurred_at => '2025-05-04');
+SELECT total, duplicate FROM usage_billing.increment_usage('dw_slots', 'dw_calls', 2, occurred_at => '2025-05-04');
 SELECT count(*) FROM usage_billing.usage_events
- WHERE customer_id = 'dw_direct' AND period_start = '2025-05-01';
+ WHERE customer_id = 'dw_slots' AND period_start = '2025-05-01';
 
--- the direct path is never more permissive than SQL: a function owner without INSERT on the
--- ledger gets SQL's refusal, not a write
+-- the writes are the executor's: a function owner without INSERT on the ledger is refused
 CREATE ROLE dw_nobody NOLOGIN;
 ALTER FUNCTION usage_billing.increment_usage(text, text, numeric, text, timestamptz, jsonb) OWNER TO dw_nobody;
 \set VERBOSITY terse
-SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 1, occurred_at => '2025-05-05');
+SELECT total FROM usage_billing.increment_usage('dw_slots', 'dw_calls', 1, occurred_at => '2025-05-05');
 \set VERBOSITY default
 DO $$ BEGIN EXECUTE format('ALTER FUNCTION usage_billing.increment_usage(text, text, numeric, text, timestamptz, jsonb) OWNER TO %I', current_user); END $$;
 DROP ROLE dw_nobody;
-SELECT total FROM usage_billing.increment_usage('dw_direct', 'dw_calls', 1, occurred_at => '2025-05-05');
+SELECT total FROM usage_billing.increment_usage('dw_slots', 'dw_calls', 1, occurred_at => '2025-05-05');

@@ -1,16 +1,18 @@
-# The direct writes under concurrent load: 8 clients mix single calls (direct and, in their own
-# transactions, SQL), batches with keys shared across batches and single calls, and repeated
-# idempotency keys, on few customers so that aggregates and keys collide all the time.  Bounded
-# by a transaction count, not time.  Afterwards every aggregate must equal what its ledger rows
-# say (sum, count, max, last), every key must be recorded once, and nothing may have failed
-# (in particular no deadlock between batches that share keys).
+# Recording under concurrent load: 8 clients mix single calls (through the aggregate row, and
+# in their own transactions through escrow slots), batches with keys shared across batches and
+# single calls, and repeated idempotency keys, on few customers so that aggregates and keys
+# collide all the time.  A key always carries the same event (meter, amount, occurred_at are
+# functions of the key), so a repeat is a duplicate, never a conflict.  Bounded by a
+# transaction count, not time.  Afterwards every aggregate must equal what its ledger rows say
+# (sum, count, max, last), every key must be recorded once, and nothing may have failed (in
+# particular no deadlock between batches that share keys).
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
-my $node = PostgreSQL::Test::Cluster->new('direct_load');
+my $node = PostgreSQL::Test::Cluster->new('record_load');
 $node->init;
 $node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'usage_billing'
@@ -35,39 +37,52 @@ my $pick = q{
 \set a random(1, 1000)
 \set k random(1, 400)
 };
-my $meter = q{(ARRAY['l_sum', 'l_count', 'l_max', 'l_last'])[:m]};
-# occurred_at = clock_timestamp(): distinct per call, so "last" has one answer
+my $meters = q{ARRAY['l_sum', 'l_count', 'l_max', 'l_last']};
+# the event a key stands for: meter, amount and occurred_at follow from the key
+sub keyed
+{
+	my ($k) = @_;
+	return "($meters)[$k % 4 + 1], CASE WHEN $k % 4 = 1 THEN 1 ELSE $k END, 'k' || $k, "
+	  . "date_trunc('month', now(), 'UTC') + $k * interval '1 second'";
+}
+my $keyed = keyed(':k');
+# a keyless event: any meter, occurred_at = clock_timestamp() (distinct per call, so "last" has
+# one answer)
+my $free = qq{($meters)[:m], CASE WHEN :m = 2 THEN 1 ELSE :a END};
 my %scripts = (
-	'single_direct' => $pick . qq{
-SELECT duplicate FROM usage_billing.increment_usage('lc' || :c, $meter, :a, 'k' || :k, clock_timestamp());
+	'single' => $pick . qq{
+SELECT duplicate FROM usage_billing.increment_usage('lc' || :c, $keyed);
 },
-	'single_sql' => $pick . qq{
+	'single_slots' => $pick . qq{
 BEGIN;
-SET LOCAL usage_billing.direct_writes = off;
-SELECT duplicate FROM usage_billing.increment_usage('lc' || :c, $meter, :a, 'k' || :k, clock_timestamp());
+SET LOCAL usage_billing.hot_key_slots = always;
+SELECT duplicate FROM usage_billing.increment_usage('lc' || :c, $keyed);
 COMMIT;
 },
 	'batch' => q{
 \set c1 random(1, 6)
 \set c2 random(1, 6)
-\set m1 random(1, 4)
-\set m2 random(1, 4)
+\set m random(1, 4)
 \set k1 random(1, 400)
 \set k2 random(1, 400)
 \set k3 random(1, 400)
+} . qq{
 SELECT accepted + duplicates FROM usage_billing.increment_usage_batch(jsonb_build_array(
-  jsonb_build_object('customer_id', 'lc' || :c1, 'meter', (ARRAY['l_sum', 'l_count', 'l_max', 'l_last'])[:m1],
-                     'amount', :k1, 'idempotency_key', 'k' || :k1, 'occurred_at', clock_timestamp()),
-  jsonb_build_object('customer_id', 'lc' || :c1, 'meter', (ARRAY['l_sum', 'l_count', 'l_max', 'l_last'])[:m2],
-                     'amount', :k2, 'idempotency_key', 'k' || :k2, 'occurred_at', clock_timestamp()),
-  jsonb_build_object('customer_id', 'lc' || :c2, 'meter', (ARRAY['l_sum', 'l_count', 'l_max', 'l_last'])[:m1],
-                     'amount', :k3, 'idempotency_key', 'k' || :k3, 'occurred_at', clock_timestamp()),
-  jsonb_build_object('customer_id', 'lc' || :c2, 'meter', (ARRAY['l_sum', 'l_count', 'l_max', 'l_last'])[:m2],
-                     'amount', 7, 'occurred_at', clock_timestamp()),
+  (SELECT jsonb_build_object('customer_id', 'lc' || :c1, 'meter', m, 'amount', a,
+                             'idempotency_key', k, 'occurred_at', t)
+     FROM (SELECT ${\ keyed(':k1')}) AS e(m, a, k, t)),
+  (SELECT jsonb_build_object('customer_id', 'lc' || :c1, 'meter', m, 'amount', a,
+                             'idempotency_key', k, 'occurred_at', t)
+     FROM (SELECT ${\ keyed(':k2')}) AS e(m, a, k, t)),
+  (SELECT jsonb_build_object('customer_id', 'lc' || :c2, 'meter', m, 'amount', a,
+                             'idempotency_key', k, 'occurred_at', t)
+     FROM (SELECT ${\ keyed(':k3')}) AS e(m, a, k, t)),
+  jsonb_build_object('customer_id', 'lc' || :c2, 'meter', ($meters)[:m],
+                     'amount', CASE WHEN :m = 2 THEN 1 ELSE 7 END, 'occurred_at', clock_timestamp()),
   jsonb_build_object('customer_id', 'lc' || :c1, 'meter', 'l_sum', 'amount', 1)));
 },
 	'no_key' => $pick . qq{
-SELECT total FROM usage_billing.increment_usage('lc' || :c, $meter, :a, occurred_at => clock_timestamp());
+SELECT total FROM usage_billing.increment_usage('lc' || :c, $free, occurred_at => clock_timestamp());
 },);
 
 $node->pgbench(
