@@ -116,7 +116,8 @@ if wants tap; then packages+=("${UB_TEST_PACKAGES[@]}"); fi
 if wants fuzz && [ "$FUZZ_SECONDS" -gt 0 ]; then packages+=("${UB_FUZZ_PACKAGES[@]}"); fi
 ub_log "run_tests.sh installs usage_billing into the PostgreSQL of ${PG_CONFIG:-the system (/usr/lib/postgresql/15)}"
 ub_log "and, with apt-get, those of these packages that are missing: ${packages[*]}"
-ub_log "stages: ${STAGES# }; time budget ${BUDGET}s"
+stage_list=${STAGES# }
+ub_log "stages: ${stage_list% }; time budget ${BUDGET}s"
 ub_ensure_packages "${packages[@]}"
 ub_find_pg
 WORK=$(ub_make_build_copy usage_billing_tests)
