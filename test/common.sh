@@ -6,10 +6,17 @@
 #               system's PostgreSQL 15); set it to use a private copy instead
 #   pg user     the OS user that owns throwaway clusters: "postgres" when we run as root, else
 #               ourselves (initdb refuses to run as root)
+#   build copy  a copy of the source tree in a temp dir, owned by the pg user, where the scripts
+#               build and test: the user's clone is only read, never written or chowned
 
+# Debian packages, by what needs them (README, "Quick start", lists the same).
 # shellcheck disable=SC2034  # used by the scripts that source this file
 UB_PACKAGES=(postgresql-15 postgresql-server-dev-15 libcurl4-openssl-dev libcjson-dev
-             libipc-run-perl python3 build-essential clang libclang-rt-14-dev)
+             python3 build-essential)                  # build, install, demo (mock Stripe)
+# shellcheck disable=SC2034
+UB_TEST_PACKAGES=(libipc-run-perl)                     # tap stage (PostgreSQL::Test::Cluster)
+# shellcheck disable=SC2034
+UB_FUZZ_PACKAGES=(clang libclang-rt-14-dev)            # fuzz stage (libFuzzer)
 
 ub_log()  { printf '==> %s\n' "$*"; }
 ub_warn() { printf 'WARNING: %s\n' "$*" >&2; }
@@ -95,7 +102,27 @@ ub_as_pg() {
     fi
 }
 
-# Runs make install for the current tree, with sudo when we may not write the install dirs.
+# ub_copy_tree SRC DST: copies the source tree SRC into the existing directory DST, without
+# .git and without build or test output; DST then belongs to the pg user.  SRC is only read.
+ub_copy_tree() {
+    tar -C "$1" --exclude=./.git --exclude='*.o' --exclude='*.so' --exclude='*.bc' \
+        --exclude=./results --exclude='./tmp_check*' --exclude=./log \
+        --exclude=./test/isolation/output_iso --exclude=./regression.diffs \
+        --exclude=./regression.out --exclude='__pycache__' -cf - . |
+        tar -C "$2" --no-same-owner -xf -
+    if ub_is_root; then chown -R postgres: "$2"; fi
+}
+
+# ub_make_build_copy PREFIX: a build copy of the current directory; prints its path.
+ub_make_build_copy() {
+    local d
+    d=$(ub_mktemp_pg "$1")
+    ub_copy_tree "$PWD" "$d"
+    printf '%s\n' "$d"
+}
+
+# Runs make install in the current directory (a build copy), with sudo when we may not write
+# the install dirs.
 ub_make_install() {
     local libdir sharedir
     libdir=$("$PG_CONFIG" --pkglibdir)
@@ -111,7 +138,8 @@ ub_make_install() {
     fi
 }
 
-# True when the installed library, control file and SQL scripts are byte-identical to the tree's.
+# True when the installed library, control file and SQL scripts are byte-identical to the
+# current directory's build.
 ub_installed_matches() {
     local libdir sharedir f
     libdir=$("$PG_CONFIG" --pkglibdir)
@@ -123,15 +151,17 @@ ub_installed_matches() {
     done
 }
 
-# Builds and installs the extension (UB_SKIP_INSTALL=1 skips the install).
+# ub_build_and_install DIR [MAKE-ARGS...]: builds the build copy DIR as the pg user (with
+# MAKE-ARGS, e.g. COPT=-Werror) and installs it (UB_SKIP_INSTALL=1 skips the install).
 ub_build_and_install() {
-    ub_log "building with $PG_CONFIG"
-    make -s PG_CONFIG="$PG_CONFIG"
+    local dir=$1; shift
+    ub_log "building in $dir with $PG_CONFIG${*:+ ($*)}"
+    (cd "$dir" && ub_as_pg make -s PG_CONFIG="$PG_CONFIG" "$@")
     if [ "${UB_SKIP_INSTALL:-0}" = 1 ]; then
         ub_log "UB_SKIP_INSTALL=1: not installing"
     else
-        ub_log "installing into $("$PG_CONFIG" --pkglibdir)"
-        ub_make_install
+        ub_log "installing into $("$PG_CONFIG" --pkglibdir) and $("$PG_CONFIG" --sharedir)/extension"
+        (cd "$dir" && ub_make_install)
     fi
 }
 

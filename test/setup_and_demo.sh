@@ -2,7 +2,9 @@
 # shellcheck disable=SC2317  # functions called from traps
 # test/setup_and_demo.sh: quick start, command 1.
 #
-# Installs what is missing (Debian bookworm, as root), builds and installs usage_billing, starts a
+# Installs what is missing (Debian bookworm, as root: the packages of UB_PACKAGES in
+# test/common.sh), builds usage_billing in a copy of this tree (the clone is only read) and
+# installs it into the PostgreSQL of PG_CONFIG (the system's PostgreSQL 15 by default), starts a
 # throwaway PostgreSQL 15 cluster in a temp dir (unix socket only) with the extension preloaded,
 # starts the mock Stripe (test/mock_stripe.py) when it is there, loads the worked example
 # (test/demo.sql), prints the January usage summary and invoice preview (expected total 478.50),
@@ -23,6 +25,7 @@ EXPECTED_TOTAL=478.50
 EXPORT_TIMEOUT=${UB_DEMO_EXPORT_TIMEOUT:-60}
 TMP=""
 MOCK_PID=""
+BUILD=""
 
 cleanup() {
     local rc=$?
@@ -38,6 +41,7 @@ cleanup() {
         kill "$MOCK_PID" 2>/dev/null
         wait "$MOCK_PID" 2>/dev/null
     fi
+    if [ -n "$BUILD" ]; then rm -rf "$BUILD"; fi
     if [ -n "$TMP" ]; then
         if [ "${UB_KEEP_TMP:-0}" = 1 ]; then
             echo "kept $TMP (UB_KEEP_TMP=1)"
@@ -55,9 +59,12 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 # --- 1. packages, build, install ---------------------------------------------------------------
+ub_log "setup_and_demo.sh installs usage_billing into the PostgreSQL of ${PG_CONFIG:-the system (/usr/lib/postgresql/15)}"
+ub_log "and, with apt-get, those of these packages that are missing: ${UB_PACKAGES[*]}"
 ub_ensure_packages "${UB_PACKAGES[@]}"
 ub_find_pg
-ub_build_and_install
+BUILD=$(ub_make_build_copy usage_billing_build)
+ub_build_and_install "$BUILD"
 
 # --- 2. throwaway cluster ----------------------------------------------------------------------
 TMP=$(ub_mktemp_pg usage_billing_demo)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2317  # functions called from traps
-# test/bench/run.sh: the benchmark of issue 4 ("make bench").  Numbers, not tests.
+# test/bench/run.sh: the benchmark ("make bench", doc/benchmarks.md).  Numbers, not tests.
 #
 # Starts its own throwaway cluster (unix socket in a temp dir, run by the postgres user when we
 # are root), loads 10,000 customers and the naive baselines, then runs pgbench -M prepared with 8

@@ -6,7 +6,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 
 our $UB_KEY;
-do './test/t/01_lib.pl' or die "01_lib.pl: $@ $!";
+do './test/perl/ub_lib.pl' or die "ub_lib.pl: $@ $!";
 
 my $mock = ub_start_mock();
 my $node = ub_node('export', $mock);

@@ -9,7 +9,7 @@ use Test::More;
 use Time::HiRes qw(time sleep);
 
 our $UB_KEY;
-do './test/t/01_lib.pl' or die "01_lib.pl: $@ $!";
+do './test/perl/ub_lib.pl' or die "ub_lib.pl: $@ $!";
 
 my $mock = ub_start_mock();
 my $node = ub_node('crash', $mock, "restart_after_crash = on\nusage_billing.export_timeout = 20s\n");
@@ -75,10 +75,9 @@ ok(wait_requests($base, 2), 'requests hanging');
 $pid = ub_worker_pid($node);
 my $t0 = time();
 $node->safe_psql('postgres', "SELECT pg_terminate_backend($pid)");
-ok(ub_wait_for(sub { ub_worker_pid($node) ne $pid }, 10), 'worker left');
-my $took = time() - $t0;
-# the hung request lasts 15 s: 8 s leaves a loaded machine room and still tells the two apart
-ok($took < 8, sprintf('SIGTERM obeyed within %.1f s while a request hung', $took));
+# the hung request lasts 15 s: a worker that waited for it would still be there after 10 s
+ok(ub_wait_for(sub { ub_worker_pid($node) ne $pid }, 10), 'worker left while a request hung (SIGTERM obeyed)');
+note(sprintf('the worker left %.1f s after SIGTERM', time() - $t0));
 ok(ub_wait_for(sub { ub_worker_pid($node) ne '' }, 30), 'worker restarted (bgw_restart_time)');
 ok(ub_export_and_wait($node, $mock, 30), 'after SIGTERM: in sync');
 is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'after SIGTERM: totals equal');

@@ -9,7 +9,7 @@ use Test::More;
 use Time::HiRes qw(time sleep);
 
 our $UB_KEY;
-do './test/t/01_lib.pl' or die "01_lib.pl: $@ $!";
+do './test/perl/ub_lib.pl' or die "ub_lib.pl: $@ $!";
 
 # the mock expects another key: every request is refused with 401
 my $wrong = ub_start_mock(key => 'sk_test_somethingelse');
@@ -104,10 +104,13 @@ $node->safe_psql('postgres', q{ALTER SYSTEM SET usage_billing.export_interval = 
 ub_add_usage($node, q{'c2'}, 'api_calls', 5);
 ok(ub_wait_for(sub { ub_in_sync($node, $good) }, 10), 'export_interval = 1 after reload: exported without export_now');
 $node->safe_psql('postgres', q{ALTER SYSTEM SET usage_billing.export_interval = 0; SELECT pg_reload_conf();});
-sleep(1.5);
+# the worker has the new interval once its cycle counter, which moved every second, stands still
+my $cycles = sub { $node->safe_psql('postgres', q{SELECT cycles FROM usage_billing.export_worker_info()}) };
+my ($seen, $since) = ($cycles->(), time());
+ok(ub_wait_for(sub { my $c = $cycles->(); ($seen, $since) = ($c, time()) if $c ne $seen; time() - $since >= 2.5 }, 30),
+	'export_interval = 0 after reload: the worker stops its periodic cycles');
 ub_add_usage($node, q{'c2'}, 'api_calls', 5);
-sleep(3);
-ok(!ub_in_sync($node, $good), 'export_interval = 0: no periodic export');
+ok(!ub_wait_for(sub { ub_in_sync($node, $good) }, 3), 'export_interval = 0: no periodic export');
 ok(ub_export_and_wait($node, $good, 10), 'export_now still exports with interval 0');
 
 # --- the requests-per-second ceiling ---
@@ -121,15 +124,16 @@ $node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
 ok(ub_wait_for(sub { ub_mock_get($paced, 'stats')->{accepted} >= 30 }, 20), '30 events sent at 5 per second');
 my $took = time() - $t0;
 my $st = ub_mock_get($paced, 'stats');
-ok($st->{max_window} <= 6, "at most 5 (+1 at a window edge) requests in any 1 s window: $st->{max_window}");
-ok($took >= 4, sprintf('pacing took %.1f s for 30 requests', $took));
+# without the ceiling the 30 requests arrive within a fraction of a second; 10 leaves room for
+# requests that a loaded machine delivers to the mock in bunches
+ok($st->{max_window} <= 10, "at most 5 requests a second (10 with bunching) in any 1 s window: $st->{max_window}");
+ok($took >= 4, sprintf('pacing took %.1f s for 30 requests', $took));	# a lower bound: load only adds
 
 # --- DROP DATABASE is never held up by the worker (it absorbs procsignal barriers) ---
 $node->safe_psql('postgres', 'CREATE DATABASE scratch');
-$t0 = time();
-$node->safe_psql('postgres', 'DROP DATABASE scratch');
-# a worker that ignores the barrier holds DROP DATABASE for good: 15 s is only there for slow machines
-ok(time() - $t0 < 15, sprintf('DROP DATABASE of another database took %.1f s', time() - $t0));
+# a worker that ignores the barrier holds DROP DATABASE for good: the statement timeout ends that
+my ($drop_rc, $drop_out, $drop_err) = $node->psql('postgres', q{SET statement_timeout = '60s'; DROP DATABASE scratch});
+is($drop_rc, 0, 'DROP DATABASE of another database is not held up by the worker') or diag($drop_err);
 is(ub_worker_pid($node) ne '', 1, 'worker still running');
 
 # --- never on a standby ---
@@ -137,9 +141,9 @@ $node->backup('b');
 my $standby = PostgreSQL::Test::Cluster->new('standby');
 $standby->init_from_backup($node, 'b', has_streaming => 1);
 $standby->start;
-sleep(2);
-is($standby->safe_psql('postgres', q{SELECT count(*) FROM pg_stat_activity
-  WHERE backend_type = 'usage_billing export worker'}), '0', 'no export worker on a standby');
+$node->wait_for_catchup($standby);	# the standby streams: a worker would have started by now
+ok(!ub_wait_for(sub { $standby->safe_psql('postgres', q{SELECT count(*) FROM pg_stat_activity
+  WHERE backend_type = 'usage_billing export worker'}) ne '0' }, 3), 'no export worker on a standby');
 is($standby->safe_psql('postgres', q{SELECT pid IS NULL FROM usage_billing.export_worker_info()}), 't',
 	'export_worker_info on the standby: no worker');
 $standby->stop;

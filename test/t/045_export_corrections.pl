@@ -11,7 +11,7 @@ use Test::More;
 use Time::HiRes qw(sleep);
 
 our $UB_KEY;
-do './test/t/01_lib.pl' or die "01_lib.pl: $@ $!";
+do './test/perl/ub_lib.pl' or die "ub_lib.pl: $@ $!";
 
 my $mock = ub_start_mock();
 # long request timeout: the crash test below kills the worker while the mock holds a cancel
@@ -187,7 +187,9 @@ SELECT usage_billing.create_plan('capped');
 SELECT usage_billing.set_plan_limit('capped', 'api_calls', included => 5, hard_cap => true);
 SELECT usage_billing.upsert_customer('cap', 'capped');
 SELECT usage_billing.increment_usage('cap', 'api_calls', 5);});
-sleep(1);	# let a cycle still running finish
+# no cycle may flush the alert before the check below: wait until the worker is between cycles
+ok(ub_wait_for(sub { $node->safe_psql('postgres', q{SELECT count(*) FROM pg_stat_activity
+  WHERE backend_type = 'usage_billing export worker' AND state <> 'idle'}) eq '0' }, 30), 'the worker is between cycles');
 my ($ret, $out, $err) = $node->psql('postgres', q{SELECT usage_billing.increment_usage('cap', 'api_calls', 1)});
 like($err, qr/would exceed the limit/, 'increment refused by the hard cap');
 my $logged = q{SELECT count(*) FROM usage_billing.alert_log WHERE customer_id = 'cap' AND kind = 'hard_cap_blocked'};

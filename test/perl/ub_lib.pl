@@ -1,6 +1,5 @@
-# 01_lib.pl - helpers shared by the export worker's TAP tests (loaded with `do`).
-#
-# Run on its own (prove runs every test/t/*.pl) it only says it is a library.
+# test/perl/ub_lib.pl - helpers shared by the export worker's TAP tests in test/t/, loaded with
+# `do './test/perl/ub_lib.pl'` (prove runs test/t/*.pl only, so this is not a test itself).
 # Vocabulary: "mock" is test/mock_stripe.py on 127.0.0.1; "expected" totals are
 # what the database says Stripe must hold: floor(total) per Stripe customer and
 # event name (sum/count meters, summed over periods).
@@ -222,9 +221,4 @@ sub ub_worker_pid
 		q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'usage_billing export worker'});
 }
 
-unless (caller)
-{
-	print "1..0 # SKIP helper library for the other TAP tests\n";
-	exit 0;
-}
 1;
