@@ -98,8 +98,8 @@ SELECT total FROM usage_billing.increment_usage('es_b', 'es_free', 6, NULL, '202
 SELECT total, status FROM usage_billing.increment_usage('es_b', 'es_free', 5, NULL, '2025-01-04');
 SELECT * FROM pg_temp.state('es_b', 'es_free');
 
--- 4. Count meter and batches on a key with slots: a batch takes the row's lock and folds the
--- key's slots under it, then decides on the exact total; single calls take slots again.
+-- 4. Count meter and batches on a key with slots: a batch takes the row's lock and, as a call
+-- on the row does, keeps the slots when no decision is near (and folds them when one is).
 SELECT total FROM usage_billing.increment_usage('es_b', 'es_count', 1, NULL, '2025-01-03');
 SELECT total FROM usage_billing.increment_usage('es_b', 'es_count', 1, NULL, '2025-01-04');
 SELECT total FROM usage_billing.increment_usage('es_b', 'es_count', 1, NULL, '2025-01-04');

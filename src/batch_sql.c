@@ -256,16 +256,11 @@ ub_batch_upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
 			Numeric		previous = isnull ? NULL : DatumGetNumericCopy(prev);
 			UbEventInput in = groups[g].first->in;
 
-			if (previous != NULL && tt->tupdesc->natts >= 3 &&
-				DatumGetBool(SPI_getbinval(tt->vals[g], tt->tupdesc, 3, &isnull)))
-			{
-				/* we hold the row's lock: fold its escrow slots, decide on the exact total */
-				Numeric		folded = ub_escrow_fold_locked(in.customer_id, in.meter,
-													   groups[g].first->pe.period_start);
-
-				total = ub_num_add(total, folded);
-				previous = ub_num_add(previous, folded);
-			}
+			/* under the row's lock: fold the key's escrow slots if a decision may be near */
+			ub_settle_aggregate(&in, &groups[g].first->pe,
+								tt->tupdesc->natts >= 3 &&
+								DatumGetBool(SPI_getbinval(tt->vals[g], tt->tupdesc, 3, &isnull)),
+								&total, &previous);
 			in.amount = groups[g].contribution;
 			ub_finish_aggregate(&in, &groups[g].first->pe, previous, total,
 								groups[g].contribution);

@@ -9,7 +9,8 @@
  * per backend that writes it.  Each slot holds a budget: a share of what is
  * left before the next limit decision.  A caller whose contribution fits its
  * slot's budget updates only its slot, so callers of one key commit in
- * parallel, sharing a WAL flush.  The statements are in escrow_store.c.
+ * parallel, sharing a WAL flush.  The statements are in escrow_store.c,
+ * and the spend, which writes the ledger row too, in record.c.
  *
  * The rules that keep every decision exact:
  *
@@ -241,18 +242,22 @@ point_passed(const EscrowPoint *p, Numeric lower)
 }
 
 /*
- * May a slot be spent now?  Re-validates the key's combined budget under the
- * limit in force: no point that the row's total has not passed may lie at
- * or below upper (the row's total plus every slot's total and budget).  It
- * does not matter under which limits the budgets were granted: a plan,
- * limit, override or status change that brings a point within reach of
- * what is granted sends every spender back to the row, which folds.
+ * The limit's points for the spend statement (record.c), which applies
+ * ub_escrow_near()'s rule in SQL: their values and whether each can be
+ * passed.  Returns how many (0 to 2).
  */
-bool
-ub_escrow_spendable(const UbLimit *limit, const UbEscrowProbe *p)
+int
+ub_escrow_points(const UbLimit *limit, Datum *values, bool *passable)
 {
-	return !ub_escrow_near(limit, p->row_total,
-						   p->escrowed == NULL ? NULL : ub_num_add(p->row_total, p->escrowed));
+	EscrowPoint points[2];
+	int			n = limit_points(limit, points);
+
+	for (int i = 0; i < n; i++)
+	{
+		values[i] = NumericGetDatum(points[i].value);
+		passable[i] = points[i].passable;
+	}
+	return n;
 }
 
 /*

@@ -34,9 +34,6 @@ typedef struct UbEscrowProbe
 	Numeric		others_total;	/* every slot's total but this backend's */
 	Numeric		escrowed;		/* every slot's total and budget; NULL when one has no limit */
 	bool		unbounded;		/* a slot has a budget without limit */
-	bool		own_found;		/* this backend has a slot */
-	Numeric		own_budget;		/* its budget, NULL when none or without limit */
-	bool		own_unbounded;	/* its budget has no limit */
 } UbEscrowProbe;
 
 /* Waits on one key, seen by one backend, before that backend asks for a slot. */
@@ -55,7 +52,7 @@ extern void ub_escrow_remember(uint64 key, bool has_slot);
 extern void ub_escrow_note_contention(uint64 key);
 extern bool ub_escrow_is_hot(uint64 key);
 
-extern bool ub_escrow_spendable(const UbLimit *limit, const UbEscrowProbe *p);
+extern int	ub_escrow_points(const UbLimit *limit, Datum *values, bool *passable);
 extern bool ub_escrow_near(const UbLimit *limit, Numeric lower, Numeric upper);
 extern bool ub_escrow_grant(const UbLimit *limit, Numeric lower, Numeric upper,
 							Numeric *budget, Numeric *budget_limit);

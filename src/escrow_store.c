@@ -10,8 +10,9 @@
  *	 slot       the usage_aggregate_slots row of one key that belongs to one
  *				backend (its "slot" column is the backend id)
  *	 probe      one statement that reads a key's aggregate row and slots
- *				under one snapshot: what the key holds and what it may still
- *				take (UbEscrowProbe)
+ *				under one snapshot, on the row path: what the key holds and
+ *				what it may still take (UbEscrowProbe).  The spend reads the
+ *				same inside its own statement (record.c).
  *	 escrowed   every slot's total plus budget: spending moves budget into
  *				total, so only grants and folds change it
  *	 fold       delete a key's slots and add what they held to its row
@@ -100,10 +101,7 @@ ub_escrow_probe(const char *customer_id, const char *meter, TimestampTz period_s
 										   "       coalesce(sum(s.total), 0),"
 										   "       coalesce(sum(s.total) FILTER (WHERE s.slot <> $4), 0),"
 										   "       coalesce(sum(s.total + s.budget), 0),"
-										   "       coalesce(bool_or(s.budget IS NULL), false),"
-										   "       coalesce(bool_or(s.slot = $4), false),"
-										   "       max(s.budget) FILTER (WHERE s.slot = $4),"
-										   "       coalesce(bool_or(s.slot = $4 AND s.budget IS NULL), false)"
+										   "       coalesce(bool_or(s.budget IS NULL), false)"
 										   "  FROM usage_billing.usage_aggregate_slots s"
 										   " WHERE s.customer_id = $1 AND s.meter = $2 AND s.period_start = $3",
 										   4, key_types),
@@ -118,9 +116,6 @@ ub_escrow_probe(const char *customer_id, const char *meter, TimestampTz period_s
 	p->others_total = result_numeric(3);
 	p->unbounded = result_bool(5);
 	p->escrowed = p->unbounded ? NULL : result_numeric(4);
-	p->own_found = result_bool(6);
-	p->own_budget = result_numeric(7);
-	p->own_unbounded = result_bool(8);
 }
 
 /*

@@ -20,12 +20,12 @@
  * crossing to the alerts.
  *
  * A contended sum or count key also has escrow slots (escrow.c has the
- * rules, escrow_store.c the statements).  A call whose backend holds a slot
- * of the key first probes the key (row, slots and budgets in one
- * statement); when the slot may be spent under the limit in force and its
- * budget covers the call, one statement appends the event and adds it to
- * the slot, leaving the aggregate row alone ("spend").  Otherwise the call
- * takes the row ("row path"): the upsert locks it, and under that lock the
+ * rules, escrow_store.c the other statements).  A call whose backend holds
+ * a slot of the key appends the event and, when the slot may be spent under
+ * the limit in force and its budget covers the call, adds it to the slot in
+ * the same statement, leaving the aggregate row alone ("spend").  Otherwise
+ * the call takes the row ("row path", with the ledger row already written
+ * when the spend was tried): the upsert locks it, and under that lock the
  * key's slots are folded when a decision may be near, and this backend's
  * slot may get a budget.
  *
@@ -154,13 +154,28 @@ aggregate_plan(void)
 }
 
 /*
- * The spend: the ledger insert and the addition to this backend's slot in
- * one statement, if the ledger took the event and the slot's budget covers
- * it.  Returns (events the ledger took, the slot's new total or NULL).
- * $10 is the slot (the backend id).
+ * The spend, in one statement: reads the key's row total and every slot's
+ * total and budget (k), appends the event to the ledger (ev), and adds it to
+ * this backend's slot (up) only if the slot's budget covers it and the slot
+ * is spendable: no point of the limit in force ($11 values, $12 whether each
+ * can be passed) that the row's total has not passed lies at or below upper,
+ * the row's total plus every slot's total and budget -- ub_escrow_near()'s
+ * rule, here in SQL so that the decision and the write share one snapshot
+ * and one executor start.  Returns (events the ledger took, the slot's new
+ * total or NULL, the row's total, the other slots' totals, whether this
+ * backend has a slot).  $10 is the slot (the backend id).
  */
 #define SLOT_SPEND(ledger_tail) \
-	"WITH ev AS (" LEDGER_INSERT ledger_tail " RETURNING 1)," \
+	"WITH k AS (" \
+	"  SELECT (SELECT a.total FROM usage_billing.usage_aggregates a" \
+	"           WHERE a.customer_id = $1 AND a.meter = $2 AND a.period_start = $3) AS row_total," \
+	"         coalesce(sum(s.total) FILTER (WHERE s.slot <> $10), 0) AS others," \
+	"         coalesce(sum(s.total + s.budget), 0) AS escrowed," \
+	"         coalesce(bool_or(s.budget IS NULL), false) AS unbounded," \
+	"         coalesce(bool_or(s.slot = $10), false) AS own" \
+	"    FROM usage_billing.usage_aggregate_slots s" \
+	"   WHERE s.customer_id = $1 AND s.meter = $2 AND s.period_start = $3)," \
+	" ev AS (" LEDGER_INSERT ledger_tail " RETURNING 1)," \
 	" up AS (UPDATE usage_billing.usage_aggregate_slots s" \
 	"           SET total = s.total + $9, event_count = s.event_count + 1," \
 	"               budget = s.budget - $9," \
@@ -170,19 +185,24 @@ aggregate_plan(void)
 	"         WHERE s.customer_id = $1 AND s.meter = $2 AND s.period_start = $3" \
 	"           AND s.slot = $10 AND (s.budget IS NULL OR s.budget >= $9)" \
 	"           AND EXISTS (SELECT FROM ev)" \
+	"           AND NOT EXISTS (SELECT FROM k, unnest($11::numeric[], $12::boolean[]) AS p(v, passable)" \
+	"                            WHERE NOT (p.passable AND p.v < coalesce(k.row_total, 0))" \
+	"                              AND (k.unbounded OR p.v <= coalesce(k.row_total, 0) + k.escrowed))" \
 	"        RETURNING s.total)" \
-	" SELECT (SELECT count(*) FROM ev), (SELECT total FROM up)"
+	" SELECT (SELECT count(*) FROM ev), (SELECT total FROM up), coalesce(k.row_total, 0)," \
+	"        k.others, k.own FROM k"
 
 static SPIPlanPtr
 spend_plan(bool keyed)
 {
 	static SPIPlanPtr plans[2];
-	static Oid	types[10] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-	NUMERICOID, TEXTOID, JSONBOID, TIMESTAMPTZOID, NUMERICOID, INT4OID};
+	static Oid	types[12] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	NUMERICOID, TEXTOID, JSONBOID, TIMESTAMPTZOID, NUMERICOID, INT4OID, NUMERICARRAYOID,
+	BOOLARRAYOID};
 
 	if (keyed)
-		return ub_prepare_once(&plans[1], SLOT_SPEND(LEDGER_ON_CONFLICT), 10, types);
-	return ub_prepare_once(&plans[0], SLOT_SPEND(""), 10, types);
+		return ub_prepare_once(&plans[1], SLOT_SPEND(LEDGER_ON_CONFLICT), 12, types);
+	return ub_prepare_once(&plans[0], SLOT_SPEND(""), 12, types);
 }
 
 /*
@@ -278,8 +298,7 @@ typedef enum SpendOutcome
 {
 	SPEND_DONE,					/* recorded: ledger row and slot */
 	SPEND_DUPLICATE,			/* the key was recorded before: nothing written */
-	SPEND_LEDGER_ONLY,			/* ledger row written, the slot was gone: take the row */
-	SPEND_NONE					/* nothing written: take the row */
+	SPEND_LEDGER_ONLY			/* ledger row written, the slot was not spent: take the row */
 } SpendOutcome;
 
 /*
@@ -292,58 +311,64 @@ static SpendOutcome
 try_spend(const UbEventInput *in, const UbPreparedEvent *pe, const Datum *args,
 		  const char *nulls, uint64 key, Numeric *total)
 {
-	Numeric		contribution = DatumGetNumeric(args[8]);
-	UbEscrowProbe p;
-	Datum		spend_args[10];
-	char		spend_nulls[10];
+	Datum		spend_args[12];
+	char		spend_nulls[12];
+	Datum		points[2];
+	bool		passable[2];
+	Datum		passable_datums[2];
+	int			npoints;
 	bool		isnull;
 	Datum		slot_total;
+	HeapTuple	row;
+	TupleDesc	desc;
 	int			ret;
 
-	ub_escrow_probe(in->customer_id, in->meter, pe->period_start, &p);
-	if (!p.own_found)
-	{
-		ub_escrow_remember(key, false);
-		return SPEND_NONE;
-	}
-	if (!p.own_unbounded &&
-		(p.own_budget == NULL || ub_num_cmp(contribution, p.own_budget) > 0))
-		return SPEND_NONE;
-	if (!ub_escrow_spendable(&pe->limit, &p))
-		return SPEND_NONE;
-
+	npoints = ub_escrow_points(&pe->limit, points, passable);
+	for (int i = 0; i < npoints; i++)
+		passable_datums[i] = BoolGetDatum(passable[i]);
 	memcpy(spend_args, args, sizeof(Datum) * 9);
 	memcpy(spend_nulls, nulls, 9);
 	spend_args[9] = Int32GetDatum(MyBackendId);
-	spend_nulls[9] = ' ';
+	spend_args[10] = ub_array(points, NULL, npoints, NUMERICOID);
+	spend_args[11] = ub_array(passable_datums, NULL, npoints, BOOLOID);
+	spend_nulls[9] = spend_nulls[10] = spend_nulls[11] = ' ';
 	ret = SPI_execute_plan(spend_plan(in->idempotency_key != NULL), spend_args, spend_nulls,
 						   false, 0);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "escrow spend failed: %s", SPI_result_code_string(ret));
-	if (DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)) == 0)
+	row = SPI_tuptable->vals[0];
+	desc = SPI_tuptable->tupdesc;
+	if (DatumGetInt64(SPI_getbinval(row, desc, 1, &isnull)) == 0)
 		return SPEND_DUPLICATE;
-	slot_total = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
+	slot_total = SPI_getbinval(row, desc, 2, &isnull);
 	if (isnull)
 	{
-		/* a writer folded the key since the probe */
-		ub_escrow_remember(key, false);
+		/* no slot, its budget is short, or a point is within reach: take the row */
+		if (!DatumGetBool(SPI_getbinval(row, desc, 5, &isnull)))
+			ub_escrow_remember(key, false);
 		return SPEND_LEDGER_ONLY;
 	}
-	*total = ub_num_add(ub_num_add(p.row_total, p.others_total), DatumGetNumeric(slot_total));
+	*total = ub_num_add(ub_num_add(DatumGetNumeric(SPI_getbinval(row, desc, 3, &isnull)),
+								   DatumGetNumeric(SPI_getbinval(row, desc, 4, &isnull))),
+						DatumGetNumeric(slot_total));
 	return SPEND_DONE;
 }
 
 /*
- * On the row path, under the aggregate row's lock that the upsert took:
- * folds the key's escrow slots when a decision may be near (the totals
- * then become exact), and gives this backend's slot a budget when it wants
- * one.  When the slots stay, no point is within reach: *total becomes the
- * key's total and *previous_total the same, as nothing was crossed.
+ * On the row path, after an upsert took the aggregate row's lock and
+ * returned the row's total (*total) and the one before (*previous_total,
+ * NULL for a new row): folds the key's escrow slots when a decision may be
+ * near (the totals then become exact), and gives this backend's slot a
+ * budget when it wants one.  When the slots stay, no point is within reach:
+ * *total becomes the key's total and *previous_total the same, as nothing
+ * was crossed.  For single calls and a batch's groups alike.
  */
-static void
-settle_row(const UbEventInput *in, const UbPreparedEvent *pe, bool escrow, uint64 key,
-		   bool slotted, Numeric *total, Numeric *previous_total)
+void
+ub_settle_aggregate(const UbEventInput *in, const UbPreparedEvent *pe, bool slotted,
+					Numeric *total, Numeric *previous_total)
 {
+	bool		escrow = escrow_eligible(pe->meter.aggregation);
+	uint64		key = escrow ? ub_escrow_key_hash(in->customer_id, in->meter, pe->period_start) : 0;
 	bool		want_slot = escrow &&
 		(ub_hot_key_slots == UB_SLOTS_ALWAYS || ub_escrow_has_slot(key) || ub_escrow_is_hot(key));
 	UbEscrowProbe p;
@@ -352,6 +377,9 @@ settle_row(const UbEventInput *in, const UbPreparedEvent *pe, bool escrow, uint6
 	Numeric		budget;
 	Numeric		budget_limit;
 
+	/* a new row has no slots, and a row that has none needs nothing unless we want one */
+	if (*previous_total == NULL || (!slotted && !want_slot))
+		return;
 	if (slotted)
 	{
 		ub_escrow_probe(in->customer_id, in->meter, pe->period_start, &p);
@@ -464,10 +492,11 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 						elog(ERROR, "idempotency conflict without an original event");
 					return;
 				case SPEND_LEDGER_ONLY:
+					started = GetCurrentTimestamp();
 					ret = SPI_execute_plan(aggregate_plan(), args, nulls, false, 0);
+					if (GetCurrentTimestamp() - started >= UB_ESCROW_WAIT_USEC)
+						ub_escrow_note_contention(key);
 					goto row_written;
-				case SPEND_NONE:
-					break;
 			}
 		}
 		/* a row path that waited for the row's lock counts towards a slot */
@@ -491,14 +520,11 @@ row_written:
 												   SPI_tuptable->tupdesc, 1, &isnull));
 	previous = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	previous_total = isnull ? NULL : DatumGetNumericCopy(previous);
-	if (previous_total != NULL)
-	{
-		bool		slotted = SPI_tuptable->tupdesc->natts >= 3 &&
-			DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3, &isnull));
-
-		if (slotted || escrow)
-			settle_row(in, &pe, escrow, key, slotted, &out->total, &previous_total);
-	}
+	ub_settle_aggregate(in, &pe,
+						SPI_tuptable->tupdesc->natts >= 3 &&
+						DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3,
+												   &isnull)),
+						&out->total, &previous_total);
 	ub_finish_aggregate(in, &pe, previous_total, out->total, contribution);
 
 recorded:
