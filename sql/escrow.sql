@@ -99,8 +99,8 @@ SELECT total, status FROM usage_billing.increment_usage('es_b', 'es_free', 5, NU
 SELECT * FROM pg_temp.state('es_b', 'es_free');
 
 -- 4. Count meter, batches and the SQL path on a key with slots.
-SELECT total FROM usage_billing.increment_usage('es_b', 'es_count', 99, NULL, '2025-01-03');
-SELECT total FROM usage_billing.increment_usage('es_b', 'es_count', 99, NULL, '2025-01-04');
+SELECT total FROM usage_billing.increment_usage('es_b', 'es_count', 1, NULL, '2025-01-03');
+SELECT total FROM usage_billing.increment_usage('es_b', 'es_count', NULL, NULL, '2025-01-04');
 SELECT * FROM usage_billing.increment_usage_batch('[
   {"customer_id": "es_b", "meter": "es_count", "occurred_at": "2025-01-05"},
   {"customer_id": "es_b", "meter": "es_count", "occurred_at": "2025-01-06"},

@@ -53,6 +53,12 @@ extern void ub_push_safe_search_path(void);
 extern void ub_record_event(const UbEventInput *in, UbRecordResult *out);
 extern bool ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbRecordResult *dup);
 extern bool ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *out);
+extern bool ub_lookup_duplicate_of(const UbEventInput *in, UbRecordResult *out);
+extern char *ub_event_differences(const UbEventInput *in, const char *meter, Numeric amount,
+								  TimestampTz occurred_at, Jsonb *properties, const char *earlier);
+extern bool ub_check_amount_limits(const char *field, const char *meter_name, const UbMeter *meter,
+								   Numeric value, Numeric *normalized, char **message,
+								   char **detail, char **hint);
 extern void ub_finish_aggregate(const UbEventInput *in, const UbPreparedEvent *pe,
 								Numeric previous_total, Numeric total, Numeric contribution);
 
