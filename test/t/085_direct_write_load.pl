@@ -29,6 +29,26 @@ SELECT usage_billing.create_plan('l_plan', 0);
 SELECT usage_billing.upsert_customer('lc' || g, 'l_plan') FROM generate_series(1, 6) g;
 });
 
+# A key always names the same event (idempotency is exact: a key repeated with other parameters
+# is refused): its customer, meter, amount and occurred_at follow from the key's number.  The
+# occurred_at of keyed events lies an hour before the start, distinct per key; unkeyed calls use
+# clock_timestamp(), distinct per call, so "last" has one answer.  Count meters take amount 1.
+my $base = $node->safe_psql('postgres', q{SELECT now() - interval '1 hour'});
+sub keyed
+{
+	my ($k) = @_;
+	return qq{'lc' || (:$k % 6 + 1), (ARRAY['l_sum', 'l_count', 'l_max', 'l_last'])[:$k % 4 + 1],
+  CASE WHEN :$k % 4 = 1 THEN 1 ELSE :$k END, 'k' || :$k, '$base'::timestamptz + :$k * interval '1 millisecond'};
+}
+sub keyed_json
+{
+	my ($k) = @_;
+	return qq{jsonb_build_object('customer_id', 'lc' || (:$k % 6 + 1), 'meter', (ARRAY['l_sum', 'l_count', 'l_max', 'l_last'])[:$k % 4 + 1],
+                     'amount', CASE WHEN :$k % 4 = 1 THEN 1 ELSE :$k END, 'idempotency_key', 'k' || :$k,
+                     'occurred_at', '$base'::timestamptz + :$k * interval '1 millisecond')};
+}
+my $amount = q{CASE WHEN :m = 2 THEN 1 ELSE :a END};
+
 my $pick = q{
 \set c random(1, 6)
 \set m random(1, 4)
@@ -36,15 +56,14 @@ my $pick = q{
 \set k random(1, 400)
 };
 my $meter = q{(ARRAY['l_sum', 'l_count', 'l_max', 'l_last'])[:m]};
-# occurred_at = clock_timestamp(): distinct per call, so "last" has one answer
 my %scripts = (
 	'single_direct' => $pick . qq{
-SELECT duplicate FROM usage_billing.increment_usage('lc' || :c, $meter, :a, 'k' || :k, clock_timestamp());
+SELECT duplicate FROM usage_billing.increment_usage(} . keyed('k') . qq{);
 },
 	'single_sql' => $pick . qq{
 BEGIN;
 SET LOCAL usage_billing.direct_writes = off;
-SELECT duplicate FROM usage_billing.increment_usage('lc' || :c, $meter, :a, 'k' || :k, clock_timestamp());
+SELECT duplicate FROM usage_billing.increment_usage(} . keyed('k') . qq{);
 COMMIT;
 },
 	'batch' => q{
@@ -56,18 +75,15 @@ COMMIT;
 \set k2 random(1, 400)
 \set k3 random(1, 400)
 SELECT accepted + duplicates FROM usage_billing.increment_usage_batch(jsonb_build_array(
-  jsonb_build_object('customer_id', 'lc' || :c1, 'meter', (ARRAY['l_sum', 'l_count', 'l_max', 'l_last'])[:m1],
-                     'amount', :k1, 'idempotency_key', 'k' || :k1, 'occurred_at', clock_timestamp()),
-  jsonb_build_object('customer_id', 'lc' || :c1, 'meter', (ARRAY['l_sum', 'l_count', 'l_max', 'l_last'])[:m2],
-                     'amount', :k2, 'idempotency_key', 'k' || :k2, 'occurred_at', clock_timestamp()),
-  jsonb_build_object('customer_id', 'lc' || :c2, 'meter', (ARRAY['l_sum', 'l_count', 'l_max', 'l_last'])[:m1],
-                     'amount', :k3, 'idempotency_key', 'k' || :k3, 'occurred_at', clock_timestamp()),
+  } . keyed_json('k1') . q{,
+  } . keyed_json('k2') . q{,
+  } . keyed_json('k3') . q{,
   jsonb_build_object('customer_id', 'lc' || :c2, 'meter', (ARRAY['l_sum', 'l_count', 'l_max', 'l_last'])[:m2],
-                     'amount', 7, 'occurred_at', clock_timestamp()),
+                     'amount', CASE WHEN :m2 = 2 THEN 1 ELSE 7 END, 'occurred_at', clock_timestamp()),
   jsonb_build_object('customer_id', 'lc' || :c1, 'meter', 'l_sum', 'amount', 1)));
 },
 	'no_key' => $pick . qq{
-SELECT total FROM usage_billing.increment_usage('lc' || :c, $meter, :a, occurred_at => clock_timestamp());
+SELECT total FROM usage_billing.increment_usage('lc' || :c, $meter, $amount, occurred_at => clock_timestamp());
 },);
 
 $node->pgbench(
