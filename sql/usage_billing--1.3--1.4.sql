@@ -26,6 +26,16 @@ COMMENT ON COLUMN usage_billing.meters.decimals IS
 COMMENT ON COLUMN usage_billing.meters.max_amount IS
     'Largest amount of one event (and largest correction delta): more is refused with 22023.';
 
+-- Duration meters: sum meters whose unit is a time unit.  create_meter(meter, 'duration',
+-- unit => 'seconds' | 'minutes' | 'hours') stores aggregation 'sum' (they add up like sum
+-- meters everywhere: limits, pricing, export) and the unit in duration_unit, which
+-- record_duration converts spans of time to.
+ALTER TABLE usage_billing.meters
+    ADD COLUMN duration_unit text CHECK (duration_unit IN ('seconds', 'minutes', 'hours')),
+    ADD CHECK (duration_unit IS NULL OR aggregation = 'sum');
+COMMENT ON COLUMN usage_billing.meters.duration_unit IS
+    'Duration meters: the time unit (seconds, minutes, hours) amounts are in; NULL for other meters.';
+
 DROP FUNCTION usage_billing.create_meter(text, text, text, text, text, text);
 CREATE FUNCTION usage_billing.create_meter(
     meter text,
@@ -42,10 +52,17 @@ SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
     PERFORM usage_billing.check_name('meter name', meter);
-    IF aggregation IS NULL OR aggregation NOT IN ('count', 'sum', 'max', 'last', 'unique_count') THEN
+    IF aggregation IS NULL OR aggregation NOT IN ('count', 'sum', 'max', 'last', 'unique_count', 'duration') THEN
         RAISE EXCEPTION 'invalid aggregation "%"', aggregation
             USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Use one of count, sum, max, last or unique_count.';
+                  HINT = 'Use one of count, sum, max, last, unique_count or duration.';
+    END IF;
+    IF aggregation = 'duration' AND (unit IS NULL OR unit NOT IN ('seconds', 'minutes', 'hours')) THEN
+        RAISE EXCEPTION 'duration meter "%" needs a time unit', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Field "unit" was %s; a duration meter takes seconds, minutes or hours.',
+                                  coalesce(quote_literal(unit), 'NULL')),
+                  HINT = 'Pass unit => ''seconds'', ''minutes'' or ''hours''.';
     END IF;
     IF aggregation = 'unique_count' AND (value_property IS NULL OR value_property = '') THEN
         RAISE EXCEPTION 'unique_count meter "%" needs a value_property', meter
@@ -75,16 +92,40 @@ BEGIN
             USING ERRCODE = 'unique_violation';
     END IF;
     INSERT INTO usage_billing.meters (meter, aggregation, unit, display_name, stripe_event_name,
-                                      value_property, decimals, max_amount)
-    VALUES (meter, aggregation, unit, display_name, stripe_event_name, value_property,
-            decimals, max_amount);
+                                      value_property, decimals, max_amount, duration_unit)
+    VALUES (meter, CASE WHEN aggregation = 'duration' THEN 'sum' ELSE aggregation END, unit,
+            display_name, stripe_event_name, value_property, decimals, max_amount,
+            CASE WHEN aggregation = 'duration' THEN unit END);
 END
 $$;
 COMMENT ON FUNCTION usage_billing.create_meter(text, text, text, text, text, text, integer, numeric) IS
-    'Creates a meter; aggregation is count, sum, max, last or unique_count; amounts have at most decimals fractional digits and are at most max_amount.';
+    'Creates a meter; aggregation is count, sum, max, last, unique_count or duration (unit seconds, minutes or hours); amounts have at most decimals fractional digits and are at most max_amount.';
 REVOKE ALL ON FUNCTION usage_billing.create_meter(text, text, text, text, text, text, integer, numeric) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION usage_billing.create_meter(text, text, text, text, text, text, integer, numeric)
     TO usage_billing_admin;
+
+CREATE FUNCTION usage_billing.record_duration(
+    customer_id text,
+    meter text,
+    started_at timestamptz,
+    ended_at timestamptz,
+    idempotency_key text DEFAULT NULL)
+RETURNS TABLE (
+    total numeric,
+    included numeric,
+    remaining numeric,
+    status text,
+    duplicate boolean,
+    period_start timestamptz,
+    period_end timestamptz)
+AS 'MODULE_PATHNAME', 'ub_record_duration'
+LANGUAGE C VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.record_duration(text, text, timestamptz, timestamptz, text) IS
+    'Records the span [started_at, ended_at) on a duration meter in its unit, split across billing periods; returns the state of the period of ended_at.';
+REVOKE ALL ON FUNCTION usage_billing.record_duration(text, text, timestamptz, timestamptz, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION usage_billing.record_duration(text, text, timestamptz, timestamptz, text)
+    TO usage_billing_writer;
 
 -- Stripe customer ids: 1 to 100 characters, none of them white space or control characters.
 CREATE FUNCTION usage_billing.check_stripe_customer_id(stripe_customer_id text)
