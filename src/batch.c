@@ -37,6 +37,7 @@
 #include "utils/timestamp.h"
 
 #include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
 #include "utils/hsearch.h"
 
 #include "batch.h"
@@ -75,6 +76,13 @@ bad_field(int position, const char *field, const char *expected)
 					   position, expected)));
 }
 
+/* At most the first 100 bytes of a string for a message, cut at a character boundary. */
+static char *
+clipped(const char *s, int len)
+{
+	return pnstrdup(s, pg_mbcliplen(s, len, 100));
+}
+
 /* The keys an event of the batch may have: the arguments of increment_usage. */
 static const char *const event_keys[] = {
 	"customer_id", "meter", "amount", "idempotency_key", "occurred_at", "properties"
@@ -103,7 +111,7 @@ check_event_keys(JsonbContainer *obj, int position)
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("invalid usage event at position %d of the batch", position + 1),
 					 errdetail("Event %d (index %d) has an unknown key \"%s\"; the keys are customer_id, meter, amount, idempotency_key, occurred_at and properties.",
-							   position + 1, position, pnstrdup(v.val.string.val, v.val.string.len)),
+							   position + 1, position, clipped(v.val.string.val, v.val.string.len)),
 					 errhint("Nothing of the batch was recorded.")));
 	}
 }
@@ -174,7 +182,7 @@ field_input(PGFunction input, const char *text, int position, const char *field,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("invalid usage event at position %d of the batch", position + 1),
 				 errdetail("Field \"%s\" of event %d (index %d) must be %s, not \"%s\".",
-						   field, position + 1, position, expected, text)));
+						   field, position + 1, position, expected, clipped(text, strlen(text)))));
 	return result;
 }
 

@@ -40,6 +40,7 @@
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
@@ -321,11 +322,20 @@ add_difference(StringInfo buf, const char *name, const char *earlier, const char
 	appendStringInfo(buf, "%s (%s %s, given %s)", name, earlier, was, given);
 }
 
-/* A jsonb for a message: its text, or NULL. */
+/* A jsonb for a message: its text (at most 200 bytes of it), or NULL. */
 static char *
 jsonb_text(Jsonb *j)
 {
-	return j == NULL ? pstrdup("NULL") : JsonbToCString(NULL, &j->root, VARSIZE(j));
+	char	   *text;
+	int			len;
+
+	if (j == NULL)
+		return pstrdup("NULL");
+	text = JsonbToCString(NULL, &j->root, VARSIZE(j));
+	len = strlen(text);
+	if (len <= 200)
+		return text;
+	return psprintf("%s...", pnstrdup(text, pg_mbcliplen(text, len, 200)));
 }
 
 /*
