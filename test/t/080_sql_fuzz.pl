@@ -62,6 +62,7 @@ SELECT usage_billing.create_meter('fz_sum', 'sum');
 SELECT usage_billing.create_meter('fz_count', 'count');
 SELECT usage_billing.create_meter('fz_users', 'unique_count', value_property => 'user');
 SELECT usage_billing.create_meter('fz_max', 'max');
+SELECT usage_billing.create_meter('fz_dur', 'duration', unit => 'seconds');
 SELECT usage_billing.create_plan('fz_plan', 5);
 SELECT usage_billing.set_plan_limit('fz_plan', 'fz_sum', included => 1000, overage_price => 0.01);
 SELECT usage_billing.create_plan('fz_junk_plan', 0);
@@ -326,6 +327,14 @@ sub next_call
 			lit($c), lit($m), $amount, defined $key ? lit($key) : 'NULL', $props);
 		return ('valid', $sql, [ [ $c, $m, $contribution ] ]);
 	}
+	if ($r < 0.27)
+	{
+		# a valid span on a duration meter: exactly its seconds, wherever the periods split it
+		my $c = valid_customer();
+		my $secs = pick(0, 1, 59, 3600, int(rand(100000)));
+		return ('valid', sprintf("SELECT * FROM usage_billing.record_duration(%s, 'fz_dur', now() - interval '%d seconds', now())",
+				lit($c), $secs), [ [ $c, 'fz_dur', $secs ] ]);
+	}
 	if ($r < 0.30)
 	{
 		# a valid batch on valid customers
@@ -346,7 +355,7 @@ sub next_call
 		my $c = valid_customer();
 		my $m = pick('fz_sum', 'fz_count');
 		my $key = rand() < 0.5 ? lit("h$id") : 'NULL';
-		my $bad = pick('amount', 'amount', 'occurred_at', 'properties', 'meter', 'batch', 'key');
+		my $bad = pick('amount', 'amount', 'occurred_at', 'properties', 'meter', 'batch', 'key', 'span');
 		my ($amount, $at, $props) = ('1', 'now()', 'NULL');
 		if ($bad eq 'amount')
 		{
@@ -355,6 +364,15 @@ sub next_call
 				"'-1e131071'::numeric", '1e-20', '0.0000001', '1e30', '1000000000000.5');
 		}
 		elsif ($bad eq 'occurred_at') { $at = pick('NULL', "'2999-01-01'", "now() + interval '1 hour'", "'1900-01-01'"); }
+		elsif ($bad eq 'span')
+		{
+			# a negative span, a span in the future, a meter that is not a duration meter
+			return ('invalid', pick(
+					"SELECT * FROM usage_billing.record_duration(" . lit($c) . ", 'fz_dur', now(), now() - interval '1 second')",
+					"SELECT * FROM usage_billing.record_duration(" . lit($c) . ", 'fz_dur', now(), now() + interval '1 hour')",
+					"SELECT * FROM usage_billing.record_duration(" . lit($c) . ", 'fz_sum', now() - interval '1 hour', now())",
+					"SELECT * FROM usage_billing.record_duration(" . lit($c) . ", 'fz_dur', NULL, now())"), []);
+		}
 		elsif ($bad eq 'key')
 		{
 			# a recorded key with other parameters: 23505, nothing recorded
