@@ -27,6 +27,10 @@
  * removes its original from it), never raise alerts, ignore hard caps (they
  * are an administrator's act) and are accepted for any past period whatever
  * the late-event grace window says: fixing a closed period is their point.
+ * They obey the rest of strict input (record_prepare.c): a void needs a
+ * reason that is not blank, an adjustment's delta has at most the meter's
+ * decimals and at most its max_amount in absolute value, and its
+ * occurred_at is at most usage_billing.max_future_skew ahead.
  *
  * Known gap: a void on a unique_count meter racing with a new event carrying
  * the same value in the same period may drop that value from the distinct
