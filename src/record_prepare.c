@@ -105,7 +105,7 @@ raise_deferred(const DeferredError *err)
 
 /*
  * The amount rules of a meter (shared with corrections through
- * ub_check_amount): count meters take NULL or 1; others a finite number,
+ * ub_check_amount_limits): count meters take NULL or 1; others a finite number,
  * not negative where usage adds up, with at most the meter's decimals and
  * at most its max_amount.  *amount is the amount to record: 1 for a count
  * meter's NULL, trailing zeros beyond the meter's decimals dropped.
