@@ -104,10 +104,10 @@ raise_deferred(const DeferredError *err)
 	} while (0)
 
 /*
- * The amount rules of a meter (shared with corrections through
- * ub_check_amount_limits): count meters take NULL or 1; others a finite number,
- * not negative where usage adds up, with at most the meter's decimals and
- * at most its max_amount.  *amount is the amount to record: 1 for a count
+ * The amount rules of a meter: count meters take NULL or 1; others a finite
+ * number, not negative where usage adds up, with at most the meter's
+ * decimals and at most its max_amount (ub_check_amount_limits, which the
+ * corrections share).  *amount is the amount to record: 1 for a count
  * meter's NULL, trailing zeros beyond the meter's decimals dropped.
  */
 static bool
