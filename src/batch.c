@@ -559,13 +559,17 @@ ub_increment_usage_batch(PG_FUNCTION_ARGS)
 		if (writer != NULL)
 			ub_direct_close(writer);
 		/* a key recorded before: a duplicate only if the event repeats it (23505 otherwise) */
+		context.previous = error_context_stack;
+		error_context_stack = &context;
 		for (int i = 0; i < nbulk; i++)
 		{
 			UbRecordResult dup;
 
+			context.arg = &bulk[i]->position;
 			if (!bulk[i]->accepted)
 				(void) ub_lookup_duplicate_of(&bulk[i]->in, &dup);
 		}
+		error_context_stack = context.previous;
 	}
 
 	/* unique_count events one by one: each may or may not add a value */
