@@ -19,6 +19,7 @@ OBJS = \
 	src/batch_sql.o \
 	src/alerts.o \
 	src/corrections.o \
+	src/duration.o \
 	src/insight.o \
 	src/report.o \
 	src/limits.o \

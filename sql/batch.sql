@@ -25,7 +25,7 @@ SELECT customer_id, meter, total, event_count FROM usage_billing.usage_aggregate
 -- repeating the batch's keys: all duplicates
 SELECT * FROM usage_billing.increment_usage_batch('[
   {"customer_id": "bat_a", "meter": "bat_calls", "amount": 10, "idempotency_key": "b1"},
-  {"customer_id": "bat_a", "meter": "bat_calls", "amount": 10, "idempotency_key": "b2"}
+  {"customer_id": "bat_a", "meter": "bat_calls", "idempotency_key": "b2"}
 ]');
 SELECT * FROM usage_billing.increment_usage_batch('[]');
 
@@ -58,13 +58,16 @@ SELECT usage_billing.create_meter('bat_last', 'last');
 SELECT usage_billing.upsert_customer('bat_bulk', 'bat_plan', '2025-01-01 00:00+00');
 SELECT usage_billing.upsert_customer('bat_single', 'bat_plan', '2025-01-01 00:00+00');
 CREATE TEMP TABLE bat_events AS
+-- an event with a key repeats the first event of that key exactly (s: the event it repeats)
 SELECT g AS position,
-       (ARRAY['bat_calls', 'bat_count', 'bat_max', 'bat_last', 'bat_users'])[1 + g % 5] AS meter,
-       (g * 7 % 13) - CASE WHEN g % 5 IN (2, 3) THEN 4 ELSE 0 END AS amount,
-       CASE WHEN g % 4 = 0 THEN 'k' || (g % 24) END AS idempotency_key,
-       timestamptz '2025-01-20 00:00+00' + (g * 37 % 50) * interval '1 day' AS occurred_at,
-       jsonb_build_object('user', 'u' || (g % 6)) AS properties
-  FROM generate_series(1, 120) g;
+       (ARRAY['bat_calls', 'bat_count', 'bat_max', 'bat_last', 'bat_users'])[1 + s % 5] AS meter,
+       CASE WHEN s % 5 = 1 THEN 1
+            ELSE (s * 7 % 13) - CASE WHEN s % 5 IN (2, 3) THEN 4 ELSE 0 END END AS amount,
+       CASE WHEN s % 4 = 0 THEN 'k' || (s % 24) END AS idempotency_key,
+       timestamptz '2025-01-20 00:00+00' + (s * 37 % 50) * interval '1 day' AS occurred_at,
+       jsonb_build_object('user', 'u' || (s % 6)) AS properties
+  FROM generate_series(1, 120) g,
+       LATERAL (SELECT CASE WHEN g % 4 = 0 THEN (g - 1) % 24 + 1 ELSE g END AS s) x;
 SELECT * FROM usage_billing.increment_usage_batch(
     (SELECT jsonb_agg(jsonb_build_object('customer_id', 'bat_bulk', 'meter', meter, 'amount', amount,
                                          'idempotency_key', idempotency_key, 'occurred_at', occurred_at,

@@ -32,9 +32,11 @@ SELECT total, period_start, period_end
 SELECT total, period_start, period_end
   FROM usage_billing.increment_usage('inc_a', 'inc_calls', 3, occurred_at => '2024-12-31 12:00');
 
--- count ignores the amount
+-- count: one per event; an amount other than NULL or 1 is refused
 SELECT total, status FROM usage_billing.increment_usage('inc_a', 'inc_logins', 5, occurred_at => '2025-02-10');
 SELECT total, status FROM usage_billing.increment_usage('inc_a', 'inc_logins', 0, occurred_at => '2025-02-11');
+SELECT total, status FROM usage_billing.increment_usage('inc_a', 'inc_logins', NULL, occurred_at => '2025-02-10');
+SELECT total, status FROM usage_billing.increment_usage('inc_a', 'inc_logins', 1, occurred_at => '2025-02-11');
 
 -- max keeps the largest; last keeps the latest occurred_at (not the latest call)
 SELECT total FROM usage_billing.increment_usage('inc_a', 'inc_peak', 20, occurred_at => '2025-02-10');
@@ -55,9 +57,12 @@ SELECT meter, period_start, total, event_count, first_usage, last_usage
 -- idempotency: the second call records nothing and reports the original meter and period
 SELECT * FROM usage_billing.increment_usage('inc_a', 'inc_calls', 2, 'key-1', '2025-02-15');
 SELECT * FROM usage_billing.increment_usage('inc_a', 'inc_calls', 2, 'key-1', '2025-02-15');
+-- the same key with another meter, amount and time: refused (23505), nothing recorded
 SELECT * FROM usage_billing.increment_usage('inc_a', 'inc_logins', 999, 'key-1', '2030-01-01');
--- a duplicate is reported even when the repeat would now be refused
-SELECT duplicate, total FROM usage_billing.increment_usage('inc_a', 'no_such_meter', NULL, 'key-1', NULL);
+-- a duplicate is reported even when the repeat would now be refused (here: too late)
+SET usage_billing.late_event_grace = 0;
+SELECT duplicate, total FROM usage_billing.increment_usage('inc_a', 'inc_calls', 2, 'key-1', '2025-02-15');
+RESET usage_billing.late_event_grace;
 SELECT count(*) FROM usage_billing.usage_events WHERE customer_id = 'inc_a' AND idempotency_key = 'key-1';
 
 -- hard cap on a max meter: the aggregate after the call decides

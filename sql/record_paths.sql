@@ -28,7 +28,7 @@ BEGIN
     FOR r IN
         SELECT * FROM (VALUES
             ('dw_calls', 10::numeric, 'k1', '2025-01-05'::timestamptz, NULL::jsonb),
-            ('dw_calls', 10, 'k1', '2025-01-06', NULL),            -- duplicate key
+            ('dw_calls', 10, 'k1', '2025-01-05', NULL),            -- duplicate key
             ('dw_calls', 2.5, NULL, '2025-01-04', '{"region": "eu"}'),
             ('dw_calls', 1, NULL, '2025-02-04', NULL),             -- next period
             ('dw_logins', 1, 'k2', '2025-01-07', NULL),
@@ -39,7 +39,7 @@ BEGIN
             ('dw_seats', 4, NULL, '2025-01-10', NULL),
             ('dw_seats', 9, NULL, '2025-01-08', NULL),             -- older: ignored
             ('dw_seats', 6, 'k4', '2025-01-10', NULL),             -- tie: the later call wins
-            ('dw_seats', 6, 'k4', '2025-01-11', NULL)              -- duplicate key
+            ('dw_seats', 6, 'k4', '2025-01-10', NULL)              -- duplicate key
         ) AS e(meter, amount, key, at, props)
     LOOP
         RETURN NEXT (SELECT format('%s %s %s %s', i.total, i.status, i.duplicate, i.period_start::date)
@@ -132,8 +132,8 @@ SELECT total FROM usage_billing.increment_usage('dw_slots', 'dw_calls', 1, occur
 CREATE FUNCTION pg_temp.batch_for(c text) RETURNS jsonb LANGUAGE sql AS $$
     SELECT jsonb_agg(jsonb_build_object('customer_id', c, 'meter', m, 'amount', a,
                                         'idempotency_key', k, 'occurred_at', t))
-      FROM (VALUES ('dw_calls', 1, 'b1', '2025-04-02'), ('dw_calls', 2, 'b1', '2025-04-03'),
-                   ('dw_calls', 3, NULL, '2025-04-01'), ('dw_calls', 4, 'k1', '2025-04-04'),
+      FROM (VALUES ('dw_calls', 1, 'b1', '2025-04-02'), ('dw_calls', 1, 'b1', '2025-04-02'),
+                   ('dw_calls', 3, NULL, '2025-04-01'), ('dw_calls', 10, 'k1', '2025-01-05'),
                    ('dw_logins', 1, NULL, '2025-04-05'), ('dw_logins', 1, NULL, '2025-04-06'),
                    ('dw_peak', 7, NULL, '2025-04-07'), ('dw_peak', 3, 'b2', '2025-04-08'),
                    ('dw_seats', 2, NULL, '2025-04-09'), ('dw_seats', 8, NULL, '2025-04-08'),

@@ -36,6 +36,7 @@
 #include "utils/timestamp.h"
 
 #include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
 #include "utils/hsearch.h"
 
 #include "batch.h"
@@ -69,7 +70,48 @@ bad_field(int position, const char *field, const char *expected)
 	ereport(ERROR,
 			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 			 errmsg("invalid usage event at position %d of the batch", position + 1),
-			 errdetail("Field \"%s\" must be %s.", field, expected)));
+			 errdetail("Field \"%s\" of event %d (index %d) must be %s.", field, position + 1,
+					   position, expected)));
+}
+
+/* At most the first 100 bytes of a string for a message, cut at a character boundary. */
+static char *
+clipped(const char *s, int len)
+{
+	return pnstrdup(s, pg_mbcliplen(s, len, 100));
+}
+
+/* The keys an event of the batch may have: the arguments of increment_usage. */
+static const char *const event_keys[] = {
+	"customer_id", "meter", "amount", "idempotency_key", "occurred_at", "properties"
+};
+
+/* Raises 22023 for a key that is not one of event_keys (a typo such as "amout"). */
+static void
+check_event_keys(JsonbContainer *obj, int position)
+{
+	JsonbIterator *it = JsonbIteratorInit(obj);
+	JsonbValue	v;
+	JsonbIteratorToken tok;
+
+	while ((tok = JsonbIteratorNext(&it, &v, true)) != WJB_DONE)
+	{
+		bool		known = false;
+
+		if (tok != WJB_KEY)
+			continue;
+		for (int k = 0; k < lengthof(event_keys); k++)
+			if (v.val.string.len == strlen(event_keys[k]) &&
+				memcmp(v.val.string.val, event_keys[k], v.val.string.len) == 0)
+				known = true;
+		if (!known)
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg("invalid usage event at position %d of the batch", position + 1),
+					 errdetail("Event %d (index %d) has an unknown key \"%s\"; the keys are customer_id, meter, amount, idempotency_key, occurred_at and properties.",
+							   position + 1, position, clipped(v.val.string.val, v.val.string.len)),
+					 errhint("Nothing of the batch was recorded.")));
+	}
 }
 
 /* Reads a string field; *present is false when the key is absent. */
@@ -86,7 +128,67 @@ field_text(JsonbContainer *obj, const char *key, int position, bool *present)
 	return pnstrdup(v.val.string.val, v.val.string.len);
 }
 
-/* Converts one JSON object of the batch to an event input. */
+/* Reads a required string field: absent or null is refused. */
+static const char *
+required_text(JsonbContainer *obj, const char *key, int position)
+{
+	bool		present;
+	const char *text = field_text(obj, key, position, &present);
+
+	if (text == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid usage event at position %d of the batch", position + 1),
+				 errdetail("Event %d (index %d) has %s key \"%s\"; every event needs customer_id and meter.",
+						   position + 1, position, present ? "a null" : "no", key)));
+	return text;
+}
+
+/*
+ * Converts a string field with a type's input function; a string the type
+ * does not take is 22023 naming the event and the field, not the input
+ * function's own error.
+ */
+static Datum
+field_input(PGFunction input, const char *text, int position, const char *field,
+			const char *expected)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile Datum result = (Datum) 0;
+	volatile bool failed = false;
+
+	PG_TRY();
+	{
+		result = DirectFunctionCall3(input, CStringGetDatum(text), ObjectIdGetDatum(InvalidOid),
+									 Int32GetDatum(-1));
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		/* only data errors of the input function are ours to replace */
+		if (ERRCODE_TO_CATEGORY(edata->sqlerrcode) != ERRCODE_DATA_EXCEPTION)
+			PG_RE_THROW();
+		FlushErrorState();
+		failed = true;
+	}
+	PG_END_TRY();
+	if (failed)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("invalid usage event at position %d of the batch", position + 1),
+				 errdetail("Field \"%s\" of event %d (index %d) must be %s, not \"%s\".",
+						   field, position + 1, position, expected, clipped(text, strlen(text)))));
+	return result;
+}
+
+/*
+ * Converts one JSON object of the batch to an event input.  Unknown keys,
+ * a missing customer_id or meter, and fields of the wrong type are refused
+ * here, naming the event; the rules on the values are ub_prepare_event's.
+ */
 static void
 parse_event(JsonbContainer *obj, int position, UbEventInput *in)
 {
@@ -95,8 +197,9 @@ parse_event(JsonbContainer *obj, int position, UbEventInput *in)
 	const char *text;
 
 	memset(in, 0, sizeof(*in));
-	in->customer_id = field_text(obj, "customer_id", position, &present);
-	in->meter = field_text(obj, "meter", position, &present);
+	check_event_keys(obj, position);
+	in->customer_id = required_text(obj, "customer_id", position);
+	in->meter = required_text(obj, "meter", position);
 	in->idempotency_key = field_text(obj, "idempotency_key", position, &present);
 
 	/* amount: a number or a numeric string; absent means 1 as in increment_usage */
@@ -105,10 +208,9 @@ parse_event(JsonbContainer *obj, int position, UbEventInput *in)
 	else if (v.type == jbvNumeric)
 		in->amount = v.val.numeric;
 	else if (v.type == jbvString)
-		in->amount = DatumGetNumeric(DirectFunctionCall3(numeric_in,
-														 CStringGetDatum(pnstrdup(v.val.string.val, v.val.string.len)),
-														 ObjectIdGetDatum(InvalidOid),
-														 Int32GetDatum(-1)));
+		in->amount = DatumGetNumeric(field_input(numeric_in,
+												 pnstrdup(v.val.string.val, v.val.string.len),
+												 position, "amount", "a number"));
 	else if (v.type != jbvNull)
 		bad_field(position, "amount", "a number");
 
@@ -119,13 +221,15 @@ parse_event(JsonbContainer *obj, int position, UbEventInput *in)
 	else if (text == NULL)
 		in->occurred_at_null = true;
 	else
-		in->occurred_at = DatumGetTimestampTz(DirectFunctionCall3(timestamptz_in,
-																  CStringGetDatum(text),
-																  ObjectIdGetDatum(InvalidOid),
-																  Int32GetDatum(-1)));
+		in->occurred_at = DatumGetTimestampTz(field_input(timestamptz_in, text, position,
+														  "occurred_at", "a timestamp"));
 
 	if (getKeyJsonValueFromContainer(obj, "properties", 10, &v) != NULL && v.type != jbvNull)
+	{
+		if (v.type != jbvBinary || !JsonContainerIsObject(v.val.binary.data))
+			bad_field(position, "properties", "a JSON object");
 		in->properties = JsonbValueToJsonb(&v);
+	}
 }
 
 /* Orders events by customer, meter, period, then position: the group order. */
@@ -213,11 +317,12 @@ write_aggregates(BatchEvent **events, int n)
 
 #define KEY_BYTES (UB_MAX_NAME_LEN + UB_MAX_KEY_LEN + 2)
 
-/* Entry of the batch's key table: which position first used (customer, key). */
+/* Entry of the batch's key table: which event first used (customer, key). */
 typedef struct KeyClaim
 {
 	char		key[KEY_BYTES];
 	int			position;
+	const BatchEvent *first;
 } KeyClaim;
 
 /* Fills a zero-padded "customer NUL key" hash key; false when it cannot be one. */
@@ -255,23 +360,54 @@ claim_keys(BatchEvent *batch, int n)
 		if (!claim_key(&batch[i].in, key))
 			continue;
 		claim = hash_search(claims, key, HASH_ENTER, &found);
-		if (!found)
+		if (!found || batch[i].position < claim->position)
+		{
 			claim->position = batch[i].position;
+			claim->first = &batch[i];
+		}
 	}
 	return claims;
 }
 
-/* Is this event the first of the batch to use its key (or keyless)? */
+/*
+ * Is this event the first of the batch to use its key (or keyless)?  A
+ * later use must repeat the first one exactly (23505 otherwise): then it is
+ * a duplicate that counts once.
+ */
 static bool
 first_use_of_key(HTAB *claims, const BatchEvent *ev, int n)
 {
 	char		key[KEY_BYTES];
 	KeyClaim   *claim;
+	const UbEventInput *first;
+	char	   *diff;
 
 	if (!claim_key(&ev->in, key))
 		return true;
 	claim = hash_search(claims, key, HASH_FIND, NULL);
-	return claim == NULL || claim->position == ev->position;
+	if (claim == NULL || claim->position == ev->position)
+		return true;
+	first = &claim->first->in;
+	diff = ub_event_differences(&ev->in, first->meter, first->amount, first->occurred_at,
+								first->properties, psprintf("event %d", claim->position + 1));
+	if (diff != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_UNIQUE_VIOLATION),
+				 errmsg("idempotency key \"%s\" was already used with different parameters",
+						ev->in.idempotency_key),
+				 errdetail("Events %d and %d of the batch use this key for customer \"%s\"; these differ: %s.",
+						   claim->position + 1, ev->position + 1, ev->in.customer_id, diff),
+				 errhint("Nothing of the batch was recorded.")));
+	return false;
+}
+
+/* Error context of the per-event checks: which event of the batch. */
+static void
+batch_event_context(void *arg)
+{
+	int			position = *(int *) arg;
+
+	errcontext("usage event %d (index %d) of the batch", position + 1, position);
 }
 
 /* SQL: increment_usage_batch(events jsonb) -> (accepted, duplicates) */
@@ -289,6 +425,7 @@ ub_increment_usage_batch(PG_FUNCTION_ARGS)
 	Datum		values[2];
 	bool		nulls[2] = {false, false};
 	HTAB	   *seen_keys;
+	ErrorContextCallback context;
 
 	InitMaterializedSRF(fcinfo, 0);
 
@@ -315,26 +452,32 @@ ub_increment_usage_batch(PG_FUNCTION_ARGS)
 			ereport(ERROR,
 					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 					 errmsg("invalid usage event at position %d of the batch", i + 1),
-					 errdetail("Every element of the batch must be a JSON object.")));
+					 errdetail("Event %d (index %d) is not a JSON object; every element of the batch must be one.",
+							   i + 1, i)));
 		parse_event(elem->val.binary.data, i, &batch[i].in);
 		batch[i].position = i;
 	}
 	/*
 	 * A key repeated inside the batch: the first occurrence in batch order is
-	 * the event, the others are its duplicates.  Decide that before sorting.
+	 * the event, the others are its duplicates (claims point into the sorted
+	 * array).
 	 */
-	seen_keys = claim_keys(batch, n);
 	qsort(batch, n, sizeof(BatchEvent), batch_event_cmp);
+	seen_keys = claim_keys(batch, n);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	ub_push_safe_search_path();
 
 	/* every event is checked before anything is written */
+	context.callback = batch_event_context;
+	context.previous = error_context_stack;
+	error_context_stack = &context;
 	for (int i = 0; i < n; i++)
 	{
 		UbRecordResult dup;
 
+		context.arg = &batch[i].position;
 		if (!ub_prepare_event(&batch[i].in, &batch[i].pe, &dup))
 			duplicates++;
 		else if (first_use_of_key(seen_keys, &batch[i], n))
@@ -347,6 +490,7 @@ ub_increment_usage_batch(PG_FUNCTION_ARGS)
 		else
 			duplicates++;
 	}
+	error_context_stack = context.previous;
 
 	if (nbulk > 0)
 	{
@@ -360,6 +504,18 @@ ub_increment_usage_batch(PG_FUNCTION_ARGS)
 				duplicates++;
 		}
 		write_aggregates(bulk, nbulk);
+		/* a key recorded before: a duplicate only if the event repeats it (23505 otherwise) */
+		context.previous = error_context_stack;
+		error_context_stack = &context;
+		for (int i = 0; i < nbulk; i++)
+		{
+			UbRecordResult dup;
+
+			context.arg = &bulk[i]->position;
+			if (!bulk[i]->accepted)
+				(void) ub_lookup_duplicate_of(&bulk[i]->in, &dup);
+		}
+		error_context_stack = context.previous;
 	}
 
 	/* unique_count events one by one: each may or may not add a value */

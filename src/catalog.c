@@ -294,6 +294,15 @@ ub_fill_plan_meter(HeapTuple tup, TupleDesc desc, int first, const char *plan, c
 	pm->meter.aggregation = ub_parse_aggregation(agg);
 	pm->meter.value_property = ub_col_text(tup, desc, first + 4);
 	pm->meter.stripe_event_name = ub_col_text(tup, desc, first + 5);
+	/* read through to_jsonb(m): NULL on a schema before 1.4, which takes the defaults */
+	{
+		Datum		d = SPI_getbinval(tup, desc, first + 14, &isnull);
+
+		pm->meter.decimals = isnull ? UB_DEFAULT_DECIMALS : DatumGetInt32(d);
+	}
+	pm->meter.max_amount = col_numeric(tup, desc, first + 15);
+	if (pm->meter.max_amount == NULL)
+		pm->meter.max_amount = ub_default_max_amount();
 	pm->limit.meter = pm->meter.meter;
 	pm->limit.aggregation = pm->meter.aggregation;
 	pm->limit.exists = col_bool(tup, desc, first + 6);
@@ -590,6 +599,14 @@ ub_aggregation_name(UbAggregation agg)
 			return "unique_count";
 	}
 	return "?";
+}
+
+/* The largest amount of one event on a meter that does not say (a schema before 1.4). */
+Numeric
+ub_default_max_amount(void)
+{
+	return DatumGetNumeric(DirectFunctionCall3(numeric_in, CStringGetDatum(UB_DEFAULT_MAX_AMOUNT),
+											   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
 }
 
 /* Raises 22023 for a NULL, empty or over-long name argument. */

@@ -39,7 +39,13 @@ typedef struct UbMeter
 	UbAggregation aggregation;
 	char	   *value_property; /* unique_count only */
 	char	   *stripe_event_name;	/* NULL when not exported */
+	int			decimals;		/* most fractional digits of an amount */
+	Numeric		max_amount;		/* largest amount of one event */
 } UbMeter;
+
+/* what a meter of a schema before 1.4 (no such columns) takes */
+#define UB_DEFAULT_DECIMALS		6
+#define UB_DEFAULT_MAX_AMOUNT	"1e12"
 
 struct UbTiers;
 
@@ -85,7 +91,9 @@ struct UbPlanMeter;
 	" m.aggregation, m.value_property, m.stripe_event_name," \
 	" pl.plan IS NOT NULL," \
 	" pl.included, pl.hard_cap, pl.overage_price, pl.overage_unit," \
-	" pl.soft_threshold, pl.tiers, pl.tier_mode"
+	" pl.soft_threshold, pl.tiers, pl.tier_mode," \
+	" (pg_catalog.to_jsonb(m) OPERATOR(pg_catalog.->>) 'decimals')::pg_catalog.int4," \
+	" (pg_catalog.to_jsonb(m) OPERATOR(pg_catalog.->>) 'max_amount')::pg_catalog.numeric"
 
 extern char *ub_col_text(HeapTuple tup, TupleDesc desc, int col);
 extern void ub_fill_customer_row(HeapTuple tup, TupleDesc desc, int first, const char *customer_id,
@@ -97,5 +105,6 @@ extern void ub_fill_plan_meter(HeapTuple tup, TupleDesc desc, int first, const c
 extern UbAggregation ub_parse_aggregation(const char *name);
 extern const char *ub_aggregation_name(UbAggregation agg);
 extern void ub_check_name(const char *what, const char *value, int maxlen);
+extern Numeric ub_default_max_amount(void);
 
 #endif							/* UB_CATALOG_H */

@@ -48,6 +48,8 @@ copy_meter_limit(const UbMeter *sm, const UbLimit *sl, UbMeter *m, UbLimit *l)
 	m->aggregation = sm->aggregation;
 	m->value_property = copy_str(sm->value_property);
 	m->stripe_event_name = copy_str(sm->stripe_event_name);
+	m->decimals = sm->decimals;
+	m->max_amount = copy_num(sm->max_amount);
 
 	l->meter = m->meter;
 	l->exists = sl->exists;

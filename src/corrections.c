@@ -27,6 +27,10 @@
  * removes its original from it), never raise alerts, ignore hard caps (they
  * are an administrator's act) and are accepted for any past period whatever
  * the late-event grace window says: fixing a closed period is their point.
+ * They obey the rest of strict input (record_prepare.c): a void needs a
+ * reason that is not blank, an adjustment's delta has at most the meter's
+ * decimals and at most its max_amount in absolute value, and its
+ * occurred_at is at most usage_billing.max_future_skew ahead.
  *
  * Known gap: a void on a unique_count meter racing with a new event carrying
  * the same value in the same period may drop that value from the distinct
@@ -34,6 +38,8 @@
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include <ctype.h>
 
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -46,6 +52,7 @@
 #include "escrow.h"
 #include "periods.h"
 #include "pricing.h"
+#include "record.h"
 #include "usage_billing.h"
 
 PG_FUNCTION_INFO_V1(ub_void_usage);
@@ -182,6 +189,23 @@ drop_unique_value(const char *customer_id, const char *meter, TimestampTz period
 	return SPI_processed > 0 ? 1 : 0;
 }
 
+/* Raises 22023 for a correction without a reason (NULL or only blanks): the ledger says why. */
+static void
+check_reason(const char *function, const char *reason)
+{
+	const char *p = reason;
+
+	while (p != NULL && *p != '\0' && isspace((unsigned char) *p))
+		p++;
+	if (p == NULL || *p == '\0')
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s needs a reason", function),
+				 errdetail("Field \"reason\" was %s; a correction records why it was made.",
+						   reason == NULL ? "NULL" : "blank"),
+				 errhint("Pass reason => 'duplicate import', for example.")));
+}
+
 /* SQL: void_usage(customer_id, idempotency_key, reason) */
 Datum
 ub_void_usage(PG_FUNCTION_ARGS)
@@ -216,6 +240,7 @@ ub_void_usage(PG_FUNCTION_ARGS)
 
 	ub_check_name("customer id", customer_id, UB_MAX_NAME_LEN);
 	ub_check_name("idempotency key", key, UB_MAX_KEY_LEN);
+	check_reason("void_usage", reason);
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
@@ -407,6 +432,29 @@ ub_adjust_usage(PG_FUNCTION_ARGS)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("delta for count meter \"%s\" must be a whole number", meter_name),
 				 errdetail("The delta given was %s.", ub_num_str(delta))));
+
+	/* the amount rules of recording apply to the delta; occurred_at may not be in the future */
+	{
+		char	   *message;
+		char	   *detail;
+		char	   *hint;
+
+		if (!ub_check_amount_limits("delta", meter_name, &meter, delta, &delta, &message,
+									&detail, &hint))
+			ereport(ERROR,
+					(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+					 errmsg_internal("%s", message),
+					 errdetail_internal("%s", detail),
+					 errhint("%s", hint)));
+	}
+	if (occurred_at - GetCurrentStatementStartTimestamp() >
+		(int64) ub_max_future_skew_seconds * USECS_PER_SEC)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("occurred_at is in the future"),
+				 errdetail("Field \"occurred_at\" was %s; it may be at most %d seconds ahead of now() (usage_billing.max_future_skew).",
+						   timestamptz_to_str(occurred_at), ub_max_future_skew_seconds),
+				 errhint("Omit occurred_at to correct the current billing period.")));
 
 	ub_period_containing(customer.billing_anchor, &customer.period, occurred_at,
 						 &period_start, &period_end);

@@ -55,6 +55,12 @@ extern bool ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbReco
 extern bool ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *out);
 extern void ub_settle_aggregate(const UbEventInput *in, const UbPreparedEvent *pe, bool slotted,
 								Numeric *total, Numeric *previous_total);
+extern bool ub_lookup_duplicate_of(const UbEventInput *in, UbRecordResult *out);
+extern char *ub_event_differences(const UbEventInput *in, const char *meter, Numeric amount,
+								  TimestampTz occurred_at, Jsonb *properties, const char *earlier);
+extern bool ub_check_amount_limits(const char *field, const char *meter_name, const UbMeter *meter,
+								   Numeric value, Numeric *normalized, char **message,
+								   char **detail, char **hint);
 extern void ub_finish_aggregate(const UbEventInput *in, const UbPreparedEvent *pe,
 								Numeric previous_total, Numeric total, Numeric contribution);
 

@@ -14,12 +14,33 @@
  * DeferredError is raised only when the key is not a duplicate, so that a
  * retry of a recorded event is answered as one even if it would now be
  * refused (a suspended customer, a deleted meter).
+ *
+ * Strict input: an amount has at most the meter's decimals (an amount with
+ * more fractional digits that are not zero is refused; trailing zeros beyond
+ * them are dropped, so totals never show more) and is at most the meter's
+ * max_amount; a count meter takes NULL or 1; occurred_at is at most
+ * usage_billing.max_future_skew ahead of the statement's start and within
+ * usage_billing.late_event_grace of its period's end.  Every refusal is
+ * 22023 with a detail naming the field and the limit.
+ *
+ * Exact idempotency: a key recorded before answers as a duplicate only when
+ * the call repeats the original's meter, amount, occurred_at (when given:
+ * an occurred_at equal to the transaction's start is the default now()) and
+ * properties; otherwise the call fails with 23505 naming what differs.  The
+ * comparison is made wherever a duplicate is found: before writing, for an
+ * event that validation refuses, and after a ledger conflict.  The writers
+ * (record.c, batch.c) call ub_lookup_duplicate(customer_id, key, out) after
+ * a conflict; it compares with the event ub_prepare_event prepared last for
+ * that same result when the customer and key are the very same strings, and
+ * ub_lookup_duplicate_of compares with an event given explicitly.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
+#include "lib/stringinfo.h"
+#include "mb/pg_wchar.h"
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
@@ -44,12 +65,25 @@ typedef struct DeferredError
 static SPIPlanPtr original_plan = NULL;
 static SPIPlanPtr agg_read_plans[2];	/* per schema: ub_totals_plan */
 
+/*
+ * The event ub_prepare_event saw last, and the result it was given: what a
+ * later ub_lookup_duplicate for the same customer and key strings compares
+ * with.  Its pointers are compared, never followed, unless they match the
+ * caller's, which are alive then.
+ */
+static UbEventInput prepared_in;
+static const UbRecordResult *prepared_out = NULL;
+
 static bool validate_event(const UbEventInput *in, const UbCustomer *customer,
 						   bool meter_found, const UbMeter *meter, char **unique_value,
-						   DeferredError *err);
+						   Numeric *amount, DeferredError *err);
+static bool check_amount(const UbEventInput *in, const UbMeter *meter, Numeric *amount,
+						 DeferredError *err);
 static void raise_deferred(const DeferredError *err);
-static void place_in_period(const UbCustomer *customer, TimestampTz occurred_at,
-							TimestampTz *start, TimestampTz *end);
+static bool place_in_period(const UbEventInput *in, const UbCustomer *customer,
+							TimestampTz *start, TimestampTz *end, DeferredError *err);
+static bool lookup_original(const char *customer_id, const char *key, const UbEventInput *in,
+							UbRecordResult *out);
 
 /* Raises a deferred error. */
 static void
@@ -70,14 +104,114 @@ raise_deferred(const DeferredError *err)
 	} while (0)
 
 /*
+ * The amount rules of a meter: count meters take NULL or 1; others a finite
+ * number, not negative where usage adds up, with at most the meter's
+ * decimals and at most its max_amount (ub_check_amount_limits, which the
+ * corrections share).  *amount is the amount to record: 1 for a count
+ * meter's NULL, trailing zeros beyond the meter's decimals dropped.
+ */
+static bool
+check_amount(const UbEventInput *in, const UbMeter *meter, Numeric *amount, DeferredError *err)
+{
+	Numeric		a = in->amount;
+
+	*amount = a;
+	if (meter->aggregation == UB_AGG_COUNT)
+	{
+		if (a == NULL)
+		{
+			*amount = ub_num_int(1);
+			return true;
+		}
+		if (ub_num_is_special(a) || ub_num_cmp(a, ub_num_int(1)) != 0)
+			DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+				  psprintf("amount of count meter \"%s\" must be NULL or 1", in->meter),
+				  psprintf("Field \"amount\" was %s; a count meter counts one per event.",
+						   ub_num_str(a)),
+				  pstrdup("To record a quantity, create a sum meter: usage_billing.create_meter(meter, 'sum')."));
+	}
+
+	if (a == NULL)
+		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+			  psprintf("amount must not be NULL"),
+			  psprintf("Meter \"%s\" was given a NULL amount.", in->meter), NULL);
+	if (ub_num_is_special(a))
+		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+			  psprintf("amount must be a finite number"),
+			  psprintf("Meter \"%s\" was given %s.", in->meter, ub_num_str(a)),
+			  NULL);
+	if ((meter->aggregation == UB_AGG_SUM || meter->aggregation == UB_AGG_COUNT ||
+		 meter->aggregation == UB_AGG_UNIQUE_COUNT) &&
+		ub_num_cmp(a, ub_num_zero()) < 0)
+		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+			  psprintf("amount must not be negative"),
+			  psprintf("Meter \"%s\" aggregates with %s and was given %s.", in->meter,
+					   ub_aggregation_name(meter->aggregation), ub_num_str(a)),
+			  pstrdup("Correct recorded usage with usage_billing.adjust_usage() or usage_billing.void_usage()."));
+	if (!ub_check_amount_limits("amount", in->meter, meter, a, amount, &err->message,
+								&err->detail, &err->hint))
+	{
+		err->sqlstate = ERRCODE_INVALID_PARAMETER_VALUE;
+		return false;
+	}
+	return true;
+}
+
+/*
+ * The decimals and max_amount of a meter for a value of field "field" (an
+ * amount or a correction's delta; its absolute value is compared with
+ * max_amount).  Returns false with the error's message, detail and hint when
+ * it breaks one; else sets *normalized to the value without the trailing
+ * zeros beyond the meter's decimals.
+ */
+bool
+ub_check_amount_limits(const char *field, const char *meter_name, const UbMeter *meter,
+					   Numeric value, Numeric *normalized, char **message, char **detail,
+					   char **hint)
+{
+	int			scale = DatumGetInt32(DirectFunctionCall1(numeric_scale, NumericGetDatum(value)));
+	Numeric		magnitude = value;
+
+	*normalized = value;
+	if (scale > meter->decimals)
+	{
+		int			needed = DatumGetInt32(DirectFunctionCall1(numeric_min_scale,
+															   NumericGetDatum(value)));
+
+		if (needed > meter->decimals)
+		{
+			*message = psprintf("%s has more decimals than meter \"%s\" allows", field, meter_name);
+			*detail = psprintf("Field \"%s\" was %s, with %d decimals; meter \"%s\" takes at most %d (its decimals).",
+							   field, ub_num_str(value), needed, meter_name, meter->decimals);
+			*hint = pstrdup("Round the value, or record it in a smaller unit.");
+			return false;
+		}
+		*normalized = DatumGetNumeric(DirectFunctionCall2(numeric_round, NumericGetDatum(value),
+														  Int32GetDatum(meter->decimals)));
+	}
+	if (ub_num_cmp(value, ub_num_zero()) < 0)
+		magnitude = DatumGetNumeric(DirectFunctionCall1(numeric_abs, NumericGetDatum(value)));
+	if (meter->max_amount != NULL && ub_num_cmp(magnitude, meter->max_amount) > 0)
+	{
+		*message = psprintf("%s is above the largest amount of meter \"%s\"", field, meter_name);
+		*detail = psprintf("Field \"%s\" was %s; meter \"%s\" takes at most %s per call (its max_amount).",
+						   field, ub_num_str(value), meter_name, ub_num_str(meter->max_amount));
+		*hint = pstrdup("Split the usage into several events, or raise the meter's max_amount.");
+		return false;
+	}
+	return true;
+}
+
+/*
  * Checks everything about an event that does not need a write.  Returns false
  * with *err filled when the event must be refused; for unique_count meters
- * sets *unique_value to the property's value.
+ * sets *unique_value to the property's value, and *amount to the amount to
+ * record.
  */
 static bool
 validate_event(const UbEventInput *in, const UbCustomer *customer,
 			   bool meter_found, const UbMeter *meter, char **unique_value,
-			   DeferredError *err)
+			   Numeric *amount, DeferredError *err)
 {
 	if (strcmp(customer->status, "active") != 0)
 		DEFER(err, ERRCODE_UB_NOT_ACTIVE,
@@ -91,25 +225,8 @@ validate_event(const UbEventInput *in, const UbCustomer *customer,
 			  NULL,
 			  pstrdup("Create it with usage_billing.create_meter()."));
 
-	if (in->amount == NULL)
-		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
-			  psprintf("amount must not be NULL"),
-			  psprintf("Meter \"%s\" was given a NULL amount.", in->meter), NULL);
-	if (ub_num_is_special(in->amount))
-		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
-			  psprintf("amount must be a finite number"),
-			  psprintf("Meter \"%s\" was given %s.", in->meter,
-					   ub_num_str(in->amount)),
-			  NULL);
-	if ((meter->aggregation == UB_AGG_SUM || meter->aggregation == UB_AGG_COUNT ||
-		 meter->aggregation == UB_AGG_UNIQUE_COUNT) &&
-		ub_num_cmp(in->amount, ub_num_zero()) < 0)
-		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
-			  psprintf("amount must not be negative"),
-			  psprintf("Meter \"%s\" aggregates with %s and was given %s.", in->meter,
-					   ub_aggregation_name(meter->aggregation),
-					   ub_num_str(in->amount)),
-			  pstrdup("Correct recorded usage with usage_billing.adjust_usage() or usage_billing.void_usage()."));
+	if (!check_amount(in, meter, amount, err))
+		return false;
 
 	if (in->occurred_at_null)
 		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
@@ -120,6 +237,13 @@ validate_event(const UbEventInput *in, const UbCustomer *customer,
 		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
 			  psprintf("occurred_at must be a finite timestamp"),
 			  NULL, NULL);
+	if (in->occurred_at - GetCurrentStatementStartTimestamp() >
+		(int64) ub_max_future_skew_seconds * USECS_PER_SEC)
+		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+			  psprintf("occurred_at is in the future"),
+			  psprintf("Field \"occurred_at\" was %s; it may be at most %d seconds ahead of now() (usage_billing.max_future_skew).",
+					   pstrdup(timestamptz_to_str(in->occurred_at)), ub_max_future_skew_seconds),
+			  pstrdup("Record events when they happen; check the clock of the client that sent it."));
 
 	if (in->properties != NULL &&
 		(!JB_ROOT_IS_OBJECT(in->properties) || JB_ROOT_IS_SCALAR(in->properties)))
@@ -159,41 +283,120 @@ validate_event(const UbEventInput *in, const UbCustomer *customer,
 
 /*
  * The billing period an event lands in.  Late events (whose period ended
- * more than usage_billing.late_event_grace ago) are refused or, by setting,
- * moved to the current period; by default every past period accepts them.
+ * more than usage_billing.late_event_grace ago, 35 days by default) are
+ * refused or, by setting, moved to the current period; -1 accepts every
+ * past period.
  */
-static void
-place_in_period(const UbCustomer *customer, TimestampTz occurred_at,
-				TimestampTz *start, TimestampTz *end)
+static bool
+place_in_period(const UbEventInput *in, const UbCustomer *customer,
+				TimestampTz *start, TimestampTz *end, DeferredError *err)
 {
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
 
-	ub_period_containing(customer->billing_anchor, &customer->period, occurred_at, start, end);
+	ub_period_containing(customer->billing_anchor, &customer->period, in->occurred_at, start, end);
 	if (ub_late_event_grace_seconds < 0 || *end > now)
-		return;
+		return true;
 	if (*end + (int64) ub_late_event_grace_seconds * USECS_PER_SEC >= now)
-		return;
+		return true;
 
 	if (ub_late_event_action == UB_LATE_CURRENT_PERIOD)
 	{
 		ub_period_containing(customer->billing_anchor, &customer->period, now, start, end);
-		return;
+		return true;
 	}
-	ereport(ERROR,
-			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-			 errmsg("event for customer \"%s\" is too late for its billing period", customer->customer_id),
-			 errdetail("The event occurred at %s; its billing period ended at %s and accepts late events for %d seconds.",
-					   pstrdup(timestamptz_to_str(occurred_at)), pstrdup(timestamptz_to_str(*end)),
-					   ub_late_event_grace_seconds),
-			 errhint("Record it with a current occurred_at, or set usage_billing.late_event_action = 'current_period'.")));
+	DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+		  psprintf("event for customer \"%s\" is too late for its billing period", customer->customer_id),
+		  psprintf("Field \"occurred_at\" was %s; its billing period ended at %s and accepts late events for %d seconds (usage_billing.late_event_grace).",
+				   pstrdup(timestamptz_to_str(in->occurred_at)), pstrdup(timestamptz_to_str(*end)),
+				   ub_late_event_grace_seconds),
+		  pstrdup("Record it with a current occurred_at; a superuser can widen usage_billing.late_event_grace (-1: any past period) for a backfill, or set usage_billing.late_event_action = 'current_period'."));
+}
+
+/* Appends one "name (earlier X, given Y)" to a list of differences. */
+static void
+add_difference(StringInfo buf, const char *name, const char *earlier, const char *was,
+			   const char *given)
+{
+	if (buf->len > 0)
+		appendStringInfoString(buf, ", ");
+	appendStringInfo(buf, "%s (%s %s, given %s)", name, earlier, was, given);
+}
+
+/* A jsonb for a message: its text (at most 200 bytes of it), or NULL. */
+static char *
+jsonb_text(Jsonb *j)
+{
+	char	   *text;
+	int			len;
+
+	if (j == NULL)
+		return pstrdup("NULL");
+	text = JsonbToCString(NULL, &j->root, VARSIZE(j));
+	len = strlen(text);
+	if (len <= 200)
+		return text;
+	return psprintf("%s...", pnstrdup(text, pg_mbcliplen(text, len, 200)));
 }
 
 /*
- * If (customer, key) was recorded before, fills *out with the current state
- * of the original event's meter and period and returns true.
+ * What differs between an event "in" and an earlier one with the same key
+ * (meter, amount, occurred_at, properties), as "name (earlier X, given Y)"
+ * items, or NULL when "in" repeats it.  A NULL amount is 1 (what a count
+ * meter records for it); an occurred_at equal to the transaction's start is
+ * the default now(), not given, and matches any.
  */
-bool
-ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *out)
+char *
+ub_event_differences(const UbEventInput *in, const char *meter, Numeric amount,
+					 TimestampTz occurred_at, Jsonb *properties, const char *earlier)
+{
+	StringInfoData diff;
+	Numeric		given = in->amount ? in->amount : ub_num_int(1);
+
+	if (amount == NULL)
+		amount = ub_num_int(1);
+	initStringInfo(&diff);
+	if (strcmp(in->meter, meter) != 0)
+		add_difference(&diff, "meter", earlier, psprintf("\"%s\"", meter), psprintf("\"%s\"", in->meter));
+	if (ub_num_is_special(given) != ub_num_is_special(amount) || ub_num_cmp(given, amount) != 0)
+		add_difference(&diff, "amount", earlier, ub_num_str(amount), ub_num_str(given));
+	if (!in->occurred_at_null && in->occurred_at != GetCurrentTransactionStartTimestamp() &&
+		occurred_at != GetCurrentTransactionStartTimestamp() && in->occurred_at != occurred_at)
+		add_difference(&diff, "occurred_at", earlier, pstrdup(timestamptz_to_str(occurred_at)),
+					   pstrdup(timestamptz_to_str(in->occurred_at)));
+	if ((properties == NULL) != (in->properties == NULL) ||
+		(properties != NULL &&
+		 !DatumGetBool(DirectFunctionCall2(jsonb_eq, JsonbPGetDatum(properties),
+										   JsonbPGetDatum(in->properties)))))
+		add_difference(&diff, "properties", earlier, jsonb_text(properties), jsonb_text(in->properties));
+	return diff.len > 0 ? diff.data : NULL;
+}
+
+/* Raises 23505 unless the call "in" repeats the original event found by its key. */
+static void
+compare_with_original(const UbEventInput *in, const char *meter, Numeric amount,
+					  TimestampTz occurred_at, Jsonb *properties)
+{
+	char	   *diff = ub_event_differences(in, meter, amount, occurred_at, properties, "recorded");
+
+	if (diff == NULL)
+		return;
+	ereport(ERROR,
+			(errcode(ERRCODE_UNIQUE_VIOLATION),
+			 errmsg("idempotency key \"%s\" was already used with different parameters",
+					in->idempotency_key),
+			 errdetail("Customer \"%s\" recorded an event with this key; these differ: %s.",
+					   in->customer_id, diff),
+			 errhint("A retry must repeat the original call's parameters; a new event needs a new idempotency key.")));
+}
+
+/*
+ * If (customer, key) was recorded before, checks that "in" (when not NULL)
+ * repeats it (23505 otherwise), fills *out with the current state of the
+ * original event's meter and period and returns true.
+ */
+static bool
+lookup_original(const char *customer_id, const char *key, const UbEventInput *in,
+				UbRecordResult *out)
 {
 	Oid			types2[2] = {TEXTOID, TEXTOID};
 	Oid			types3[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
@@ -208,7 +411,8 @@ ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *ou
 	bool		agg_found;
 
 	ub_prepare_once(&original_plan,
-				 "SELECT meter, period_start FROM usage_billing.usage_events"
+				 "SELECT meter, period_start, amount, occurred_at, properties"
+				 "  FROM usage_billing.usage_events"
 				 " WHERE customer_id = $1 AND idempotency_key = $2", 2, types2);
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = CStringGetTextDatum(key);
@@ -219,6 +423,17 @@ ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *ou
 	meter = SPI_getvalue(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	period_start = DatumGetTimestampTz(SPI_getbinval(SPI_tuptable->vals[0],
 													 SPI_tuptable->tupdesc, 2, &isnull));
+	if (in != NULL)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[0];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		Numeric		amount = DatumGetNumericCopy(SPI_getbinval(tup, desc, 3, &isnull));
+		TimestampTz occurred_at = DatumGetTimestampTz(SPI_getbinval(tup, desc, 4, &isnull));
+		Datum		props = SPI_getbinval(tup, desc, 5, &isnull);
+
+		compare_with_original(in, meter, amount, occurred_at,
+								 isnull ? NULL : DatumGetJsonbPCopy(props));
+	}
 
 	args[1] = CStringGetTextDatum(meter);
 	args[2] = TimestampTzGetDatum(period_start);
@@ -261,20 +476,52 @@ ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *ou
 }
 
 /*
+ * If (customer, key) was recorded before, fills *out with the current state
+ * of the original event's meter and period and returns true.  When the
+ * customer and key are the strings of the event ub_prepare_event last
+ * prepared for this same *out, the call must repeat the original: 23505
+ * otherwise.
+ */
+bool
+ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *out)
+{
+	const UbEventInput *in = NULL;
+
+	if (prepared_out == out && prepared_in.customer_id == customer_id &&
+		prepared_in.idempotency_key == key)
+		in = &prepared_in;
+	return lookup_original(customer_id, key, in, out);
+}
+
+/* The same for an event given explicitly: a duplicate only if it repeats the original. */
+bool
+ub_lookup_duplicate_of(const UbEventInput *in, UbRecordResult *out)
+{
+	return lookup_original(in->customer_id, in->idempotency_key, in, out);
+}
+
+/*
  * Checks an event and resolves everything recording it needs.  Returns false
- * when the event is invalid but its idempotency key was recorded before: then
- * *dup holds the original's state and nothing must be written.
+ * when the event is invalid but repeats an event recorded before with its
+ * idempotency key: then *dup holds the original's state and nothing must be
+ * written.  The amount to record may be rewritten in *in (1 for a count
+ * meter's NULL, trailing zeros beyond the meter's decimals dropped): the
+ * callers' events are theirs to change.
  */
 bool
 ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbRecordResult *dup)
 {
 	bool		meter_found = false;
 	DeferredError err;
+	Numeric		amount;
 
 	ub_check_name("customer id", in->customer_id, UB_MAX_NAME_LEN);
 	ub_check_name("meter name", in->meter, UB_MAX_NAME_LEN);
 	if (in->idempotency_key != NULL)
 		ub_check_name("idempotency key", in->idempotency_key, UB_MAX_KEY_LEN);
+
+	prepared_in = *in;
+	prepared_out = dup;
 
 	if (!ub_lookup_usage_target(in->customer_id, in->meter, &pe->customer, &pe->meter,
 								&meter_found, &pe->limit))
@@ -283,13 +530,16 @@ ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbRecordResult *du
 				 errmsg("customer \"%s\" does not exist", in->customer_id),
 				 errhint("Create it with usage_billing.upsert_customer().")));
 
-	if (!validate_event(in, &pe->customer, meter_found, &pe->meter, &pe->unique_value, &err))
+	if (!validate_event(in, &pe->customer, meter_found, &pe->meter, &pe->unique_value,
+						&amount, &err) ||
+		!place_in_period(in, &pe->customer, &pe->period_start, &pe->period_end, &err))
 	{
-		if (in->idempotency_key != NULL && ub_lookup_duplicate(in->customer_id, in->idempotency_key, dup))
+		if (in->idempotency_key != NULL &&
+			lookup_original(in->customer_id, in->idempotency_key, in, dup))
 			return false;
 		raise_deferred(&err);
 	}
-
-	place_in_period(&pe->customer, in->occurred_at, &pe->period_start, &pe->period_end);
+	if (amount != in->amount)
+		((UbEventInput *) in)->amount = amount;
 	return true;
 }

@@ -21,7 +21,8 @@
 PG_MODULE_MAGIC;
 
 bool		ub_direct_reads = true;
-int			ub_late_event_grace_seconds = -1;
+int			ub_late_event_grace_seconds = UB_DEFAULT_LATE_EVENT_GRACE;
+int			ub_max_future_skew_seconds = UB_DEFAULT_MAX_FUTURE_SKEW;
 int			ub_late_event_action = UB_LATE_REJECT;
 
 static const struct config_enum_entry late_event_action_options[] = {
@@ -45,9 +46,18 @@ _PG_init(void)
 {
 	DefineCustomIntVariable("usage_billing.late_event_grace",
 							"Seconds after a billing period ends during which late events still land in it.",
-							"-1 (the default) accepts events for any past period.",
+							"The default is 35 days, Stripe's window; -1 accepts events for any past period (a backfill).",
 							&ub_late_event_grace_seconds,
-							-1, -1, PG_INT32_MAX,
+							UB_DEFAULT_LATE_EVENT_GRACE, -1, PG_INT32_MAX,
+							PGC_SUSET,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("usage_billing.max_future_skew",
+							"How far ahead of now() an event's occurred_at may be.",
+							"Events further in the future are refused; the default is 5 minutes, Stripe's rule.",
+							&ub_max_future_skew_seconds,
+							UB_DEFAULT_MAX_FUTURE_SKEW, 0, PG_INT32_MAX,
 							PGC_SUSET,
 							GUC_UNIT_S,
 							NULL, NULL, NULL);

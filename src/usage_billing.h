@@ -20,9 +20,15 @@
 /* false: read customers, overrides and aggregates with SQL only (Citus) */
 extern bool ub_direct_reads;
 
-/* late events: -1 = accept any past period (the default) */
+/* late events: seconds after a period's end; -1 = accept any past period */
 extern int	ub_late_event_grace_seconds;
 extern int	ub_late_event_action;
+/* how far ahead of now() an event's occurred_at may be, in seconds */
+extern int	ub_max_future_skew_seconds;
+
+/* the defaults: Stripe's own windows (35 days back, 5 minutes ahead) */
+#define UB_DEFAULT_LATE_EVENT_GRACE	(35 * 86400)
+#define UB_DEFAULT_MAX_FUTURE_SKEW	300
 
 #define UB_LATE_REJECT				0
 #define UB_LATE_CURRENT_PERIOD		1

@@ -44,6 +44,9 @@ SELECT plan, meter, included, overage_price, overage_unit
 
 \echo
 \echo '--- recording January 2025 (increment_usage with occurred_at in the past)'
+-- January 2025 is long past the default late-event grace (35 days after a period's end):
+-- the demo backfills it, which a superuser allows for the session.
+SET usage_billing.late_event_grace = -1;
 -- orders: 25 business days x 50 orders
 SELECT count(*) AS orders_calls, max(u.total) AS orders_total
   FROM generate_series(1, 25) AS g

@@ -13,6 +13,7 @@ $node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
 $node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'usage_billing'
 usage_billing.export_interval = 0
+usage_billing.late_event_grace = -1
 timezone = 'UTC'
 });
 $node->start;
@@ -133,7 +134,7 @@ is($node->safe_psql('dst', "SELECT extversion FROM pg_extension WHERE extname = 
 	'the restored extension is at the default version');
 
 # keys still deduplicate; recording continues with fresh event ids
-is($node->safe_psql('dst', "SELECT duplicate FROM usage_billing.increment_usage('acme', 'calls', 999, 'acme-3', '2025-01-18 08:30+00')"),
+is($node->safe_psql('dst', "SELECT duplicate FROM usage_billing.increment_usage('acme', 'calls', 4.5, 'acme-3', '2025-01-18 08:30+00', '{\"i\": 3}')"),
 	't', 'a key recorded before the dump is a duplicate after the restore');
 $node->safe_psql('dst', "SELECT usage_billing.increment_usage('acme', 'calls', 1, 'after-restore')");
 is($node->safe_psql('dst', "SELECT count(*) FROM (SELECT event_id FROM usage_billing.usage_events GROUP BY 1 HAVING count(*) > 1) d"),
@@ -190,6 +191,7 @@ $other->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
 $other->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'usage_billing'
 usage_billing.export_interval = 0
+usage_billing.late_event_grace = -1
 timezone = 'UTC'
 });
 $other->start;

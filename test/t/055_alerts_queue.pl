@@ -27,6 +27,7 @@ $node->init;
 $node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'usage_billing'
 usage_billing.export_interval = 0
+usage_billing.late_event_grace = -1
 });
 $node->start;
 $node->safe_psql('postgres', $setup);
@@ -54,7 +55,7 @@ DO $$ BEGIN
     FOR k IN 1..300 LOOP
         BEGIN
             PERFORM usage_billing.increment_usage('q_c', 'q_gb', 11,
-                occurred_at => '2030-01-15'::timestamptz + k * interval '1 month');
+                occurred_at => '1990-01-15'::timestamptz + k * interval '1 month');
         EXCEPTION WHEN SQLSTATE 'PT402' THEN NULL;
         END;
     END LOOP;
@@ -72,7 +73,7 @@ $node->stop;
 # not preloaded: the queue belongs to the refused session
 my $solo = PostgreSQL::Test::Cluster->new('alerts_local');
 $solo->init;
-$solo->append_conf('postgresql.conf', qq{shared_preload_libraries = ''});
+$solo->append_conf('postgresql.conf', qq{shared_preload_libraries = ''\nusage_billing.late_event_grace = -1});
 $solo->start;
 $solo->safe_psql('postgres', $setup);
 is($solo->safe_psql('postgres', $alerts), '0', 'no alert before a refusal');

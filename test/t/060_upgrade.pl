@@ -1,22 +1,27 @@
 # Upgrade from 1.0: install the previous version, record usage, ALTER EXTENSION UPDATE; nothing
 # recorded changes, recording goes on (keys recorded before still deduplicate), the 1.1 objects
 # exist, and the upgraded database has exactly the objects, flags, grants and policies of a
-# fresh install of the default version.
+# fresh install of the default version.  Upgrade from 1.3 with data that breaks 1.4's input
+# rules: kept, listed by input_violations, recording goes on under the new rules.
+# (The catalog columns compared are those of 1.0; the meters' columns of 1.4 are checked below.)
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
 
+my ($ret13, $out13, $err13);
+
 my $node = PostgreSQL::Test::Cluster->new('upgrade');
 $node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
 $node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'usage_billing'
 usage_billing.export_interval = 0
+usage_billing.late_event_grace = -1
 timezone = 'UTC'
 });
 $node->start;
-$node->safe_psql('postgres', 'CREATE DATABASE old; CREATE DATABASE fresh;');
+$node->safe_psql('postgres', 'CREATE DATABASE old; CREATE DATABASE fresh; CREATE DATABASE old13;');
 
 $node->safe_psql('old', q{
 CREATE EXTENSION usage_billing VERSION '1.0';
@@ -45,7 +50,9 @@ SELECT 'events ' || string_agg(x::text, ' | ' ORDER BY x::text) FROM
   (SELECT event_id, customer_id, meter, period_start, occurred_at, amount, idempotency_key, properties, recorded_by
      FROM usage_billing.usage_events) x
 UNION ALL
-SELECT 'catalog ' || (SELECT string_agg(m::text, ',' ORDER BY m::text) FROM usage_billing.meters m)
+SELECT 'catalog ' || (SELECT string_agg(m::text, ',' ORDER BY m::text)
+                       FROM (SELECT meter, aggregation, unit, display_name, stripe_event_name, value_property, created_at
+                               FROM usage_billing.meters) m)
   || (SELECT string_agg(p::text, ',' ORDER BY p::text) FROM usage_billing.plans p)
   || (SELECT string_agg(l::text, ',' ORDER BY l::text) FROM usage_billing.plan_limits l)
   || (SELECT string_agg(c::text, ',' ORDER BY c::text) FROM usage_billing.customers c)
@@ -75,13 +82,50 @@ is($node->safe_psql('old', "SELECT relrowsecurity FROM pg_class WHERE oid = 'usa
 	't', 'row-level security is on after the update');
 is($node->safe_psql('old', "SELECT has_function_privilege('public', 'usage_billing.increment_usage(text,text,numeric,text,timestamptz,jsonb)', 'EXECUTE')"),
 	'f', 'PUBLIC lost EXECUTE on increment_usage');
-is($node->safe_psql('old', "SELECT duplicate FROM usage_billing.increment_usage('acme', 'calls', 1000, 'k7', '2025-01-15')"),
+is($node->safe_psql('old', "SELECT duplicate FROM usage_billing.increment_usage('acme', 'calls', 7, 'k7', '2025-01-15')"),
 	't', 'a key recorded under 1.0 still deduplicates');
 my $jan = $node->safe_psql('old',
 	"SELECT total FROM usage_billing.usage_aggregates WHERE period_start = '2025-01-01' AND meter = 'calls'");
 is($node->safe_psql('old', q{
 SELECT total FROM usage_billing.increment_usage('acme', 'calls', 2, 'after-update', '2025-01-31 12:00+00')}),
 	$jan + 2, 'recording continues on the same aggregate');
+
+# 1.3 -> 1.4 with data that breaks 1.4's input rules: the update keeps it as it was, the view
+# input_violations lists it, recording goes on under the new rules
+$node->safe_psql('old13', q{
+CREATE EXTENSION usage_billing VERSION '1.3';
+SELECT usage_billing.create_meter('calls', 'sum');
+SELECT usage_billing.create_meter('logins', 'count');
+SELECT usage_billing.create_plan('pro', 10);
+SELECT usage_billing.set_plan_limit('pro', 'calls', included => 100, hard_cap => true, overage_price => 0.5);
+SELECT usage_billing.upsert_customer('acme', 'pro', '2025-01-01 00:00+00', repeat('c', 124));
+});
+# recorded by 1.3's SQL (the library is already the new one): what 1.3 accepted
+$node->safe_psql('old13', q{
+INSERT INTO usage_billing.usage_events (customer_id, meter, period_start, occurred_at, amount, idempotency_key)
+VALUES ('acme', 'logins', '2025-01-01', '2025-01-02', 5, 'l1'),
+       ('acme', 'calls', '2025-01-01', '2025-01-03', 1e-20, 'c1');
+INSERT INTO usage_billing.usage_aggregates (customer_id, meter, period_start, period_end, total, event_count)
+VALUES ('acme', 'logins', '2025-01-01', '2025-02-01', 1, 1),
+       ('acme', 'calls', '2025-01-01', '2025-02-01', 1e-20, 1);
+});
+my $before13 = $node->safe_psql('old13', $state_q);
+$node->safe_psql('old13', 'ALTER EXTENSION usage_billing UPDATE');
+is($node->safe_psql('old13', "SELECT extversion FROM pg_extension WHERE extname = 'usage_billing'"),
+	$default_version, "1.3 updated to the default version ($default_version)");
+is($node->safe_psql('old13', $state_q), $before13, 'nothing recorded in 1.3 changed in the update');
+is($node->safe_psql('old13', q{SELECT string_agg(meter || ' ' || decimals || ' ' || max_amount, ', ' ORDER BY meter) FROM usage_billing.meters}),
+	'calls 6 1000000000000, logins 6 1000000000000', 'existing meters take the default decimals and max_amount');
+is($node->safe_psql('old13', q{
+SELECT string_agg(object || ' ' || field, ', ' ORDER BY object, field, problem) FROM usage_billing.input_violations}),
+	'customer stripe_customer_id, plan_limit hard_cap, usage_event amount, usage_event amount',
+	'input_violations lists the 1.3 rows that break the 1.4 rules');
+is($node->safe_psql('old13', "SELECT duplicate FROM usage_billing.increment_usage('acme', 'logins', 5, 'l1', '2025-01-02')"),
+	't', 'a key recorded under 1.3 with an amount 1.4 refuses still answers as a duplicate');
+($ret13, $out13, $err13) = $node->psql('old13', "SELECT usage_billing.increment_usage('acme', 'logins', 5, 'l2', '2025-01-02')");
+like($err13, qr/amount of count meter "logins" must be NULL or 1/, 'a new event follows the 1.4 rules');
+is($node->safe_psql('old13', "SELECT total FROM usage_billing.increment_usage('acme', 'logins', 1, 'l3', '2025-01-02')"),
+	'2', 'recording continues on the aggregate kept from 1.3');
 
 # upgraded == fresh install
 $node->safe_psql('fresh', 'CREATE EXTENSION usage_billing');

@@ -62,6 +62,7 @@ SELECT usage_billing.create_meter('fz_sum', 'sum');
 SELECT usage_billing.create_meter('fz_count', 'count');
 SELECT usage_billing.create_meter('fz_users', 'unique_count', value_property => 'user');
 SELECT usage_billing.create_meter('fz_max', 'max');
+SELECT usage_billing.create_meter('fz_dur', 'duration', unit => 'seconds');
 SELECT usage_billing.create_plan('fz_plan', 5);
 SELECT usage_billing.set_plan_limit('fz_plan', 'fz_sum', included => 1000, overage_price => 0.01);
 SELECT usage_billing.create_plan('fz_junk_plan', 0);
@@ -289,9 +290,12 @@ my %count = (valid => 0, invalid => 0, read => 0, any => 0, tenant => 0, tenant_
 
 sub valid_customer { return 'fz_valid_' . (1 + int(rand($valid_customers))); }
 
+# amounts every sum meter takes (at most 6 decimals, at most 1e12); a count meter takes NULL or 1
 sub valid_amount
 {
-	return pick('0', '1', '2.5', '1e-20', '0.001', '123456789.123456789', '1e30', int(rand(1000)), '-0');
+	my ($meter) = @_;
+	return pick('1', 'NULL', '1.000') if $meter eq 'fz_count';
+	return pick('0', '1', '2.5', '0.000001', '0.001', '123456789.123456', '1e12', '1.50000000000', int(rand(1000)), '-0');
 }
 
 # returns (kind, sql, [expectations])
@@ -303,24 +307,33 @@ sub next_call
 		# a valid increment on a valid customer
 		my $c = valid_customer();
 		my $m = pick('fz_sum', 'fz_count');
-		my $amount = valid_amount();
+		my $amount = valid_amount($m);
+		my $props = pick('NULL', "'{}'::jsonb", "'{\"a\": [1, 2, {\"b\": null}]}'::jsonb", lit('{"t": "' . (random_chars(10, 'ascii') =~ s/["\\]//gr) . '"}') . '::jsonb');
 		my ($key, $contribution);
 		if (@valid_keys && rand() < 0.1)
 		{
+			# a retry repeats the original call exactly: a duplicate
 			my $k = pick(@valid_keys);
-			($c, $m, $key) = @$k;
+			($c, $m, $key, $amount, $props) = @$k;
 			$contribution = 0;
 		}
 		else
 		{
 			$key = rand() < 0.7 ? "v$id" : undef;
 			$contribution = $m eq 'fz_count' ? 1 : $amount;
-			push @valid_keys, [ $c, $m, $key ] if defined $key;
+			push @valid_keys, [ $c, $m, $key, $amount, $props ] if defined $key;
 		}
-		my $props = pick('NULL', "'{}'::jsonb", "'{\"a\": [1, 2, {\"b\": null}]}'::jsonb", lit('{"t": "' . (random_chars(10, 'ascii') =~ s/["\\]//gr) . '"}') . '::jsonb');
 		my $sql = sprintf('SELECT * FROM usage_billing.increment_usage(%s, %s, %s, %s, properties => %s)',
 			lit($c), lit($m), $amount, defined $key ? lit($key) : 'NULL', $props);
 		return ('valid', $sql, [ [ $c, $m, $contribution ] ]);
+	}
+	if ($r < 0.27)
+	{
+		# a valid span on a duration meter: exactly its seconds, wherever the periods split it
+		my $c = valid_customer();
+		my $secs = pick(0, 1, 59, 3600, int(rand(100000)));
+		return ('valid', sprintf("SELECT * FROM usage_billing.record_duration(%s, 'fz_dur', now() - interval '%d seconds', now())",
+				lit($c), $secs), [ [ $c, 'fz_dur', $secs ] ]);
 	}
 	if ($r < 0.30)
 	{
@@ -330,9 +343,9 @@ sub next_call
 		{
 			my $c = valid_customer();
 			my $m = pick('fz_sum', 'fz_count');
-			my $amount = pick('1', '2.5', '0', '1e-9', '42');
+			my $amount = $m eq 'fz_count' ? pick('1', 'null') : pick('1', '2.5', '0', '1e-6', '42', '"0.50"');
 			push @ev, qq({"customer_id": "$c", "meter": "$m", "amount": $amount, "idempotency_key": "b$id-$i"});
-			push @exp, [ $c, $m, $m eq 'fz_count' ? 1 : $amount ];
+			push @exp, [ $c, $m, $m eq 'fz_count' ? 1 : $amount =~ s/"//gr ];
 		}
 		return ('valid', 'SELECT * FROM usage_billing.increment_usage_batch(' . lit('[' . join(', ', @ev) . ']') . '::jsonb)', \@exp);
 	}
@@ -342,13 +355,34 @@ sub next_call
 		my $c = valid_customer();
 		my $m = pick('fz_sum', 'fz_count');
 		my $key = rand() < 0.5 ? lit("h$id") : 'NULL';
-		my $bad = pick('amount', 'amount', 'occurred_at', 'properties', 'meter', 'batch');
+		my $bad = pick('amount', 'amount', 'occurred_at', 'properties', 'meter', 'batch', 'key', 'span');
 		my ($amount, $at, $props) = ('1', 'now()', 'NULL');
 		if ($bad eq 'amount')
 		{
-			$amount = pick("'NaN'::numeric", "'Infinity'::numeric", "'-Infinity'::numeric", 'NULL', '-1', '-1e-20', "'-1e131071'::numeric");
+			$amount = $m eq 'fz_count' ? pick('0', '2', '-1', '1.5', "'NaN'::numeric")
+			  : pick("'NaN'::numeric", "'Infinity'::numeric", "'-Infinity'::numeric", 'NULL', '-1', '-1e-20',
+				"'-1e131071'::numeric", '1e-20', '0.0000001', '1e30', '1000000000000.5');
 		}
-		elsif ($bad eq 'occurred_at') { $at = 'NULL'; }
+		elsif ($bad eq 'occurred_at') { $at = pick('NULL', "'2999-01-01'", "now() + interval '1 hour'", "'1900-01-01'"); }
+		elsif ($bad eq 'span')
+		{
+			# a negative span, a span in the future, a meter that is not a duration meter
+			return ('invalid', pick(
+					"SELECT * FROM usage_billing.record_duration(" . lit($c) . ", 'fz_dur', now(), now() - interval '1 second')",
+					"SELECT * FROM usage_billing.record_duration(" . lit($c) . ", 'fz_dur', now(), now() + interval '1 hour')",
+					"SELECT * FROM usage_billing.record_duration(" . lit($c) . ", 'fz_sum', now() - interval '1 hour', now())",
+					"SELECT * FROM usage_billing.record_duration(" . lit($c) . ", 'fz_dur', NULL, now())"), []);
+		}
+		elsif ($bad eq 'key')
+		{
+			# a recorded key with other parameters: 23505, nothing recorded
+			return ('invalid', 'SELECT 1', []) unless @valid_keys;
+			my ($kc, $km, $kk, $ka, $kp) = @{ pick(@valid_keys) };
+			my $other = $km eq 'fz_count' ? "'fz_sum', 1" : pick("'fz_count', NULL", "'fz_sum', 1000000");
+			$other = "'fz_sum', 7" if $km eq 'fz_sum' && $ka eq '1000000';
+			return ('invalid', sprintf('SELECT * FROM usage_billing.increment_usage(%s, %s, %s, properties => %s)',
+					lit($kc), $other, lit($kk), $kp), []);
+		}
 		elsif ($bad eq 'properties') { $props = pick("'[]'::jsonb", "'1'::jsonb", "'\"x\"'::jsonb", "'null'::jsonb", "'[{\"user\": 1}]'::jsonb"); }
 		elsif ($bad eq 'meter') { $m = pick(random_chars(1 + int(rand(20)), 'unicode'), 'FZ_SUM', 'fz_sum ', ''); }
 		else
@@ -361,7 +395,13 @@ sub next_call
 				qq({"customer_id": "fz_no_such_customer", "meter": "fz_sum"}),
 				qq({"customer_id": "$c", "meter": "fz_sum", "occurred_at": "not a time"}),
 				qq({"customer_id": "$c", "meter": "fz_sum", "properties": []}),
-				qq({"customer_id": "$c", "meter": "fz_sum", "amount": "Infinity"}));
+				qq({"customer_id": "$c", "meter": "fz_sum", "amount": "Infinity"}),
+				qq({"customer_id": "$c", "meter": "fz_sum", "amout": 5}),
+				qq({"customer_id": "$c", "amount": 5}),
+				qq({"customer_id": "$c", "meter": "fz_count", "amount": 5}),
+				qq({"customer_id": "$c", "meter": "fz_sum", "amount": 1e-20}),
+				qq({"customer_id": "$c", "meter": "fz_sum", "occurred_at": "2999-01-01T00:00:00Z"}),
+				qq({"customer_id": "$c", "meter": "fz_sum", "amount": 1, "idempotency_key": "hb$id"}));
 			my @ev = rand() < 0.5 ? ($good, $evil) : ($evil, $good);
 			return ('invalid', 'SELECT * FROM usage_billing.increment_usage_batch(' . lit('[' . join(', ', @ev) . ']') . '::jsonb)', []);
 		}
@@ -397,7 +437,7 @@ sub next_call
 		my $name = rand() < 0.5 ? lit('fz_new_' . random_chars(1 + int(rand(8)), 'unicode')) : rtext();
 		$name = "'fz_junk_plan'" if $name =~ /^'fz_plan'$/;
 		return ('any', pick(
-				"SELECT usage_billing.create_meter($name, " . rtext() . ', ' . rtext() . ', ' . rtext() . ', ' . rtext() . ', ' . rtext() . ')',
+				"SELECT usage_billing.create_meter($name, " . rtext() . ', ' . rtext() . ', ' . rtext() . ', ' . rtext() . ', ' . rtext() . ', ' . rint() . ', ' . rnum() . ')',
 				"SELECT usage_billing.create_plan($name, " . rnum() . ', ' . rtext() . ', ' . rinterval() . ')',
 				"SELECT usage_billing.set_plan_limit('fz_junk_plan', " . lit(pick('fz_sum', 'fz_count', 'fz_users', 'fz_max')) . ', '
 				  . rnum() . ', ' . rbool() . ', ' . rnum() . ', ' . rnum() . ', ' . rnum() . ', ' . rjsonb() . ', ' . rtext() . ')',

@@ -1,0 +1,336 @@
+-- usage_billing 1.3 -> 1.4: recording you can bill from.
+\echo Use "ALTER EXTENSION usage_billing UPDATE" to load this file. \quit
+
+-- ---------------------------------------------------------------------------
+-- Strict input and exact idempotency
+-- ---------------------------------------------------------------------------
+-- Every path that records (increment_usage, increment_usage_batch, the corrections) refuses
+-- what would corrupt billing, with 22023 and a detail naming the field and the limit:
+-- amounts with more decimals than their meter's, above its max_amount, other than 1 on a count
+-- meter; occurred_at more than usage_billing.max_future_skew ahead or older than the
+-- late-event grace (35 days after the period's end by default); unknown or missing keys of a
+-- batch event; a stripe_customer_id Stripe would not take; a hard cap with an overage price; a
+-- void without a reason.  Those checks are in C (record_prepare.c, batch.c, corrections.c) and
+-- in the catalog functions below.  An idempotency key repeated with different parameters is
+-- 23505, no longer a duplicate.
+--
+-- Nothing recorded before changes: rows that break the new rules stay as they are, count as
+-- before and are listed by the view usage_billing.input_violations.
+
+ALTER TABLE usage_billing.meters
+    ADD COLUMN decimals integer NOT NULL DEFAULT 6 CHECK (decimals BETWEEN 0 AND 20),
+    ADD COLUMN max_amount numeric NOT NULL DEFAULT 1e12
+        CHECK (max_amount > 0 AND max_amount < 'Infinity'::numeric);
+COMMENT ON COLUMN usage_billing.meters.decimals IS
+    'Most fractional digits of an amount (and of totals): more is refused with 22023.';
+COMMENT ON COLUMN usage_billing.meters.max_amount IS
+    'Largest amount of one event (and largest correction delta): more is refused with 22023.';
+
+-- Duration meters: sum meters whose unit is a time unit.  create_meter(meter, 'duration',
+-- unit => 'seconds' | 'minutes' | 'hours') stores aggregation 'sum' (they add up like sum
+-- meters everywhere: limits, pricing, export) and the unit in duration_unit, which
+-- record_duration converts spans of time to.
+ALTER TABLE usage_billing.meters
+    ADD COLUMN duration_unit text CHECK (duration_unit IN ('seconds', 'minutes', 'hours')),
+    ADD CHECK (duration_unit IS NULL OR aggregation = 'sum');
+COMMENT ON COLUMN usage_billing.meters.duration_unit IS
+    'Duration meters: the time unit (seconds, minutes, hours) amounts are in; NULL for other meters.';
+
+DROP FUNCTION usage_billing.create_meter(text, text, text, text, text, text);
+CREATE FUNCTION usage_billing.create_meter(
+    meter text,
+    aggregation text DEFAULT 'sum',
+    unit text DEFAULT NULL,
+    display_name text DEFAULT NULL,
+    stripe_event_name text DEFAULT NULL,
+    value_property text DEFAULT NULL,
+    decimals integer DEFAULT 6,
+    max_amount numeric DEFAULT 1e12)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_billing.check_name('meter name', meter);
+    IF aggregation IS NULL OR aggregation NOT IN ('count', 'sum', 'max', 'last', 'unique_count', 'duration') THEN
+        RAISE EXCEPTION 'invalid aggregation "%"', aggregation
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use one of count, sum, max, last, unique_count or duration.';
+    END IF;
+    IF aggregation = 'duration' AND (unit IS NULL OR unit NOT IN ('seconds', 'minutes', 'hours')) THEN
+        RAISE EXCEPTION 'duration meter "%" needs a time unit', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Field "unit" was %s; a duration meter takes seconds, minutes or hours.',
+                                  coalesce(quote_literal(unit), 'NULL')),
+                  HINT = 'Pass unit => ''seconds'', ''minutes'' or ''hours''.';
+    END IF;
+    IF aggregation = 'unique_count' AND (value_property IS NULL OR value_property = '') THEN
+        RAISE EXCEPTION 'unique_count meter "%" needs a value_property', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Name the properties key whose distinct values are counted, e.g. value_property => ''user_id''.';
+    END IF;
+    IF stripe_event_name IS NOT NULL AND (stripe_event_name = '' OR length(stripe_event_name) > 100) THEN
+        RAISE EXCEPTION 'invalid Stripe event name for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Stripe event names must have between 1 and 100 characters.';
+    END IF;
+    IF decimals IS NULL OR decimals < 0 OR decimals > 20 THEN
+        RAISE EXCEPTION 'invalid decimals for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Field "decimals" was %s; it must be between 0 and 20.',
+                                  coalesce(decimals::text, 'NULL'));
+    END IF;
+    IF max_amount IS NULL OR max_amount <= 0 OR max_amount = 'NaN'::numeric
+       OR max_amount = 'Infinity'::numeric THEN
+        RAISE EXCEPTION 'invalid max_amount for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Field "max_amount" was %s; it must be a finite number greater than 0.',
+                                  coalesce(max_amount::text, 'NULL'));
+    END IF;
+    IF EXISTS (SELECT 1 FROM usage_billing.meters m WHERE m.meter = create_meter.meter) THEN
+        RAISE EXCEPTION 'meter "%" already exists', meter
+            USING ERRCODE = 'unique_violation';
+    END IF;
+    INSERT INTO usage_billing.meters (meter, aggregation, unit, display_name, stripe_event_name,
+                                      value_property, decimals, max_amount, duration_unit)
+    VALUES (meter, CASE WHEN aggregation = 'duration' THEN 'sum' ELSE aggregation END, unit,
+            display_name, stripe_event_name, value_property, decimals, max_amount,
+            CASE WHEN aggregation = 'duration' THEN unit END);
+END
+$$;
+COMMENT ON FUNCTION usage_billing.create_meter(text, text, text, text, text, text, integer, numeric) IS
+    'Creates a meter; aggregation is count, sum, max, last, unique_count or duration (unit seconds, minutes or hours); amounts have at most decimals fractional digits and are at most max_amount.';
+REVOKE ALL ON FUNCTION usage_billing.create_meter(text, text, text, text, text, text, integer, numeric) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION usage_billing.create_meter(text, text, text, text, text, text, integer, numeric)
+    TO usage_billing_admin;
+
+CREATE FUNCTION usage_billing.record_duration(
+    customer_id text,
+    meter text,
+    started_at timestamptz,
+    ended_at timestamptz,
+    idempotency_key text DEFAULT NULL)
+RETURNS TABLE (
+    total numeric,
+    included numeric,
+    remaining numeric,
+    status text,
+    duplicate boolean,
+    period_start timestamptz,
+    period_end timestamptz)
+AS 'MODULE_PATHNAME', 'ub_record_duration'
+LANGUAGE C VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.record_duration(text, text, timestamptz, timestamptz, text) IS
+    'Records the span [started_at, ended_at) on a duration meter in its unit, split across billing periods; returns the state of the period of ended_at.';
+REVOKE ALL ON FUNCTION usage_billing.record_duration(text, text, timestamptz, timestamptz, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION usage_billing.record_duration(text, text, timestamptz, timestamptz, text)
+    TO usage_billing_writer;
+
+-- Stripe customer ids: 1 to 100 characters, none of them white space or control characters.
+CREATE FUNCTION usage_billing.check_stripe_customer_id(stripe_customer_id text)
+RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF stripe_customer_id IS NOT NULL
+       AND (stripe_customer_id = '' OR length(stripe_customer_id) > 100
+            OR stripe_customer_id ~ '[[:space:][:cntrl:]]') THEN
+        RAISE EXCEPTION 'invalid Stripe customer id'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Field "stripe_customer_id" has %s characters%s; Stripe takes 1 to 100 characters without white space or control characters.',
+                                  length(stripe_customer_id),
+                                  CASE WHEN stripe_customer_id ~ '[[:space:][:cntrl:]]'
+                                       THEN ' with white space or control characters' ELSE '' END),
+                  HINT = 'Pass the id Stripe returned for the customer, e.g. ''cus_NffrFeUfNV2Hib''.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.check_stripe_customer_id(text) IS
+    'Internal: raises 22023 unless a Stripe customer id has 1 to 100 characters without white space or control characters.';
+REVOKE ALL ON FUNCTION usage_billing.check_stripe_customer_id(text) FROM PUBLIC;
+
+CREATE OR REPLACE FUNCTION usage_billing.upsert_customer(
+    customer_id text,
+    plan text,
+    billing_anchor timestamptz DEFAULT NULL,
+    stripe_customer_id text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_billing.check_name('customer id', customer_id);
+    IF billing_anchor IN ('infinity'::timestamptz, '-infinity'::timestamptz) THEN
+        RAISE EXCEPTION 'invalid billing anchor for customer "%"', customer_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'The billing anchor must be a finite timestamp.';
+    END IF;
+    PERFORM usage_billing.check_stripe_customer_id(stripe_customer_id);
+    IF plan IS NOT NULL AND NOT EXISTS (SELECT 1 FROM usage_billing.plans p WHERE p.plan = upsert_customer.plan) THEN
+        RAISE EXCEPTION 'plan "%" does not exist', plan
+            USING ERRCODE = 'no_data_found';
+    END IF;
+
+    UPDATE usage_billing.customers c
+       SET plan = coalesce(upsert_customer.plan, c.plan),
+           billing_anchor = coalesce(upsert_customer.billing_anchor, c.billing_anchor),
+           stripe_customer_id = coalesce(upsert_customer.stripe_customer_id, c.stripe_customer_id),
+           updated_at = now()
+     WHERE c.customer_id = upsert_customer.customer_id;
+    IF FOUND THEN
+        RETURN;
+    END IF;
+
+    IF plan IS NULL THEN
+        RAISE EXCEPTION 'a new customer needs a plan'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Customer "%s" does not exist yet.', customer_id);
+    END IF;
+    INSERT INTO usage_billing.customers (customer_id, plan, billing_anchor, stripe_customer_id)
+    VALUES (customer_id, plan,
+            coalesce(billing_anchor, date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+            stripe_customer_id)
+    ON CONFLICT ON CONSTRAINT customers_pkey DO UPDATE
+        SET plan = EXCLUDED.plan,
+            billing_anchor = coalesce(upsert_customer.billing_anchor, usage_billing.customers.billing_anchor),
+            stripe_customer_id = coalesce(EXCLUDED.stripe_customer_id, usage_billing.customers.stripe_customer_id),
+            updated_at = now();
+END
+$$;
+COMMENT ON FUNCTION usage_billing.upsert_customer(text, text, timestamptz, text) IS
+    'Creates a customer, or changes its plan, billing anchor or Stripe id (NULL = unchanged; a Stripe id has 1 to 100 characters, no white space).';
+
+CREATE OR REPLACE FUNCTION usage_billing.set_plan_limit(
+    plan text,
+    meter text,
+    included numeric DEFAULT NULL,
+    hard_cap boolean DEFAULT false,
+    overage_price numeric DEFAULT NULL,
+    overage_unit numeric DEFAULT 1,
+    soft_threshold numeric DEFAULT 0.8,
+    tiers jsonb DEFAULT NULL,
+    tier_mode text DEFAULT 'graduated')
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM usage_billing.plans p WHERE p.plan = set_plan_limit.plan) THEN
+        RAISE EXCEPTION 'plan "%" does not exist', plan
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM usage_billing.meters m WHERE m.meter = set_plan_limit.meter) THEN
+        RAISE EXCEPTION 'meter "%" does not exist', meter
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    IF included < 0 OR included = 'NaN'::numeric OR included = 'Infinity'::numeric THEN
+        RAISE EXCEPTION 'invalid included quantity for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The included quantity must be a finite number of zero or more, not %s.', included);
+    END IF;
+    IF hard_cap IS NULL THEN
+        hard_cap := false;
+    END IF;
+    IF hard_cap AND included IS NULL THEN
+        RAISE EXCEPTION 'hard cap on meter "%" needs an included quantity', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Give included, or set hard_cap => false for an unlimited meter.';
+    END IF;
+    IF hard_cap AND overage_price IS NOT NULL THEN
+        RAISE EXCEPTION 'meter "%" cannot have both a hard cap and an overage price', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Fields "hard_cap" (true) and "overage_price" (%s) contradict each other: a hard cap refuses the usage an overage price would bill.', overage_price),
+                  HINT = 'Keep hard_cap => true to stop at included, or an overage_price to bill beyond it.';
+    END IF;
+    IF overage_price < 0 OR overage_price = 'NaN'::numeric OR overage_price = 'Infinity'::numeric THEN
+        RAISE EXCEPTION 'invalid overage price for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The overage price must be a finite number of zero or more, not %s.', overage_price);
+    END IF;
+    IF overage_unit IS NULL OR overage_unit <= 0 OR overage_unit = 'NaN'::numeric OR overage_unit = 'Infinity'::numeric THEN
+        RAISE EXCEPTION 'invalid overage unit for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The overage unit must be greater than zero, not %s.', coalesce(overage_unit::text, 'NULL'));
+    END IF;
+    IF soft_threshold < 0 OR soft_threshold = 'NaN'::numeric OR soft_threshold = 'Infinity'::numeric THEN
+        RAISE EXCEPTION 'invalid soft threshold for meter "%"', meter
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The soft threshold is a fraction of included and must be zero or more, not %s.', soft_threshold);
+    END IF;
+    IF tier_mode IS NULL OR tier_mode NOT IN ('graduated', 'volume') THEN
+        RAISE EXCEPTION 'invalid tier mode "%"', tier_mode
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use graduated or volume.';
+    END IF;
+    IF tiers IS NOT NULL THEN
+        IF overage_price IS NOT NULL THEN
+            RAISE EXCEPTION 'meter "%" cannot have both tiers and an overage price', meter
+                USING ERRCODE = 'invalid_parameter_value',
+                      HINT = 'Tiers price the whole quantity; express a free allowance as a first tier with unit_price 0.';
+        END IF;
+        PERFORM usage_billing.validate_tiers(tiers);
+    END IF;
+
+    INSERT INTO usage_billing.plan_limits AS l
+        (plan, meter, included, hard_cap, overage_price, overage_unit, soft_threshold, tiers, tier_mode)
+    VALUES (plan, meter, included, hard_cap, overage_price, overage_unit, soft_threshold, tiers, tier_mode)
+    ON CONFLICT ON CONSTRAINT plan_limits_pkey DO UPDATE
+        SET included = EXCLUDED.included,
+            hard_cap = EXCLUDED.hard_cap,
+            overage_price = EXCLUDED.overage_price,
+            overage_unit = EXCLUDED.overage_unit,
+            soft_threshold = EXCLUDED.soft_threshold,
+            tiers = EXCLUDED.tiers,
+            tier_mode = EXCLUDED.tier_mode;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.set_plan_limit(text, text, numeric, boolean, numeric, numeric, numeric, jsonb, text) IS
+    'Inserts or replaces the limit and pricing of a meter in a plan (a hard cap and an overage price exclude each other).';
+
+-- What was recorded or configured before 1.4 and breaks its rules: kept as it was, listed here.
+CREATE VIEW usage_billing.input_violations WITH (security_invoker = true) AS
+SELECT 'customer'::text AS object, c.customer_id AS customer_id, NULL::text AS meter,
+       NULL::bigint AS event_id, 'stripe_customer_id'::text AS field,
+       format('stripe_customer_id has %s characters%s; Stripe takes 1 to 100 without white space or control characters',
+              length(c.stripe_customer_id),
+              CASE WHEN c.stripe_customer_id ~ '[[:space:][:cntrl:]]'
+                   THEN ' with white space or control characters' ELSE '' END) AS problem
+  FROM usage_billing.customers c
+ WHERE c.stripe_customer_id IS NOT NULL
+   AND (length(c.stripe_customer_id) > 100 OR c.stripe_customer_id ~ '[[:space:][:cntrl:]]')
+UNION ALL
+SELECT 'plan_limit', NULL, l.meter, NULL, 'hard_cap',
+       format('plan "%s" has both a hard cap and an overage price (%s) on this meter', l.plan, l.overage_price)
+  FROM usage_billing.plan_limits l
+ WHERE l.hard_cap AND l.overage_price IS NOT NULL
+UNION ALL
+SELECT 'usage_event', e.customer_id, e.meter, e.event_id, v.field, v.problem
+  FROM usage_billing.usage_events e
+  JOIN usage_billing.meters m ON m.meter = e.meter
+ CROSS JOIN LATERAL (VALUES
+        ('amount',
+         CASE WHEN m.aggregation = 'count' AND e.amount <> 1
+              THEN format('amount %s on a count meter, which takes 1 per event', e.amount) END),
+        ('amount',
+         CASE WHEN min_scale(e.amount) > m.decimals
+              THEN format('amount %s has %s decimals; the meter takes %s', e.amount, min_scale(e.amount), m.decimals) END),
+        ('amount',
+         CASE WHEN abs(e.amount) > m.max_amount
+              THEN format('amount %s is above the meter''s max_amount %s', e.amount, m.max_amount) END),
+        ('occurred_at',
+         CASE WHEN e.occurred_at > e.recorded_at + interval '5 minutes'
+              THEN 'occurred_at is more than 5 minutes after the event was recorded' END))
+        AS v(field, problem)
+ WHERE e.kind = 'usage' AND v.problem IS NOT NULL
+UNION ALL
+SELECT 'usage_event', e.customer_id, e.meter, e.event_id, 'reason',
+       format('%s without a reason', e.kind)
+  FROM usage_billing.usage_events e
+ WHERE e.kind = 'void' AND (e.reason IS NULL OR btrim(e.reason) = '');
+COMMENT ON VIEW usage_billing.input_violations IS
+    'Catalog rows and ledger rows from before 1.4 that break its input rules; they keep counting as recorded.';
+REVOKE ALL ON usage_billing.input_violations FROM PUBLIC;
+GRANT SELECT ON usage_billing.input_violations
+    TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
