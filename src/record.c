@@ -33,7 +33,8 @@
  * idempotency_key).  The event is inserted with ON CONFLICT DO NOTHING; a
  * conflict means the key was recorded before (or by a concurrent call that
  * committed first) and we return the state of the original event's meter and
- * period with duplicate = true (ub_lookup_duplicate), checking nothing else.
+ * period with duplicate = true (ub_lookup_duplicate_of), after checking that
+ * the call repeats the original (23505 when it does not: record_prepare.c).
  * Because validation errors must not hide a duplicate, every error after the
  * customer lookup is "deferred": before raising it we look whether the key is
  * a duplicate (record_prepare.c).
@@ -459,7 +460,7 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 			elog(ERROR, "ledger insert failed: %s", SPI_result_code_string(ret));
 		if (SPI_processed == 0)
 		{
-			if (!ub_lookup_duplicate(in->customer_id, in->idempotency_key, out))
+			if (!ub_lookup_duplicate_of(in, out))
 				elog(ERROR, "idempotency conflict without an original event");
 			return;
 		}
@@ -488,7 +489,7 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 					/* no point was within reach: nothing to decide or alert */
 					goto recorded;
 				case SPEND_DUPLICATE:
-					if (!ub_lookup_duplicate(in->customer_id, in->idempotency_key, out))
+					if (!ub_lookup_duplicate_of(in, out))
 						elog(ERROR, "idempotency conflict without an original event");
 					return;
 				case SPEND_LEDGER_ONLY:
@@ -512,7 +513,7 @@ row_written:
 	if (SPI_processed == 0)
 	{
 		/* the ledger insert conflicted: a duplicate key */
-		if (!ub_lookup_duplicate(in->customer_id, in->idempotency_key, out))
+		if (!ub_lookup_duplicate_of(in, out))
 			elog(ERROR, "idempotency conflict without an original event");
 		return;
 	}

@@ -52,7 +52,6 @@ typedef struct UbPreparedEvent
 extern void ub_push_safe_search_path(void);
 extern void ub_record_event(const UbEventInput *in, UbRecordResult *out);
 extern bool ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbRecordResult *dup);
-extern bool ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *out);
 extern void ub_settle_aggregate(const UbEventInput *in, const UbPreparedEvent *pe, bool slotted,
 								Numeric *total, Numeric *previous_total);
 extern bool ub_lookup_duplicate_of(const UbEventInput *in, UbRecordResult *out);

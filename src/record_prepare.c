@@ -28,11 +28,8 @@
  * an occurred_at equal to the transaction's start is the default now()) and
  * properties; otherwise the call fails with 23505 naming what differs.  The
  * comparison is made wherever a duplicate is found: before writing, for an
- * event that validation refuses, and after a ledger conflict.  The writers
- * (record.c, batch.c) call ub_lookup_duplicate(customer_id, key, out) after
- * a conflict; it compares with the event ub_prepare_event prepared last for
- * that same result when the customer and key are the very same strings, and
- * ub_lookup_duplicate_of compares with an event given explicitly.
+ * event that validation refuses, and after a ledger conflict: the writers
+ * (record.c, batch.c) call ub_lookup_duplicate_of(event, out) after one.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -64,15 +61,6 @@ typedef struct DeferredError
 
 static SPIPlanPtr original_plan = NULL;
 static SPIPlanPtr agg_read_plans[2];	/* per schema: ub_totals_plan */
-
-/*
- * The event ub_prepare_event saw last, and the result it was given: what a
- * later ub_lookup_duplicate for the same customer and key strings compares
- * with.  Its pointers are compared, never followed, unless they match the
- * caller's, which are alive then.
- */
-static UbEventInput prepared_in;
-static const UbRecordResult *prepared_out = NULL;
 
 static bool validate_event(const UbEventInput *in, const UbCustomer *customer,
 						   bool meter_found, const UbMeter *meter, char **unique_value,
@@ -476,24 +464,10 @@ lookup_original(const char *customer_id, const char *key, const UbEventInput *in
 }
 
 /*
- * If (customer, key) was recorded before, fills *out with the current state
- * of the original event's meter and period and returns true.  When the
- * customer and key are the strings of the event ub_prepare_event last
- * prepared for this same *out, the call must repeat the original: 23505
- * otherwise.
+ * If the event's (customer, key) was recorded before, fills *out with the
+ * current state of the original event's meter and period and returns true;
+ * the event must repeat the original (23505 otherwise).
  */
-bool
-ub_lookup_duplicate(const char *customer_id, const char *key, UbRecordResult *out)
-{
-	const UbEventInput *in = NULL;
-
-	if (prepared_out == out && prepared_in.customer_id == customer_id &&
-		prepared_in.idempotency_key == key)
-		in = &prepared_in;
-	return lookup_original(customer_id, key, in, out);
-}
-
-/* The same for an event given explicitly: a duplicate only if it repeats the original. */
 bool
 ub_lookup_duplicate_of(const UbEventInput *in, UbRecordResult *out)
 {
@@ -519,9 +493,6 @@ ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbRecordResult *du
 	ub_check_name("meter name", in->meter, UB_MAX_NAME_LEN);
 	if (in->idempotency_key != NULL)
 		ub_check_name("idempotency key", in->idempotency_key, UB_MAX_KEY_LEN);
-
-	prepared_in = *in;
-	prepared_out = dup;
 
 	if (!ub_lookup_usage_target(in->customer_id, in->meter, &pe->customer, &pe->meter,
 								&meter_found, &pe->limit))
