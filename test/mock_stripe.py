@@ -263,8 +263,22 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         """Quiet: the tests read /_mock/stats instead."""
 
+    def leave(self):
+        """
+        Ends this request's in-flight count, once, before the first byte of its answer
+        leaves: the client may send the next request for the same customer as soon as it
+        reads the answer, and must not be counted twice for it.
+        """
+        key, self.flight = getattr(self, "flight", None), None
+        if key is not None:
+            with lock:
+                state["inflight"] -= 1
+                if key:
+                    bump_key(key, -1)
+
     def answer(self, status, body, headers=None):
         """Sends a JSON answer (or RAW bytes) with a Request-Id, keeping the connection open."""
+        self.leave()
         data = bytes(body) if isinstance(body, RAW) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -279,6 +293,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def drop(self):
         """Closes the connection without an answer."""
+        self.leave()
         self.close_connection = True
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -372,16 +387,14 @@ class Handler(BaseHTTPRequestHandler):
             state["max_inflight"] = max(state["max_inflight"], state["inflight"])
             if key:
                 bump_key(key, 1)
+        self.flight = key or ""
         try:
             if self.path == "/v1/billing/meter_event_adjustments":
                 self.meter_event_adjustment(raw)
             else:
                 self.meter_event_request(raw)
         finally:
-            with lock:
-                state["inflight"] -= 1
-                if key:
-                    bump_key(key, -1)
+            self.leave()
 
     def control(self, raw):
         try:
