@@ -147,10 +147,11 @@ ok(settle(\&recorded_in_sync), 'after fixing the ids and retry_failed_exports():
 is(stats()->{violations}, 0, 'no request broke the spec') or diag(explain(stats()->{violation_log}));
 
 # --- 5. at most one request in flight per customer and meter: two periods pending for
-# every customer, slow answers, eight requests in flight
-ub_mock_post($mock, 'faults', { kind => 'slow', count => 24, seconds => 0.4 });
-ub_add_usage($node, $all, 'api_calls', 1, undef, q{now() - interval '1 month'});
-ub_add_usage($node, $all, 'api_calls', 1);
+# three customers, slow answers, room for eight requests in flight (so all six rows would
+# go at once if the worker let them)
+ub_mock_post($mock, 'faults', { kind => 'slow', count => 6, seconds => 0.4 });
+ub_add_usage($node, q{'c1', 'c2', 'c3'}, 'api_calls', 1, undef, q{now() - interval '1 month'});
+ub_add_usage($node, q{'c1', 'c2', 'c3'}, 'api_calls', 1);
 ok(settle(\&recorded_in_sync, 40), 'two periods with slow answers: Stripe holds what was recorded');
 ok(stats()->{max_inflight} >= 2, 'requests did overlap (' . stats()->{max_inflight} . ' in flight)');
 is(stats()->{max_inflight_per_key}, 1, 'never two requests in flight for one customer and meter');
