@@ -67,6 +67,7 @@ Control endpoints (tests only):
                        garbage_500 (broken JSON) | garbage_200 (record, answer non-JSON)
   POST /_mock/config   {"rate_limit": N (429 beyond N requests a second; 0 = off),
                         "dup_answer": FORM, "cancel_dup_answer": "400" | "200"}
+  POST /_mock/clear_faults   drop every queued fault (events and cancels)
   POST /_mock/reset    forget everything
 
 Meter event adjustments (cancels):
@@ -417,6 +418,9 @@ class Handler(BaseHTTPRequestHandler):
                     state["dup_answer"] = arg["dup_answer"]
                 if "cancel_dup_answer" in arg:
                     state["cancel_dup_answer"] = str(arg["cancel_dup_answer"])
+            elif self.path == "/_mock/clear_faults":
+                state["faults"].clear()
+                state["adj"]["faults"].clear()
             elif self.path == "/_mock/reset":
                 reset()
             else:
