@@ -70,6 +70,17 @@ Control endpoints (tests only):
   POST /_mock/clear_faults   drop every queued fault (events and cancels)
   POST /_mock/reset    forget everything
 
+Meter event summaries (reading back what Stripe holds):
+  GET  /v1/billing/meters/{id}/event_summaries   query: customer (required), start_time and
+                       end_time (required integers, aligned to minutes; to hours or UTC days
+                       with value_grouping_window hour or day), limit (1..100), starting_after,
+                       ending_before, expand[].  Answers a list of billing.meter_event_summary
+                       (aggregated_value over the not cancelled events of the customer and the
+                       meter's event name with start_time <= timestamp < end_time), newest
+                       window first.  Unknown meter id: 404 resource_missing.
+  POST /_mock/meters   {"id": "mtr_...", "event_name": E, "formula": "sum" | "count" | "last"}
+                       registers a meter for the summaries
+
 Meter event adjustments (cancels):
   POST /v1/billing/meter_event_adjustments   cancels one accepted event received less
                        than 24 h ago (by the mock's clock): its value leaves the totals.
@@ -124,6 +135,22 @@ SPEC = {
         },
     },
 }
+# query parameters of GET /v1/billing/meters/{id}/event_summaries (spec3.json "parameters")
+SUMMARY_QUERY = {
+    "type": "object", "additionalProperties": False,
+    "required": ["customer", "end_time", "start_time"],
+    "properties": {
+        "customer": {"type": "string", "maxLength": 5000},
+        "end_time": {"type": "integer", "format": "unix-time"},
+        "ending_before": {"type": "string", "maxLength": 5000},
+        "expand": EXPAND,
+        "limit": {"type": "integer"},
+        "start_time": {"type": "integer", "format": "unix-time"},
+        "starting_after": {"type": "string", "maxLength": 5000},
+        "value_grouping_window": {"type": "string", "enum": ["day", "hour"]},
+    },
+}
+SUMMARIES = re.compile(r"^/v1/billing/meters/([^/?]+)/event_summaries(?:\?(.*))?$")
 DUP_FORMS = ("200", "code", "exists", "param")
 WHOLE = re.compile(r"^[0-9]+$")
 INTEGER = re.compile(r"^-?[0-9]+$")
@@ -155,7 +182,8 @@ def reset():
         max_inflight=0, key_inflight={}, max_inflight_per_key=0, requests=0, accepted=0,
         duplicates=0, dup_answers={}, replays=0, statuses={}, rate_limit=0, rate_second=0,
         rate_count=0, faults_served=0, violations=0, violation_log=deque(maxlen=20),
-        stripe_versions={}, max_ahead=None, dup_answer="param", cancel_dup_answer="400")
+        stripe_versions={}, max_ahead=None, dup_answer="param", cancel_dup_answer="400",
+        meters={}, summary_requests=0)
     state.update(keep)
     reset_adjustments()
 
@@ -306,6 +334,9 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n) if n > 0 else b""
 
     def do_GET(self):
+        m = SUMMARIES.match(self.path)
+        if m:
+            return self.event_summaries(m.group(1), m.group(2) or "")
         with lock:
             if self.path == "/_mock/totals":
                 body = state["totals"]
@@ -319,7 +350,7 @@ class Handler(BaseHTTPRequestHandler):
                 body = {k: state[k] for k in (
                     "requests", "accepted", "duplicates", "dup_answers", "replays", "statuses",
                     "max_window", "max_inflight", "max_inflight_per_key", "faults_served",
-                    "violations", "stripe_versions", "max_ahead")}
+                    "violations", "stripe_versions", "max_ahead", "summary_requests")}
                 body["violation_log"] = list(state["violation_log"])
                 body["faults_queued"] = sum(f["count"] for f in state["faults"])
             else:
@@ -405,27 +436,39 @@ class Handler(BaseHTTPRequestHandler):
         if self.path in ("/_mock/age", "/_mock/adjustment_faults"):
             return self.adjustment_control(arg)
         with lock:
-            if self.path == "/_mock/faults":
-                arg.setdefault("count", 1)
-                arg["kind"] = str(arg.get("kind"))
-                state["faults"].append(arg)
-            elif self.path == "/_mock/config":
-                if "rate_limit" in arg:
-                    state["rate_limit"] = int(arg["rate_limit"])
-                if "dup_answer" in arg:
-                    if arg["dup_answer"] not in DUP_FORMS + ("random",):
-                        return self.answer(400, {"error": "dup_answer: one of %s, random" % ", ".join(DUP_FORMS)})
-                    state["dup_answer"] = arg["dup_answer"]
-                if "cancel_dup_answer" in arg:
-                    state["cancel_dup_answer"] = str(arg["cancel_dup_answer"])
-            elif self.path == "/_mock/clear_faults":
-                state["faults"].clear()
-                state["adj"]["faults"].clear()
-            elif self.path == "/_mock/reset":
-                reset()
-            else:
-                return self.answer(404, {"error": "unknown control"})
+            refused = self.apply_control(arg)
+        if refused:
+            return self.answer(refused[0], {"error": refused[1]})
         self.answer(200, {"ok": True})
+
+    def apply_control(self, arg):
+        """Applies one control request (called under the lock); returns (status, message) when refused."""
+        if self.path == "/_mock/faults":
+            arg.setdefault("count", 1)
+            arg["kind"] = str(arg.get("kind"))
+            state["faults"].append(arg)
+        elif self.path == "/_mock/config":
+            if "dup_answer" in arg and arg["dup_answer"] not in DUP_FORMS + ("random",):
+                return 400, "dup_answer: one of %s, random" % ", ".join(DUP_FORMS)
+            if "rate_limit" in arg:
+                state["rate_limit"] = int(arg["rate_limit"])
+            if "dup_answer" in arg:
+                state["dup_answer"] = arg["dup_answer"]
+            if "cancel_dup_answer" in arg:
+                state["cancel_dup_answer"] = str(arg["cancel_dup_answer"])
+        elif self.path == "/_mock/meters":
+            if arg.get("formula", "sum") not in ("sum", "count", "last") or not arg.get("id") \
+                    or not arg.get("event_name"):
+                return 400, "meters: id, event_name, formula sum|count|last"
+            state["meters"][arg["id"]] = {"event_name": arg["event_name"], "formula": arg.get("formula", "sum")}
+        elif self.path == "/_mock/clear_faults":
+            state["faults"].clear()
+            state["adj"]["faults"].clear()
+        elif self.path == "/_mock/reset":
+            reset()
+        else:
+            return 404, "unknown control"
+        return None
 
     def meter_event_request(self, raw):
         """POST /v1/billing/meter_events: counters, faults, auth, idempotency, then process()."""
@@ -632,6 +675,64 @@ class Handler(BaseHTTPRequestHandler):
             ts = int(now)
         return {"event_name": form["event_name"], "customer": cus, "value": value, "timestamp": ts,
                 "identifier": ident, "payload": payload}
+
+    # --- meter event summaries ---
+
+    def event_summaries(self, meter_id, query):
+        """GET /v1/billing/meters/{id}/event_summaries: validated like the spec's parameters."""
+        with lock:
+            state["summary_requests"] += 1
+            v = self.headers.get("Stripe-Version", "(none)")
+            state["stripe_versions"][v] = state["stripe_versions"].get(v, 0) + 1
+        if not self.authorized():
+            return self.refuse_auth()
+        path = "/v1/billing/meters/%s/event_summaries" % meter_id
+        try:
+            q = parse_form(query.encode())
+            check_schema(q, SUMMARY_QUERY, "")
+            start, end = int(q["start_time"]), int(q["end_time"])
+            window = q.get("value_grouping_window")
+            unit = {"hour": 3600, "day": 86400}.get(window, 60)
+            for name, t in (("start_time", start), ("end_time", end)):
+                if t % unit:
+                    raise Refusal("%s must be aligned with %s boundaries." % (name, window or "minute"), name)
+            if end <= start:
+                raise Refusal("end_time must be after start_time.", "end_time")
+            limit = int(q.get("limit", 10))
+            if not 1 <= limit <= 100:
+                raise Refusal("limit must be between 1 and 100.", "limit")
+        except Refusal as r:
+            status, body, _ = self.violation(path, r)
+            return self.answer(status, body)
+        with lock:
+            meter = state["meters"].get(meter_id)
+        if meter is None:
+            return self.answer(404, error_body("invalid_request_error", "No such billing meter: '%s'" % meter_id,
+                                               "resource_missing", "id"))
+        with lock:
+            windows = [(start, end)] if window is None else \
+                [(t, t + unit) for t in range(start, end, unit)]
+            data = []
+            for ws, we in reversed(windows):
+                evs = sorted((e for e in state["events"]
+                              if e["customer"] == q["customer"] and e["event_name"] == meter["event_name"]
+                              and not e.get("cancelled") and ws <= e["timestamp"] < we),
+                             key=lambda e: e["timestamp"])
+                if meter["formula"] == "count":
+                    value = len(evs)
+                elif meter["formula"] == "last":
+                    value = evs[-1]["value"] if evs else 0
+                else:
+                    value = sum(e["value"] for e in evs)
+                data.append({"object": "billing.meter_event_summary", "aggregated_value": float(value),
+                             "end_time": we, "id": "mtrusg_%s_%s_%d" % (meter_id, q["customer"], ws),
+                             "livemode": False, "meter": meter_id, "start_time": ws})
+        ids = [d["id"] for d in data]
+        if q.get("starting_after") in ids:
+            data = data[ids.index(q["starting_after"]) + 1:]
+        elif q.get("ending_before") in ids:
+            data = data[:ids.index(q["ending_before"])][-limit:]
+        self.answer(200, {"object": "list", "data": data[:limit], "has_more": len(data) > limit, "url": path})
 
     # --- meter event adjustments (cancels); used by test/t/045_export_corrections.pl ---
 

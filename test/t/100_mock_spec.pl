@@ -196,4 +196,44 @@ is($st, 500, 'cancel processed-then-500 answers 500');
 is(ub_mock_get($m, 'totals')->{'cus_can|api_calls'}, 0, 'but the cancel happened');
 is(violations(), $before + 5, 'no further violation');
 
+# event summaries: the spec's parameters and shape; sums what is held, cancels excluded
+ub_mock_post($m, 'meters', { id => 'mtr_test_api', event_name => 'api_calls', formula => 'sum' });
+my $t0 = int(time() / 3600) * 3600 - 3600;
+post('/v1/billing/meter_events', event_body(identifier => "sum-$_", customer => 'cus_sum', value => $_,
+	timestamp => $t0 + 60 * $_)) for 1 .. 4;
+post('/v1/billing/meter_event_adjustments', 'event_name=api_calls&type=cancel&cancel%5Bidentifier%5D=sum-4');
+
+sub summaries
+{
+	my ($query, $id) = @_;
+	my $r = $http->get("$m->{url}/v1/billing/meters/" . ($id // 'mtr_test_api') . "/event_summaries?$query",
+		{ headers => { Authorization => "Bearer $UB_KEY", 'Stripe-Version' => '2026-07-29.dahlia' } });
+	return ($r->{status}, eval { decode_json($r->{content}) });
+}
+my $end = $t0 + 3600;
+($st, $d) = summaries("customer=cus_sum&start_time=$t0&end_time=$end");
+is($st, 200, 'event summaries: answered');
+is_deeply([ sort keys %$d ], [qw(data has_more object url)], 'a list object');
+is($d->{url}, '/v1/billing/meters/mtr_test_api/event_summaries', 'with the url the spec\'s pattern has');
+is_deeply([ sort keys %{ $d->{data}[0] } ], [qw(aggregated_value end_time id livemode meter object start_time)],
+	'items have exactly the fields of billing.meter_event_summary');
+is($d->{data}[0]{aggregated_value}, 6, 'the sum of what Stripe holds (1 + 2 + 3; 4 was cancelled)');
+($st, $d) = summaries("customer=cus_sum&start_time=$t0&end_time=" . ($t0 + 7200) . "&value_grouping_window=hour&expand[]=data");
+is(scalar(@{ $d->{data} }), 2, 'hourly windows: one summary per hour');
+is($d->{data}[1]{aggregated_value}, 6, 'the older hour holds 6');
+($st) = summaries("customer=cus_sum&start_time=$t0&end_time=$end", 'mtr_unknown');
+is($st, 404, 'unknown meter: 404');
+$before = violations();
+for my $b ([ 'missing customer', "start_time=$t0&end_time=$end" ],
+	[ 'start_time not minute-aligned', 'customer=cus_sum&start_time=' . ($t0 + 1) . "&end_time=$end" ],
+	[ 'unknown parameter', "customer=cus_sum&start_time=$t0&end_time=$end&meter=x" ],
+	[ 'grouping window not an enum value', "customer=cus_sum&start_time=$t0&end_time=$end&value_grouping_window=week" ],
+	[ 'hour grouping off the hour', 'customer=cus_sum&start_time=' . ($t0 + 60) . "&end_time=$end&value_grouping_window=hour" ],
+	[ 'limit above 100', "customer=cus_sum&start_time=$t0&end_time=$end&limit=101" ])
+{
+	my ($s) = summaries($b->[1]);
+	is($s, 400, "summaries refused: $b->[0]");
+}
+is(violations(), $before + 6, 'summary refusals counted as violations');
+
 done_testing();
