@@ -8,7 +8,8 @@
  *   answer      the status, body and headers of one request, in fixed
  *               buffers: the callbacks never allocate, so they never throw
  *               through libcurl's stack frames
- *   outcome     cancelled (2xx, or a refusal saying "already cancelled"), retry (no answer, 409, 429, 5xx, 401/403,
+ *   outcome     cancelled (2xx, or a refusal saying "already cancelled"),
+ *               retry (no answer, 409, 429, 5xx, 401/403,
  *               idempotency_error, or Stripe-Should-Retry: true; with a new
  *               Idempotency-Key after an error answer, since Stripe replays
  *               saved answers, 500s included) or refused (any other 4xx,

@@ -43,10 +43,23 @@ static ProcessUtility_hook_type prev_process_utility_hook = NULL;
 
 static void ub_emit_log_hook(ErrorData *edata);
 static bool ub_has_key_shape(const char *s);
+static bool ub_names_key_setting(const char *s);
 static void ub_process_utility(PlannedStmt *pstmt, const char *queryString,
 							   bool readOnlyTree, ProcessUtilityContext context,
 							   ParamListInfo params, QueryEnvironment *queryEnv,
 							   DestReceiver *dest, QueryCompletion *qc);
+
+/* True when s names the key setting (stripe_api_key, in any case). */
+static bool
+ub_names_key_setting(const char *s)
+{
+	static const char name[] = "stripe_api_key";
+
+	for (; *s; s++)
+		if (pg_strncasecmp(s, name, sizeof(name) - 1) == 0)
+			return true;
+	return false;
+}
 
 /* True when s holds a key-shaped token (cheap pre-check). */
 static bool
@@ -115,7 +128,7 @@ ub_process_utility(PlannedStmt *pstmt, const char *queryString,
 {
 	if (context == PROCESS_UTILITY_TOPLEVEL && queryString != NULL &&
 		pgstat_track_activities &&
-		(ub_has_key_shape(queryString) || strcasestr(queryString, "stripe_api_key") != NULL))
+		(ub_has_key_shape(queryString) || ub_names_key_setting(queryString)))
 	{
 		char	   *masked = pstrdup(queryString);
 		bool		quoted = false;
