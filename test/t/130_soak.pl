@@ -1,5 +1,6 @@
 # 130_soak.pl - a bounded soak: rounds of usage under mixed faults (processed-then-500,
-# processed-then-lost, 500s, hangs, closed connections, 429s, slow answers), duplicate
+# processed-then-lost, 500s, hangs, closed connections, 429s, slow answers), corrections
+# that lower totals (cancels processed-then-500 or lost), duplicate
 # identifiers answered in a random v1 form each time, a worker killed with SIGKILL (a
 # crash restart of the server) and an immediate shutdown.  At the end Stripe must hold
 # exactly what the test recorded, every identifier it holds must be recorded as sent, no
@@ -15,8 +16,8 @@ use Time::HiRes qw(time sleep);
 our ($UB_KEY, %UB_BOOK);
 do './test/t/01_lib.pl' or die "01_lib.pl: $@ $!";
 
-srand($ENV{UB_SOAK_SEED} // time());
-my $seed = srand();
+my $seed = $ENV{UB_SOAK_SEED} // int(time() * 1000) % 2**31;
+srand($seed);
 note("seed $seed (set UB_SOAK_SEED to replay)");
 
 my $mock = ub_start_mock();
@@ -38,7 +39,7 @@ sub up
 my @kinds = ([ '500_after' ], [ 'drop_after' ], [ '500' ], [ 'close' ], [ '429' ],
 	[ 'hang', 1 ], [ 'slow', 0.3 ], [ '429_retry_after' ]);
 my $started = time();
-my ($rounds, $kills, $stops, $storage) = (0, 0, 0, 0);
+my ($rounds, $kills, $stops, $storage, $lowered) = (0, 0, 0, 0, 0);
 while (time() - $started < 90 && $rounds < 16)
 {
 	$rounds++;
@@ -52,6 +53,20 @@ while (time() - $started < 90 && $rounds < 16)
 	@some = (1) unless @some;
 	my $list = join(', ', map { "'c$_'" } @some);
 	ub_add_usage($node, $list, 'api_calls', 1 + int(rand(5)));
+	if ($rounds % 3 == 0)
+	{
+		# a correction lowers one customer's total: the worker cancels events Stripe holds
+		# (through cancels processed-then-500 or lost) and resends the difference
+		my $c = 1 + int(rand(20));
+		my $held = $UB_BOOK{"c$c|api_calls|now()"} // 0;
+		if ($held >= 2)
+		{
+			my $k = (qw(500_after drop_after 500 close))[ int(rand(4)) ];
+			ub_mock_post($mock, 'adjustment_faults', { kind => $k, count => 1 });
+			ub_add_usage($node, "'c$c'", 'api_calls', -(1 + int(rand($held - 1))));
+			$lowered++;
+		}
+	}
 	$storage = 1 + int(rand(100));
 	ub_add_usage($node, q{'c1'}, 'storage', $storage, 1);
 	$node->safe_psql('postgres', 'SELECT usage_billing.export_now()');
@@ -76,7 +91,8 @@ while (time() - $started < 90 && $rounds < 16)
 		ok(up(), "round $rounds: the server is back after an immediate stop");
 	}
 }
-note(sprintf('%d rounds, %d kills, %d immediate stops in %.0f s', $rounds, $kills, $stops, time() - $started));
+note(sprintf('%d rounds, %d corrections, %d kills, %d immediate stops in %.0f s',
+	$rounds, $lowered, $kills, $stops, time() - $started));
 ok($kills >= 1 || $rounds < 5, 'the worker was killed at least once');
 
 # no more faults: let the export settle
@@ -97,6 +113,10 @@ is(scalar(@mismatch), 0, 'every identifier Stripe holds is recorded as sent, and
 my $st = ub_mock_get($mock, 'stats');
 is($st->{violations}, 0, 'no request broke the spec') or diag(explain($st->{violation_log}));
 ok($st->{duplicates} > 0 || $st->{replays} > 0, "ambiguous answers were resolved ($st->{duplicates} duplicates, $st->{replays} replays)");
+my $adj = ub_mock_get($mock, 'adjustments');
+ok($lowered == 0 || $adj->{cancelled} > 0, "corrections reached Stripe as cancels ($adj->{cancelled} cancelled, $adj->{already} already cancelled)");
+is($node->safe_psql('postgres', q{SELECT count(*) FROM usage_billing.export_cancels WHERE status <> 'cancelled'}), '0',
+	'every cancel done (none refused)');
 is($node->safe_psql('postgres', q{SELECT count(*) FROM usage_billing.export_outbox WHERE status = 'failed'}), '0',
 	'no row failed');
 ok(ub_wait_for(sub { (ub_mock_get($mock, 'last')->{'cus_1|storage_gb'} // -1) == $storage }, 30),
