@@ -36,7 +36,7 @@ object (cancel, event_name, livemode, object, status, type: it has no id); error
 {"error": {"type", "code"?, "message", "param"?}} with a Request-Id header.
 
 Treacherous.  A duplicate identifier is stored once and answered in one of the forms v1
-may use (STRIPE "Ambiguous outcomes"; --dup-answer or POST /_mock/config {"dup_answer"}):
+may use (doc/stripe.md, "Answers"; --dup-answer or POST /_mock/config {"dup_answer"}):
   200             the stored event again, HTTP 200
   code            400 invalid_request_error, code duplicate_meter_event, param identifier
   exists          400 invalid_request_error, code resource_already_exists, param identifier
