@@ -8,7 +8,8 @@
  *   answer      the status, body and headers of one request, in fixed
  *               buffers: the callbacks never allocate, so they never throw
  *               through libcurl's stack frames
- *   outcome     cancelled (2xx), retry (no answer, 409, 429, 5xx, 401/403,
+ *   outcome     cancelled (2xx, or a refusal saying "already cancelled"),
+ *               retry (no answer, 409, 429, 5xx, 401/403,
  *               idempotency_error, or Stripe-Should-Retry: true; with a new
  *               Idempotency-Key after an error answer, since Stripe replays
  *               saved answers, 500s included) or refused (any other 4xx,
@@ -48,6 +49,7 @@ typedef struct UbCancelAnswer
 static void ub_cancel_classify(UbCancel *c, UbCancelAnswer *ans, long status,
 							   const UbStripeConfig *cfg);
 static int	ub_cancel_backoff_ms(int attempts, const UbStripeConfig *cfg);
+static bool ub_cancel_already_done(long status, const char *code, const char *message);
 
 /* libcurl write callback: copies into the answer's fixed buffer, drops the excess. */
 static size_t
@@ -214,6 +216,28 @@ ub_cancel_send(UbCancel *c, const UbStripeConfig *cfg, const char *url, const ch
 	pfree(ans);
 }
 
+/*
+ * True when a refusal says that the event is already cancelled.  The answer's
+ * form is not documented: its code (if any) or message mentions "already" and
+ * "cancel" (or "cancelled"/"canceled").  That means the event no longer
+ * counts in Stripe, whoever cancelled it: typically our own earlier attempt,
+ * processed but answered with a 5xx or lost, then retried with a new
+ * Idempotency-Key.  It is recorded as cancelled, so that the value leaves
+ * "planned" exactly once and no other (older) event is cancelled for it.
+ */
+static bool
+ub_cancel_already_done(long status, const char *code, const char *message)
+{
+	char		text[UB_ERROR_LEN + UB_CANCEL_HDR_LEN];
+
+	if (status < 400 || status >= 500 || status == 429 || status == 409)
+		return false;
+	snprintf(text, sizeof(text), "%s %s", code, message);
+	for (char *p = text; *p; p++)
+		*p = pg_tolower((unsigned char) *p);
+	return strstr(text, "already") != NULL && strstr(text, "cancel") != NULL;
+}
+
 /* Turns an HTTP answer into the cancel's outcome, as stripe_client.c does for meter events. */
 static void
 ub_cancel_classify(UbCancel *c, UbCancelAnswer *ans, long status, const UbStripeConfig *cfg)
@@ -269,7 +293,9 @@ ub_cancel_classify(UbCancel *c, UbCancelAnswer *ans, long status, const UbStripe
 		if (end != ans->retry_after && secs >= 0)
 			retry_after_ms = (int) Min(secs, 3600) * 1000;
 	}
-	if (strcmp(ans->should_retry, "false") == 0)
+	if (ub_cancel_already_done(status, code, message))
+		c->outcome = "cancelled";
+	else if (strcmp(ans->should_retry, "false") == 0)
 		c->outcome = "refused";
 	else if (strcmp(ans->should_retry, "true") == 0 ||
 			 status == 409 || status == 429 || status >= 500 ||

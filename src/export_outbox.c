@@ -75,6 +75,15 @@ ub_copy_text(HeapTuple tup, TupleDesc desc, int col, MemoryContext cxt)
 /*
  * Fetches up to limit due pending rows into cxt, the earliest pending row of
  * each (customer, meter) only: never two requests for one customer and meter.
+ *
+ * A row is due when its retry time has come and its timestamp is not ahead
+ * of the clock.  The planner gives each new event of a max, last or
+ * unique_count meter a timestamp after the previous one's (Stripe keeps the
+ * latest by timestamp), which is up to a second ahead when the value changes
+ * within a second; such a row waits here until the clock reaches its
+ * timestamp.  Since the next event is planned only once this one is sent,
+ * timestamps then never run ahead: no event leaves ahead of the clock, and
+ * none drifts towards Stripe's 5-minute limit.
  */
 UbMeterEvent *
 ub_outbox_fetch(int limit, MemoryContext cxt, int *n)
@@ -95,6 +104,7 @@ ub_outbox_fetch(int limit, MemoryContext cxt, int *n)
 								"         WHERE status = 'pending' "
 								"         ORDER BY customer_id, meter, period_start, seq) o "
 								" WHERE next_attempt_at <= clock_timestamp() "
+								"   AND event_ts <= extract(epoch FROM clock_timestamp()) "
 								" ORDER BY next_attempt_at, outbox_id "
 								" LIMIT $1", 1, argtypes);
 
@@ -214,7 +224,13 @@ ub_outbox_record(UbMeterEvent *events, int n, int64 *sent, int64 *failed)
 	SPI_finish();
 }
 
-/* Milliseconds until the earliest pending row is due, or -1 when none is pending. */
+/*
+ * Milliseconds until the earliest row ub_outbox_fetch could return is due
+ * (the first pending row of each customer and meter, by its retry time and
+ * its timestamp), or -1 when none is pending.  Rows queued behind another of
+ * their customer and meter do not count: counting them would wake the worker
+ * for rows it cannot send yet.
+ */
 long
 ub_outbox_next_due_ms(void)
 {
@@ -225,9 +241,11 @@ ub_outbox_next_due_ms(void)
 	SPI_connect();
 	/* min() over no rows is NULL: nothing pending (greatest() would turn it into 0) */
 	ub_spi_check(SPI_execute("SELECT CASE WHEN d IS NOT NULL THEN greatest(0, d) END FROM "
-							 "(SELECT ceil(extract(epoch FROM min(next_attempt_at) - clock_timestamp())"
-							 " * 1000)::bigint AS d FROM usage_billing.export_outbox"
-							 " WHERE status = 'pending') x",
+							 "(SELECT ceil(extract(epoch FROM min(greatest(next_attempt_at, to_timestamp(event_ts)))"
+							 " - clock_timestamp()) * 1000)::bigint AS d"
+							 "  FROM (SELECT DISTINCT ON (customer_id, meter) next_attempt_at, event_ts"
+							 "          FROM usage_billing.export_outbox WHERE status = 'pending'"
+							 "         ORDER BY customer_id, meter, period_start, seq) h) x",
 							 true, 1),
 				 SPI_OK_SELECT, "finding the next retry");
 	d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);

@@ -10,17 +10,27 @@
  *   redact     overwrite in place with '*' (same length, no allocation, so
  *              it is safe inside an error report)
  *
- * Two users: Stripe error messages before they are stored in the outbox,
- * and an emit_log_hook.  The hook exists because PostgreSQL itself logs
- * 'parameter "usage_billing.stripe_api_key" changed to "..."' when the key
- * changes on reload, and log_statement logs ALTER SYSTEM SET statements.
+ * Three users: Stripe error messages before they are stored in the outbox,
+ * an emit_log_hook and a ProcessUtility_hook.  The log hook exists because
+ * PostgreSQL itself logs 'parameter "usage_billing.stripe_api_key" changed
+ * to "..."' when the key changes on reload, and log_statement logs ALTER
+ * SYSTEM SET statements.  The utility hook exists because the text of the
+ * last statement of a session stays in pg_stat_activity.query, readable by
+ * members of pg_read_all_stats: a session that ran ALTER SYSTEM SET
+ * usage_billing.stripe_api_key = '...' would show the key there for as long
+ * as it stays connected.  The hook replaces that text with a copy whose
+ * quoted literals are masked before the statement runs (PostgreSQL has
+ * published the raw text for the few microseconds before the hook).
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include <ctype.h>
 
+#include "pgstat.h"
 #include "tcop/tcopprot.h"
+#include "tcop/utility.h"
+#include "utils/backend_status.h"
 #include "utils/elog.h"
 #include "utils/guc.h"
 
@@ -29,9 +39,27 @@
 #define UB_KEY_GUC_CHANGED	"parameter \"usage_billing.stripe_api_key\" changed to \""
 
 static emit_log_hook_type prev_emit_log_hook = NULL;
+static ProcessUtility_hook_type prev_process_utility_hook = NULL;
 
 static void ub_emit_log_hook(ErrorData *edata);
 static bool ub_has_key_shape(const char *s);
+static bool ub_names_key_setting(const char *s);
+static void ub_process_utility(PlannedStmt *pstmt, const char *queryString,
+							   bool readOnlyTree, ProcessUtilityContext context,
+							   ParamListInfo params, QueryEnvironment *queryEnv,
+							   DestReceiver *dest, QueryCompletion *qc);
+
+/* True when s names the key setting (stripe_api_key, in any case). */
+static bool
+ub_names_key_setting(const char *s)
+{
+	static const char name[] = "stripe_api_key";
+
+	for (; *s; s++)
+		if (pg_strncasecmp(s, name, sizeof(name) - 1) == 0)
+			return true;
+	return false;
+}
 
 /* True when s holds a key-shaped token (cheap pre-check). */
 static bool
@@ -47,6 +75,8 @@ ub_secrets_init(void)
 {
 	prev_emit_log_hook = emit_log_hook;
 	emit_log_hook = ub_emit_log_hook;
+	prev_process_utility_hook = ProcessUtility_hook;
+	ProcessUtility_hook = ub_process_utility;
 }
 
 /*
@@ -81,4 +111,44 @@ ub_emit_log_hook(ErrorData *edata)
 
 	if (prev_emit_log_hook)
 		prev_emit_log_hook(edata);
+}
+
+/*
+ * ProcessUtility_hook: a top-level utility statement whose text names
+ * usage_billing.stripe_api_key or holds a key-shaped token (ALTER SYSTEM SET,
+ * SET, ...) is shown in pg_stat_activity with every quoted literal masked, so
+ * that the key does not stay there after the statement.  Everything else
+ * passes untouched.
+ */
+static void
+ub_process_utility(PlannedStmt *pstmt, const char *queryString,
+				   bool readOnlyTree, ProcessUtilityContext context,
+				   ParamListInfo params, QueryEnvironment *queryEnv,
+				   DestReceiver *dest, QueryCompletion *qc)
+{
+	if (context == PROCESS_UTILITY_TOPLEVEL && queryString != NULL &&
+		pgstat_track_activities &&
+		(ub_has_key_shape(queryString) || ub_names_key_setting(queryString)))
+	{
+		char	   *masked = pstrdup(queryString);
+		bool		quoted = false;
+
+		for (char *p = masked; *p; p++)
+		{
+			if (*p == '\'')
+				quoted = !quoted;	/* '' inside a literal toggles twice: still masked */
+			else if (quoted)
+				*p = '*';
+		}
+		ub_redact_keys(masked, NULL);	/* key-shaped tokens outside quotes too */
+		pgstat_report_activity(STATE_RUNNING, masked);
+		pfree(masked);
+	}
+
+	if (prev_process_utility_hook)
+		prev_process_utility_hook(pstmt, queryString, readOnlyTree, context,
+								  params, queryEnv, dest, qc);
+	else
+		standard_ProcessUtility(pstmt, queryString, readOnlyTree, context,
+								params, queryEnv, dest, qc);
 }

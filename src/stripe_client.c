@@ -24,6 +24,8 @@
  */
 #include "postgres.h"
 
+#include <ctype.h>
+
 #include <curl/curl.h>
 #include <cjson/cJSON.h>
 
@@ -67,9 +69,11 @@ static void ub_slot_start(UbSlot *slot, UbMeterEvent *ev, const UbStripeConfig *
 static void ub_slot_release(UbSlot *slot);
 static bool ub_slot_finish(UbSlot *slot, CURLcode result, const UbStripeConfig *cfg);
 static void ub_parse_error(const char *body, size_t len, char *type, char *code,
-						   char *message);
+						   char *param, char *message);
+static bool ub_is_duplicate(long status, const char *code, const char *param);
 static int	ub_backoff_ms(int attempts, const UbStripeConfig *cfg);
 static bool ub_take_token(double rps, long *wait_ms);
+static bool ub_refuse_unsendable(UbMeterEvent *ev);
 static void ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
 						  const UbStripeConfig *cfg, const char *url, const char *auth,
 						  bool *throttled);
@@ -250,15 +254,15 @@ ub_slot_release(UbSlot *slot)
 	slot->ev = NULL;
 }
 
-/* Pulls type, code and message out of a Stripe error body; malformed bodies give empty strings. */
+/* Pulls type, code, param and message out of a Stripe error body; malformed bodies give empty strings. */
 static void
-ub_parse_error(const char *body, size_t len, char *type, char *code, char *message)
+ub_parse_error(const char *body, size_t len, char *type, char *code, char *param, char *message)
 {
 	cJSON	   *root;
 	cJSON	   *err;
 	cJSON	   *item;
 
-	type[0] = code[0] = message[0] = '\0';
+	type[0] = code[0] = param[0] = message[0] = '\0';
 	if (len == 0)
 		return;
 	root = cJSON_ParseWithLength(body, len);
@@ -274,11 +278,38 @@ ub_parse_error(const char *body, size_t len, char *type, char *code, char *messa
 		item = cJSON_GetObjectItemCaseSensitive(err, "code");
 		if (cJSON_IsString(item) && item->valuestring)
 			strlcpy(code, item->valuestring, UB_HEADER_LEN);
+		item = cJSON_GetObjectItemCaseSensitive(err, "param");
+		if (cJSON_IsString(item) && item->valuestring)
+			strlcpy(param, item->valuestring, UB_HEADER_LEN);
 		item = cJSON_GetObjectItemCaseSensitive(err, "message");
 		if (cJSON_IsString(item) && item->valuestring)
 			strlcpy(message, item->valuestring, UB_ERROR_LEN - 64);
 	}
 	cJSON_Delete(root);
+}
+
+/*
+ * True when an error answer says that Stripe already holds an event with this
+ * identifier.  v1 does not document the form: a 400 with code
+ * duplicate_meter_event (v2's documented code) or resource_already_exists, or
+ * with no code and only param "identifier", are all taken as "already there"
+ * (a plain 200 needs no test).  The identifier is ours alone (its installation
+ * epoch, customer, meter, period and sequence number) and always valid (at
+ * most 100 characters, never empty), so an answer about it can only mean a
+ * duplicate: an attempt Stripe processed but whose answer was lost, a 5xx
+ * after processing, or a send whose outcome a crash kept from being recorded
+ * (which is why no earlier "ambiguous" attempt is required: it may not have
+ * been recorded).
+ */
+static bool
+ub_is_duplicate(long status, const char *code, const char *param)
+{
+	if (status != 400 && status != 409)
+		return false;
+	if (strcmp(code, "duplicate_meter_event") == 0 ||
+		strcmp(code, "resource_already_exists") == 0)
+		return true;
+	return code[0] == '\0' && strcmp(param, "identifier") == 0;
 }
 
 /* Exponential backoff with "equal jitter": half fixed, half random, capped. */
@@ -303,6 +334,7 @@ ub_slot_finish(UbSlot *slot, CURLcode result, const UbStripeConfig *cfg)
 	long		status = 0;
 	char		type[UB_HEADER_LEN];
 	char		code[UB_HEADER_LEN];
+	char		param[UB_HEADER_LEN];
 	char		message[UB_ERROR_LEN];
 	bool		throttled = false;
 	int			retry_after_ms = -1;
@@ -340,15 +372,14 @@ ub_slot_finish(UbSlot *slot, CURLcode result, const UbStripeConfig *cfg)
 		return false;
 	}
 
-	ub_parse_error(slot->body, slot->body_len, type, code, message);
+	ub_parse_error(slot->body, slot->body_len, type, code, param, message);
 	snprintf(ev->error, sizeof(ev->error), "HTTP %ld%s%s%s%s: %s", status,
 			 type[0] ? " " : "", type, code[0] ? "/" : "", code,
 			 message[0] ? message : (slot->body_truncated ? "(answer too large)" : "(no message)"));
 	ub_redact_keys(ev->error, cfg->api_key);
 
-	/* a duplicate identifier means Stripe already holds this very event */
-	if (status == 400 && (strcmp(code, "resource_already_exists") == 0 ||
-						  strcmp(code, "duplicate_meter_event") == 0))
+	/* a duplicate identifier means Stripe already holds this very event, in any form */
+	if (ub_is_duplicate(status, code, param))
 	{
 		ev->outcome = UB_OUT_SENT;
 		return false;
@@ -403,6 +434,55 @@ ub_take_token(double rps, long *wait_ms)
 	return false;
 }
 
+/*
+ * Stripe refuses (or silently drops, since it checks customers only after
+ * accepting an event) a customer id that is empty, longer than 100
+ * characters (payload values are at most 100) or holds blanks or control
+ * characters, and an event name that is empty or longer than 100.  Such an
+ * event is never sent: it is marked failed with a message saying what to
+ * fix, so that it waits for the operator (export_status shows it; after the
+ * fix, retry_failed_exports() plans it again with the corrected id).
+ * Returns true when the event was refused here.
+ */
+static bool
+ub_refuse_unsendable(UbMeterEvent *ev)
+{
+	const char *cus = ev->stripe_customer_id;
+	size_t		len = strlen(cus);
+	const char *why = NULL;
+
+	if (len == 0)
+		why = "is empty";
+	else if (len > 100)
+		why = "is longer than 100 characters";
+	else
+	{
+		for (const char *p = cus; *p; p++)
+			if (isspace((unsigned char) *p) || iscntrl((unsigned char) *p))
+			{
+				why = "contains a blank or a control character";
+				break;
+			}
+	}
+	if (why != NULL)
+		snprintf(ev->error, sizeof(ev->error),
+				 "not sent: stripe_customer_id %s (Stripe would refuse it); "
+				 "correct it with usage_billing.upsert_customer(), then call "
+				 "usage_billing.retry_failed_exports()", why);
+	else if (ev->event_name[0] == '\0' || strlen(ev->event_name) > 100)
+		snprintf(ev->error, sizeof(ev->error),
+				 "not sent: the meter's Stripe event name is empty or longer than 100 characters; "
+				 "correct it, then call usage_billing.retry_failed_exports()");
+	else
+		return false;
+	ev->outcome = UB_OUT_FAILED;
+	ev->http_status = 0;
+	ev->request_id[0] = '\0';
+	ev->duration_ms = 0;
+	ev->rotate_key = false;
+	return true;
+}
+
 /* The dispatch/poll loop of one batch; slots are released by the caller. */
 static void
 ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
@@ -433,6 +513,11 @@ ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
 					free_slot = &slots[i];
 					break;
 				}
+			if (ub_refuse_unsendable(&events[next]))
+			{
+				next++;
+				continue;
+			}
 			if (free_slot == NULL || !ub_take_token(cfg->max_rps, &wait_ms))
 				break;
 			ub_slot_start(free_slot, &events[next], cfg, url, auth);

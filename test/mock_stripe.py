@@ -1,57 +1,107 @@
 #!/usr/bin/env python3
 """
-mock_stripe.py - a loopback stand-in for Stripe's meter event endpoint, for the
+mock_stripe.py - a loopback stand-in for Stripe's Billing meter event endpoints, for the
 usage_billing TAP tests, benchmark and demo.  Python 3 standard library only.
 
   python3 test/mock_stripe.py [--port 0] [--port-file F] [--key sk_test_mock]
-                              [--lifetime 900] [--rate-limit 0]
+                              [--lifetime 900] [--rate-limit 0] [--dup-answer FORM]
 
-POST /v1/billing/meter_events is validated as STRIPE.md describes: Bearer key,
-form-urlencoded body with event_name, payload[stripe_customer_id], payload[value]
-(a whole number as a decimal string), optional identifier (<= 100 chars) and
-timestamp (Unix seconds, past 35 days .. 5 minutes ahead); any other top-level
-parameter is refused.  Identifiers are deduplicated (a duplicate answers 200 and
-is not counted); an Idempotency-Key replays the first answer (500s included, as
-Stripe does), a different body under the same key is an idempotency_error, and
-a concurrent request with a key in progress gets 409.  Unlike Stripe, which
-reports unknown customers asynchronously, a customer id starting with "cus_bad"
-is refused at once (400), so that failed-row reporting can be tested.
+It is meant to be as strict as Stripe and as treacherous.
+
+Strict.  Every request is checked against the request schemas of Stripe's published
+OpenAPI description (spec3.json, API version 2026-07-29.dahlia), transcribed into SPEC
+below, and against the rules the schema cannot express (documented in the API reference
+and in doc/stripe.md of this repository):
+
+  POST /v1/billing/meter_events             form: event_name (string <= 100, required),
+      payload (object of strings, required; must hold stripe_customer_id and value;
+      any other key is accepted, as Stripe does), identifier (string <= 100),
+      timestamp (integer, Unix seconds, past 35 days .. 5 minutes ahead), expand[]
+      (array of strings).  value: a whole number as a decimal string; payload values
+      <= 100 characters; any other top-level parameter is refused (additionalProperties
+      false).  A stripe_customer_id that is blank, carries blanks or is longer than 100
+      characters is refused (Stripe would reject it; this mock refuses it at once).
+  POST /v1/billing/meter_event_adjustments  form: event_name (string <= 100, required),
+      type (enum cancel, required), cancel[identifier] (string <= 100), expand[].
+  Both: Authorization Bearer <key> (or HTTP basic with the key as user), Content-Type
+      application/x-www-form-urlencoded, Idempotency-Key <= 255 characters.  Brackets may
+      come literally or percent-encoded.
+
+Every refusal for a malformed request counts as a spec violation (GET /_mock/stats:
+"violations", and the last messages in "violation_log"): a correct client sends none.
+
+Answers come in Stripe's shapes: a billing.meter_event object (created, event_name,
+identifier, livemode, object, payload, timestamp) and a billing.meter_event_adjustment
+object (cancel, event_name, livemode, object, status, type: it has no id); errors as
+{"error": {"type", "code"?, "message", "param"?}} with a Request-Id header.
+
+Treacherous.  A duplicate identifier is stored once and answered in one of the forms v1
+may use (doc/stripe.md, "Answers"; --dup-answer or POST /_mock/config {"dup_answer"}):
+  200             the stored event again, HTTP 200
+  code            400 invalid_request_error, code duplicate_meter_event, param identifier
+  exists          400 invalid_request_error, code resource_already_exists, param identifier
+  param           400 invalid_request_error, no code, only param identifier
+  random          one of the four, per request
+An Idempotency-Key replays the first answer (500s included, as Stripe does), a different
+body under the same key is an idempotency_error, a concurrent request with a key in
+progress gets 409.  Unlike Stripe, which reports unknown customers asynchronously, a
+customer id starting with "cus_bad" is refused at once (400, not a violation), so that
+failed-row reporting can be tested.
 
 Control endpoints (tests only):
-  GET  /_mock/totals   {"<customer>|<event_name>": sum of accepted values}
+  GET  /_mock/totals   {"<customer>|<event_name>": sum of accepted, not cancelled values}
   GET  /_mock/last     {"<customer>|<event_name>": value of the latest event by timestamp}
   GET  /_mock/events   accepted events, in arrival order
-  GET  /_mock/stats    counters: requests, accepted, duplicates, replays, statuses,
-                       max requests in any 1 s window, max concurrent requests
+  GET  /_mock/stats    requests, accepted, duplicates, dup_answers (per form), replays,
+                       statuses, max_window (most requests in 1 s), max_inflight,
+                       max_inflight_per_key (most requests in flight for one customer and
+                       event name, cancels included), violations, violation_log,
+                       stripe_versions (header value -> count), max_ahead (largest
+                       timestamp - arrival time, seconds), faults_served, faults_queued
   POST /_mock/faults   {"kind": K, "count": N, "retry_after": S, "seconds": S} queued
-                       for the next N requests; K is one of
+                       for the next N meter event requests; K is one of
                        500 | 429 | 429_retry_after | hang (sleep, drop, nothing recorded) |
-                       slow (record, sleep, answer) | drop_after (record, drop) | close |
-                       400_should_retry_false | huge_500 (1 MB message) |
+                       slow (record, sleep, answer) | drop_after (record, drop: processed,
+                       then lost) | 500_after (record, answer 500: processed, then 500) |
+                       close | 400_should_retry_false | huge_500 (1 MB message) |
                        garbage_500 (broken JSON) | garbage_200 (record, answer non-JSON)
-  POST /_mock/config   {"rate_limit": N}  (429 beyond N requests per second; 0 = off)
+  POST /_mock/config   {"rate_limit": N (429 beyond N requests a second; 0 = off),
+                        "dup_answer": FORM, "cancel_dup_answer": "400" | "200"}
+  POST /_mock/clear_faults   drop every queued fault (events and cancels)
   POST /_mock/reset    forget everything
 
-Meter event adjustments (cancels), see the block at the end of Handler:
-  POST /v1/billing/meter_event_adjustments   event_name, type=cancel, cancel[identifier];
-                       cancels one accepted event received less than 24 h ago (by the mock's
-                       clock): its value leaves the totals.  Unknown identifier, other event
-                       name, older than 24 h or already cancelled: 400 invalid_request_error.
-                       Idempotency-Key replays the first answer, as for meter events.
+Meter event summaries (reading back what Stripe holds):
+  GET  /v1/billing/meters/{id}/event_summaries   query: customer (required), start_time and
+                       end_time (required integers, aligned to minutes; to hours or UTC days
+                       with value_grouping_window hour or day), limit (1..100), starting_after,
+                       ending_before, expand[].  Answers a list of billing.meter_event_summary
+                       (aggregated_value over the not cancelled events of the customer and the
+                       meter's event name with start_time <= timestamp < end_time), newest
+                       window first.  Unknown meter id: 404 resource_missing.
+  POST /_mock/meters   {"id": "mtr_...", "event_name": E, "formula": "sum" | "count" | "last"}
+                       registers a meter for the summaries
+
+Meter event adjustments (cancels):
+  POST /v1/billing/meter_event_adjustments   cancels one accepted event received less
+                       than 24 h ago (by the mock's clock): its value leaves the totals.
+                       Unknown identifier, other event name or older than 24 h: 400.
+                       Already cancelled: 400 "...has already been canceled" (no code), or
+                       with cancel_dup_answer "200" the adjustment object again.
   GET  /_mock/adjustments          {"requests", "cancelled", "cancelled_value", "refused",
-                                    "replays", "identifiers": [cancelled identifiers]}
-  POST /_mock/adjustment_faults    {"kind": 500 | 429 | slow | drop_after | close, "count": N,
-                                    "seconds": S} for the next N cancel requests
+                                    "already", "replays", "identifiers": [...]}
+  POST /_mock/adjustment_faults    {"kind": 500 | 500_after | 429 | slow | drop_after |
+                                    close, "count": N, "seconds": S} for the next N cancels
   POST /_mock/age      {"seconds": S} makes every accepted event look S seconds older
 
 It stops by itself after --lifetime seconds so that a test never leaves it behind.
 """
 import argparse
+import base64
 import json
 import os
+import random
 import re
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -59,11 +109,63 @@ from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl
 
-ALLOWED = {"event_name", "identifier", "timestamp"}
+# --- request schemas, transcribed from spec3.json (paths ... requestBody ... schema) ---
+EXPAND = {"type": "array", "items": {"type": "string", "maxLength": 5000}}
+SPEC = {
+    "/v1/billing/meter_events": {
+        "type": "object", "additionalProperties": False,
+        "required": ["event_name", "payload"],
+        "properties": {
+            "event_name": {"type": "string", "maxLength": 100},
+            "expand": EXPAND,
+            "identifier": {"type": "string", "maxLength": 100},
+            "payload": {"type": "object", "additionalProperties": {"type": "string"}},
+            "timestamp": {"type": "integer", "format": "unix-time"},
+        },
+    },
+    "/v1/billing/meter_event_adjustments": {
+        "type": "object", "additionalProperties": False,
+        "required": ["event_name", "type"],
+        "properties": {
+            "cancel": {"type": "object", "additionalProperties": False,
+                       "properties": {"identifier": {"type": "string", "maxLength": 100}}},
+            "event_name": {"type": "string", "maxLength": 100},
+            "expand": EXPAND,
+            "type": {"type": "string", "enum": ["cancel"]},
+        },
+    },
+}
+# query parameters of GET /v1/billing/meters/{id}/event_summaries (spec3.json "parameters")
+SUMMARY_QUERY = {
+    "type": "object", "additionalProperties": False,
+    "required": ["customer", "end_time", "start_time"],
+    "properties": {
+        "customer": {"type": "string", "maxLength": 5000},
+        "end_time": {"type": "integer", "format": "unix-time"},
+        "ending_before": {"type": "string", "maxLength": 5000},
+        "expand": EXPAND,
+        "limit": {"type": "integer"},
+        "start_time": {"type": "integer", "format": "unix-time"},
+        "starting_after": {"type": "string", "maxLength": 5000},
+        "value_grouping_window": {"type": "string", "enum": ["day", "hour"]},
+    },
+}
+SUMMARIES = re.compile(r"^/v1/billing/meters/([^/?]+)/event_summaries(?:\?(.*))?$")
+DUP_FORMS = ("200", "code", "exists", "param")
 WHOLE = re.compile(r"^[0-9]+$")
+INTEGER = re.compile(r"^-?[0-9]+$")
+
 
 class RAW(bytes):
     """An answer body sent as is (malformed JSON, binary)."""
+
+
+class Refusal(Exception):
+    """A request Stripe would refuse: (message, param, code)."""
+
+    def __init__(self, message, param=None, code="parameter_invalid"):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
 
 
 lock = threading.Lock()
@@ -71,14 +173,111 @@ state = {}
 
 
 def reset():
-    """Forgets every event, key, fault and counter."""
+    """Forgets every event, key, fault and counter (settings from the command line stay)."""
+    keep = {k: state[k] for k in ("rate_limit", "dup_answer", "cancel_dup_answer") if k in state}
     state.clear()
     state.update(
-        events=[], identifiers={}, idem={}, idem_busy=set(), faults=deque(),
+        events=[], identifiers={}, by_ident={}, idem={}, idem_busy=set(), faults=deque(),
         totals={}, last={}, arrivals=deque(), max_window=0, inflight=0,
-        max_inflight=0, requests=0, accepted=0, duplicates=0, replays=0,
-        statuses={}, rate_limit=0, rate_second=0, rate_count=0, faults_served=0)
+        max_inflight=0, key_inflight={}, max_inflight_per_key=0, requests=0, accepted=0,
+        duplicates=0, dup_answers={}, replays=0, statuses={}, rate_limit=0, rate_second=0,
+        rate_count=0, faults_served=0, violations=0, violation_log=deque(maxlen=20),
+        stripe_versions={}, max_ahead=None, dup_answer="param", cancel_dup_answer="400",
+        meters={}, summary_requests=0)
+    state.update(keep)
     reset_adjustments()
+
+
+def parse_form(raw):
+    """
+    Parses a form body into nested dicts and lists the way Stripe (Rack) does:
+    a[b]=1 is {"a": {"b": "1"}}, a[]=x and a[0]=x are lists; the last scalar wins.
+    """
+    try:
+        pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(raw))
+    except (ValueError, UnicodeDecodeError):
+        raise Refusal("Invalid form body.", None, "parameter_invalid")
+    out = {}
+    for k, v in pairs:
+        m = re.fullmatch(r"([^\[\]]+)((?:\[[^\[\]]*\])*)", k)
+        if not m:
+            raise Refusal("Invalid parameter name: %s" % k, k, "parameter_unknown")
+        name, rest = m.group(1), re.findall(r"\[([^\[\]]*)\]", m.group(2))
+        if not rest:
+            if isinstance(out.get(name), (dict, list)):
+                raise Refusal("Invalid %s: a scalar and a hash were both given" % name, name)
+            out[name] = v
+            continue
+        if len(rest) > 1:
+            raise Refusal("Received unknown parameter: %s" % k, k, "parameter_unknown")
+        sub = rest[0]
+        if sub == "" or sub.isdigit():
+            cur = out.setdefault(name, [])
+            if not isinstance(cur, list):
+                raise Refusal("Invalid array: %s" % name, name)
+            cur.append(v)
+        else:
+            cur = out.setdefault(name, {})
+            if not isinstance(cur, dict):
+                raise Refusal("Invalid hash: %s" % name, name)
+            cur[sub] = v
+    return out
+
+
+def check_schema(value, schema, path):
+    """Validates a parsed form value against a transcribed schema; raises Refusal."""
+    t = schema.get("type")
+    if t == "object":
+        if not isinstance(value, dict):
+            raise Refusal("Invalid object: %s" % path, path)
+        props = schema.get("properties", {})
+        for req in schema.get("required", []):
+            if req not in value:
+                raise Refusal("Missing required param: %s." % req, req, "parameter_missing")
+        for k, v in value.items():
+            sub = "%s[%s]" % (path, k) if path else k
+            if k in props:
+                check_schema(v, props[k], sub)
+            elif schema.get("additionalProperties") is False:
+                raise Refusal("Received unknown parameter: %s" % sub, sub, "parameter_unknown")
+            elif isinstance(schema.get("additionalProperties"), dict):
+                check_schema(v, schema["additionalProperties"], sub)
+    elif t == "array":
+        if not isinstance(value, list):
+            raise Refusal("Invalid array: %s" % path, path)
+        for i, v in enumerate(value):
+            check_schema(v, schema["items"], "%s[%d]" % (path, i))
+    elif t == "string":
+        if not isinstance(value, str):
+            raise Refusal("Invalid string: %s" % path, path)
+        if len(value) > schema.get("maxLength", 1 << 30):
+            raise Refusal("Invalid string: %s must be at most %d characters" % (path, schema["maxLength"]),
+                          path)
+        if "enum" in schema and value not in schema["enum"]:
+            raise Refusal("Invalid %s: must be one of %s" % (path, ", ".join(schema["enum"])), path)
+    elif t == "integer":
+        if not isinstance(value, str) or not INTEGER.match(value):
+            raise Refusal("Invalid integer: %s" % value if isinstance(value, str) else "Invalid integer: %s" % path,
+                          path)
+
+
+def error_body(kind, message, code=None, param=None):
+    err = {"type": kind, "message": message}
+    if code:
+        err["code"] = code
+    if param:
+        err["param"] = param
+    return {"error": err}
+
+
+def bump_key(key, delta):
+    """In-flight requests per (customer, event name); called under the lock."""
+    n = state["key_inflight"].get(key, 0) + delta
+    if n:
+        state["key_inflight"][key] = n
+    else:
+        state["key_inflight"].pop(key, None)
+    state["max_inflight_per_key"] = max(state["max_inflight_per_key"], n)
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -93,8 +292,22 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):
         """Quiet: the tests read /_mock/stats instead."""
 
+    def leave(self):
+        """
+        Ends this request's in-flight count, once, before the first byte of its answer
+        leaves: the client may send the next request for the same customer as soon as it
+        reads the answer, and must not be counted twice for it.
+        """
+        key, self.flight = getattr(self, "flight", None), None
+        if key is not None:
+            with lock:
+                state["inflight"] -= 1
+                if key:
+                    bump_key(key, -1)
+
     def answer(self, status, body, headers=None):
         """Sends a JSON answer (or RAW bytes) with a Request-Id, keeping the connection open."""
+        self.leave()
         data = bytes(body) if isinstance(body, RAW) else json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -109,6 +322,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def drop(self):
         """Closes the connection without an answer."""
+        self.leave()
         self.close_connection = True
         try:
             self.connection.shutdown(socket.SHUT_RDWR)
@@ -120,6 +334,9 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n) if n > 0 else b""
 
     def do_GET(self):
+        m = SUMMARIES.match(self.path)
+        if m:
+            return self.event_summaries(m.group(1), m.group(2) or "")
         with lock:
             if self.path == "/_mock/totals":
                 body = state["totals"]
@@ -131,25 +348,130 @@ class Handler(BaseHTTPRequestHandler):
                 body = adjustment_stats()
             elif self.path == "/_mock/stats":
                 body = {k: state[k] for k in (
-                    "requests", "accepted", "duplicates", "replays", "statuses",
-                    "max_window", "max_inflight", "faults_served")}
+                    "requests", "accepted", "duplicates", "dup_answers", "replays", "statuses",
+                    "max_window", "max_inflight", "max_inflight_per_key", "faults_served",
+                    "violations", "stripe_versions", "max_ahead", "summary_requests")}
+                body["violation_log"] = list(state["violation_log"])
                 body["faults_queued"] = sum(f["count"] for f in state["faults"])
             else:
                 body = None
         if body is None:
-            self.answer(404, {"error": {"type": "invalid_request_error", "message": "Unrecognized request URL."}})
+            self.answer(404, error_body("invalid_request_error",
+                                        "Unrecognized request URL (GET: %s)." % self.path))
         else:
             self.answer(200, body)
+
+    def authorized(self):
+        """Bearer <key>, or HTTP basic with the key as user name (Stripe accepts both)."""
+        auth = self.headers.get("Authorization", "")
+        if auth == "Bearer " + self.server.key:
+            return True
+        if auth.startswith("Basic "):
+            try:
+                user = base64.b64decode(auth[6:]).decode().split(":", 1)[0]
+            except (ValueError, UnicodeDecodeError):
+                return False
+            return user == self.server.key
+        return False
+
+    def refuse_auth(self):
+        # like Stripe, quote the key masked but for its last four characters
+        auth = self.headers.get("Authorization", "")
+        given = auth[7:] if auth.startswith("Bearer ") else auth
+        shown = given[:8] + "*" * max(len(given) - 12, 0) + given[-4:]
+        return self.answer(401, error_body("invalid_request_error", "Invalid API Key provided: %s" % shown))
+
+    def violation(self, path, r):
+        """Counts and answers a request Stripe would refuse."""
+        with lock:
+            state["violations"] += 1
+            state["violation_log"].append("%s: %s" % (path, r.message))
+        return 400, error_body("invalid_request_error", r.message, r.code, r.param), {}
 
     def do_POST(self):
         raw = self.read_body()
         if self.path.startswith("/_mock/"):
             return self.control(raw)
-        if self.path == "/v1/billing/meter_event_adjustments":
-            return self.meter_event_adjustment(raw)
-        if self.path != "/v1/billing/meter_events":
-            return self.answer(404, {"error": {"type": "invalid_request_error",
-                                               "message": "Unrecognized request URL (POST: %s)." % self.path}})
+        with lock:
+            v = self.headers.get("Stripe-Version", "(none)")
+            state["stripe_versions"][v] = state["stripe_versions"].get(v, 0) + 1
+        if self.path not in SPEC:
+            return self.answer(404, error_body("invalid_request_error",
+                                               "Unrecognized request URL (POST: %s)." % self.path))
+        # the (customer, event name) this request is about, for the in-flight count
+        try:
+            form = parse_form(raw)
+        except Refusal:
+            form = {}
+        key = None
+        if self.path == "/v1/billing/meter_events":
+            p = form.get("payload")
+            if isinstance(p, dict) and isinstance(form.get("event_name"), str):
+                key = "%s|%s" % (p.get("stripe_customer_id"), form["event_name"])
+        else:
+            c = form.get("cancel")
+            with lock:
+                ev = state["by_ident"].get(c.get("identifier")) if isinstance(c, dict) else None
+                if ev is not None:
+                    key = "%s|%s" % (ev["customer"], ev["event_name"])
+        with lock:
+            state["inflight"] += 1
+            state["max_inflight"] = max(state["max_inflight"], state["inflight"])
+            if key:
+                bump_key(key, 1)
+        self.flight = key or ""
+        try:
+            if self.path == "/v1/billing/meter_event_adjustments":
+                self.meter_event_adjustment(raw)
+            else:
+                self.meter_event_request(raw)
+        finally:
+            self.leave()
+
+    def control(self, raw):
+        try:
+            arg = json.loads(raw or b"{}")
+        except ValueError:
+            return self.answer(400, {"error": "bad json"})
+        if self.path in ("/_mock/age", "/_mock/adjustment_faults"):
+            return self.adjustment_control(arg)
+        with lock:
+            refused = self.apply_control(arg)
+        if refused:
+            return self.answer(refused[0], {"error": refused[1]})
+        self.answer(200, {"ok": True})
+
+    def apply_control(self, arg):
+        """Applies one control request (called under the lock); returns (status, message) when refused."""
+        if self.path == "/_mock/faults":
+            arg.setdefault("count", 1)
+            arg["kind"] = str(arg.get("kind"))
+            state["faults"].append(arg)
+        elif self.path == "/_mock/config":
+            if "dup_answer" in arg and arg["dup_answer"] not in DUP_FORMS + ("random",):
+                return 400, "dup_answer: one of %s, random" % ", ".join(DUP_FORMS)
+            if "rate_limit" in arg:
+                state["rate_limit"] = int(arg["rate_limit"])
+            if "dup_answer" in arg:
+                state["dup_answer"] = arg["dup_answer"]
+            if "cancel_dup_answer" in arg:
+                state["cancel_dup_answer"] = str(arg["cancel_dup_answer"])
+        elif self.path == "/_mock/meters":
+            if arg.get("formula", "sum") not in ("sum", "count", "last") or not arg.get("id") \
+                    or not arg.get("event_name"):
+                return 400, "meters: id, event_name, formula sum|count|last"
+            state["meters"][arg["id"]] = {"event_name": arg["event_name"], "formula": arg.get("formula", "sum")}
+        elif self.path == "/_mock/clear_faults":
+            state["faults"].clear()
+            state["adj"]["faults"].clear()
+        elif self.path == "/_mock/reset":
+            reset()
+        else:
+            return 404, "unknown control"
+        return None
+
+    def meter_event_request(self, raw):
+        """POST /v1/billing/meter_events: counters, faults, auth, idempotency, then process()."""
         with lock:
             now = time.time()
             state["requests"] += 1
@@ -158,8 +480,6 @@ class Handler(BaseHTTPRequestHandler):
             while arr and arr[0] <= now - 1.0:
                 arr.popleft()
             state["max_window"] = max(state["max_window"], len(arr))
-            state["inflight"] += 1
-            state["max_inflight"] = max(state["max_inflight"], state["inflight"])
             fault = None
             if state["faults"]:
                 fault = state["faults"][0]
@@ -174,78 +494,27 @@ class Handler(BaseHTTPRequestHandler):
                     state["rate_second"], state["rate_count"] = sec, 0
                 state["rate_count"] += 1
                 limited = state["rate_count"] > state["rate_limit"]
-        try:
-            self.meter_event(raw, fault, limited)
-        finally:
-            with lock:
-                state["inflight"] -= 1
-
-    def control(self, raw):
-        try:
-            arg = json.loads(raw or b"{}")
-        except ValueError:
-            return self.answer(400, {"error": "bad json"})
-        if self.path in ("/_mock/age", "/_mock/adjustment_faults"):
-            return self.adjustment_control(arg)
-        with lock:
-            if self.path == "/_mock/faults":
-                arg.setdefault("count", 1)
-                state["faults"].append(arg)
-            elif self.path == "/_mock/config":
-                state["rate_limit"] = int(arg.get("rate_limit", 0))
-            elif self.path == "/_mock/reset":
-                reset()
-            else:
-                return self.answer(404, {"error": "unknown control"})
-        self.answer(200, {"ok": True})
-
-    def meter_event(self, raw, fault, limited):
         kind = fault["kind"] if fault else None
         if kind == "close":
             return self.drop()
         if kind == "hang":
             time.sleep(float(fault.get("seconds", 30)))
             return self.drop()
+        too_many = error_body("invalid_request_error", "Too many requests hit the API too quickly.", "rate_limit")
         if limited or kind == "429":
-            return self.answer(429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
-                                               "message": "Too many requests hit the API too quickly."}})
+            return self.answer(429, too_many)
         if kind == "429_retry_after":
-            return self.answer(429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
-                                               "message": "Too many requests hit the API too quickly."}},
-                               {"Retry-After": str(fault.get("retry_after", 1))})
-
-        auth = self.headers.get("Authorization", "")
-        if auth != "Bearer " + self.server.key:
-            # like Stripe, quote the key masked but for its last four characters
-            given = auth[7:] if auth.startswith("Bearer ") else auth
-            shown = given[:8] + "*" * max(len(given) - 12, 0) + given[-4:]
-            return self.answer(401, {"error": {"type": "invalid_request_error",
-                                               "message": "Invalid API Key provided: %s" % shown}})
+            return self.answer(429, too_many, {"Retry-After": str(fault.get("retry_after", 1))})
+        if not self.authorized():
+            return self.refuse_auth()
+        saved = self.idempotency(raw, "replays")
+        if saved is True:
+            return
+        if saved is not None:
+            if kind == "drop_after":
+                return self.drop()
+            return self.answer(saved[1], saved[2], {"Idempotent-Replayed": "true"})
         ikey = self.headers.get("Idempotency-Key")
-        if ikey is not None and len(ikey) > 255:
-            return self.answer(400, {"error": {"type": "invalid_request_error",
-                                               "message": "Idempotency-Key is too long."}})
-        if ikey:
-            with lock:
-                if ikey in state["idem_busy"]:
-                    busy = True
-                else:
-                    busy = False
-                    saved = state["idem"].get(ikey)
-                    if saved is None:
-                        state["idem_busy"].add(ikey)
-            if busy:
-                return self.answer(409, {"error": {"type": "idempotency_error",
-                                                   "message": "There is currently another in-progress request using this Idempotent Key."}})
-            if saved is not None:
-                if saved[0] != raw:
-                    return self.answer(400, {"error": {"type": "idempotency_error",
-                                                       "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."}})
-                with lock:
-                    state["replays"] += 1
-                if kind == "drop_after":
-                    return self.drop()
-                return self.answer(saved[1], saved[2], {"Idempotent-Replayed": "true"})
         try:
             status, body, headers, lost = self.process(raw, kind)
         finally:
@@ -263,89 +532,207 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(float(fault.get("seconds", 30)))
         self.answer(status, body, headers)
 
+    def idempotency(self, raw, counter):
+        """
+        Idempotency-Key handling shared by both endpoints: None (go on, key now busy),
+        True (answered here) or the saved (body, status, answer) to replay.
+        """
+        ikey = self.headers.get("Idempotency-Key")
+        if ikey is None:
+            return None
+        if len(ikey) > 255 or ikey == "":
+            r = Refusal("Idempotency-Key must have between 1 and 255 characters.", None, "idempotency_key_invalid")
+            status, body, _ = self.violation(self.path, r)
+            self.answer(status, body)
+            return True
+        with lock:
+            busy = ikey in state["idem_busy"]
+            saved = None if busy else state["idem"].get(ikey)
+            if not busy and saved is None:
+                state["idem_busy"].add(ikey)
+        if busy:
+            self.answer(409, error_body("idempotency_error",
+                                        "There is currently another in-progress request using this Idempotent Key."))
+            return True
+        if saved is not None:
+            if saved[0] != raw:
+                self.answer(400, error_body("idempotency_error",
+                                            "Keys for idempotent requests can only be used with the same parameters they were first used with."))
+                return True
+            with lock:
+                if counter == "replays":
+                    state["replays"] += 1
+                else:
+                    state["adj"]["replays"] += 1
+        return saved
+
     def process(self, raw, kind):
         """Validates and records one event; returns (status, body, headers, lost)."""
-        def bad(msg, param=None, code="parameter_invalid"):
-            err = {"type": "invalid_request_error", "code": code, "message": msg}
-            if param:
-                err["param"] = param
-            return 400, {"error": err}, {}, False
-
         if kind == "500":
-            return 500, {"error": {"type": "api_error", "message": "An unknown error occurred."}}, {}, False
+            return 500, error_body("api_error", "An unknown error occurred."), {}, False
         if kind == "huge_500":
-            return 500, {"error": {"type": "api_error", "message": "x" * (1 << 20)}}, {}, False
+            return 500, error_body("api_error", "x" * (1 << 20)), {}, False
         if kind == "garbage_500":
             return 500, RAW(b'{"error": {"type": "api_error", "message": "unterminated \\'), {}, False
         if kind == "400_should_retry_false":
-            return 400, {"error": {"type": "invalid_request_error", "message": "Refused by the mock."}}, \
+            return 400, error_body("invalid_request_error", "Refused by the mock."), \
                 {"Stripe-Should-Retry": "false"}, False
-        ctype = self.headers.get("Content-Type", "")
-        if not ctype.startswith("application/x-www-form-urlencoded"):
-            return bad("Content-Type must be application/x-www-form-urlencoded.")
         try:
-            pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
-        except (ValueError, UnicodeDecodeError):
-            return bad("Invalid form body.")
-        params, payload = {}, {}
-        for k, v in pairs:
-            m = re.fullmatch(r"payload\[([^\]]+)\]", k)
-            if m:
-                payload[m.group(1)] = v
-            elif k in ALLOWED:
-                if k in params:
-                    return bad("Duplicate parameter: %s" % k, k)
-                params[k] = v
-            else:
-                return bad("Received unknown parameter: %s" % k, k, "parameter_unknown")
-        name = params.get("event_name")
-        if not name:
-            return bad("Missing required param: event_name.", "event_name", "parameter_missing")
-        if len(name) > 100:
-            return bad("event_name is too long.", "event_name")
-        cus = payload.get("stripe_customer_id")
-        if not cus:
-            return bad("Missing required param: payload[stripe_customer_id].", "payload[stripe_customer_id]", "parameter_missing")
-        value = payload.get("value")
-        if value is None:
-            return bad("Missing required param: payload[value].", "payload[value]", "parameter_missing")
-        if not WHOLE.match(value):
-            return bad("payload[value] must be a whole number.", "payload[value]")
-        ident = params.get("identifier")
-        if ident is not None and (len(ident) == 0 or len(ident) > 100):
-            return bad("identifier must have between 1 and 100 characters.", "identifier")
-        now = int(time.time())
-        ts = params.get("timestamp")
-        if ts is not None:
-            if not re.fullmatch(r"[0-9]+", ts):
-                return bad("Invalid integer: %s" % ts, "timestamp")
-            ts = int(ts)
-            if ts < now - 35 * 86400 or ts > now + 300:
-                return bad("Timestamp must be within the past 35 days and no more than 5 minutes in the future.",
-                           "timestamp", "timestamp_outside_window")
-        else:
-            ts = now
+            ev = self.validate_event(raw)
+        except Refusal as r:
+            return self.violation(self.path, r) + (False,)
+        cus, name, value, ts, ident = ev["customer"], ev["event_name"], ev["value"], ev["timestamp"], ev["identifier"]
+        arrival = time.time()
         if cus.startswith("cus_bad"):
-            return bad("No such customer: '%s'" % cus, "payload[stripe_customer_id]", "resource_missing")
+            return 400, error_body("invalid_request_error", "No such customer: '%s'" % cus, "resource_missing",
+                                   "payload[stripe_customer_id]"), {}, False
         ident = ident or ("mock-" + uuid.uuid4().hex)
-        body = {"object": "billing.meter_event", "created": now, "event_name": name,
-                "identifier": ident, "livemode": False,
-                "payload": {"stripe_customer_id": cus, "value": value}, "timestamp": ts}
         with lock:
-            if ident in state["identifiers"]:
+            if state["max_ahead"] is None or ts - arrival > state["max_ahead"]:
+                state["max_ahead"] = round(ts - arrival, 3)
+            old = state["by_ident"].get(ident)
+            if old is not None:
                 state["duplicates"] += 1
+                form = state["dup_answer"]
+                if form == "random":
+                    form = random.choice(DUP_FORMS)
+                state["dup_answers"][form] = state["dup_answers"].get(form, 0) + 1
             else:
-                state["identifiers"][ident] = time.time()   # received at (for cancels)
-                state["accepted"] += 1
+                state["identifiers"][ident] = arrival     # received at (for cancels)
                 key = "%s|%s" % (cus, name)
+                state["accepted"] += 1
                 state["totals"][key] = state["totals"].get(key, 0) + int(value)
                 prev = state["last"].get(key)
                 if prev is None or ts >= prev[0]:
                     state["last"][key] = (ts, int(value))
-                state["events"].append({"identifier": ident, "customer": cus, "event_name": name,
-                                        "value": int(value), "timestamp": ts})
+                rec = {"identifier": ident, "customer": cus, "event_name": name,
+                       "value": int(value), "timestamp": ts, "payload": ev["payload"],
+                       "created": int(arrival)}
+                state["events"].append(rec)
+                state["by_ident"][ident] = rec
+        if old is not None:
+            msg = "An event with identifier '%s' already exists." % ident
+            if form == "200":
+                return 200, self.event_object(old), {}, kind == "drop_after"
+            if form == "code":
+                return 400, error_body("invalid_request_error", msg, "duplicate_meter_event", "identifier"), {}, \
+                    kind == "drop_after"
+            if form == "exists":
+                return 400, error_body("invalid_request_error", msg, "resource_already_exists", "identifier"), {}, \
+                    kind == "drop_after"
+            return 400, error_body("invalid_request_error", msg, None, "identifier"), {}, kind == "drop_after"
+        body = self.event_object(rec)
+        if kind == "500_after":
+            return 500, error_body("api_error", "An unknown error occurred."), {}, False
         return 200, body, {}, kind == "drop_after"
 
+    @staticmethod
+    def event_object(rec):
+        """A billing.meter_event exactly as the spec's schema has it (values come back as strings)."""
+        return {"object": "billing.meter_event", "created": rec["created"], "event_name": rec["event_name"],
+                "identifier": rec["identifier"], "livemode": False, "payload": dict(rec["payload"]),
+                "timestamp": rec["timestamp"]}
+
+    def check_common(self):
+        ctype = self.headers.get("Content-Type", "")
+        if not ctype.startswith("application/x-www-form-urlencoded"):
+            raise Refusal("Content-Type must be application/x-www-form-urlencoded.", None, "parameter_invalid")
+
+    def validate_event(self, raw):
+        """The schema, then the rules it cannot express; returns the event's fields or raises Refusal."""
+        self.check_common()
+        form = parse_form(raw)
+        check_schema(form, SPEC["/v1/billing/meter_events"], "")
+        payload = form["payload"]
+        if not form["event_name"]:
+            raise Refusal("Missing required param: event_name.", "event_name", "parameter_missing")
+        for k, v in payload.items():
+            if len(v) > 100:
+                raise Refusal("payload[%s] must be at most 100 characters." % k, "payload[%s]" % k)
+        cus = payload.get("stripe_customer_id")
+        if cus is None:
+            raise Refusal("Missing required param: payload[stripe_customer_id].", "payload[stripe_customer_id]",
+                          "parameter_missing")
+        if cus.strip() == "" or cus != cus.strip() or re.search(r"\s", cus):
+            raise Refusal("Invalid payload[stripe_customer_id]: '%s' is not a customer id." % cus,
+                          "payload[stripe_customer_id]")
+        value = payload.get("value")
+        if value is None:
+            raise Refusal("Missing required param: payload[value].", "payload[value]", "parameter_missing")
+        if not WHOLE.match(value):
+            raise Refusal("payload[value] must be a whole number.", "payload[value]")
+        ident = form.get("identifier")
+        if ident is not None and ident == "":
+            raise Refusal("identifier must have between 1 and 100 characters.", "identifier")
+        now = time.time()
+        ts = form.get("timestamp")
+        if ts is not None:
+            ts = int(ts)
+            if ts < now - 35 * 86400 or ts > now + 300:
+                raise Refusal("Timestamp must be within the past 35 days and no more than 5 minutes in the future.",
+                              "timestamp", "timestamp_outside_window")
+        else:
+            ts = int(now)
+        return {"event_name": form["event_name"], "customer": cus, "value": value, "timestamp": ts,
+                "identifier": ident, "payload": payload}
+
+    # --- meter event summaries ---
+
+    def event_summaries(self, meter_id, query):
+        """GET /v1/billing/meters/{id}/event_summaries: validated like the spec's parameters."""
+        with lock:
+            state["summary_requests"] += 1
+            v = self.headers.get("Stripe-Version", "(none)")
+            state["stripe_versions"][v] = state["stripe_versions"].get(v, 0) + 1
+        if not self.authorized():
+            return self.refuse_auth()
+        path = "/v1/billing/meters/%s/event_summaries" % meter_id
+        try:
+            q = parse_form(query.encode())
+            check_schema(q, SUMMARY_QUERY, "")
+            start, end = int(q["start_time"]), int(q["end_time"])
+            window = q.get("value_grouping_window")
+            unit = {"hour": 3600, "day": 86400}.get(window, 60)
+            for name, t in (("start_time", start), ("end_time", end)):
+                if t % unit:
+                    raise Refusal("%s must be aligned with %s boundaries." % (name, window or "minute"), name)
+            if end <= start:
+                raise Refusal("end_time must be after start_time.", "end_time")
+            limit = int(q.get("limit", 10))
+            if not 1 <= limit <= 100:
+                raise Refusal("limit must be between 1 and 100.", "limit")
+        except Refusal as r:
+            status, body, _ = self.violation(path, r)
+            return self.answer(status, body)
+        with lock:
+            meter = state["meters"].get(meter_id)
+        if meter is None:
+            return self.answer(404, error_body("invalid_request_error", "No such billing meter: '%s'" % meter_id,
+                                               "resource_missing", "id"))
+        with lock:
+            windows = [(start, end)] if window is None else \
+                [(t, t + unit) for t in range(start, end, unit)]
+            data = []
+            for ws, we in reversed(windows):
+                evs = sorted((e for e in state["events"]
+                              if e["customer"] == q["customer"] and e["event_name"] == meter["event_name"]
+                              and not e.get("cancelled") and ws <= e["timestamp"] < we),
+                             key=lambda e: e["timestamp"])
+                if meter["formula"] == "count":
+                    value = len(evs)
+                elif meter["formula"] == "last":
+                    value = evs[-1]["value"] if evs else 0
+                else:
+                    value = sum(e["value"] for e in evs)
+                data.append({"object": "billing.meter_event_summary", "aggregated_value": float(value),
+                             "end_time": we, "id": "mtrusg_%s_%s_%d" % (meter_id, q["customer"], ws),
+                             "livemode": False, "meter": meter_id, "start_time": ws})
+        ids = [d["id"] for d in data]
+        if q.get("starting_after") in ids:
+            data = data[ids.index(q["starting_after"]) + 1:]
+        elif q.get("ending_before") in ids:
+            data = data[:ids.index(q["ending_before"])][-limit:]
+        self.answer(200, {"object": "list", "data": data[:limit], "has_more": len(data) > limit, "url": path})
 
     # --- meter event adjustments (cancels); used by test/t/045_export_corrections.pl ---
 
@@ -358,6 +745,7 @@ class Handler(BaseHTTPRequestHandler):
                     state["identifiers"][ident] -= secs
             else:
                 arg.setdefault("count", 1)
+                arg["kind"] = str(arg.get("kind"))
                 state["adj"]["faults"].append(arg)
         self.answer(200, {"ok": True})
 
@@ -372,32 +760,22 @@ class Handler(BaseHTTPRequestHandler):
                 fault["count"] -= 1
                 if fault["count"] <= 0:
                     adj["faults"].popleft()
-        kind = str(fault["kind"]) if fault else None
+        kind = fault["kind"] if fault else None
         if kind == "close":
             return self.drop()
         if kind == "429":
-            return self.answer(429, {"error": {"type": "invalid_request_error", "code": "rate_limit",
-                                               "message": "Too many requests hit the API too quickly."}})
-        if self.headers.get("Authorization", "") != "Bearer " + self.server.key:
-            return self.answer(401, {"error": {"type": "invalid_request_error",
-                                               "message": "Invalid API Key provided."}})
+            return self.answer(429, error_body("invalid_request_error", "Too many requests hit the API too quickly.",
+                                               "rate_limit"))
+        if not self.authorized():
+            return self.refuse_auth()
+        saved = self.idempotency(raw, "adj_replays")
+        if saved is True:
+            return
+        if saved is not None:
+            if kind == "drop_after":
+                return self.drop()
+            return self.answer(saved[1], saved[2], {"Idempotent-Replayed": "true"})
         ikey = self.headers.get("Idempotency-Key")
-        if ikey:
-            with lock:
-                busy = ikey in state["idem_busy"]
-                saved = None if busy else state["idem"].get(ikey)
-                if not busy and saved is None:
-                    state["idem_busy"].add(ikey)
-            if busy:
-                return self.answer(409, {"error": {"type": "idempotency_error",
-                                                   "message": "There is currently another in-progress request using this Idempotent Key."}})
-            if saved is not None:
-                if saved[0] != raw:
-                    return self.answer(400, {"error": {"type": "idempotency_error",
-                                                       "message": "Keys for idempotent requests can only be used with the same parameters they were first used with."}})
-                with lock:
-                    state["adj"]["replays"] += 1
-                return self.answer(saved[1], saved[2], {"Idempotent-Replayed": "true"})
         try:
             status, body = self.adjust(raw, kind)
             with lock:
@@ -417,42 +795,37 @@ class Handler(BaseHTTPRequestHandler):
 
     def adjust(self, raw, kind):
         """Validates and applies one cancel like Stripe; returns (status, body)."""
-        def bad(msg, param=None, code="parameter_invalid"):
-            err = {"type": "invalid_request_error", "code": code, "message": msg}
-            if param:
-                err["param"] = param
-            return 400, {"error": err}
+        def bad(msg, param=None, code=None):
+            return 400, error_body("invalid_request_error", msg, code, param)
 
         if kind == "500":
-            return 500, {"error": {"type": "api_error", "message": "An unknown error occurred."}}
+            return 500, error_body("api_error", "An unknown error occurred.")
         try:
-            pairs = parse_qsl(raw.decode("utf-8"), keep_blank_values=True, strict_parsing=True)
-        except (ValueError, UnicodeDecodeError):
-            return bad("Invalid form body.")
-        params = {}
-        for k, v in pairs:
-            if k not in ("event_name", "type", "cancel[identifier]") or k in params:
-                return bad("Received unknown parameter: %s" % k, k, "parameter_unknown")
-            params[k] = v
-        if not params.get("event_name"):
-            return bad("Missing required param: event_name.", "event_name", "parameter_missing")
-        if params.get("type") != "cancel":
-            return bad("Invalid type: must be cancel.", "type")
-        ident = params.get("cancel[identifier]")
-        if not ident:
-            return bad("Missing required param: cancel[identifier].", "cancel[identifier]", "parameter_missing")
+            self.check_common()
+            form = parse_form(raw)
+            check_schema(form, SPEC["/v1/billing/meter_event_adjustments"], "")
+            ident = (form.get("cancel") or {}).get("identifier")
+            if not ident:
+                raise Refusal("Missing required param: cancel[identifier].", "cancel[identifier]", "parameter_missing")
+        except Refusal as r:
+            status, body, _ = self.violation(self.path, r)
+            return status, body
+        name = form["event_name"]
         with lock:
             received = state["identifiers"].get(ident)
-            ev = next((e for e in state["events"] if e["identifier"] == ident), None)
+            ev = state["by_ident"].get(ident)
             if received is None or ev is None:
                 return bad("No meter event with identifier '%s'." % ident, "cancel[identifier]", "resource_missing")
-            if ev["event_name"] != params["event_name"]:
-                return bad("The meter event '%s' does not belong to event_name '%s'." % (ident, params["event_name"]),
-                           "event_name")
+            if ev["event_name"] != name:
+                return bad("The meter event '%s' does not belong to event_name '%s'." % (ident, name), "event_name")
             if ev.get("cancelled"):
-                return bad("The meter event '%s' has already been cancelled." % ident, "cancel[identifier]")
+                state["adj"]["already"] += 1
+                if state["cancel_dup_answer"] == "200":
+                    return 200, self.adjustment_object(ident, name)
+                return bad("The meter event with identifier '%s' has already been canceled." % ident,
+                           "cancel[identifier]")
             if received < time.time() - 86400:
-                return bad("Meter events can only be cancelled within 24 hours of being received.",
+                return bad("Meter events can only be canceled within 24 hours of being received.",
                            "cancel[identifier]")
             ev["cancelled"] = True
             key = "%s|%s" % (ev["customer"], ev["event_name"])
@@ -460,14 +833,21 @@ class Handler(BaseHTTPRequestHandler):
             adj = state["adj"]
             adj["cancelled"].append(ident)
             adj["cancelled_value"] += ev["value"]
-        return 200, {"id": "mtr_adj_" + uuid.uuid4().hex[:14], "object": "billing.meter_event_adjustment",
-                     "cancel": {"identifier": ident}, "event_name": params["event_name"],
-                     "livemode": False, "status": "pending", "type": "cancel"}
+        if kind == "500_after":
+            return 500, error_body("api_error", "An unknown error occurred.")
+        return 200, self.adjustment_object(ident, name)
+
+    @staticmethod
+    def adjustment_object(ident, name):
+        """A billing.meter_event_adjustment exactly as the spec's schema has it (no id)."""
+        return {"object": "billing.meter_event_adjustment", "cancel": {"identifier": ident},
+                "event_name": name, "livemode": False, "status": "pending", "type": "cancel"}
 
 
 def reset_adjustments():
     """Forgets every cancel, cancel fault and counter (part of reset())."""
-    state["adj"] = dict(requests=0, cancelled=[], cancelled_value=0, refused=0, replays=0, faults=deque())
+    state["adj"] = dict(requests=0, cancelled=[], cancelled_value=0, refused=0, already=0, replays=0,
+                        faults=deque())
 
 
 def adjustment_stats():
@@ -475,7 +855,7 @@ def adjustment_stats():
     adj = state["adj"]
     return {"requests": adj["requests"], "cancelled": len(adj["cancelled"]),
             "cancelled_value": adj["cancelled_value"], "refused": adj["refused"],
-            "replays": adj["replays"], "identifiers": list(adj["cancelled"]),
+            "already": adj["already"], "replays": adj["replays"], "identifiers": list(adj["cancelled"]),
             "faults_queued": sum(f["count"] for f in adj["faults"])}
 
 
@@ -494,9 +874,11 @@ def main():
     ap.add_argument("--key", default="sk_test_mock")
     ap.add_argument("--lifetime", type=float, default=900)
     ap.add_argument("--rate-limit", type=int, default=0)
+    ap.add_argument("--dup-answer", default="param", choices=DUP_FORMS + ("random",))
     a = ap.parse_args()
     reset()
     state["rate_limit"] = a.rate_limit
+    state["dup_answer"] = a.dup_answer
     srv = Server(("127.0.0.1", a.port), Handler)
     srv.key = a.key
     port = srv.server_address[1]

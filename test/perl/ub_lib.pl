@@ -14,6 +14,11 @@ use POSIX ();
 our $UB_KEY = 'sk_test_ub' . join('', map { ('a' .. 'z')[ int(rand(26)) ] } 1 .. 24);
 my @ub_mocks;
 
+# The test's own book of what it recorded with ub_add_usage: exact totals per customer,
+# meter and point in time ($at, one period), so that Stripe's totals can be compared with
+# what the test did rather than with the extension's views.  "customer|meter|at" -> total.
+our %UB_BOOK;
+
 # Starts the mock; returns { pid, port, url }.  Dies when it does not come up in 10 s.
 sub ub_start_mock
 {
@@ -122,6 +127,12 @@ sub ub_add_usage
 	my ($node, $customers_sql, $meter, $amount, $set, $at) = @_;
 	$at //= 'now()';
 	my $op = $set ? 'EXCLUDED.total' : 'a.total + EXCLUDED.total';
+	for my $c (split /\n/, $node->safe_psql('postgres',
+		"SELECT customer_id FROM usage_billing.customers WHERE customer_id IN ($customers_sql)"))
+	{
+		my $k = "$c|$meter|$at";
+		$UB_BOOK{$k} = $set ? $amount : ($UB_BOOK{$k} // 0) + $amount;
+	}
 	$node->safe_psql('postgres', qq{
 INSERT INTO usage_billing.usage_aggregates AS a (customer_id, meter, period_start, period_end, total, event_count)
 SELECT c.customer_id, '$meter', pb.period_start, pb.period_end, $amount, 1
@@ -154,6 +165,44 @@ SELECT c.stripe_customer_id || '|' || m.stripe_event_name, sum(floor(a.total))::
 		$h{"$parts[0]|$parts[1]"} = $parts[2] + 0;
 	}
 	return \%h;
+}
+
+# What Stripe must hold per "cus|event" for sum/count meters, from the test's own book
+# (ub_add_usage): floor of each recorded period total, summed; the customers' Stripe ids and
+# the meters' event names are the test's fixtures.  Customers "cus_bad..." are left out.
+sub ub_recorded_totals
+{
+	my ($node) = @_;
+	my %cus = map { split /\|/ } split /\n/, $node->safe_psql('postgres',
+		q{SELECT customer_id || '|' || stripe_customer_id FROM usage_billing.customers
+		   WHERE stripe_customer_id IS NOT NULL AND stripe_customer_id NOT LIKE 'cus_bad%'});
+	my %ev = map { split /\|/ } split /\n/, $node->safe_psql('postgres',
+		q{SELECT meter || '|' || stripe_event_name FROM usage_billing.meters
+		   WHERE stripe_event_name IS NOT NULL AND aggregation IN ('sum', 'count')});
+	my %h;
+	for my $k (keys %UB_BOOK)
+	{
+		my ($c, $meter) = split /\|/, $k;
+		next unless defined $cus{$c} && defined $ev{$meter};
+		my $v = POSIX::floor($UB_BOOK{$k});
+		$h{"$cus{$c}|$ev{$meter}"} += $v if $v > 0;
+	}
+	return \%h;
+}
+
+# Compares the identifiers Stripe (the mock) accepted with the outbox rows the worker
+# marked sent: returns a list of differences, empty when every accepted event is recorded
+# as sent and every sent row was accepted.  A row marked failed or retried while Stripe
+# holds its identifier (double billing once retried) shows here.
+sub ub_identifier_mismatches
+{
+	my ($node, $m) = @_;
+	my %mock = map { $_->{identifier} => 1 } @{ ub_mock_get($m, 'events') };
+	my %db = map { $_ => 1 } split /\n/, $node->safe_psql('postgres',
+		q{SELECT identifier FROM usage_billing.export_outbox WHERE status = 'sent'});
+	my @diff = ((map { "accepted by Stripe, not sent in the outbox: $_" } grep { !$db{$_} } sort keys %mock),
+		(map { "sent in the outbox, unknown to Stripe: $_" } grep { !$mock{$_} } sort keys %db));
+	return @diff;
 }
 
 # The mock's totals restricted to the event names of sum/count meters.

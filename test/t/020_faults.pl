@@ -130,9 +130,13 @@ is_deeply(ub_mock_totals($node, $mock), ub_expected_totals($node), 'mixed faults
 is(ub_mock_get($mock, 'stats')->{faults_queued}, 0, 'all faults were served');
 is($node->safe_psql('postgres', q{SELECT count(*) FROM usage_billing.export_status WHERE state <> 'in_sync'}),
 	'0', 'export_status: everything in sync');
-my %ids;
-my $dups = grep { $ids{ $_->{identifier} }++ } @{ ub_mock_get($mock, 'events') };
-is($dups, 0, 'no identifier accepted twice');
+is_deeply(ub_mock_totals($node, $mock), ub_recorded_totals($node),
+	'mixed faults: Stripe holds what the test recorded');
+my @mismatch = ub_identifier_mismatches($node, $mock);
+is(scalar(@mismatch), 0, 'every identifier Stripe accepted is recorded as sent, and only those')
+  or diag(join("\n", @mismatch));
+is(ub_mock_get($mock, 'stats')->{violations}, 0, 'no request broke the spec')
+  or diag(explain(ub_mock_get($mock, 'stats')->{violation_log}));
 
 $node->stop;
 done_testing();
