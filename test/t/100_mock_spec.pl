@@ -10,7 +10,7 @@ use MIME::Base64;
 use Test::More;
 
 our $UB_KEY;
-do './test/t/01_lib.pl' or die "01_lib.pl: $@ $!";
+do './test/perl/ub_lib.pl' or die "ub_lib.pl: $@ $!";
 
 my $m = ub_start_mock();
 my $http = HTTP::Tiny->new(timeout => 10);

@@ -12,7 +12,7 @@ use Test::More;
 use Time::HiRes qw(time sleep);
 
 our ($UB_KEY, %UB_BOOK);
-do './test/t/01_lib.pl' or die "01_lib.pl: $@ $!";
+do './test/perl/ub_lib.pl' or die "ub_lib.pl: $@ $!";
 
 my $mock = ub_start_mock();
 my $node = ub_node('ambiguous', $mock, "usage_billing.export_timeout = 2s\n");

@@ -10,7 +10,7 @@ use PostgreSQL::Test::Utils;
 use Test::More;
 
 our $UB_KEY;
-do './test/t/01_lib.pl' or die "01_lib.pl: $@ $!";
+do './test/perl/ub_lib.pl' or die "ub_lib.pl: $@ $!";
 
 my $new_key = 'sk_test_rotated' . join('', map { ('a' .. 'z')[ int(rand(26)) ] } 1 .. 20);
 my $mock = ub_start_mock(key => $new_key);

@@ -14,7 +14,7 @@ use Test::More;
 use Time::HiRes qw(time sleep);
 
 our ($UB_KEY, %UB_BOOK);
-do './test/t/01_lib.pl' or die "01_lib.pl: $@ $!";
+do './test/perl/ub_lib.pl' or die "ub_lib.pl: $@ $!";
 
 my $seed = $ENV{UB_SOAK_SEED} // int(time() * 1000) % 2**31;
 srand($seed);
