@@ -178,6 +178,28 @@ RESET ROLE;
 -- it sees every customer: it cannot be a tenant role, nor can its members
 SELECT usage_billing.grant_tenant_access('usage_billing_service');
 SELECT usage_billing.grant_tenant_access('sp_backend');
+-- Supabase: a service_role that exists at install is made a member (in a database of its own)
+SELECT current_database() AS regress_db \gset
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'service_role') THEN
+        CREATE ROLE service_role NOLOGIN;
+    END IF;
+END
+$$;
+SELECT pg_has_role('service_role', 'usage_billing_service', 'MEMBER') AS member_before_install;
+CREATE DATABASE sp_supabase;
+\c sp_supabase
+SET client_min_messages = warning;
+CREATE EXTENSION usage_billing;
+RESET client_min_messages;
+SELECT pg_has_role('service_role', 'usage_billing_service', 'MEMBER') AS member_after_install,
+       pg_has_role('service_role', 'usage_billing_admin', 'MEMBER') AS admin_after_install;
+\c :regress_db
+DROP DATABASE sp_supabase;
+DROP ROLE service_role;
+SET timezone = 'UTC';
+SET datestyle = 'ISO, YMD';
 
 -- ---------------------------------------------------------------------------
 -- 9. errors raised to tenants do not point at admin functions; staff still get the hint
