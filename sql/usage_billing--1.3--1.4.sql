@@ -336,6 +336,143 @@ GRANT SELECT ON usage_billing.input_violations
     TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
 
 -- ---------------------------------------------------------------------------
+-- Reservations: check and hold in one step
+-- ---------------------------------------------------------------------------
+-- A hold is a reservation row with status 'held' that has not expired.  Holds count against
+-- the hard cap of their key at once: usage_aggregates.reserved is the sum of the key's held
+-- amounts, changed only under the aggregate row's lock (reserve, commit, release, and the
+-- lazy expiry of holds past expires_at when a decision needs the room).  Readers that must not
+-- count expired holds (check_limit) sum the live ones.
+
+ALTER TABLE usage_billing.usage_aggregates
+    ADD COLUMN reserved numeric NOT NULL DEFAULT 0;
+
+CREATE TABLE usage_billing.reservations (
+    reservation_id  uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    customer_id     text NOT NULL,
+    meter           text NOT NULL,
+    period_start    timestamptz NOT NULL,
+    amount          numeric NOT NULL,
+    expires_at      timestamptz NOT NULL,
+    idempotency_key text,
+    -- 'held', then 'committed', 'released' or 'expired'
+    status          text NOT NULL DEFAULT 'held',
+    committed_amount numeric,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    ended_at        timestamptz
+);
+CREATE UNIQUE INDEX reservations_idempotency_idx
+    ON usage_billing.reservations (customer_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE INDEX reservations_held_idx
+    ON usage_billing.reservations (customer_id, meter, period_start) WHERE status = 'held';
+COMMENT ON TABLE usage_billing.reservations IS
+    'Holds against hard caps: reserve_usage makes one, commit_reservation records it as usage, release_reservation or expiry frees it.';
+SELECT pg_catalog.pg_extension_config_dump('usage_billing.reservations', '');
+-- the same access and row-level security as the aggregates: tenants see their own holds
+REVOKE ALL ON usage_billing.reservations FROM PUBLIC;
+GRANT SELECT ON usage_billing.reservations
+    TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
+ALTER TABLE usage_billing.reservations ENABLE ROW LEVEL SECURITY;
+CREATE POLICY staff_all ON usage_billing.reservations FOR ALL
+    TO usage_billing_admin, usage_billing_writer, usage_billing_reader
+    USING (true) WITH CHECK (true);
+CREATE POLICY tenant_own_rows ON usage_billing.reservations FOR SELECT TO PUBLIC
+    USING (customer_id = (SELECT usage_billing.current_customer_id()));
+COMMENT ON POLICY staff_all ON usage_billing.reservations IS
+    'The three usage_billing roles see every row (they write only through functions).';
+
+CREATE OR REPLACE FUNCTION usage_billing.tenant_relations()
+RETURNS text[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(array_agg(r ORDER BY r), '{}')
+      FROM unnest(ARRAY[
+               'usage_billing.meters', 'usage_billing.plans', 'usage_billing.plan_limits',
+               'usage_billing.customers', 'usage_billing.customer_limits',
+               'usage_billing.usage_events', 'usage_billing.usage_aggregates',
+               'usage_billing.usage_aggregate_slots', 'usage_billing.aggregate_totals',
+               'usage_billing.usage_unique_values', 'usage_billing.alert_log',
+               'usage_billing.effective_limits', 'usage_billing.current_usage',
+               'usage_billing.settings', 'usage_billing.reservations']) r
+     WHERE to_regclass(r) IS NOT NULL
+$$;
+
+-- roles given tenant access before this version can read their holds too
+DO $tenants$
+DECLARE
+    r name;
+BEGIN
+    FOR r IN SELECT DISTINCT g.rolname
+               FROM pg_class c, aclexplode(c.relacl) x
+               JOIN pg_roles g ON g.oid = x.grantee
+              WHERE c.oid = 'usage_billing.usage_aggregates'::regclass
+                AND x.privilege_type = 'SELECT'
+                AND g.rolname NOT IN ('usage_billing_admin', 'usage_billing_writer', 'usage_billing_reader')
+                AND NOT g.rolsuper
+    LOOP
+        EXECUTE format('GRANT SELECT ON usage_billing.reservations TO %I', r);
+    END LOOP;
+END
+$tenants$;
+
+CREATE FUNCTION usage_billing.reserve_usage(
+    customer_id text, meter text, amount numeric,
+    ttl interval DEFAULT '15 minutes', idempotency_key text DEFAULT NULL)
+RETURNS TABLE (reservation_id uuid, expires_at timestamptz, remaining numeric)
+AS 'MODULE_PATHNAME', 'ub_reserve_usage'
+LANGUAGE C VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.reserve_usage(text, text, numeric, interval, text) IS
+    'Holds amount against the meter''s hard cap until commit_reservation, release_reservation or ttl (PT402 when it does not fit).';
+
+CREATE FUNCTION usage_billing.commit_reservation(reservation_id uuid, amount numeric DEFAULT NULL)
+RETURNS TABLE (total numeric, included numeric, remaining numeric, status text,
+               duplicate boolean, period_start timestamptz, period_end timestamptz)
+AS 'MODULE_PATHNAME', 'ub_commit_reservation'
+LANGUAGE C VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.commit_reservation(uuid, numeric) IS
+    'Records the reservation as usage, exactly once (NULL amount: the amount held), and frees its hold.';
+
+CREATE FUNCTION usage_billing.release_reservation(reservation_id uuid)
+RETURNS void
+AS 'MODULE_PATHNAME', 'ub_release_reservation'
+LANGUAGE C VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.release_reservation(uuid) IS
+    'Frees a reservation''s hold without recording usage; releasing twice does nothing.';
+
+REVOKE ALL ON FUNCTION usage_billing.reserve_usage(text, text, numeric, interval, text),
+    usage_billing.commit_reservation(uuid, numeric),
+    usage_billing.release_reservation(uuid) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION usage_billing.reserve_usage(text, text, numeric, interval, text),
+    usage_billing.commit_reservation(uuid, numeric),
+    usage_billing.release_reservation(uuid) TO usage_billing_writer;
+
+-- check_limit reports the live holds of the key (reserved) and counts them against hard caps
+DROP FUNCTION usage_billing.check_limit(text, text, numeric);
+CREATE FUNCTION usage_billing.check_limit(
+    customer_id text, meter text, requested numeric DEFAULT 1)
+RETURNS TABLE (
+    allowed boolean,
+    current numeric,
+    included numeric,
+    remaining numeric,
+    status text,
+    overage_allowed boolean,
+    estimated_overage_cost numeric,
+    reason text,
+    reserved numeric)
+AS 'MODULE_PATHNAME', 'ub_check_limit'
+LANGUAGE C STABLE;
+COMMENT ON FUNCTION usage_billing.check_limit(text, text, numeric) IS
+    'Read-only: would recording "requested" succeed, and what would it cost?  Holds (reserved) count against hard caps.';
+REVOKE ALL ON FUNCTION usage_billing.check_limit(text, text, numeric) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION usage_billing.check_limit(text, text, numeric)
+    TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
+
+-- ---------------------------------------------------------------------------
 -- New-user fixes
 -- ---------------------------------------------------------------------------
 -- What a new user tripped over in 1.3, each fixed here (the C parts are in insight.c,

@@ -22,6 +22,7 @@
 #include "batch.h"
 #include "escrow.h"
 #include "pricing.h"
+#include "reservations.h"
 #include "usage_billing.h"
 
 #define LEDGER_BULK \
@@ -191,13 +192,16 @@ ub_batch_insert_ledger(BatchEvent **events, int n)
 void
 ub_batch_upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
 {
-	static SPIPlanPtr plans[4];
+	static SPIPlanPtr plans[5];
 	static Oid	types[8] = {TEXTARRAYOID, TEXTARRAYOID, TIMESTAMPTZARRAYOID,
 	TIMESTAMPTZARRAYOID, NUMERICARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID,
 	TIMESTAMPTZARRAYOID};
-	/* 3: sum and count on a schema with escrow slots, which also returns a.slotted */
+	/*
+	 * 3: sum and count on a schema with escrow slots, which also returns
+	 * a.slotted; 4: and with reservations, a.reserved
+	 */
 	int			slot = agg == UB_AGG_MAX ? 1 : agg == UB_AGG_LAST ? 2 :
-		ub_escrow_installed() ? 3 : 0;
+		ub_reservations_installed() ? 4 : ub_escrow_installed() ? 3 : 0;
 	Datum	   *cols[8];
 	Datum		args[8];
 	int			ret;
@@ -211,6 +215,8 @@ ub_batch_upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
 							 "              THEN EXCLUDED.total ELSE a.total END") :
 		slot == 3 ? AGG_BULK_RETURNING(" total = a.total + EXCLUDED.total",
 									   " RETURNING a.total, a.previous_total, a.slotted") :
+		slot == 4 ? AGG_BULK_RETURNING(" total = a.total + EXCLUDED.total",
+									   " RETURNING a.total, a.previous_total, a.slotted, a.reserved") :
 		AGG_BULK(" total = a.total + EXCLUDED.total");
 
 		plans[slot] = SPI_prepare(sql, 8, types);
@@ -256,6 +262,13 @@ ub_batch_upsert_groups(BatchGroup *groups, int n, UbAggregation agg)
 			Numeric		previous = isnull ? NULL : DatumGetNumericCopy(prev);
 			UbEventInput in = groups[g].first->in;
 
+			if (tt->tupdesc->natts >= 4)
+			{
+				Datum		reserved = SPI_getbinval(tt->vals[g], tt->tupdesc, 4, &isnull);
+
+				if (!isnull && ub_num_cmp(DatumGetNumeric(reserved), ub_num_zero()) != 0)
+					groups[g].first->pe.limit.reserved = DatumGetNumericCopy(reserved);
+			}
 			/* under the row's lock: fold the key's escrow slots if a decision may be near */
 			ub_settle_aggregate(&in, &groups[g].first->pe,
 								tt->tupdesc->natts >= 3 &&

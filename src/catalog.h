@@ -61,6 +61,8 @@ typedef struct UbLimit
 	Numeric		soft_threshold; /* NULL = never warns */
 	struct UbTiers *tiers;		/* NULL = no tiered pricing */
 	UbAggregation aggregation;	/* of the meter, for list lookups */
+	Numeric		reserved;		/* per call, never cached: the key's holds against the
+								 * hard cap (reservations.c); NULL = none */
 } UbLimit;
 
 /* All lookups must run between SPI_connect and SPI_finish; results live until SPI_finish. */

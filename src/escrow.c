@@ -229,7 +229,9 @@ limit_points(const UbLimit *limit, EscrowPoint *points)
 		points[n].passable = true;
 		n++;
 	}
-	points[n].value = limit->included;
+	/* holds (reservations.c) take their room from the hard cap */
+	points[n].value = limit->hard_cap && limit->reserved != NULL ?
+		ub_num_sub(limit->included, limit->reserved) : limit->included;
 	points[n].passable = !limit->hard_cap;
 	return n + 1;
 }

@@ -63,11 +63,13 @@
 #include "periods.h"
 #include "pricing.h"
 #include "reading.h"
+#include "record.h"
+#include "reservations.h"
 #include "usage_billing.h"
 
 PG_FUNCTION_INFO_V1(ub_check_limit);
 
-#define CHECK_LIMIT_COLS 8
+#define CHECK_LIMIT_COLS 9		/* 8 before 1.4: the row's descriptor says which */
 
 /* One result row of check_limit; NULL pointers become SQL NULLs. */
 typedef struct CheckResult
@@ -81,6 +83,7 @@ typedef struct CheckResult
 	bool		overage_allowed;
 	Numeric		estimated_overage_cost;
 	const char *reason;
+	Numeric		reserved;		/* live holds of the key (reservations.c) */
 } CheckResult;
 
 /* where the aggregates live; looked up once, forgotten on any relcache invalidation */
@@ -88,6 +91,7 @@ static Oid	aggregates_relid = InvalidOid;
 static Oid	aggregates_pkey = InvalidOid;
 static AttrNumber aggregates_total_attnum = InvalidAttrNumber;
 static AttrNumber aggregates_slotted_attnum = InvalidAttrNumber;
+static AttrNumber aggregates_reserved_attnum = InvalidAttrNumber;
 static Oid	slots_relid = InvalidOid;
 static Oid	slots_pkey = InvalidOid;
 static bool aggregates_callback_registered = false;
@@ -95,7 +99,7 @@ static bool aggregates_callback_registered = false;
 static void ForgetAggregatesRelation(Datum arg, Oid relid);
 static void LookupAggregatesRelation(void);
 static Numeric CurrentTotal(const char *customer_id, const char *meter,
-							TimestampTz period_start);
+							TimestampTz period_start, bool *held);
 static bool LookupTarget(const char *customer_id, const char *meter, UbCustomer *customer,
 						 UbMeter *m, bool *meter_found, UbLimit *limit, bool *spi_connected);
 static bool RequestedIsValid(Numeric requested, UbAggregation agg);
@@ -110,6 +114,7 @@ ForgetAggregatesRelation(Datum arg, Oid relid)
 	aggregates_pkey = InvalidOid;
 	aggregates_total_attnum = InvalidAttrNumber;
 	aggregates_slotted_attnum = InvalidAttrNumber;
+	aggregates_reserved_attnum = InvalidAttrNumber;
 	slots_relid = InvalidOid;
 	slots_pkey = InvalidOid;
 }
@@ -137,6 +142,8 @@ LookupAggregatesRelation(void)
 		elog(ERROR, "usage_billing.usage_aggregates has no column \"total\"");
 	/* schemas before 1.3 have no escrow slots: the row is the total */
 	aggregates_slotted_attnum = get_attnum(aggregates_relid, "slotted");
+	/* schemas before 1.4 have no reservations */
+	aggregates_reserved_attnum = get_attnum(aggregates_relid, "reserved");
 	slots_relid = get_relname_relid("usage_aggregate_slots", nsp);
 	slots_pkey = get_relname_relid("usage_aggregate_slots_pkey", nsp);
 	if (!OidIsValid(slots_relid) || !OidIsValid(slots_pkey))
@@ -192,7 +199,7 @@ CurrentTotalSql(const char *customer_id, const char *meter, TimestampTz period_s
 }
 
 static Numeric
-CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_start)
+CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_start, bool *held)
 {
 	Relation	rel;
 	Relation	idx;
@@ -200,6 +207,7 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 	Oid			pkey;
 	AttrNumber	total_attnum;
 	AttrNumber	slotted_attnum;
+	AttrNumber	reserved_attnum;
 	Oid			slots;
 	Oid			slots_index;
 	bool		slotted = false;
@@ -209,14 +217,18 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 	IndexScanDesc scan;
 	Numeric		total = NULL;
 
+	/* on the SQL path the caller reads the holds whenever there may be some */
+	*held = true;
 	if (!ub_direct_reads)
 		return CurrentTotalSql(customer_id, meter, period_start);
+	*held = false;
 	LookupAggregatesRelation();
 	/* keep our own copies: opening a relation may process an invalidation */
 	relid = aggregates_relid;
 	pkey = aggregates_pkey;
 	total_attnum = aggregates_total_attnum;
 	slotted_attnum = aggregates_slotted_attnum;
+	reserved_attnum = aggregates_reserved_attnum;
 	slots = slots_relid;
 	slots_index = slots_pkey;
 	rel = table_open(relid, AccessShareLock);
@@ -240,6 +252,11 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 		{
 			d = slot_getattr(slot, slotted_attnum, &isnull);
 			slotted = !isnull && DatumGetBool(d);
+		}
+		if (reserved_attnum != InvalidAttrNumber)
+		{
+			d = slot_getattr(slot, reserved_attnum, &isnull);
+			*held = !isnull && ub_num_cmp(DatumGetNumeric(d), ub_num_zero()) != 0;
 		}
 	}
 	index_endscan(scan);
@@ -355,6 +372,11 @@ EmitResult(FunctionCallInfo fcinfo, const CheckResult *r)
 		nulls[7] = true;
 	else
 		values[7] = CStringGetTextDatum(r->reason);
+	/* from 1.4: the key's live holds */
+	if (r->reserved == NULL)
+		nulls[8] = true;
+	else
+		values[8] = NumericGetDatum(r->reserved);
 
 	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 }
@@ -402,7 +424,34 @@ ub_check_limit(PG_FUNCTION_ARGS)
 
 	ub_period_containing(customer.billing_anchor, &customer.period,
 						 GetCurrentTransactionStartTimestamp(), &period_start, &period_end);
-	r.current = CurrentTotal(customer_id, meter, period_start);
+	{
+		bool		held;
+
+		r.current = CurrentTotal(customer_id, meter, period_start, &held);
+		r.reserved = ub_num_zero();
+		/* the row says the key has holds: sum the live ones (expired ones count for nothing) */
+		if (held && ub_reservations_installed())
+		{
+			MemoryContext caller = CurrentMemoryContext;
+			Numeric		live;
+
+			if (!spi_connected)
+			{
+				if (SPI_connect() != SPI_OK_CONNECT)
+					elog(ERROR, "SPI_connect failed");
+				spi_connected = true;
+			}
+			ub_push_safe_search_path();
+			live = ub_reservations_live(customer_id, meter, period_start);
+			PopOverrideSearchPath();
+			{
+				MemoryContext spi = MemoryContextSwitchTo(caller);
+
+				r.reserved = DatumGetNumericCopy(NumericGetDatum(live));
+				MemoryContextSwitchTo(spi);
+			}
+		}
+	}
 	r.included = limit.exists ? limit.included : NULL;
 	r.remaining = ub_remaining(&limit, r.current);
 	r.has_overage_allowed = true;
@@ -429,9 +478,9 @@ ub_check_limit(PG_FUNCTION_ARGS)
 	r.status = ub_usage_status(&limit, projection);
 	r.estimated_overage_cost = ub_usage_cost(&limit, projection);
 	if (limit.exists && limit.hard_cap && limit.included != NULL &&
-		ub_num_cmp(projection, limit.included) > 0)
+		ub_num_cmp(ub_num_add(projection, r.reserved), limit.included) > 0)
 	{
-		r.reason = "hard cap";
+		r.reason = ub_num_cmp(projection, limit.included) > 0 ? "hard cap" : "hard cap (reserved)";
 		goto done;
 	}
 	r.allowed = true;

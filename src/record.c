@@ -60,12 +60,14 @@
 #include "escrow.h"
 #include "pricing.h"
 #include "record.h"
+#include "reservations.h"
 #include "usage_billing.h"
 
 PG_FUNCTION_INFO_V1(ub_increment_usage);
 
 static void raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const UbLimit *limit,
-						   Numeric total, Numeric contribution, TimestampTz period_start);
+						   Numeric total, Numeric contribution, Numeric held,
+						   TimestampTz period_start);
 
 /*
  * The statements of the hot path.  Parameters: $1 customer_id, $2 meter,
@@ -102,6 +104,8 @@ static void raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const U
 #define AGG_RETURNING	" RETURNING a.total, a.previous_total"
 /* from 1.3: does the row have escrow slots to fold? */
 #define AGG_RETURNING_SLOTTED	AGG_RETURNING ", a.slotted"
+/* from 1.4: and what do its holds take from the hard cap? */
+#define AGG_RETURNING_RESERVED	AGG_RETURNING_SLOTTED ", a.reserved"
 
 #define COMBINED_RETURNING(ledger_tail, set, returning) \
 	"WITH ev AS (" LEDGER_INSERT ledger_tail " RETURNING 1) " \
@@ -145,8 +149,11 @@ unique_plan(void)
 static SPIPlanPtr
 aggregate_plan(void)
 {
-	static SPIPlanPtr plans[2];
+	static SPIPlanPtr plans[3];
 
+	if (ub_reservations_installed())
+		return ub_prepare_once(&plans[2], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
+							   AGG_SET_ADD AGG_RETURNING_RESERVED, 9, record_types);
 	if (ub_escrow_installed())
 		return ub_prepare_once(&plans[1], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
 							   AGG_SET_ADD AGG_RETURNING_SLOTTED, 9, record_types);
@@ -162,14 +169,16 @@ aggregate_plan(void)
  * can be passed) that the row's total has not passed lies at or below upper,
  * the row's total plus every slot's total and budget -- ub_escrow_near()'s
  * rule, here in SQL so that the decision and the write share one snapshot
- * and one executor start.  Returns (events the ledger took, the slot's new
+ * and one executor start.  The hard cap's point (the one that cannot be
+ * passed) is lowered by the key's holds (reservations.c).  Returns (events the ledger took, the slot's new
  * total or NULL, the row's total, the other slots' totals, whether this
  * backend has a slot).  $10 is the slot (the backend id).
  */
-#define SLOT_SPEND(ledger_tail) \
+#define SLOT_SPEND(ledger_tail, reserved) \
 	"WITH k AS (" \
 	"  SELECT (SELECT a.total FROM usage_billing.usage_aggregates a" \
 	"           WHERE a.customer_id = $1 AND a.meter = $2 AND a.period_start = $3) AS row_total," \
+	"         " reserved " AS reserved," \
 	"         coalesce(sum(s.total) FILTER (WHERE s.slot <> $10), 0) AS others," \
 	"         coalesce(sum(s.total + s.budget), 0) AS escrowed," \
 	"         coalesce(bool_or(s.budget IS NULL), false) AS unbounded," \
@@ -188,7 +197,8 @@ aggregate_plan(void)
 	"           AND EXISTS (SELECT FROM ev)" \
 	"           AND NOT EXISTS (SELECT FROM k, unnest($11::numeric[], $12::boolean[]) AS p(v, passable)" \
 	"                            WHERE NOT (p.passable AND p.v < coalesce(k.row_total, 0))" \
-	"                              AND (k.unbounded OR p.v <= coalesce(k.row_total, 0) + k.escrowed))" \
+	"                              AND (k.unbounded OR p.v - CASE WHEN p.passable THEN 0 ELSE k.reserved END" \
+	"                                                  <= coalesce(k.row_total, 0) + k.escrowed))" \
 	"        RETURNING s.total)" \
 	" SELECT (SELECT count(*) FROM ev), (SELECT total FROM up), coalesce(k.row_total, 0)," \
 	"        k.others, k.own FROM k"
@@ -196,14 +206,23 @@ aggregate_plan(void)
 static SPIPlanPtr
 spend_plan(bool keyed)
 {
-	static SPIPlanPtr plans[2];
+	static SPIPlanPtr plans[4];
 	static Oid	types[12] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
 	NUMERICOID, TEXTOID, JSONBOID, TIMESTAMPTZOID, NUMERICOID, INT4OID, NUMERICARRAYOID,
 	BOOLARRAYOID};
 
+/* the row's reserved, from 1.4 */
+#define ROW_RESERVED \
+	"coalesce((SELECT a.reserved FROM usage_billing.usage_aggregates a" \
+	"           WHERE a.customer_id = $1 AND a.meter = $2 AND a.period_start = $3), 0)"
+
+	if (ub_reservations_installed())
+		return keyed ?
+			ub_prepare_once(&plans[3], SLOT_SPEND(LEDGER_ON_CONFLICT, ROW_RESERVED), 12, types) :
+			ub_prepare_once(&plans[2], SLOT_SPEND("", ROW_RESERVED), 12, types);
 	if (keyed)
-		return ub_prepare_once(&plans[1], SLOT_SPEND(LEDGER_ON_CONFLICT), 12, types);
-	return ub_prepare_once(&plans[0], SLOT_SPEND(""), 12, types);
+		return ub_prepare_once(&plans[1], SLOT_SPEND(LEDGER_ON_CONFLICT, "0"), 12, types);
+	return ub_prepare_once(&plans[0], SLOT_SPEND("", "0"), 12, types);
 }
 
 /*
@@ -215,6 +234,7 @@ combined_plan(UbAggregation agg, bool keyed)
 {
 	static SPIPlanPtr plans[3][2];
 	static SPIPlanPtr slotted_plans[2];
+	static SPIPlanPtr reserved_plans[2];
 
 	switch (agg)
 	{
@@ -227,6 +247,14 @@ combined_plan(UbAggregation agg, bool keyed)
 				ub_prepare_once(&plans[2][1], COMBINED(LEDGER_ON_CONFLICT, AGG_SET_LAST), 9, record_types) :
 				ub_prepare_once(&plans[2][0], COMBINED("", AGG_SET_LAST), 9, record_types);
 		default:
+			if (ub_reservations_installed())
+				return keyed ?
+					ub_prepare_once(&reserved_plans[1],
+									COMBINED_RETURNING(LEDGER_ON_CONFLICT, AGG_SET_ADD, AGG_RETURNING_RESERVED),
+									9, record_types) :
+					ub_prepare_once(&reserved_plans[0],
+									COMBINED_RETURNING("", AGG_SET_ADD, AGG_RETURNING_RESERVED),
+									9, record_types);
 			if (ub_escrow_installed())
 				return keyed ?
 					ub_prepare_once(&slotted_plans[1],
@@ -243,7 +271,7 @@ combined_plan(UbAggregation agg, bool keyed)
 /* Raises PT402: the message names the meter and the limit, the detail the usage. */
 static void
 raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const UbLimit *limit,
-			   Numeric total, Numeric contribution, TimestampTz period_start)
+			   Numeric total, Numeric contribution, Numeric held, TimestampTz period_start)
 {
 	bool		additive = (meter->aggregation != UB_AGG_MAX && meter->aggregation != UB_AGG_LAST);
 
@@ -251,6 +279,11 @@ raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const UbLimit *limi
 			(errcode(ERRCODE_UB_HARD_CAP),
 			 errmsg("usage of meter \"%s\" would exceed the limit of %s",
 					in->meter, ub_num_str(limit->included)),
+			 ub_num_cmp(held, ub_num_zero()) > 0 ?
+			 errdetail("Customer \"%s\" has used %s and holds %s in reservations of %s in the billing period starting %s; this call adds %s.",
+					   in->customer_id, ub_num_str(ub_num_sub(total, contribution)), ub_num_str(held),
+					   ub_num_str(limit->included), timestamptz_to_str(period_start),
+					   ub_num_str(contribution)) :
 			 additive ?
 			 errdetail("Customer \"%s\" has used %s of %s in the billing period starting %s; this call adds %s.",
 					   in->customer_id, ub_num_str(ub_num_sub(total, contribution)),
@@ -273,11 +306,20 @@ ub_finish_aggregate(const UbEventInput *in, const UbPreparedEvent *pe,
 	const UbLimit *limit = &pe->limit;
 
 	/* the row lock taken by the upsert serializes callers: this check is exact */
-	if (limit->exists && limit->hard_cap && limit->included != NULL &&
-		ub_num_cmp(total, limit->included) > 0)
+	if (limit->exists && limit->hard_cap && limit->included != NULL)
 	{
-		ub_alerts_hard_cap_blocked(&pe->customer, &pe->meter, limit, pe->period_start, total);
-		raise_hard_cap(in, &pe->meter, limit, total, contribution, pe->period_start);
+		Numeric		held = limit->reserved ? limit->reserved : ub_num_zero();
+
+		/* holds take their room from the cap; expired ones give it back when it is needed */
+		if (ub_num_cmp(ub_num_add(total, held), limit->included) > 0 &&
+			ub_num_cmp(held, ub_num_zero()) > 0)
+			held = ub_num_sub(held, ub_reservations_expire(in->customer_id, in->meter,
+														   pe->period_start));
+		if (ub_num_cmp(ub_num_add(total, held), limit->included) > 0)
+		{
+			ub_alerts_hard_cap_blocked(&pe->customer, &pe->meter, limit, pe->period_start, total);
+			raise_hard_cap(in, &pe->meter, limit, total, contribution, held, pe->period_start);
+		}
 	}
 
 	/* thresholds are only crossed where there is an included quantity */
@@ -521,6 +563,13 @@ row_written:
 												   SPI_tuptable->tupdesc, 1, &isnull));
 	previous = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	previous_total = isnull ? NULL : DatumGetNumericCopy(previous);
+	if (SPI_tuptable->tupdesc->natts >= 4)
+	{
+		Datum		reserved = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 4, &isnull);
+
+		if (!isnull && ub_num_cmp(DatumGetNumeric(reserved), ub_num_zero()) != 0)
+			pe.limit.reserved = DatumGetNumericCopy(reserved);
+	}
 	ub_settle_aggregate(in, &pe,
 						SPI_tuptable->tupdesc->natts >= 3 &&
 						DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3,

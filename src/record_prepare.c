@@ -501,6 +501,7 @@ ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbRecordResult *du
 				 errmsg("customer \"%s\" does not exist", in->customer_id),
 				 errhint("Create it with usage_billing.upsert_customer().")));
 
+	pe->limit.reserved = NULL;
 	if (!validate_event(in, &pe->customer, meter_found, &pe->meter, &pe->unique_value,
 						&amount, &err) ||
 		!place_in_period(in, &pe->customer, &pe->period_start, &pe->period_end, &err))
