@@ -38,9 +38,9 @@ SELECT usage_billing.adjust_usage('in_hist', 'in_calls', -2, 'refund', '2025-01-
 SELECT * FROM usage_billing.usage_history('in_hist', 'in_calls', '2025-01-01', '2025-01-05');
 -- the last bucket is cut at until
 SELECT * FROM usage_billing.usage_history('in_hist', 'in_calls', '2025-01-01', '2025-01-03 13:00', '1 day');
--- hours, starting off the hour
+-- hours, starting off the hour: buckets are aligned on the hour (UTC), the first one contains since
 SELECT * FROM usage_billing.usage_history('in_hist', 'in_calls', '2025-01-03 11:30', '2025-01-03 15:00', '1 hour');
--- months in UTC calendar arithmetic with month-end clamping: Jan 31, Feb 28, Mar 31
+-- months start on the 1st (UTC): since Dec 31 gives the buckets of December to March
 SELECT * FROM usage_billing.usage_history('in_hist', 'in_calls', '2024-12-31', '2025-04-01', '1 month');
 -- empty range
 SELECT * FROM usage_billing.usage_history('in_hist', 'in_calls', '2025-01-05', '2025-01-01');
@@ -106,10 +106,12 @@ SELECT count(*) FROM usage_billing.increment_usage('in_fc', 'in_seats', 5,
     occurred_at => (SELECT previous_start + interval '1 day' FROM in_p));
 -- one row per meter with usage (this period or the last) or a limit
 SELECT meter, current, last_period FROM usage_billing.usage_forecast('in_fc');
--- projected = current * period length / elapsed for sum and count; the trend and cost follow it
+-- projected = current * period length / elapsed for sum and count, rounded to the meter's
+-- decimals (6 here); the trend and cost follow it
 SELECT f.meter,
        abs(f.projected - f.current * extract(epoch FROM p.period_end - p.period_start)
-                                   / extract(epoch FROM now() - p.period_start)) < 1e-9 AS projected_ok,
+                                   / extract(epoch FROM now() - p.period_start)) <= 0.0000005
+         AND min_scale(f.projected) <= 6 AS projected_ok,
        f.projected >= f.current AS not_below_current,
        coalesce(abs(f.trend_percent - 100 * (f.projected - f.last_period) / nullif(f.last_period, 0)) < 1e-9,
                 f.trend_percent IS NULL AND f.last_period = 0) AS trend_ok,

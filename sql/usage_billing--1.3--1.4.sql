@@ -471,3 +471,355 @@ COMMENT ON FUNCTION usage_billing.check_limit(text, text, numeric) IS
 REVOKE ALL ON FUNCTION usage_billing.check_limit(text, text, numeric) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION usage_billing.check_limit(text, text, numeric)
     TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
+
+-- ---------------------------------------------------------------------------
+-- New-user fixes
+-- ---------------------------------------------------------------------------
+-- What a new user tripped over in 1.3, each fixed here (the C parts are in insight.c,
+-- report.c and summary.c):
+--   current_usage   its "status" is the customer's account status, not the usage status:
+--                   customer_status and usage_status are new columns; status stays (same value
+--                   as customer_status) so that queries and views built on it keep working.
+--   export_status   a new column "reason" says why a row is not in sync, e.g. that no Stripe
+--                   API key is configured (export_blocker()).
+--   export_worker_info()  executable by usage_billing_admin.
+--   set_tenant_claim      takes a dotted path into the JWT claims (app_metadata.org_id).
+--   usage_billing_service a role for backends that record and read (writer + reader);
+--                   Supabase's service_role is made a member when it exists.
+--   my_usage        its hint no longer points tenants at set_tenant_claim (an admin function).
+
+-- current_usage: new columns at the end (CREATE OR REPLACE VIEW may only append)
+CREATE OR REPLACE VIEW usage_billing.current_usage WITH (security_invoker = true) AS
+SELECT c.customer_id, c.plan, m.meter, pb.period_start, pb.period_end,
+       coalesce(a.total, 0) AS total,
+       coalesce(a.event_count, 0) AS event_count,
+       l.included,
+       l.hard_cap,
+       CASE WHEN l.included > 0 THEN round(100 * coalesce(a.total, 0) / l.included, 1) END AS usage_percent,
+       c.status,
+       c.status AS customer_status,
+       -- the rule of increment_usage's status (pricing.c, ub_usage_status)
+       CASE WHEN l.included IS NULL THEN 'ok'
+            WHEN coalesce(a.total, 0) > l.included THEN 'over_limit'
+            WHEN l.soft_threshold IS NOT NULL AND l.included > 0
+                 AND coalesce(a.total, 0) >= l.soft_threshold * l.included THEN 'warning'
+            ELSE 'ok' END AS usage_status
+  FROM usage_billing.customers c
+  JOIN usage_billing.plans p ON p.plan = c.plan
+ CROSS JOIN LATERAL usage_billing.period_bounds(c.billing_anchor, p.period, now()) pb
+ CROSS JOIN usage_billing.meters m
+  LEFT JOIN usage_billing.effective_limits l ON l.customer_id = c.customer_id AND l.meter = m.meter
+  LEFT JOIN usage_billing.aggregate_totals a
+         ON a.customer_id = c.customer_id AND a.meter = m.meter AND a.period_start = pb.period_start
+ WHERE a.customer_id IS NOT NULL OR l.meter IS NOT NULL;
+COMMENT ON VIEW usage_billing.current_usage IS
+    'Current billing period usage per customer and meter, with limit, percent used, usage status (ok, warning, over_limit) and the customer''s account status.';
+COMMENT ON COLUMN usage_billing.current_usage.status IS
+    'Deprecated name of customer_status (the account status: active, suspended, canceled), kept for compatibility; it is not the usage status (usage_status).';
+COMMENT ON COLUMN usage_billing.current_usage.customer_status IS
+    'The customer''s account status: active, suspended or canceled.';
+COMMENT ON COLUMN usage_billing.current_usage.usage_status IS
+    'The usage status increment_usage would report for this total: ok, warning (at or above the soft threshold) or over_limit (above included).';
+
+-- Why the export cannot send at all, or NULL: read by export_status.reason.
+CREATE FUNCTION usage_billing.export_blocker()
+RETURNS text
+AS 'MODULE_PATHNAME', 'ub_export_blocker'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.export_blocker() IS
+    'Why the export worker sends nothing (not preloaded, export_interval 0, no Stripe API key), or NULL; never shows the key.';
+REVOKE ALL ON FUNCTION usage_billing.export_blocker() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION usage_billing.export_blocker()
+    TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
+
+-- export_status: the 1.3 view with a reason column at the end
+CREATE OR REPLACE VIEW usage_billing.export_status WITH (security_invoker = true) AS
+SELECT a.customer_id, a.meter, a.period_start, a.period_end,
+       c.stripe_customer_id,
+       m.stripe_event_name AS event_name,
+       m.aggregation,
+       a.total,
+       floor(a.total) AS target,
+       coalesce(s.exported, 0) AS exported,
+       CASE WHEN m.aggregation IN ('sum', 'count')
+            THEN greatest(floor(a.total) - coalesce(s.exported, 0), 0)
+            WHEN floor(a.total) = coalesce(s.exported, 0) THEN 0
+            ELSE floor(a.total) END AS pending,
+       coalesce(o.failed, 0) AS failed,
+       coalesce(o.pending_events, 0) AS pending_events,
+       coalesce(o.failed_events, 0) AS failed_events,
+       CASE WHEN m.aggregation IN ('sum', 'count')
+            THEN greatest(coalesce(s.planned, 0) - floor(a.total) - coalesce(x.cancelling, 0)
+                          - coalesce(k.cancellable, 0), 0)
+            ELSE 0 END AS needs_manual_credit,
+       coalesce(s.attempts, 0) AS attempts,
+       s.last_attempt_at,
+       s.last_http_status,
+       s.last_request_id,
+       coalesce(o.failed_error, s.last_error) AS last_error,
+       st.state,
+       coalesce(x.cancelling, 0) AS cancelling,
+       coalesce(x.cancelled, 0) AS cancelled,
+       CASE st.state
+            WHEN 'in_sync' THEN NULL
+            WHEN 'no_stripe_customer' THEN 'the customer has no stripe_customer_id'
+            WHEN 'failed' THEN coalesce(o.failed_error, s.last_error, 'Stripe refused the events')
+            WHEN 'needs_manual_credit' THEN
+                'Stripe holds more than the total and the excess can no longer be cancelled: credit it by hand'
+            WHEN 'cancelling' THEN 'cancelling events Stripe holds above the total'
+            ELSE coalesce(b.blocker,
+                          CASE WHEN a.total < 0 THEN 'the total is negative: nothing is sent'
+                               WHEN coalesce(o.pending_events, 0) > 0 THEN 'sent or being sent, waiting for Stripe''s answer'
+                               ELSE 'waiting for the next export cycle' END)
+            END AS reason
+  FROM usage_billing.aggregate_totals a
+  JOIN usage_billing.meters m ON m.meter = a.meter AND m.stripe_event_name IS NOT NULL
+  JOIN usage_billing.customers c ON c.customer_id = a.customer_id
+  LEFT JOIN usage_billing.export_state s
+         ON s.customer_id = a.customer_id AND s.meter = a.meter AND s.period_start = a.period_start
+  LEFT JOIN LATERAL (
+        SELECT sum(ob.value) FILTER (WHERE ob.status = 'failed') AS failed,
+               count(*) FILTER (WHERE ob.status = 'pending') AS pending_events,
+               count(*) FILTER (WHERE ob.status = 'failed') AS failed_events,
+               max(ob.last_error) FILTER (WHERE ob.status = 'failed') AS failed_error
+          FROM usage_billing.export_outbox ob
+         WHERE ob.customer_id = a.customer_id AND ob.meter = a.meter
+           AND ob.period_start = a.period_start AND ob.status IN ('pending', 'failed')) o ON true
+  LEFT JOIN LATERAL (
+        SELECT sum(xc.value) FILTER (WHERE xc.status = 'pending') AS cancelling,
+               sum(xc.value) FILTER (WHERE xc.status = 'cancelled') AS cancelled
+          FROM usage_billing.export_cancels xc
+         WHERE xc.customer_id = a.customer_id AND xc.meter = a.meter
+           AND xc.period_start = a.period_start) x ON true
+  LEFT JOIN LATERAL (
+        -- what the worker can still cancel (usage_billing.export_cancel_window, default 23 h);
+        -- a pending event counts too: it becomes cancellable once Stripe confirms it
+        SELECT sum(ob.value) AS cancellable
+          FROM usage_billing.export_outbox ob
+         WHERE m.aggregation IN ('sum', 'count') AND coalesce(s.planned, 0) > floor(a.total)
+           AND ob.customer_id = a.customer_id AND ob.meter = a.meter
+           AND ob.period_start = a.period_start AND ob.status IN ('sent', 'pending') AND ob.additive
+           AND ob.created_at > clock_timestamp()
+                 - coalesce(nullif(pg_catalog.current_setting('usage_billing.export_cancel_window', true), ''),
+                            '23h')::interval
+           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_cancels xc
+                            WHERE xc.identifier = ob.identifier)) k ON true
+ CROSS JOIN LATERAL (
+        SELECT CASE WHEN c.stripe_customer_id IS NULL THEN 'no_stripe_customer'
+                    WHEN coalesce(o.failed_events, 0) > 0 THEN 'failed'
+                    WHEN m.aggregation IN ('sum', 'count') AND coalesce(s.planned, 0) > floor(a.total)
+                         AND coalesce(s.planned, 0) - floor(a.total)
+                             > coalesce(x.cancelling, 0) + coalesce(k.cancellable, 0)
+                         THEN 'needs_manual_credit'
+                    WHEN m.aggregation IN ('sum', 'count') AND coalesce(s.planned, 0) > floor(a.total)
+                         THEN 'cancelling'
+                    WHEN coalesce(s.exported, 0) = floor(a.total) THEN 'in_sync'
+                    ELSE 'pending' END AS state) st
+ CROSS JOIN (SELECT usage_billing.export_blocker() AS blocker) b;
+COMMENT ON COLUMN usage_billing.export_status.reason IS
+    'Why the row is not in sync (NULL when it is): no Stripe customer id, no Stripe API key configured, worker not running, Stripe''s error, waiting for the next cycle, ...';
+
+-- export_worker_info(): the admin role monitors the worker too
+GRANT EXECUTE ON FUNCTION usage_billing.export_worker_info() TO usage_billing_admin;
+
+-- Tenant claims: a dotted path into the JWT claims (app_metadata.org_id); a top-level claim
+-- whose name contains dots (https://example.com/customer) still wins when it is present.
+CREATE OR REPLACE FUNCTION usage_billing.current_customer_id()
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+/*
+ * The customer of the current request: the tenant claim (default "sub") of the JSON in
+ * request.jwt.claims, as PostgREST sets it per transaction; older PostgREST versions set one
+ * setting per top-level claim (request.jwt.claim.<name>, objects as JSON text), read as a
+ * fallback.  A claim with dots is a path (app_metadata.org_id) unless a top-level claim has
+ * that very name.  NULL when there is no request, no such claim, the claim is an object, an
+ * array or null, or the claims are not a JSON object: NULL matches no row.
+ */
+DECLARE
+    claim  text;
+    path   text[];
+    raw    text;
+    claims jsonb;
+    v      jsonb;
+BEGIN
+    SELECT s.value INTO claim FROM usage_billing.settings s WHERE s.name = 'tenant_claim';
+    claim := coalesce(claim, 'sub');
+    path := string_to_array(claim, '.');
+    raw := current_setting('request.jwt.claims', true);
+    IF raw IS NULL OR raw = '' THEN
+        raw := nullif(current_setting('request.jwt.claim.' || claim, true), '');
+        IF raw IS NOT NULL OR cardinality(path) < 2 THEN
+            RETURN raw;
+        END IF;
+        -- a path: the first name's setting holds its object as JSON
+        raw := current_setting('request.jwt.claim.' || path[1], true);
+        IF raw IS NULL OR raw = '' THEN
+            RETURN NULL;
+        END IF;
+        BEGIN
+            claims := jsonb_build_object(path[1], raw::jsonb);
+        EXCEPTION WHEN invalid_text_representation THEN
+            RETURN NULL;
+        END;
+    ELSE
+        BEGIN
+            claims := raw::jsonb;
+        EXCEPTION WHEN invalid_text_representation THEN
+            RETURN NULL;
+        END;
+    END IF;
+    IF jsonb_typeof(claims) IS DISTINCT FROM 'object' THEN
+        RETURN NULL;
+    END IF;
+    IF claims ? claim OR cardinality(path) < 2 THEN
+        v := claims -> claim;
+    ELSE
+        v := claims #> path;
+    END IF;
+    IF v IS NULL OR jsonb_typeof(v) IN ('object', 'array', 'null') THEN
+        RETURN NULL;
+    END IF;
+    RETURN nullif(v #>> '{}', '');
+END
+$$;
+COMMENT ON FUNCTION usage_billing.current_customer_id() IS
+    'The customer_id of the current PostgREST request (JWT claim or dotted claim path named by the tenant_claim setting, default sub), or NULL.';
+
+CREATE OR REPLACE FUNCTION usage_billing.set_tenant_claim(claim text)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF claim IS NULL OR claim = '' OR length(claim) > 200 THEN
+        RAISE EXCEPTION 'invalid tenant claim'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'The claim name must have between 1 and 200 characters.',
+                  HINT = 'Name the JWT claim that holds the customer_id, e.g. sub, customer_id or app_metadata.org_id.';
+    END IF;
+    IF claim ~ '^\.|\.\.|\.$' THEN
+        RAISE EXCEPTION 'invalid tenant claim "%"', claim
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'A claim path names one claim per dot-separated part; no part may be empty.',
+                  HINT = 'For a nested claim write its path, e.g. app_metadata.org_id.';
+    END IF;
+    INSERT INTO usage_billing.settings AS s (name, value) VALUES ('tenant_claim', claim)
+    ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.set_tenant_claim(text) IS
+    'Names the JWT claim (in request.jwt.claims) that holds a tenant''s customer_id, or its dotted path (app_metadata.org_id); the default is sub.';
+
+-- my_usage: what a tenant can act on, no pointer to admin functions
+CREATE OR REPLACE FUNCTION usage_billing.my_usage()
+RETURNS TABLE (
+    meter text,
+    total numeric,
+    event_count bigint,
+    included numeric,
+    usage_percent numeric,
+    overage_quantity numeric,
+    overage_cost numeric,
+    first_usage timestamptz,
+    last_usage timestamptz)
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    me text := usage_billing.current_customer_id();
+    claim text;
+BEGIN
+    IF me IS NULL THEN
+        SELECT s.value INTO claim FROM usage_billing.settings s WHERE s.name = 'tenant_claim';
+        RAISE EXCEPTION 'the request names no customer'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = format('The JWT of the request has no usable "%s" claim.', coalesce(claim, 'sub')),
+                  HINT = 'Call my_usage through PostgREST with a signed JWT that carries your customer id.';
+    END IF;
+    RETURN QUERY SELECT s.* FROM usage_billing.get_usage_summary(me) s;
+END
+$$;
+
+-- A role for backends that record and read (Supabase's service_role): the writer's and the
+-- reader's rights, nothing of the admin's.
+DO $service$
+DECLARE
+    existing record;
+BEGIN
+    SELECT rolsuper, rolbypassrls, rolcanlogin INTO existing
+      FROM pg_catalog.pg_roles WHERE rolname = 'usage_billing_service';
+    IF NOT FOUND THEN
+        CREATE ROLE usage_billing_service NOLOGIN;
+    ELSIF existing.rolsuper OR existing.rolbypassrls THEN
+        RAISE EXCEPTION 'role "%" already exists with SUPERUSER or BYPASSRLS', 'usage_billing_service'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'usage_billing grants this role access to billing data and relies on row-level security applying to it.',
+                  HINT = 'Drop the role or ALTER ROLE usage_billing_service NOSUPERUSER NOBYPASSRLS, then retry.';
+    ELSIF existing.rolcanlogin THEN
+        RAISE WARNING 'role "%" already exists and can log in', 'usage_billing_service'
+            USING DETAIL = 'usage_billing reuses it; the roles it creates itself are NOLOGIN.',
+                  HINT = 'Check who can log in as this role and who is a member of it.';
+    END IF;
+    IF NOT pg_catalog.pg_has_role('usage_billing_service', 'usage_billing_writer', 'MEMBER') THEN
+        GRANT usage_billing_writer TO usage_billing_service;
+    END IF;
+    IF NOT pg_catalog.pg_has_role('usage_billing_service', 'usage_billing_reader', 'MEMBER') THEN
+        GRANT usage_billing_reader TO usage_billing_service;
+    END IF;
+    -- Supabase: the backend's role records and reads
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'service_role')
+       AND NOT pg_catalog.pg_has_role('service_role', 'usage_billing_service', 'MEMBER') THEN
+        GRANT usage_billing_service TO service_role;
+    END IF;
+END
+$service$;
+COMMENT ON ROLE usage_billing_service IS
+    'usage_billing: a backend that records and reads (member of usage_billing_writer and usage_billing_reader).';
+
+-- a staff role (or a member of one) sees every customer: it cannot be a tenant role
+CREATE OR REPLACE FUNCTION usage_billing.grant_tenant_access(tenant_role name)
+RETURNS void
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+/*
+ * Lets a tenant role (PostgREST's "authenticated") read its own customer's rows: USAGE on the
+ * schema, SELECT on the customer tables (row-level security filters them) and the catalog, and
+ * EXECUTE on my_usage and the reading functions that run as the invoker (so that row-level
+ * security applies inside them).  Nothing that writes.
+ */
+DECLARE
+    t text;
+    f regprocedure;
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = tenant_role) THEN
+        RAISE EXCEPTION 'role "%" does not exist', tenant_role
+            USING ERRCODE = 'undefined_object';
+    END IF;
+    IF tenant_role IN ('usage_billing_admin', 'usage_billing_writer', 'usage_billing_reader',
+                       'usage_billing_service')
+       OR EXISTS (SELECT 1 FROM pg_roles r WHERE r.rolname = tenant_role AND (r.rolsuper OR r.rolbypassrls))
+       OR EXISTS (SELECT 1 FROM unnest(ARRAY['usage_billing_admin', 'usage_billing_writer',
+                                             'usage_billing_reader']) g
+                   WHERE pg_has_role(tenant_role, g, 'MEMBER')) THEN
+        RAISE EXCEPTION 'role "%" cannot be a tenant role', tenant_role
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'Staff roles, their members, superusers and roles with BYPASSRLS see every customer.';
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA usage_billing TO %I', tenant_role);
+    FOREACH t IN ARRAY usage_billing.tenant_relations()
+    LOOP
+        EXECUTE format('GRANT SELECT ON %s TO %I', t, tenant_role);
+    END LOOP;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+              WHERE p.pronamespace = 'usage_billing'::regnamespace
+                AND p.proname = ANY (usage_billing.tenant_functions())
+                AND (NOT p.prosecdef OR p.proname = 'my_usage')
+    LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', f, tenant_role);
+    END LOOP;
+END
+$$;

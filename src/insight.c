@@ -3,13 +3,23 @@
  *	  Analytics: usage_history, usage_forecast, recommend_plan, usage_report.
  *
  * Vocabulary
- *	 bucket		[since + k * bucket, since + (k+1) * bucket) in UTC calendar
- *				arithmetic (as billing periods), the last one cut at "until"
+ *	 bucket		[origin + k * bucket, origin + (k+1) * bucket) in UTC calendar
+ *				arithmetic (as billing periods), the last one cut at "until";
+ *				the first bucket is the one that contains "since" and counts
+ *				from its own start
+ *	 origin		where buckets are aligned, in UTC: buckets of days, hours,
+ *				minutes... (no months) start at UB_HISTORY_TIME_ORIGIN + j *
+ *				bucket (midnight for '1 day', the hour for '1 hour', Monday
+ *				for '1 week'); buckets of whole months at UB_HISTORY_MONTH_ORIGIN
+ *				+ j * bucket (the 1st of a month, quarters for '3 months',
+ *				1 January for '1 year'); a bucket mixing months with days or
+ *				time has no natural grid and starts at "since", as in 1.3
  *	 live event	a ledger row of kind 'usage' that no 'void' row names;
  *				history reads live events and adjustments, by occurred_at
  *	 current	the aggregate total of the billing period containing now()
  *	 projected	for sum and count meters the current total extrapolated over
- *				the whole period by elapsed time; the current total otherwise
+ *				the whole period by elapsed time, rounded half away from zero
+ *				to the meter's decimals; the current total otherwise
  *	 complete	a billing period that ended before the current one started
  *
  * usage_report, which formats the same numbers for psql, lives in report.c.
@@ -25,11 +35,13 @@
 #include "postgres.h"
 
 #include "catalog/pg_type.h"
+#include "common/int.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/datetime.h"
 #include "utils/datum.h"
 #include "utils/numeric.h"
 #include "utils/timestamp.h"
@@ -47,6 +59,10 @@ PG_FUNCTION_INFO_V1(ub_usage_forecast);
 PG_FUNCTION_INFO_V1(ub_recommend_plan);
 
 #define UB_MAX_BUCKETS		100000
+
+/* 2000-01-03 00:00 UTC, a Monday, and 2000-01-01 00:00 UTC, in microseconds since 2000-01-01 */
+#define UB_HISTORY_TIME_ORIGIN	(2 * USECS_PER_DAY)
+#define UB_HISTORY_MONTH_ORIGIN	INT64CONST(0)
 #define UB_MAX_PERIODS		1000
 
 static SPIPlanPtr history_plans[5] = {NULL, NULL, NULL, NULL, NULL};
@@ -101,6 +117,52 @@ check_bucket(const Interval *bucket)
 				 errhint("For example bucket => '1 day' or '1 hour'.")));
 }
 
+/*
+ * The start of the aligned bucket that contains "since" (see origin above),
+ * or "since" itself when the bucket mixes months with days or time or when
+ * the aligned start would be out of range.
+ */
+static TimestampTz
+aligned_bucket_start(TimestampTz since, const Interval *bucket)
+{
+	if (bucket->month == 0)
+	{
+		int64		width;
+		int64		offset;
+		int64		q;
+		TimestampTz start;
+
+		if (pg_mul_s64_overflow((int64) bucket->day, USECS_PER_DAY, &width) ||
+			pg_add_s64_overflow(width, bucket->time, &width) ||
+			pg_sub_s64_overflow(since, UB_HISTORY_TIME_ORIGIN, &offset))
+			return since;
+		q = offset / width;
+		if (offset % width < 0)
+			q--;				/* floor, also before the origin */
+		/* |start - since| < width, and since is a valid timestamp */
+		start = UB_HISTORY_TIME_ORIGIN + q * width;
+		return IS_VALID_TIMESTAMP(start) ? start : since;
+	}
+	if (bucket->day == 0 && bucket->time == 0)
+	{
+		struct pg_tm tm;
+		fsec_t		fsec;
+		int64		months;
+		int64		q;
+		TimestampTz start;
+
+		if (timestamp2tm(since, NULL, &tm, &fsec, NULL, NULL) != 0)
+			return since;
+		months = ((int64) tm.tm_year - 2000) * MONTHS_PER_YEAR + (tm.tm_mon - 1);
+		q = months / bucket->month;
+		if (months % bucket->month < 0)
+			q--;
+		start = ub_period_start_k(UB_HISTORY_MONTH_ORIGIN, bucket, q);
+		return IS_VALID_TIMESTAMP(start) && start <= since ? start : since;
+	}
+	return since;
+}
+
 /* The ledger expression that aggregates a bucket, per aggregation. */
 static const char *
 history_expression(UbAggregation agg)
@@ -132,6 +194,7 @@ ub_usage_history(PG_FUNCTION_ARGS)
 	char	   *meter_name = PG_ARGISNULL(1) ? NULL : text_to_cstring(PG_GETARG_TEXT_PP(1));
 	TimestampTz since;
 	TimestampTz until;
+	TimestampTz first;
 	Interval   *bucket;
 	UbCustomer	customer;
 	UbMeter		meter;
@@ -166,13 +229,18 @@ ub_usage_history(PG_FUNCTION_ARGS)
 		elog(ERROR, "SPI_connect failed");
 	ub_require_usage_target(customer_id, meter_name, &customer, &meter, &limit);
 
-	/* every start since + k * bucket below until; each computed from since, so months do not drift */
+	/*
+	 * every start origin + k * bucket below until, from the aligned bucket
+	 * that contains since; each computed from that first start, so months do
+	 * not drift
+	 */
+	first = aligned_bucket_start(since, bucket);
 	capacity = 64;
 	starts = palloc(sizeof(Datum) * capacity);
 	ends = palloc(sizeof(Datum) * capacity);
 	for (int64 k = 0;; k++)
 	{
-		TimestampTz s = ub_period_start_k(since, bucket, k);
+		TimestampTz s = ub_period_start_k(first, bucket, k);
 		TimestampTz e;
 
 		if (s >= until)
@@ -183,7 +251,7 @@ ub_usage_history(PG_FUNCTION_ARGS)
 					 errmsg("too many buckets"),
 					 errdetail("The range and bucket give more than %d buckets.", UB_MAX_BUCKETS),
 					 errhint("Use a larger bucket or a shorter range.")));
-		e = ub_period_start_k(since, bucket, k + 1);
+		e = ub_period_start_k(first, bucket, k + 1);
 		if (n == capacity)
 		{
 			capacity *= 2;
@@ -252,7 +320,8 @@ ub_meter_usage(const UbCustomer *customer, TimestampTz current_start, TimestampT
 	List	   *result = NIL;
 	SPIPlanPtr	meter_usage_plan = ub_totals_plan(meter_usage_plans,
 				 "SELECT m.meter, m.aggregation, m.unit,"
-				 "       coalesce(cur.total, 0), coalesce(prev.total, 0)"
+				 "       coalesce(cur.total, 0), coalesce(prev.total, 0),"
+				 "       (pg_catalog.to_jsonb(m) OPERATOR(pg_catalog.->>) 'decimals')::pg_catalog.int4"
 				 "  FROM usage_billing.meters m"
 				 "  LEFT JOIN usage_billing.aggregate_totals cur"
 				 "         ON cur.customer_id = $1 AND cur.meter = m.meter AND cur.period_start = $2"
@@ -281,6 +350,9 @@ ub_meter_usage(const UbCustomer *customer, TimestampTz current_start, TimestampT
 		mu->unit = SPI_getvalue(tup, desc, 3);
 		mu->current = DatumGetNumericCopy(SPI_getbinval(tup, desc, 4, &isnull));
 		mu->last_period = DatumGetNumericCopy(SPI_getbinval(tup, desc, 5, &isnull));
+		mu->decimals = DatumGetInt32(SPI_getbinval(tup, desc, 6, &isnull));
+		if (isnull)
+			mu->decimals = -1;
 		foreach(lc, limits)
 		{
 			UbLimit    *l = (UbLimit *) lfirst(lc);
@@ -304,15 +376,27 @@ ub_current_periods(const UbCustomer *customer, TimestampTz now, TimestampTz *sta
 	ub_period_containing(customer->billing_anchor, &customer->period, *start - 1, previous_start, &pe);
 }
 
-/* The projection of a meter's current total over the whole period. */
+/*
+ * The projection of a meter's current total over the whole period, rounded
+ * half away from zero to the meter's decimals (a quantity the meter could
+ * hold; the exact quotient has up to 20 digits), trailing zeros trimmed.
+ */
 static Numeric
 project(const UbMeterUsage *mu, TimestampTz start, TimestampTz end, TimestampTz now)
 {
+	Numeric		projected;
+
 	if (mu->aggregation != UB_AGG_SUM && mu->aggregation != UB_AGG_COUNT)
 		return mu->current;
 	if (now <= start)
 		return mu->current;
-	return ub_num_div(ub_num_mul(mu->current, ub_num_int(end - start)), ub_num_int(now - start));
+	projected = ub_num_div(ub_num_mul(mu->current, ub_num_int(end - start)), ub_num_int(now - start));
+	if (mu->decimals < 0)
+		return projected;
+	return DatumGetNumeric(DirectFunctionCall1(numeric_trim_scale,
+											   DirectFunctionCall2(numeric_round,
+																   NumericGetDatum(projected),
+																   Int32GetDatum(mu->decimals))));
 }
 
 /* SQL: usage_forecast(customer_id) -> (meter, current, projected, last_period, trend_percent, projected_cost) */

@@ -14,6 +14,7 @@ typedef struct UbMeterUsage
 	char	   *meter;
 	UbAggregation aggregation;
 	char	   *unit;
+	int			decimals;		/* the meter's decimals; -1: not known (before 1.4) */
 	Numeric		current;
 	Numeric		last_period;
 	UbLimit    *limit;			/* NULL: no limit row */

@@ -22,7 +22,12 @@
  *               (unique_count: we cannot know whether the value is new, so
  *               we assume the worst case)
  *
- * allowed, status and estimated_overage_cost use the projection.
+ * allowed, status and estimated_overage_cost use the projection.  So
+ * status is a forecast where increment_usage's is a report: at 10 of 10
+ * included increment_usage returned 'warning', and check_limit with the
+ * default requested 1 answers 'over_limit' (the next unit would be over).
+ * The status as it stands is current_usage.usage_status, or check_limit
+ * with requested 0 on sum, count and max meters (doc/api.md, section 3).
  * remaining is included - current floored at 0, i.e. what is still left
  * before this request, the same quantity increment_usage reports after a
  * call; it is NULL when the meter is unlimited.  estimated_overage_cost is

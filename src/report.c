@@ -13,17 +13,23 @@
  *
  * Times are printed in UTC whatever the session's TimeZone, as periods are
  * computed in UTC.
+ *
+ * export_blocker, also here, reports in words what keeps the export worker
+ * from sending anything (export_status.reason shows it on pending rows).
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
+#include "commands/dbcommands.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "lib/stringinfo.h"
 #include "mb/pg_wchar.h"
+#include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/datetime.h"
+#include "utils/guc.h"
 #include "utils/numeric.h"
 #include "utils/timestamp.h"
 #include "utils/tuplestore.h"
@@ -31,8 +37,10 @@
 #include "catalog.h"
 #include "insight.h"
 #include "pricing.h"
+#include "shmem.h"
 
 PG_FUNCTION_INFO_V1(ub_usage_report);
+PG_FUNCTION_INFO_V1(ub_export_blocker);
 
 #define UB_BAR_WIDTH		20
 
@@ -151,4 +159,43 @@ ub_usage_report(PG_FUNCTION_ARGS)
 	}
 	SPI_finish();
 	return (Datum) 0;
+}
+
+/* A setting's value as the server has it, "" when it is not defined (never privileged-filtered). */
+static const char *
+setting_or_empty(const char *name)
+{
+	const char *v = GetConfigOption(name, true, false);
+
+	return v != NULL ? v : "";
+}
+
+/*
+ * SQL: export_blocker() -> text: why the export worker sends nothing for this
+ * database, every reason joined by "; ", or NULL when nothing stops it.  It
+ * says whether a Stripe API key is configured, never what it is.
+ */
+Datum
+ub_export_blocker(PG_FUNCTION_ARGS)
+{
+	StringInfoData buf;
+	const char *database = setting_or_empty("usage_billing.database");
+	char	   *here = get_database_name(MyDatabaseId);
+
+	initStringInfo(&buf);
+	if (setting_or_empty("usage_billing.stripe_api_key")[0] == '\0' &&
+		setting_or_empty("usage_billing.stripe_api_key_file")[0] == '\0')
+		appendStringInfoString(&buf, "no Stripe API key is configured"
+							   " (usage_billing.stripe_api_key or usage_billing.stripe_api_key_file)");
+	if (!ub_shmem_available())
+		appendStringInfo(&buf, "%sthe export worker is not running"
+						 " (usage_billing is not in shared_preload_libraries)",
+						 buf.len > 0 ? "; " : "");
+	else if (here != NULL && strcmp(database, here) != 0)
+		appendStringInfo(&buf, "%sthe export worker serves database \"%s\", not this one"
+						 " (usage_billing.database)",
+						 buf.len > 0 ? "; " : "", database);
+	if (buf.len == 0)
+		PG_RETURN_NULL();
+	PG_RETURN_TEXT_P(cstring_to_text(buf.data));
 }

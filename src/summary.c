@@ -44,6 +44,10 @@
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "miscadmin.h"
+#include "nodes/value.h"
+#include "parser/parse_func.h"
+#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/fmgrprotos.h"
 #include "utils/numeric.h"
@@ -96,10 +100,20 @@ ub_require_customer(const char *customer_id, UbCustomer *customer)
 				 errmsg("customer id must not be empty"),
 				 errdetail("The customer id given was NULL.")));
 	if (!ub_lookup_customer(customer_id, customer))
+	{
+		/* the hint names an admin function: only for those who may call it, not tenants */
+		Oid			argtypes[4] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TEXTOID};
+		Oid			upsert = LookupFuncName(list_make2(makeString("usage_billing"),
+													   makeString("upsert_customer")),
+											4, argtypes, true);
+		bool		may_create = OidIsValid(upsert) &&
+			pg_proc_aclcheck(upsert, GetUserId(), ACL_EXECUTE) == ACLCHECK_OK;
+
 		ereport(ERROR,
 				(errcode(ERRCODE_NO_DATA_FOUND),
 				 errmsg("customer \"%s\" does not exist", customer_id),
-				 errhint("Create it with usage_billing.upsert_customer().")));
+				 may_create ? errhint("Create it with usage_billing.upsert_customer().") : 0));
+	}
 }
 
 /* Builds an aggregate row from (meter, total, event_count, first_usage, last_usage). */

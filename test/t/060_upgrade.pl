@@ -183,10 +183,10 @@ SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = 'usage_billing') || ' 
          WHERE d.dbid = (SELECT oid FROM pg_database WHERE datname = 'squat')
            AND r.rolname IN ('squat_tenant', 'usage_billing_admin', 'usage_billing_writer', 'usage_billing_reader'))
     || ' privileges left'};
-is($node->safe_psql('squat', $left_q), '1 schema, 0 objects, 3 roles, 4 privileges left',
+is($node->safe_psql('squat', $left_q), '1 schema, 0 objects, 4 roles, 4 privileges left',
 	'DROP EXTENSION leaves the empty schema with its USAGE grants, and the roles');
 $node->safe_psql('squat', 'DROP SCHEMA usage_billing');
-is($node->safe_psql('squat', $left_q), '0 schema, 0 objects, 3 roles, 0 privileges left',
+is($node->safe_psql('squat', $left_q), '0 schema, 0 objects, 4 roles, 0 privileges left',
 	'DROP SCHEMA removes the last privileges; the cluster-wide roles stay');
 $node->safe_psql('postgres', 'DROP ROLE squat_tenant');
 $node->safe_psql('squat', 'CREATE EXTENSION usage_billing');
