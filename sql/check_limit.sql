@@ -236,3 +236,14 @@ RESET search_path;
 -- called in the select list (no expected row type from FROM) it answers the same
 SELECT usage_billing.check_limit('cl_live', 'cl_capped', 1);
 SELECT (usage_billing.check_limit('cl_live', 'cl_capped', 5)).reason;
+
+-- requested follows increment_usage's input rules: the meter's decimals and max_amount; a
+-- count meter's requested is a whole number of events
+SELECT usage_billing.create_meter('cl_whole', 'sum', decimals => 0, max_amount => 100);
+SELECT usage_billing.set_plan_limit('cl_basic', 'cl_whole', included => 1000);
+SELECT r.requested, c.allowed, c.reason
+  FROM (VALUES (1.0), (1.5), (100), (101)) AS r(requested),
+       LATERAL usage_billing.check_limit('cl_acme', 'cl_whole', r.requested) c;
+SELECT r.requested, c.allowed, c.reason
+  FROM (VALUES (5), (2.5)) AS r(requested),
+       LATERAL usage_billing.check_limit('cl_acme', 'cl_jobs', r.requested) c;

@@ -102,7 +102,7 @@ static Numeric CurrentTotal(const char *customer_id, const char *meter,
 							TimestampTz period_start, bool *held);
 static bool LookupTarget(const char *customer_id, const char *meter, UbCustomer *customer,
 						 UbMeter *m, bool *meter_found, UbLimit *limit, bool *spi_connected);
-static bool RequestedIsValid(Numeric requested, UbAggregation agg);
+static bool RequestedIsValid(Numeric requested, const UbMeter *m);
 static Numeric ProjectTotal(UbAggregation agg, Numeric current, Numeric requested);
 static void EmitResult(FunctionCallInfo fcinfo, const CheckResult *r);
 
@@ -308,16 +308,31 @@ LookupTarget(const char *customer_id, const char *meter, UbCustomer *customer, U
 	return found;
 }
 
-/* increment_usage's rule for amounts: finite, and not negative where it adds up. */
+/*
+ * increment_usage's rules for amounts: finite, not negative where it adds
+ * up, and within the meter's decimals and max_amount.  For a count meter
+ * requested is a number of events: a whole number, with no max_amount.
+ */
 static bool
-RequestedIsValid(Numeric requested, UbAggregation agg)
+RequestedIsValid(Numeric requested, const UbMeter *m)
 {
+	UbAggregation agg = m->aggregation;
+	Numeric		normalized;
+	char	   *message;
+	char	   *detail;
+	char	   *hint;
+
 	if (requested == NULL || ub_num_is_special(requested))
 		return false;
 	if ((agg == UB_AGG_SUM || agg == UB_AGG_COUNT || agg == UB_AGG_UNIQUE_COUNT) &&
 		ub_num_cmp(requested, ub_num_zero()) < 0)
 		return false;
-	return true;
+	if (agg == UB_AGG_COUNT || agg == UB_AGG_UNIQUE_COUNT)
+		return ub_num_cmp(DatumGetNumeric(DirectFunctionCall1(numeric_floor,
+															  NumericGetDatum(requested))),
+						  requested) == 0;
+	return ub_check_amount_limits("requested", m->meter, m, requested, &normalized, &message,
+								  &detail, &hint);
 }
 
 /* The aggregate the period would have after increment_usage(requested). */
@@ -460,7 +475,7 @@ ub_check_limit(PG_FUNCTION_ARGS)
 	if (r.reason != NULL)
 	{
 		/* refused anyway; still say where the request would land */
-		if (RequestedIsValid(requested, m.aggregation))
+		if (RequestedIsValid(requested, &m))
 		{
 			projection = ProjectTotal(m.aggregation, r.current, requested);
 			r.status = ub_usage_status(&limit, projection);
@@ -468,7 +483,7 @@ ub_check_limit(PG_FUNCTION_ARGS)
 		}
 		goto done;
 	}
-	if (!RequestedIsValid(requested, m.aggregation))
+	if (!RequestedIsValid(requested, &m))
 	{
 		r.reason = "invalid requested quantity";
 		goto done;

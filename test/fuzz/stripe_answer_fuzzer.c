@@ -197,11 +197,13 @@ fuzz_error_json(const uint8_t *data, size_t size)
 {
 	char		type[UB_HEADER_LEN];
 	char		code[UB_HEADER_LEN];
+	char		param[UB_HEADER_LEN];
 	char		message[UB_ERROR_LEN];
 
-	ub_parse_error((const char *) data, size, type, code, message);
+	ub_parse_error((const char *) data, size, type, code, param, message);
 	check_terminated(type, sizeof(type), "type");
 	check_terminated(code, sizeof(code), "code");
+	check_terminated(param, sizeof(param), "param");
 	check_terminated(message, sizeof(message), "message");
 }
 

@@ -356,6 +356,8 @@ sub next_call
 		my $m = pick('fz_sum', 'fz_count');
 		my $key = rand() < 0.5 ? lit("h$id") : 'NULL';
 		my $bad = pick('amount', 'amount', 'occurred_at', 'properties', 'meter', 'batch', 'key', 'span');
+		# no key recorded yet to conflict with: a bad amount instead
+		$bad = 'amount' if $bad eq 'key' && !@valid_keys;
 		my ($amount, $at, $props) = ('1', 'now()', 'NULL');
 		if ($bad eq 'amount')
 		{
@@ -376,7 +378,6 @@ sub next_call
 		elsif ($bad eq 'key')
 		{
 			# a recorded key with other parameters: 23505, nothing recorded
-			return ('invalid', 'SELECT 1', []) unless @valid_keys;
 			my ($kc, $km, $kk, $ka, $kp) = @{ pick(@valid_keys) };
 			my $other = $km eq 'fz_count' ? "'fz_sum', 1" : pick("'fz_count', NULL", "'fz_sum', 1000000");
 			$other = "'fz_sum', 7" if $km eq 'fz_sum' && $ka eq '1000000';
