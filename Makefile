@@ -15,6 +15,7 @@ OBJS = \
 	src/record_prepare.o \
 	src/escrow.o \
 	src/escrow_store.o \
+	src/relations.o \
 	src/reservations.o \
 	src/batch.o \
 	src/batch_sql.o \

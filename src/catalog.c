@@ -55,11 +55,17 @@ static SPIPlanPtr target_plan = NULL;
 static SPIPlanPtr limits_plan = NULL;
 static SPIPlanPtr plan_limits_plan = NULL;
 
-/* Prepares a statement once per backend and keeps it. */
+/*
+ * Prepares a statement once per backend and keeps it, with a generic plan:
+ * every statement here finds its rows through a key given as parameters,
+ * so a plan made for the parameters' values is never better, and the plan
+ * cache would otherwise plan a statement anew on every call whenever its
+ * generic plan's estimated cost is not lower than the custom plans'.
+ */
 static SPIPlanPtr
 prepare_saved(const char *sql, int nargs, Oid *argtypes)
 {
-	SPIPlanPtr	plan = SPI_prepare(sql, nargs, argtypes);
+	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
 
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));

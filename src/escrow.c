@@ -64,6 +64,7 @@
 #include "escrow.h"
 #include "pricing.h"
 #include "record.h"
+#include "relations.h"
 
 int			ub_hot_key_slots = UB_SLOTS_AUTO;
 
@@ -99,9 +100,8 @@ static bool point_passed(const EscrowPoint *p, Numeric lower);
 bool
 ub_escrow_installed(void)
 {
-	Oid			nsp = get_namespace_oid("usage_billing", true);
-
-	return OidIsValid(nsp) && OidIsValid(get_relname_relid("usage_aggregate_slots", nsp));
+	return OidIsValid(get_namespace_oid("usage_billing", true)) &&
+		OidIsValid(ub_relations()->slots);
 }
 
 /*
@@ -244,22 +244,16 @@ point_passed(const EscrowPoint *p, Numeric lower)
 }
 
 /*
- * The limit's points for the spend statement (record.c), which applies
- * ub_escrow_near()'s rule in SQL: their values and whether each can be
- * passed.  Returns how many (0 to 2).
+ * May a slot be spent now?  The key's combined budget is checked against
+ * the limit in force: no point that the row's total has not passed may lie
+ * at or below upper (the row's total plus every slot's total and budget).
+ * It does not matter under which limits the budgets were granted.
  */
-int
-ub_escrow_points(const UbLimit *limit, Datum *values, bool *passable)
+bool
+ub_escrow_spendable(const UbLimit *limit, const UbEscrowProbe *p)
 {
-	EscrowPoint points[2];
-	int			n = limit_points(limit, points);
-
-	for (int i = 0; i < n; i++)
-	{
-		values[i] = NumericGetDatum(points[i].value);
-		passable[i] = points[i].passable;
-	}
-	return n;
+	return !ub_escrow_near(limit, p->row_total,
+						   p->escrowed == NULL ? NULL : ub_num_add(p->row_total, p->escrowed));
 }
 
 /*

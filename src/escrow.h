@@ -34,6 +34,9 @@ typedef struct UbEscrowProbe
 	Numeric		others_total;	/* every slot's total but this backend's */
 	Numeric		escrowed;		/* every slot's total and budget; NULL when one has no limit */
 	bool		unbounded;		/* a slot has a budget without limit */
+	Numeric		reserved;		/* the row's holds (reservations.c); ub_escrow_read only */
+	bool		own_found;		/* this backend has a slot; ub_escrow_read only */
+	Numeric		own_budget;		/* its budget, NULL without limit; ub_escrow_read only */
 } UbEscrowProbe;
 
 /* Waits on one key, seen by one backend, before that backend asks for a slot. */
@@ -52,7 +55,7 @@ extern void ub_escrow_remember(uint64 key, bool has_slot);
 extern void ub_escrow_note_contention(uint64 key);
 extern bool ub_escrow_is_hot(uint64 key);
 
-extern int	ub_escrow_points(const UbLimit *limit, Datum *values, bool *passable);
+extern bool ub_escrow_spendable(const UbLimit *limit, const UbEscrowProbe *p);
 extern bool ub_escrow_near(const UbLimit *limit, Numeric lower, Numeric upper);
 extern bool ub_escrow_grant(const UbLimit *limit, Numeric lower, Numeric upper,
 							Numeric *budget, Numeric *budget_limit);
@@ -60,6 +63,8 @@ extern bool ub_escrow_grant(const UbLimit *limit, Numeric lower, Numeric upper,
 /* escrow_store.c */
 extern void ub_escrow_probe(const char *customer_id, const char *meter,
 							TimestampTz period_start, UbEscrowProbe *p);
+extern bool ub_escrow_read(const char *customer_id, const char *meter,
+						   TimestampTz period_start, UbEscrowProbe *p);
 extern Numeric ub_escrow_fold_locked(const char *customer_id, const char *meter,
 									 TimestampTz period_start);
 extern void ub_escrow_give(const char *customer_id, const char *meter,

@@ -27,6 +27,7 @@
 
 #include "access/genam.h"
 #include "access/stratnum.h"
+#include "access/table.h"
 #include "access/tableam.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
@@ -39,12 +40,14 @@
 #include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "catalog.h"
 #include "escrow.h"
 #include "pricing.h"
 #include "record.h"
+#include "relations.h"
 
 PG_FUNCTION_INFO_V1(ub_fold_escrow_slots);
 
@@ -361,4 +364,99 @@ ub_escrow_slot_sum(Relation slots, Relation pkey, Datum customer, Datum meter,
 	}
 	index_endscan(scan);
 	ExecDropSingleTupleTableSlot(tuple);
+}
+
+/*
+ * The spend's reads, without the executor: the key's aggregate row (total,
+ * reserved) and every slot (totals, budgets, this backend's), through the
+ * tables' primary keys under a snapshot taken now.  Only reads: the writes
+ * are the spend statement's (record.c).  Returns false when the key has no
+ * aggregate row.  Numbers in the caller's memory context.
+ */
+bool
+ub_escrow_read(const char *customer_id, const char *meter, TimestampTz period_start,
+			   UbEscrowProbe *p)
+{
+	const UbRelations *rels = ub_relations();
+	Relation	aggs = table_open(rels->aggregates, AccessShareLock);
+	Relation	slots = table_open(rels->slots, AccessShareLock);
+	Relation	index;
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	Datum		customer = CStringGetTextDatum(customer_id);
+	Datum		meter_d = CStringGetTextDatum(meter);
+	AttrNumber	total_att = rels->agg_total;
+	AttrNumber	reserved_att = rels->agg_reserved;
+	AttrNumber	slot_att = rels->slot_slot;
+	AttrNumber	stotal_att = rels->slot_total;
+	AttrNumber	budget_att = rels->slot_budget;
+	Oid			aggs_pkey = rels->aggregates_pkey;
+	Oid			slots_pkey = rels->slots_pkey;
+	ScanKeyData keys[3];
+	IndexScanDesc scan;
+	TupleTableSlot *tuple;
+	bool		isnull;
+	Datum		d;
+
+	memset(p, 0, sizeof(*p));
+	p->row_total = p->reserved = p->slots_total = p->others_total = ub_num_zero();
+	p->escrowed = ub_num_zero();
+
+	/* the row */
+	index = index_open(aggs_pkey, AccessShareLock);
+	ub_key_scankeys(index, customer, meter_d, period_start, keys);
+	tuple = table_slot_create(aggs, NULL);
+	scan = index_beginscan(aggs, index, snapshot, 3, 0);
+	index_rescan(scan, keys, 3, NULL, 0);
+	if (index_getnext_slot(scan, ForwardScanDirection, tuple))
+	{
+		p->row_found = true;
+		d = slot_getattr(tuple, total_att, &isnull);
+		if (!isnull)
+			p->row_total = DatumGetNumericCopy(d);
+		if (reserved_att != InvalidAttrNumber)
+		{
+			d = slot_getattr(tuple, reserved_att, &isnull);
+			if (!isnull)
+				p->reserved = DatumGetNumericCopy(d);
+		}
+	}
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(tuple);
+	index_close(index, AccessShareLock);
+
+	/* the slots */
+	index = index_open(slots_pkey, AccessShareLock);
+	ub_key_scankeys(index, customer, meter_d, period_start, keys);
+	tuple = table_slot_create(slots, NULL);
+	scan = index_beginscan(slots, index, snapshot, 3, 0);
+	index_rescan(scan, keys, 3, NULL, 0);
+	while (p->row_found && index_getnext_slot(scan, ForwardScanDirection, tuple))
+	{
+		Numeric		total = DatumGetNumeric(slot_getattr(tuple, stotal_att, &isnull));
+		bool		own = DatumGetInt32(slot_getattr(tuple, slot_att, &isnull)) == MyBackendId;
+
+		d = slot_getattr(tuple, budget_att, &isnull);
+		p->slots_total = ub_num_add(p->slots_total, total);
+		if (own)
+		{
+			p->own_found = true;
+			p->own_budget = isnull ? NULL : DatumGetNumericCopy(d);
+		}
+		else
+			p->others_total = ub_num_add(p->others_total, total);
+		if (isnull)
+			p->unbounded = true;
+		else
+			p->escrowed = ub_num_add(p->escrowed, ub_num_add(total, DatumGetNumeric(d)));
+	}
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(tuple);
+	index_close(index, AccessShareLock);
+
+	UnregisterSnapshot(snapshot);
+	table_close(slots, AccessShareLock);
+	table_close(aggs, AccessShareLock);
+	if (p->unbounded)
+		p->escrowed = NULL;
+	return p->row_found;
 }

@@ -64,6 +64,7 @@
 #include "pricing.h"
 #include "reading.h"
 #include "record.h"
+#include "relations.h"
 #include "reservations.h"
 #include "usage_billing.h"
 
@@ -86,18 +87,6 @@ typedef struct CheckResult
 	Numeric		reserved;		/* live holds of the key (reservations.c) */
 } CheckResult;
 
-/* where the aggregates live; looked up once, forgotten on any relcache invalidation */
-static Oid	aggregates_relid = InvalidOid;
-static Oid	aggregates_pkey = InvalidOid;
-static AttrNumber aggregates_total_attnum = InvalidAttrNumber;
-static AttrNumber aggregates_slotted_attnum = InvalidAttrNumber;
-static AttrNumber aggregates_reserved_attnum = InvalidAttrNumber;
-static Oid	slots_relid = InvalidOid;
-static Oid	slots_pkey = InvalidOid;
-static bool aggregates_callback_registered = false;
-
-static void ForgetAggregatesRelation(Datum arg, Oid relid);
-static void LookupAggregatesRelation(void);
 static Numeric CurrentTotal(const char *customer_id, const char *meter,
 							TimestampTz period_start, bool *held);
 static bool LookupTarget(const char *customer_id, const char *meter, UbCustomer *customer,
@@ -105,50 +94,6 @@ static bool LookupTarget(const char *customer_id, const char *meter, UbCustomer 
 static bool RequestedIsValid(Numeric requested, const UbMeter *m);
 static Numeric ProjectTotal(UbAggregation agg, Numeric current, Numeric requested);
 static void EmitResult(FunctionCallInfo fcinfo, const CheckResult *r);
-
-/* Relcache callback: the extension may have been dropped and created again. */
-static void
-ForgetAggregatesRelation(Datum arg, Oid relid)
-{
-	aggregates_relid = InvalidOid;
-	aggregates_pkey = InvalidOid;
-	aggregates_total_attnum = InvalidAttrNumber;
-	aggregates_slotted_attnum = InvalidAttrNumber;
-	aggregates_reserved_attnum = InvalidAttrNumber;
-	slots_relid = InvalidOid;
-	slots_pkey = InvalidOid;
-}
-
-/* Finds usage_aggregates, its primary key, its total and slotted columns, and the escrow slots. */
-static void
-LookupAggregatesRelation(void)
-{
-	Oid			nsp;
-
-	if (!aggregates_callback_registered)
-	{
-		CacheRegisterRelcacheCallback(ForgetAggregatesRelation, (Datum) 0);
-		aggregates_callback_registered = true;
-	}
-	if (OidIsValid(aggregates_relid))
-		return;
-	nsp = get_namespace_oid("usage_billing", false);
-	aggregates_relid = get_relname_relid("usage_aggregates", nsp);
-	aggregates_pkey = get_relname_relid("usage_aggregates_pkey", nsp);
-	if (!OidIsValid(aggregates_relid) || !OidIsValid(aggregates_pkey))
-		elog(ERROR, "usage_billing.usage_aggregates or its primary key is missing");
-	aggregates_total_attnum = get_attnum(aggregates_relid, "total");
-	if (aggregates_total_attnum == InvalidAttrNumber)
-		elog(ERROR, "usage_billing.usage_aggregates has no column \"total\"");
-	/* schemas before 1.3 have no escrow slots: the row is the total */
-	aggregates_slotted_attnum = get_attnum(aggregates_relid, "slotted");
-	/* schemas before 1.4 have no reservations */
-	aggregates_reserved_attnum = get_attnum(aggregates_relid, "reserved");
-	slots_relid = get_relname_relid("usage_aggregate_slots", nsp);
-	slots_pkey = get_relname_relid("usage_aggregate_slots_pkey", nsp);
-	if (!OidIsValid(slots_relid) || !OidIsValid(slots_pkey))
-		aggregates_slotted_attnum = InvalidAttrNumber;
-}
 
 /*
  * The meter's aggregate total in one period, 0 when nothing was recorded:
@@ -222,15 +167,18 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 	if (!ub_direct_reads)
 		return CurrentTotalSql(customer_id, meter, period_start);
 	*held = false;
-	LookupAggregatesRelation();
-	/* keep our own copies: opening a relation may process an invalidation */
-	relid = aggregates_relid;
-	pkey = aggregates_pkey;
-	total_attnum = aggregates_total_attnum;
-	slotted_attnum = aggregates_slotted_attnum;
-	reserved_attnum = aggregates_reserved_attnum;
-	slots = slots_relid;
-	slots_index = slots_pkey;
+	{
+		/* keep our own copies: opening a relation may process an invalidation */
+		const UbRelations *rels = ub_relations();
+
+		relid = rels->aggregates;
+		pkey = rels->aggregates_pkey;
+		total_attnum = rels->agg_total;
+		slotted_attnum = OidIsValid(rels->slots) ? rels->agg_slotted : InvalidAttrNumber;
+		reserved_attnum = rels->agg_reserved;
+		slots = rels->slots;
+		slots_index = rels->slots_pkey;
+	}
 	rel = table_open(relid, AccessShareLock);
 	idx = index_open(pkey, AccessShareLock);
 

@@ -21,13 +21,13 @@
  *
  * A contended sum or count key also has escrow slots (escrow.c has the
  * rules, escrow_store.c the other statements).  A call whose backend holds
- * a slot of the key appends the event and, when the slot may be spent under
- * the limit in force and its budget covers the call, adds it to the slot in
- * the same statement, leaving the aggregate row alone ("spend").  Otherwise
- * the call takes the row ("row path", with the ledger row already written
- * when the spend was tried): the upsert locks it, and under that lock the
- * key's slots are folded when a decision may be near, and this backend's
- * slot may get a budget.
+ * a slot of the key first reads the key's row and slots (index scans, no
+ * executor: escrow_store.c); when the slot may be spent under the limit in
+ * force and its budget covers the call, one statement appends the event
+ * and adds it to the slot, leaving the aggregate row alone ("spend").
+ * Otherwise the call takes the row ("row path"): the upsert locks it, and
+ * under that lock the key's slots are folded when a decision may be near,
+ * and this backend's slot may get a budget.
  *
  * Idempotency: the ledger has a unique index on (customer_id,
  * idempotency_key).  The event is inserted with ON CONFLICT DO NOTHING; a
@@ -162,30 +162,14 @@ aggregate_plan(void)
 }
 
 /*
- * The spend, in one statement: reads the key's row total and every slot's
- * total and budget (k), appends the event to the ledger (ev), and adds it to
- * this backend's slot (up) only if the slot's budget covers it and the slot
- * is spendable: no point of the limit in force ($11 values, $12 whether each
- * can be passed) that the row's total has not passed lies at or below upper,
- * the row's total plus every slot's total and budget -- ub_escrow_near()'s
- * rule, here in SQL so that the decision and the write share one snapshot
- * and one executor start.  The hard cap's point (the one that cannot be
- * passed) is lowered by the key's holds (reservations.c).  Returns (events the ledger took, the slot's new
- * total or NULL, the row's total, the other slots' totals, whether this
- * backend has a slot).  $10 is the slot (the backend id).
+ * The spend's write, in one statement: the ledger insert (ev) and the
+ * addition to this backend's slot (up), if the ledger took the event and
+ * the slot's budget still covers it.  Returns (events the ledger took, the
+ * slot's new total or NULL).  $10 is the slot (the backend id).  Whether
+ * the slot may be spent at all was read before (ub_escrow_read).
  */
-#define SLOT_SPEND(ledger_tail, reserved) \
-	"WITH k AS (" \
-	"  SELECT (SELECT a.total FROM usage_billing.usage_aggregates a" \
-	"           WHERE a.customer_id = $1 AND a.meter = $2 AND a.period_start = $3) AS row_total," \
-	"         " reserved " AS reserved," \
-	"         coalesce(sum(s.total) FILTER (WHERE s.slot <> $10), 0) AS others," \
-	"         coalesce(sum(s.total + s.budget), 0) AS escrowed," \
-	"         coalesce(bool_or(s.budget IS NULL), false) AS unbounded," \
-	"         coalesce(bool_or(s.slot = $10), false) AS own" \
-	"    FROM usage_billing.usage_aggregate_slots s" \
-	"   WHERE s.customer_id = $1 AND s.meter = $2 AND s.period_start = $3)," \
-	" ev AS (" LEDGER_INSERT ledger_tail " RETURNING 1)," \
+#define SLOT_SPEND(ledger_tail) \
+	"WITH ev AS (" LEDGER_INSERT ledger_tail " RETURNING 1)," \
 	" up AS (UPDATE usage_billing.usage_aggregate_slots s" \
 	"           SET total = s.total + $9, event_count = s.event_count + 1," \
 	"               budget = s.budget - $9," \
@@ -195,34 +179,19 @@ aggregate_plan(void)
 	"         WHERE s.customer_id = $1 AND s.meter = $2 AND s.period_start = $3" \
 	"           AND s.slot = $10 AND (s.budget IS NULL OR s.budget >= $9)" \
 	"           AND EXISTS (SELECT FROM ev)" \
-	"           AND NOT EXISTS (SELECT FROM k, unnest($11::numeric[], $12::boolean[]) AS p(v, passable)" \
-	"                            WHERE NOT (p.passable AND p.v < coalesce(k.row_total, 0))" \
-	"                              AND (k.unbounded OR p.v - CASE WHEN p.passable THEN 0 ELSE k.reserved END" \
-	"                                                  <= coalesce(k.row_total, 0) + k.escrowed))" \
 	"        RETURNING s.total)" \
-	" SELECT (SELECT count(*) FROM ev), (SELECT total FROM up), coalesce(k.row_total, 0)," \
-	"        k.others, k.own FROM k"
+	" SELECT (SELECT count(*) FROM ev), (SELECT total FROM up)"
 
 static SPIPlanPtr
 spend_plan(bool keyed)
 {
-	static SPIPlanPtr plans[4];
-	static Oid	types[12] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
-	NUMERICOID, TEXTOID, JSONBOID, TIMESTAMPTZOID, NUMERICOID, INT4OID, NUMERICARRAYOID,
-	BOOLARRAYOID};
+	static SPIPlanPtr plans[2];
+	static Oid	types[10] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TIMESTAMPTZOID,
+	NUMERICOID, TEXTOID, JSONBOID, TIMESTAMPTZOID, NUMERICOID, INT4OID};
 
-/* the row's reserved, from 1.4 */
-#define ROW_RESERVED \
-	"coalesce((SELECT a.reserved FROM usage_billing.usage_aggregates a" \
-	"           WHERE a.customer_id = $1 AND a.meter = $2 AND a.period_start = $3), 0)"
-
-	if (ub_reservations_installed())
-		return keyed ?
-			ub_prepare_once(&plans[3], SLOT_SPEND(LEDGER_ON_CONFLICT, ROW_RESERVED), 12, types) :
-			ub_prepare_once(&plans[2], SLOT_SPEND("", ROW_RESERVED), 12, types);
 	if (keyed)
-		return ub_prepare_once(&plans[1], SLOT_SPEND(LEDGER_ON_CONFLICT, "0"), 12, types);
-	return ub_prepare_once(&plans[0], SLOT_SPEND("", "0"), 12, types);
+		return ub_prepare_once(&plans[1], SLOT_SPEND(LEDGER_ON_CONFLICT), 10, types);
+	return ub_prepare_once(&plans[0], SLOT_SPEND(""), 10, types);
 }
 
 /*
@@ -341,59 +310,61 @@ typedef enum SpendOutcome
 {
 	SPEND_DONE,					/* recorded: ledger row and slot */
 	SPEND_DUPLICATE,			/* the key was recorded before: nothing written */
-	SPEND_LEDGER_ONLY			/* ledger row written, the slot was not spent: take the row */
+	SPEND_LEDGER_ONLY,			/* ledger row written, the slot was gone: take the row */
+	SPEND_NONE					/* nothing written: take the row */
 } SpendOutcome;
 
 /*
  * The spend: records a sum or count event in this backend's escrow slot of
- * the key when the slot may be spent under the limit in force and its budget
- * covers the contribution (args[8]).  On SPEND_DONE *total is the key's
- * total as this call leaves it: the committed row and other slots, and ours.
+ * the key when the slot may be spent under the limit in force (the key's
+ * combined budget, read without the executor) and its budget covers the
+ * contribution (args[8]).  On SPEND_DONE *total is the key's total as this
+ * call leaves it: the committed row and other slots, and ours.
  */
 static SpendOutcome
 try_spend(const UbEventInput *in, const UbPreparedEvent *pe, const Datum *args,
 		  const char *nulls, uint64 key, Numeric *total)
 {
-	Datum		spend_args[12];
-	char		spend_nulls[12];
-	Datum		points[2];
-	bool		passable[2];
-	Datum		passable_datums[2];
-	int			npoints;
+	Numeric		contribution = DatumGetNumeric(args[8]);
+	UbEscrowProbe p;
+	UbLimit		limit = pe->limit;
+	Datum		spend_args[10];
+	char		spend_nulls[10];
 	bool		isnull;
 	Datum		slot_total;
-	HeapTuple	row;
-	TupleDesc	desc;
 	int			ret;
 
-	npoints = ub_escrow_points(&pe->limit, points, passable);
-	for (int i = 0; i < npoints; i++)
-		passable_datums[i] = BoolGetDatum(passable[i]);
+	if (!ub_escrow_read(in->customer_id, in->meter, pe->period_start, &p) || !p.own_found)
+	{
+		ub_escrow_remember(key, false);
+		return SPEND_NONE;
+	}
+	if (p.own_budget != NULL && ub_num_cmp(contribution, p.own_budget) > 0)
+		return SPEND_NONE;
+	/* holds take their room from the hard cap (reservations.c) */
+	if (ub_num_cmp(p.reserved, ub_num_zero()) != 0)
+		limit.reserved = p.reserved;
+	if (!ub_escrow_spendable(&limit, &p))
+		return SPEND_NONE;
+
 	memcpy(spend_args, args, sizeof(Datum) * 9);
 	memcpy(spend_nulls, nulls, 9);
 	spend_args[9] = Int32GetDatum(MyBackendId);
-	spend_args[10] = ub_array(points, NULL, npoints, NUMERICOID);
-	spend_args[11] = ub_array(passable_datums, NULL, npoints, BOOLOID);
-	spend_nulls[9] = spend_nulls[10] = spend_nulls[11] = ' ';
+	spend_nulls[9] = ' ';
 	ret = SPI_execute_plan(spend_plan(in->idempotency_key != NULL), spend_args, spend_nulls,
 						   false, 0);
 	if (ret != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "escrow spend failed: %s", SPI_result_code_string(ret));
-	row = SPI_tuptable->vals[0];
-	desc = SPI_tuptable->tupdesc;
-	if (DatumGetInt64(SPI_getbinval(row, desc, 1, &isnull)) == 0)
+	if (DatumGetInt64(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull)) == 0)
 		return SPEND_DUPLICATE;
-	slot_total = SPI_getbinval(row, desc, 2, &isnull);
+	slot_total = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull);
 	if (isnull)
 	{
-		/* no slot, its budget is short, or a point is within reach: take the row */
-		if (!DatumGetBool(SPI_getbinval(row, desc, 5, &isnull)))
-			ub_escrow_remember(key, false);
+		/* a writer folded the key since the read */
+		ub_escrow_remember(key, false);
 		return SPEND_LEDGER_ONLY;
 	}
-	*total = ub_num_add(ub_num_add(DatumGetNumeric(SPI_getbinval(row, desc, 3, &isnull)),
-								   DatumGetNumeric(SPI_getbinval(row, desc, 4, &isnull))),
-						DatumGetNumeric(slot_total));
+	*total = ub_num_add(ub_num_add(p.row_total, p.others_total), DatumGetNumeric(slot_total));
 	return SPEND_DONE;
 }
 
@@ -540,6 +511,8 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 					if (GetCurrentTimestamp() - started >= UB_ESCROW_WAIT_USEC)
 						ub_escrow_note_contention(key);
 					goto row_written;
+				case SPEND_NONE:
+					break;
 			}
 		}
 		/* a row path that waited for the row's lock counts towards a slot */

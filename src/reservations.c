@@ -51,6 +51,7 @@
 #include "escrow.h"
 #include "pricing.h"
 #include "record.h"
+#include "relations.h"
 #include "reservations.h"
 #include "usage_billing.h"
 
@@ -80,9 +81,7 @@ static Oid	key_types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
 bool
 ub_reservations_installed(void)
 {
-	Oid			nsp = get_namespace_oid("usage_billing", true);
-
-	return OidIsValid(nsp) && OidIsValid(get_relname_relid("reservations", nsp));
+	return OidIsValid(ub_relations()->reservations);
 }
 
 /* A numeric column of the first result row, copied; NULL for SQL NULL. */

@@ -14,7 +14,7 @@
 #
 # Passes when: the postmaster never restarts (same pid, no "terminated by signal" in the log),
 # no failure is an internal error (SQLSTATE class XX), every valid call succeeded, every
-# invalid call failed, no tenant call saw another customer or wrote anything, and afterwards the valid customers' totals equal the sum of the valid
+# invalid call failed (reservations too), no tenant call saw another customer or wrote anything, and afterwards the valid customers' totals equal the sum of the valid
 # calls alone, and aggregates equal the ledger for every customer's current period.
 # FUZZ_SECONDS (default 50) bounds the generation; FUZZ_SEED makes a run reproducible.
 use strict;
@@ -335,6 +335,15 @@ sub next_call
 		return ('valid', sprintf("SELECT * FROM usage_billing.record_duration(%s, 'fz_dur', now() - interval '%d seconds', now())",
 				lit($c), $secs), [ [ $c, 'fz_dur', $secs ] ]);
 	}
+	if ($r < 0.285)
+	{
+		# a valid reservation, committed in the same statement: exactly its amount
+		my $c = valid_customer();
+		my $amount = pick('1', '2.5', '0', '42', '0.000001');
+		return ('valid', sprintf("SELECT * FROM usage_billing.commit_reservation("
+				  . "(SELECT reservation_id FROM usage_billing.reserve_usage(%s, 'fz_sum', %s, '1 minute', %s)))",
+				lit($c), $amount, lit("r$id")), [ [ $c, 'fz_sum', $amount ] ]);
+	}
 	if ($r < 0.30)
 	{
 		# a valid batch on valid customers
@@ -419,7 +428,19 @@ sub next_call
 	}
 	if ($r < 0.70)
 	{
-		return ('any', 'SELECT * FROM usage_billing.increment_usage_batch(' . rbatch([ @junk_customers, 'nobody', '' ]) . ')', []);
+		return ('any', 'SELECT * FROM usage_billing.increment_usage_batch(' . rbatch([ @junk_customers, 'nobody', '' ]) . ')', [])
+		  if rand() < 0.6;
+		# reservations with hostile arguments, on the junk customers' holds only
+		my $c = rand() < 0.8 ? lit(pick(@junk_customers)) : rtext();
+		my $m = rand() < 0.8 ? lit(pick('fz_sum', 'fz_count', 'fz_users', 'fz_max')) : rtext();
+		my $rid = pick('NULL', "'00000000-0000-0000-0000-000000000000'", 'gen_random_uuid()',
+			"(SELECT reservation_id FROM usage_billing.reservations WHERE customer_id = ANY (ARRAY["
+			  . join(', ', map({ lit($_) } @junk_customers)) . ']) ORDER BY random() LIMIT 1)');
+		return ('any', pick(
+				"SELECT * FROM usage_billing.reserve_usage($c, $m, " . rnum() . ', ' . rinterval() . ', '
+				  . (rand() < 0.5 ? 'NULL' : rtext()) . ')',
+				"SELECT * FROM usage_billing.commit_reservation($rid, " . (rand() < 0.5 ? 'NULL' : rnum()) . ')',
+				"SELECT usage_billing.release_reservation($rid)"), []);
 	}
 	if ($r < 0.78)
 	{
