@@ -334,3 +334,460 @@ COMMENT ON VIEW usage_billing.input_violations IS
 REVOKE ALL ON usage_billing.input_violations FROM PUBLIC;
 GRANT SELECT ON usage_billing.input_violations
     TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
+
+-- ---------------------------------------------------------------------------
+-- Plan history and finalized invoices
+-- ---------------------------------------------------------------------------
+-- A customer's plan is a history: customer_plans holds one row per plan change, each in force
+-- from its effective_from until the next row's.  The first row starts at -infinity (the first
+-- plan is in force in every period before the first change).  The plan in force at an instant
+-- is computed from the history and that instant, by SQL (plan_at) and by the C paths from
+-- their catalog cache alike, so a change scheduled for the end of a period takes effect at the
+-- boundary without anything being written then.  customers.plan keeps the plan in force when
+-- the customer was last changed (a convenience for psql; the history is authoritative).
+--
+-- All plans of one customer's history have the plan's period and currency of the first: a
+-- period is priced by segments of one length and in one currency (change_plan refuses
+-- others with 22023).
+
+CREATE TABLE usage_billing.customer_plans (
+    customer_id    text NOT NULL REFERENCES usage_billing.customers ON DELETE CASCADE,
+    effective_from timestamptz NOT NULL CHECK (effective_from <> 'infinity'),
+    plan           text NOT NULL REFERENCES usage_billing.plans,
+    changed_at     timestamptz NOT NULL DEFAULT now(),
+    changed_by     text NOT NULL DEFAULT current_user,
+    PRIMARY KEY (customer_id, effective_from)
+);
+COMMENT ON TABLE usage_billing.customer_plans IS
+    'Plan history: each row is in force from effective_from until the next row of the customer (the first from -infinity).';
+CREATE TRIGGER customer_plans_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.customer_plans
+    FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
+
+-- existing customers: their plan has been in force from the beginning
+INSERT INTO usage_billing.customer_plans (customer_id, effective_from, plan, changed_at, changed_by)
+SELECT c.customer_id, '-infinity', c.plan, c.created_at, 'usage_billing 1.4 upgrade'
+  FROM usage_billing.customers c;
+
+CREATE FUNCTION usage_billing.plan_at(customer_id text, at timestamptz)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce((SELECT h.plan FROM usage_billing.customer_plans h
+                      WHERE h.customer_id = plan_at.customer_id AND h.effective_from <= plan_at.at
+                      ORDER BY h.effective_from DESC LIMIT 1),
+                    (SELECT c.plan FROM usage_billing.customers c
+                      WHERE c.customer_id = plan_at.customer_id))
+$$;
+COMMENT ON FUNCTION usage_billing.plan_at(text, timestamptz) IS
+    'The plan in force for a customer at an instant, from its plan history.';
+
+CREATE VIEW usage_billing.plan_history WITH (security_invoker = true) AS
+SELECT h.customer_id, h.plan, h.effective_from,
+       lead(h.effective_from) OVER (PARTITION BY h.customer_id ORDER BY h.effective_from) AS effective_to,
+       h.changed_at, h.changed_by
+  FROM usage_billing.customer_plans h
+UNION ALL
+SELECT c.customer_id, c.plan, '-infinity'::timestamptz, NULL, c.created_at, NULL
+  FROM usage_billing.customers c
+ WHERE NOT EXISTS (SELECT 1 FROM usage_billing.customer_plans h WHERE h.customer_id = c.customer_id);
+COMMENT ON VIEW usage_billing.plan_history IS
+    'Each plan of a customer and when it is in force: [effective_from, effective_to), effective_to NULL for the last.';
+
+-- The limits in force now follow the history.
+CREATE OR REPLACE VIEW usage_billing.effective_limits WITH (security_invoker = true) AS
+SELECT c.customer_id, pl.meter,
+       CASE WHEN cl.customer_id IS NOT NULL THEN cl.included ELSE pl.included END AS included,
+       coalesce(cl.hard_cap, pl.hard_cap) AS hard_cap,
+       pl.overage_price, pl.overage_unit, pl.soft_threshold, pl.tiers, pl.tier_mode,
+       cl.customer_id IS NOT NULL AS overridden
+  FROM usage_billing.customers c
+  JOIN usage_billing.plan_limits pl ON pl.plan = usage_billing.plan_at(c.customer_id, now())
+  LEFT JOIN usage_billing.customer_limits cl ON cl.customer_id = c.customer_id AND cl.meter = pl.meter
+UNION ALL
+SELECT cl.customer_id, cl.meter, cl.included, coalesce(cl.hard_cap, false),
+       NULL, 1, 0.8, NULL, 'graduated', true
+  FROM usage_billing.customer_limits cl
+  JOIN usage_billing.customers c ON c.customer_id = cl.customer_id
+ WHERE NOT EXISTS (SELECT 1 FROM usage_billing.plan_limits pl
+                    WHERE pl.plan = usage_billing.plan_at(c.customer_id, now()) AND pl.meter = cl.meter);
+
+CREATE OR REPLACE VIEW usage_billing.current_usage WITH (security_invoker = true) AS
+SELECT c.customer_id, p.plan, m.meter, pb.period_start, pb.period_end,
+       coalesce(a.total, 0) AS total,
+       coalesce(a.event_count, 0) AS event_count,
+       l.included,
+       l.hard_cap,
+       CASE WHEN l.included > 0 THEN round(100 * coalesce(a.total, 0) / l.included, 1) END AS usage_percent,
+       c.status
+  FROM usage_billing.customers c
+  JOIN usage_billing.plans p ON p.plan = usage_billing.plan_at(c.customer_id, now())
+ CROSS JOIN LATERAL usage_billing.period_bounds(c.billing_anchor, p.period, now()) pb
+ CROSS JOIN usage_billing.meters m
+  LEFT JOIN usage_billing.effective_limits l ON l.customer_id = c.customer_id AND l.meter = m.meter
+  LEFT JOIN usage_billing.aggregate_totals a
+         ON a.customer_id = c.customer_id AND a.meter = m.meter AND a.period_start = pb.period_start
+ WHERE a.customer_id IS NOT NULL OR l.meter IS NOT NULL;
+
+-- the work of change_plan, whose argument "plan" is also a result column (PL/pgSQL takes one)
+CREATE FUNCTION usage_billing.apply_plan_change(
+    customer_id text,
+    new_plan text,
+    effective text,
+    at timestamptz,
+    OUT plan text,
+    OUT effective_from timestamptz)
+RETURNS record
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cust record;
+    cur record;
+    new record;
+    mode text := apply_plan_change.effective;
+    from_at timestamptz;
+    invoiced_end timestamptz;
+    before_plan text;
+BEGIN
+    IF mode IS NULL OR mode NOT IN ('immediate', 'period_end', 'auto') THEN
+        RAISE EXCEPTION 'invalid effective "%"', coalesce(mode, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use immediate, period_end or auto (an upgrade now, a downgrade at the next period).';
+    END IF;
+    IF apply_plan_change.at IS NULL OR NOT isfinite(apply_plan_change.at) THEN
+        RAISE EXCEPTION 'invalid plan change time'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Field "at" was %s; it must be a finite timestamp.',
+                                  coalesce(apply_plan_change.at::text, 'NULL'));
+    END IF;
+    SELECT c.customer_id, c.billing_anchor INTO cust
+      FROM usage_billing.customers c
+     WHERE c.customer_id = apply_plan_change.customer_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'customer "%" does not exist', apply_plan_change.customer_id
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'Create it with usage_billing.upsert_customer().';
+    END IF;
+    SELECT p.plan, p.base_price, p.currency, p.period INTO new
+      FROM usage_billing.plans p WHERE p.plan = new_plan;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'plan "%" does not exist', new_plan
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT p.plan, p.base_price, p.currency, p.period INTO cur
+      FROM usage_billing.plans p
+     WHERE p.plan = usage_billing.plan_at(apply_plan_change.customer_id, apply_plan_change.at);
+    IF new.currency <> cur.currency OR new.period <> cur.period THEN
+        RAISE EXCEPTION 'customer "%" cannot change from plan "%" to plan "%"',
+                        apply_plan_change.customer_id, cur.plan, new.plan
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Plan "%s" bills %s per %s, plan "%s" %s per %s; the plans of one customer share their currency and period.',
+                                  cur.plan, cur.currency, cur.period, new.plan, new.currency, new.period),
+                  HINT = 'Create a plan with the same currency and period, or a new customer for the new subscription.';
+    END IF;
+
+    IF mode = 'auto' THEN
+        -- a lower base price waits for the period's end; a higher or equal one applies now
+        mode := CASE WHEN new.base_price >= cur.base_price THEN 'immediate' ELSE 'period_end' END;
+    END IF;
+    IF mode = 'immediate' THEN
+        from_at := apply_plan_change.at;
+    ELSE
+        SELECT b.period_end INTO from_at
+          FROM usage_billing.period_bounds(cust.billing_anchor, cur.period, apply_plan_change.at) b;
+    END IF;
+
+    SELECT max(i.period_end) INTO invoiced_end
+      FROM usage_billing.invoices i WHERE i.customer_id = apply_plan_change.customer_id;
+    IF invoiced_end > from_at THEN
+        RAISE EXCEPTION 'period of % for customer "%" is invoiced', from_at, apply_plan_change.customer_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('A plan change from %s would reprice a finalized invoice; customer "%s" is invoiced until %s.',
+                                  from_at, apply_plan_change.customer_id, invoiced_end),
+                  HINT = 'Change the plan from a later instant.';
+    END IF;
+
+    -- a change supersedes every change from its instant on (scheduled ones included)
+    DELETE FROM usage_billing.customer_plans h
+     WHERE h.customer_id = apply_plan_change.customer_id AND h.effective_from >= from_at;
+    before_plan := usage_billing.plan_at(apply_plan_change.customer_id, from_at);
+    IF before_plan IS DISTINCT FROM new.plan THEN
+        INSERT INTO usage_billing.customer_plans (customer_id, effective_from, plan)
+        VALUES (apply_plan_change.customer_id, from_at, new.plan);
+    END IF;
+    UPDATE usage_billing.customers c
+       SET plan = usage_billing.plan_at(c.customer_id, now()), updated_at = now()
+     WHERE c.customer_id = apply_plan_change.customer_id;
+
+    plan := new.plan;
+    SELECT max(h.effective_from) INTO apply_plan_change.effective_from
+      FROM usage_billing.customer_plans h
+     WHERE h.customer_id = apply_plan_change.customer_id AND h.effective_from <= from_at;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.apply_plan_change(text, text, text, timestamptz) IS
+    'Internal: the work of change_plan.';
+REVOKE ALL ON FUNCTION usage_billing.apply_plan_change(text, text, text, timestamptz) FROM PUBLIC;
+
+CREATE FUNCTION usage_billing.change_plan(
+    customer_id text,
+    plan text,
+    effective text DEFAULT 'auto',
+    at timestamptz DEFAULT now())
+RETURNS TABLE (plan text, effective_from timestamptz)
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT c.plan, c.effective_from FROM usage_billing.apply_plan_change($1, $2, $3, $4) c
+$$;
+COMMENT ON FUNCTION usage_billing.change_plan(text, text, text, timestamptz) IS
+    'Changes a customer''s plan at "at": immediate, period_end (the end of the period containing "at") or auto (a lower base price at the period''s end, else now); returns the plan and when it takes effect.';
+REVOKE ALL ON FUNCTION usage_billing.change_plan(text, text, text, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION usage_billing.change_plan(text, text, text, timestamptz) TO usage_billing_admin;
+
+CREATE OR REPLACE FUNCTION usage_billing.upsert_customer(
+    customer_id text,
+    plan text,
+    billing_anchor timestamptz DEFAULT NULL,
+    stripe_customer_id text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_billing.check_name('customer id', customer_id);
+    IF billing_anchor IN ('infinity'::timestamptz, '-infinity'::timestamptz) THEN
+        RAISE EXCEPTION 'invalid billing anchor for customer "%"', customer_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'The billing anchor must be a finite timestamp.';
+    END IF;
+    PERFORM usage_billing.check_stripe_customer_id(stripe_customer_id);
+    IF plan IS NOT NULL AND NOT EXISTS (SELECT 1 FROM usage_billing.plans p WHERE p.plan = upsert_customer.plan) THEN
+        RAISE EXCEPTION 'plan "%" does not exist', plan
+            USING ERRCODE = 'no_data_found';
+    END IF;
+
+    IF EXISTS (SELECT 1 FROM usage_billing.customers c WHERE c.customer_id = upsert_customer.customer_id) THEN
+        IF billing_anchor IS NOT NULL
+           AND billing_anchor IS DISTINCT FROM (SELECT c.billing_anchor FROM usage_billing.customers c
+                                                 WHERE c.customer_id = upsert_customer.customer_id)
+           AND EXISTS (SELECT 1 FROM usage_billing.invoices i WHERE i.customer_id = upsert_customer.customer_id) THEN
+            RAISE EXCEPTION 'billing anchor of customer "%" cannot change', customer_id
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'The customer has finalized invoices; moving the anchor would move their periods.';
+        END IF;
+        UPDATE usage_billing.customers c
+           SET billing_anchor = coalesce(upsert_customer.billing_anchor, c.billing_anchor),
+               stripe_customer_id = coalesce(upsert_customer.stripe_customer_id, c.stripe_customer_id),
+               updated_at = now()
+         WHERE c.customer_id = upsert_customer.customer_id;
+        -- a new plan is a plan change with history
+        IF plan IS NOT NULL THEN
+            PERFORM usage_billing.change_plan(customer_id, plan, 'auto', now());
+        END IF;
+        RETURN;
+    END IF;
+
+    IF plan IS NULL THEN
+        RAISE EXCEPTION 'a new customer needs a plan'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Customer "%s" does not exist yet.', customer_id);
+    END IF;
+    INSERT INTO usage_billing.customers (customer_id, plan, billing_anchor, stripe_customer_id)
+    VALUES (customer_id, plan,
+            coalesce(billing_anchor, date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+            stripe_customer_id)
+    ON CONFLICT ON CONSTRAINT customers_pkey DO NOTHING;
+    IF NOT FOUND THEN
+        -- created concurrently: this call is a change of it
+        PERFORM usage_billing.upsert_customer(customer_id, plan, billing_anchor, stripe_customer_id);
+        RETURN;
+    END IF;
+    INSERT INTO usage_billing.customer_plans (customer_id, effective_from, plan)
+    VALUES (customer_id, '-infinity', plan);
+    -- invoices start with the period of the anchor
+    INSERT INTO usage_billing.invoice_starts (customer_id, invoices_from)
+    SELECT c.customer_id, c.billing_anchor FROM usage_billing.customers c
+     WHERE c.customer_id = upsert_customer.customer_id;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.upsert_customer(text, text, timestamptz, text) IS
+    'Creates a customer, or changes its plan (change_plan(..., ''auto'')), billing anchor or Stripe id (NULL = unchanged; a Stripe id has 1 to 100 characters, no white space).';
+
+-- Finalized invoices: one per customer and ended billing period, numbered per customer, never
+-- changed after finalize_invoices() wrote it (only its status may move on, e.g. to 'paid').
+-- invoice_lines keep, besides what an invoice shows, what a later correction is priced
+-- with: the usage total of each usage line and a snapshot of its pricing (the effective limit
+-- of that segment), so that a void or an adjustment of an invoiced period becomes a credit or
+-- debit line on the next invoice, priced as the original line was.
+CREATE TABLE usage_billing.invoice_starts (
+    customer_id   text PRIMARY KEY REFERENCES usage_billing.customers ON DELETE CASCADE,
+    invoices_from timestamptz NOT NULL
+);
+COMMENT ON TABLE usage_billing.invoice_starts IS
+    'The instant whose billing period is a customer''s first invoiced one (its billing anchor at creation; the upgrade to 1.4 for customers created before).';
+INSERT INTO usage_billing.invoice_starts (customer_id, invoices_from)
+SELECT c.customer_id, now() FROM usage_billing.customers c;
+
+CREATE TABLE usage_billing.invoices (
+    invoice_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    invoice_number integer NOT NULL CHECK (invoice_number > 0),
+    customer_id    text NOT NULL REFERENCES usage_billing.customers,
+    period_start   timestamptz NOT NULL,
+    period_end     timestamptz NOT NULL CHECK (period_end > period_start),
+    currency       text NOT NULL,
+    total          numeric NOT NULL,
+    status         text NOT NULL DEFAULT 'finalized' CHECK (status IN ('finalized', 'paid', 'void', 'uncollectible')),
+    finalized_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (customer_id, period_start),
+    UNIQUE (customer_id, invoice_number)
+);
+COMMENT ON TABLE usage_billing.invoices IS
+    'Finalized invoices: one per customer and ended billing period, numbered 1, 2, ... per customer; immutable but for status.';
+
+CREATE TABLE usage_billing.invoice_lines (
+    invoice_id       bigint NOT NULL REFERENCES usage_billing.invoices DEFERRABLE INITIALLY DEFERRED,
+    line_no          integer NOT NULL,
+    line             text NOT NULL CHECK (line IN ('base', 'usage', 'credit', 'debit', 'total')),
+    meter            text,
+    segment_start    timestamptz,
+    quantity         numeric,
+    unit_price       numeric,
+    amount           numeric NOT NULL,
+    for_period_start timestamptz,    -- the billing period the line bills (credit, debit: an earlier one)
+    usage_total      numeric,        -- usage, credit, debit: the segment's usage total priced
+    pricing          jsonb,          -- usage: the effective limit it was priced with
+    PRIMARY KEY (invoice_id, line_no)
+);
+COMMENT ON TABLE usage_billing.invoice_lines IS
+    'Lines of finalized invoices: per segment a base line and usage lines, credit/debit lines for corrections of earlier invoiced periods, a total line.';
+
+-- what each invoiced period's aggregates were when last invoiced: finalize_invoices compares
+-- them with the aggregates to find the periods a correction (or a late event) changed since
+CREATE TABLE usage_billing.invoiced_totals (
+    customer_id  text NOT NULL,
+    meter        text NOT NULL,
+    period_start timestamptz NOT NULL,
+    total        numeric NOT NULL,
+    PRIMARY KEY (customer_id, period_start, meter)
+);
+COMMENT ON TABLE usage_billing.invoiced_totals IS
+    'Internal: the aggregates of each invoiced period as last billed (finalization and corrections since).';
+
+CREATE FUNCTION usage_billing.invoice_immutable()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'invoices'
+       AND (NEW.invoice_id, NEW.invoice_number, NEW.customer_id, NEW.period_start, NEW.period_end,
+            NEW.currency, NEW.total, NEW.finalized_at)
+           IS NOT DISTINCT FROM
+           (OLD.invoice_id, OLD.invoice_number, OLD.customer_id, OLD.period_start, OLD.period_end,
+            OLD.currency, OLD.total, OLD.finalized_at) THEN
+        RETURN NEW;
+    END IF;
+    RAISE EXCEPTION 'finalized invoices cannot be changed'
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              DETAIL = format('%s on usage_billing.%s was refused; only an invoice''s status may change.',
+                              TG_OP, TG_TABLE_NAME),
+              HINT = 'Correct usage with void_usage() or adjust_usage(): the next invoice carries the credit or debit.';
+END
+$$;
+COMMENT ON FUNCTION usage_billing.invoice_immutable() IS
+    'Internal trigger: finalized invoices and their lines are never updated or deleted (an invoice''s status aside).';
+CREATE TRIGGER invoices_immutable BEFORE UPDATE OR DELETE ON usage_billing.invoices
+    FOR EACH ROW EXECUTE FUNCTION usage_billing.invoice_immutable();
+CREATE TRIGGER invoice_lines_immutable BEFORE UPDATE OR DELETE ON usage_billing.invoice_lines
+    FOR EACH ROW EXECUTE FUNCTION usage_billing.invoice_immutable();
+
+DO $lifecycle$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['customer_plans', 'invoice_starts', 'invoices', 'invoiced_totals']
+    LOOP
+        EXECUTE format('ALTER TABLE usage_billing.%I ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('CREATE POLICY staff_all ON usage_billing.%I FOR ALL'
+                       ' TO usage_billing_admin, usage_billing_writer, usage_billing_reader'
+                       ' USING (true) WITH CHECK (true)', t);
+        EXECUTE format('CREATE POLICY tenant_own_rows ON usage_billing.%I FOR SELECT TO PUBLIC'
+                       ' USING (customer_id = (SELECT usage_billing.current_customer_id()))', t);
+        EXECUTE format('COMMENT ON POLICY staff_all ON usage_billing.%I IS %L', t,
+                       'The three usage_billing roles see every row (they write only through functions).');
+        EXECUTE format('COMMENT ON POLICY tenant_own_rows ON usage_billing.%I IS %L', t,
+                       'Any other role sees the rows of the customer named by its request: usage_billing.current_customer_id().');
+    END LOOP;
+    FOREACH t IN ARRAY ARRAY['customer_plans', 'invoice_starts', 'invoices', 'invoice_lines',
+                             'invoiced_totals']
+    LOOP
+        EXECUTE format('REVOKE ALL ON usage_billing.%I FROM PUBLIC', t);
+        EXECUTE format('GRANT SELECT ON usage_billing.%I TO usage_billing_admin,'
+                       ' usage_billing_writer, usage_billing_reader', t);
+        PERFORM pg_catalog.pg_extension_config_dump('usage_billing.' || t, '');
+    END LOOP;
+    PERFORM pg_catalog.pg_extension_config_dump(
+        pg_catalog.pg_get_serial_sequence('usage_billing.invoices', 'invoice_id'), '');
+    EXECUTE format('REVOKE ALL ON SEQUENCE %s FROM PUBLIC',
+                   pg_catalog.pg_get_serial_sequence('usage_billing.invoices', 'invoice_id'));
+END
+$lifecycle$;
+REVOKE ALL ON usage_billing.plan_history FROM PUBLIC;
+GRANT SELECT ON usage_billing.plan_history TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
+REVOKE ALL ON FUNCTION usage_billing.plan_at(text, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION usage_billing.plan_at(text, timestamptz)
+    TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
+REVOKE ALL ON FUNCTION usage_billing.invoice_immutable() FROM PUBLIC;
+
+-- tenants read their plan history and invoices (row-level security filters them) and need
+-- plan_at for the views that follow the history
+CREATE OR REPLACE FUNCTION usage_billing.tenant_relations()
+RETURNS text[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(array_agg(r ORDER BY r), '{}')
+      FROM unnest(ARRAY[
+               'usage_billing.meters', 'usage_billing.plans', 'usage_billing.plan_limits',
+               'usage_billing.customers', 'usage_billing.customer_limits',
+               'usage_billing.usage_events', 'usage_billing.usage_aggregates',
+               'usage_billing.usage_aggregate_slots', 'usage_billing.aggregate_totals',
+               'usage_billing.usage_unique_values', 'usage_billing.alert_log',
+               'usage_billing.effective_limits', 'usage_billing.current_usage',
+               'usage_billing.settings', 'usage_billing.customer_plans',
+               'usage_billing.plan_history', 'usage_billing.invoices']) r
+     WHERE to_regclass(r) IS NOT NULL
+$$;
+
+CREATE OR REPLACE FUNCTION usage_billing.tenant_functions()
+RETURNS name[]
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- not check_limit: its customer and limit lookups go through the backend-local catalog
+    -- cache (catalog_cache.c), which every role of a backend shares, so row-level security
+    -- cannot filter them
+    SELECT ARRAY['my_usage', 'current_customer_id', 'period_bounds', 'get_usage_summary',
+                 'calculate_overage', 'preview_invoice', 'plan_at']::name[]
+$$;
+
+-- roles given tenant access before this version read the new relations and functions too
+DO $lifecycle_tenants$
+DECLARE
+    r name;
+BEGIN
+    FOR r IN SELECT DISTINCT g.rolname
+               FROM pg_class c, aclexplode(c.relacl) x
+               JOIN pg_roles g ON g.oid = x.grantee
+              WHERE c.oid = 'usage_billing.usage_aggregates'::regclass
+                AND x.privilege_type = 'SELECT'
+                AND g.rolname NOT IN ('usage_billing_admin', 'usage_billing_writer', 'usage_billing_reader')
+                AND NOT g.rolsuper
+    LOOP
+        PERFORM usage_billing.grant_tenant_access(r);
+    END LOOP;
+END
+$lifecycle_tenants$;
