@@ -26,6 +26,7 @@ OBJS = \
 	src/limits.o \
 	src/summary.o \
 	src/invoice.o \
+	src/period_pricing.o \
 	src/shmem.o \
 	src/export_worker.o \
 	src/stripe_client.o \

@@ -774,6 +774,72 @@ AS $$
                  'calculate_overage', 'preview_invoice', 'plan_at']::name[]
 $$;
 
+-- A period with plan changes is priced by segments: preview_invoice and calculate_overage
+-- have a row per segment, with its segment_start (the last column, so that callers reading
+-- the columns of 1.3 by position keep working).
+DROP FUNCTION usage_billing.calculate_overage(text, timestamptz);
+CREATE FUNCTION usage_billing.calculate_overage(
+    customer_id text, period_start timestamptz DEFAULT NULL)
+RETURNS TABLE (
+    meter text,
+    total numeric,
+    included numeric,
+    overage_quantity numeric,
+    overage_cost numeric,
+    currency text,
+    segment_start timestamptz)
+AS 'MODULE_PATHNAME', 'ub_calculate_overage'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.calculate_overage(text, timestamptz) IS
+    'Overage quantity and exact cost of every billed meter in a billing period, per plan segment.';
+
+DROP FUNCTION usage_billing.preview_invoice(text, timestamptz);
+CREATE FUNCTION usage_billing.preview_invoice(
+    customer_id text, period_start timestamptz DEFAULT NULL)
+RETURNS TABLE (
+    line text,
+    meter text,
+    quantity numeric,
+    unit_price numeric,
+    amount numeric,
+    segment_start timestamptz)
+AS 'MODULE_PATHNAME', 'ub_preview_invoice'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.preview_invoice(text, timestamptz) IS
+    'Invoice lines of a billing period (per plan segment a prorated base line and a usage line per billed meter, then the total), rounded to the currency''s minor unit; a finalized period''s finalized lines.';
+
+DO $reads$
+DECLARE
+    f text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY['usage_billing.calculate_overage(text, timestamptz)',
+                             'usage_billing.preview_invoice(text, timestamptz)']
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO usage_billing_admin, usage_billing_reader', f);
+    END LOOP;
+END
+$reads$;
+
+CREATE FUNCTION usage_billing.price_period(customer_id text, period_start timestamptz)
+RETURNS TABLE (
+    line text,
+    meter text,
+    segment_start timestamptz,
+    quantity numeric,
+    unit_price numeric,
+    amount numeric,
+    usage_total numeric,
+    pricing jsonb)
+AS 'MODULE_PATHNAME', 'ub_price_period_sql'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.price_period(text, timestamptz) IS
+    'Internal: the base and usage lines of a billing period priced now, with each usage line''s total and pricing (for finalize_invoices).';
+REVOKE ALL ON FUNCTION usage_billing.price_period(text, timestamptz) FROM PUBLIC;
+
 -- roles given tenant access before this version read the new relations and functions too
 DO $lifecycle_tenants$
 DECLARE
