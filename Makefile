@@ -27,6 +27,7 @@ OBJS = \
 	src/summary.o \
 	src/invoice.o \
 	src/period_pricing.o \
+	src/finalize.o \
 	src/shmem.o \
 	src/export_worker.o \
 	src/stripe_client.o \

@@ -682,13 +682,14 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'invoices'
-       AND (NEW.invoice_id, NEW.invoice_number, NEW.customer_id, NEW.period_start, NEW.period_end,
+    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'invoices' THEN
+        IF (NEW.invoice_id, NEW.invoice_number, NEW.customer_id, NEW.period_start, NEW.period_end,
             NEW.currency, NEW.total, NEW.finalized_at)
            IS NOT DISTINCT FROM
            (OLD.invoice_id, OLD.invoice_number, OLD.customer_id, OLD.period_start, OLD.period_end,
             OLD.currency, OLD.total, OLD.finalized_at) THEN
-        RETURN NEW;
+            RETURN NEW;
+        END IF;
     END IF;
     RAISE EXCEPTION 'finalized invoices cannot be changed'
         USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -741,6 +742,206 @@ REVOKE ALL ON FUNCTION usage_billing.plan_at(text, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION usage_billing.plan_at(text, timestamptz)
     TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
 REVOKE ALL ON FUNCTION usage_billing.invoice_immutable() FROM PUBLIC;
+
+CREATE FUNCTION usage_billing.invoice_grace()
+RETURNS interval
+AS 'MODULE_PATHNAME', 'ub_invoice_grace'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.invoice_grace() IS
+    'Internal: usage_billing.invoice_grace as an interval (how long after a period''s end it is invoiced).';
+
+CREATE FUNCTION usage_billing.price_usage(pricing jsonb, total numeric)
+RETURNS numeric
+AS 'MODULE_PATHNAME', 'ub_price_usage'
+LANGUAGE C IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.price_usage(jsonb, numeric) IS
+    'Internal: the exact usage cost of a total under the pricing snapshot of an invoice line.';
+
+CREATE FUNCTION usage_billing.round_money(amount numeric, currency text)
+RETURNS numeric
+AS 'MODULE_PATHNAME', 'ub_round_money_sql'
+LANGUAGE C IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.round_money(numeric, text) IS
+    'Internal: an amount rounded to the currency''s minor unit, half away from zero, as invoice lines are.';
+
+-- One invoice: the period's own lines, then credit and debit lines for the earlier invoiced
+-- periods whose aggregates moved since they were last billed, then the total.
+CREATE FUNCTION usage_billing.finalize_one(cid text, ps timestamptz, pe timestamptz)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    iid bigint;
+    num integer;
+    cur text;
+    n integer := 0;
+    tot numeric := 0;
+    k timestamptz;
+    r record;
+BEGIN
+    SELECT p.currency INTO cur
+      FROM usage_billing.customers c JOIN usage_billing.plans p ON p.plan = c.plan
+     WHERE c.customer_id = cid;
+    iid := nextval(pg_get_serial_sequence('usage_billing.invoices', 'invoice_id'));
+
+    FOR r IN SELECT * FROM usage_billing.price_period(cid, ps) LOOP
+        n := n + 1;
+        INSERT INTO usage_billing.invoice_lines
+            (invoice_id, line_no, line, meter, segment_start, quantity, unit_price, amount,
+             for_period_start, usage_total, pricing)
+        VALUES (iid, n, r.line, r.meter, r.segment_start, r.quantity, r.unit_price, r.amount,
+                ps, r.usage_total, r.pricing);
+        tot := tot + r.amount;
+    END LOOP;
+
+    FOR k IN
+        SELECT i.period_start
+          FROM usage_billing.invoices i
+         WHERE i.customer_id = cid AND i.period_start < ps
+           AND (EXISTS (SELECT 1
+                          FROM usage_billing.invoiced_totals t
+                          LEFT JOIN usage_billing.aggregate_totals a
+                                 ON a.customer_id = t.customer_id AND a.meter = t.meter
+                                AND a.period_start = t.period_start
+                         WHERE t.customer_id = cid AND t.period_start = i.period_start
+                           AND t.total IS DISTINCT FROM coalesce(a.total, 0))
+                OR EXISTS (SELECT 1
+                             FROM usage_billing.aggregate_totals a
+                            WHERE a.customer_id = cid AND a.period_start = i.period_start
+                              AND a.total <> 0
+                              AND NOT EXISTS (SELECT 1 FROM usage_billing.invoiced_totals t
+                                               WHERE t.customer_id = cid AND t.meter = a.meter
+                                                 AND t.period_start = a.period_start)))
+         ORDER BY i.period_start
+    LOOP
+        FOR r IN
+            SELECT p.meter, p.segment_start, p.usage_total, o.pricing,
+                   p.usage_total - b.last_total AS quantity,
+                   usage_billing.round_money(coalesce(usage_billing.price_usage(o.pricing, p.usage_total), 0), cur)
+                       - b.billed AS delta
+              FROM usage_billing.price_period(cid, k) p
+              JOIN usage_billing.invoices oi ON oi.customer_id = cid AND oi.period_start = k
+              JOIN usage_billing.invoice_lines o
+                ON o.invoice_id = oi.invoice_id AND o.line = 'usage' AND o.meter = p.meter
+               AND o.segment_start = p.segment_start
+             CROSS JOIN LATERAL (
+                   SELECT sum(l.amount) AS billed,
+                          (array_agg(l.usage_total ORDER BY l.invoice_id DESC, l.line_no DESC))[1] AS last_total
+                     FROM usage_billing.invoices li
+                     JOIN usage_billing.invoice_lines l ON l.invoice_id = li.invoice_id
+                    WHERE li.customer_id = cid AND l.for_period_start = k AND l.meter = p.meter
+                      AND l.segment_start = p.segment_start
+                      AND l.line IN ('usage', 'credit', 'debit')) b
+             WHERE p.line = 'usage'
+             ORDER BY p.segment_start, p.meter
+        LOOP
+            CONTINUE WHEN r.delta = 0;
+            n := n + 1;
+            INSERT INTO usage_billing.invoice_lines
+                (invoice_id, line_no, line, meter, segment_start, quantity, unit_price, amount,
+                 for_period_start, usage_total, pricing)
+            VALUES (iid, n, CASE WHEN r.delta < 0 THEN 'credit' ELSE 'debit' END, r.meter,
+                    r.segment_start, r.quantity, NULL, r.delta, k, r.usage_total, r.pricing);
+            tot := tot + r.delta;
+        END LOOP;
+        -- the period is billed as it is now
+        DELETE FROM usage_billing.invoiced_totals t WHERE t.customer_id = cid AND t.period_start = k;
+        INSERT INTO usage_billing.invoiced_totals (customer_id, meter, period_start, total)
+        SELECT cid, a.meter, k, a.total FROM usage_billing.aggregate_totals a
+         WHERE a.customer_id = cid AND a.period_start = k;
+    END LOOP;
+
+    INSERT INTO usage_billing.invoiced_totals (customer_id, meter, period_start, total)
+    SELECT cid, a.meter, ps, a.total FROM usage_billing.aggregate_totals a
+     WHERE a.customer_id = cid AND a.period_start = ps;
+
+    tot := usage_billing.round_money(tot, cur);
+    n := n + 1;
+    INSERT INTO usage_billing.invoice_lines (invoice_id, line_no, line, amount, for_period_start)
+    VALUES (iid, n, 'total', tot, ps);
+    SELECT coalesce(max(i.invoice_number), 0) + 1 INTO num
+      FROM usage_billing.invoices i WHERE i.customer_id = cid;
+    INSERT INTO usage_billing.invoices
+        (invoice_id, invoice_number, customer_id, period_start, period_end, currency, total,
+         status, finalized_at)
+    OVERRIDING SYSTEM VALUE
+    VALUES (iid, num, cid, ps, pe, cur, tot, 'finalized', now());
+    PERFORM pg_notify('usage_billing_invoices',
+                      json_build_object('invoice_id', iid, 'invoice_number', num, 'customer_id', cid,
+                                        'period_start', ps, 'period_end', pe, 'currency', cur,
+                                        'total', tot)::text);
+    RETURN iid;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.finalize_one(text, timestamptz, timestamptz) IS
+    'Internal: writes the finalized invoice of one customer and period (finalize_invoices).';
+REVOKE ALL ON FUNCTION usage_billing.finalize_one(text, timestamptz, timestamptz) FROM PUBLIC;
+
+CREATE FUNCTION usage_billing.finalize_invoices(before timestamptz DEFAULT now())
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cutoff timestamptz;
+    created bigint := 0;
+    c record;
+    ps timestamptz;
+    pe timestamptz;
+BEGIN
+    IF $1 IS NULL OR NOT isfinite($1) THEN
+        RAISE EXCEPTION 'invalid finalization time'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Field "before" was %s; it must be a finite timestamp.',
+                                  coalesce($1::text, 'NULL'));
+    END IF;
+    cutoff := $1 - usage_billing.invoice_grace();
+    -- one finalizer at a time (the worker, a manual call): one invoice per period, numbers in order
+    PERFORM pg_advisory_xact_lock(hashtext('usage_billing.finalize_invoices'));
+    FOR c IN
+        SELECT cu.customer_id, cu.billing_anchor, p.period,
+               coalesce(li.last_end, s.invoices_from, cu.created_at) AS next_from
+          FROM usage_billing.customers cu
+          JOIN usage_billing.plans p ON p.plan = cu.plan
+          LEFT JOIN usage_billing.invoice_starts s ON s.customer_id = cu.customer_id
+          LEFT JOIN LATERAL (SELECT max(i.period_end) AS last_end
+                               FROM usage_billing.invoices i
+                              WHERE i.customer_id = cu.customer_id) li ON true
+         WHERE cu.status <> 'canceled'
+         ORDER BY cu.customer_id
+    LOOP
+        SELECT b.period_start, b.period_end INTO ps, pe
+          FROM usage_billing.period_bounds(c.billing_anchor, c.period, c.next_from) b;
+        WHILE pe <= cutoff LOOP
+            PERFORM usage_billing.finalize_one(c.customer_id, ps, pe);
+            created := created + 1;
+            ps := pe;
+            SELECT b.period_end INTO pe
+              FROM usage_billing.period_bounds(c.billing_anchor, c.period, ps) b;
+        END LOOP;
+    END LOOP;
+    RETURN created;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.finalize_invoices(timestamptz) IS
+    'Finalizes one invoice per customer and billing period that ended before "before" - usage_billing.invoice_grace and has none yet; returns how many were created (NOTIFY usage_billing_invoices for each).';
+REVOKE ALL ON FUNCTION usage_billing.finalize_invoices(timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION usage_billing.finalize_invoices(timestamptz) TO usage_billing_admin;
+DO $lifecycle_fns$
+DECLARE
+    f text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY['usage_billing.invoice_grace()', 'usage_billing.price_usage(jsonb, numeric)',
+                             'usage_billing.round_money(numeric, text)']
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+END
+$lifecycle_fns$;
 
 -- tenants read their plan history and invoices (row-level security filters them) and need
 -- plan_at for the views that follow the history

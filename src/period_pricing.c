@@ -119,7 +119,7 @@ segment_ledger_totals(const char *customer_id, TimestampTz start, TimestampTz en
 	ub_prepare_once(&plan,
 					"WITH seg AS ("
 					"  SELECT s.s_start, s.s_end, s.i"
-					"    FROM pg_catalog.unnest($4, $5) WITH ORDINALITY AS s(s_start, s_end, i)"
+					"    FROM ROWS FROM (pg_catalog.unnest($4), pg_catalog.unnest($5)) WITH ORDINALITY AS s(s_start, s_end, i)"
 					"), ev AS ("
 					"  SELECT e.meter, e.kind, e.amount, e.occurred_at, e.event_id, e.properties,"
 					"         CASE WHEN e.occurred_at >= $2 AND e.occurred_at < $3 THEN e.occurred_at"
