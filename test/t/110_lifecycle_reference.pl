@@ -85,8 +85,14 @@ SELECT count(*) FROM (VALUES $values) v(i, c, ps),
 $node->safe_psql('postgres', qq{
 UPDATE usage_billing.invoice_starts s SET invoices_from = to_timestamp(v.ps)
   FROM (VALUES $values) v(i, c, ps) WHERE s.customer_id = v.c AND v.i % 2 = 0});
-my $created = $node->safe_psql('postgres', "SELECT usage_billing.finalize_invoices('2020-05-01 01:00+00')");
+my $out = $node->safe_psql('postgres', q{
+LISTEN usage_billing_invoices;
+SELECT usage_billing.finalize_invoices('2020-05-01 01:00+00');});
+my @notes = ($out =~ /Asynchronous notification "usage_billing_invoices" with payload "([^\n]*)" received/g);
+my ($created) = ($out =~ /^(\d+)$/m);
 cmp_ok($created, '>=', 2 * $histories, "finalize_invoices created the invoices ($created)");
+is(scalar(@notes), $created, 'one notification per invoice');
+like($notes[0] // '', qr/"invoice_number" : 1, "customer_id" : "rm_/, 'the notification names the invoice');
 is($node->safe_psql('postgres', "SELECT usage_billing.finalize_invoices('2020-05-01 01:00+00')"), '0',
 	'a second finalization creates none');
 my @final = split /\n/, $node->safe_psql('postgres', qq{
