@@ -102,7 +102,14 @@ SELECT pg_temp.error_of($$SELECT usage_billing.change_plan('lc_nobody', 'lc_pro'
 SELECT pg_temp.error_of($$SELECT usage_billing.change_plan('lc_a', 'lc_nothing')$$);
 SELECT count(*) FROM usage_billing.customer_plans WHERE customer_id = 'lc_a';
 
--- 7. finalized invoices.  The grace: nothing before Feb 1 01:00 for January.
+-- 7. finalized invoices.  Invoices start with the period of a customer's creation (now): these
+--    customers are a backfill of 2019, invoiced from their anchors.
+SELECT count(*) FROM usage_billing.invoice_starts WHERE customer_id LIKE 'lc\_%' AND invoices_from > now() - interval '1 day';
+-- so nothing is due yet, whatever "before" says: only periods that have ended are invoiced
+SELECT usage_billing.finalize_invoices('9999-01-01');
+UPDATE usage_billing.invoice_starts s SET invoices_from = c.billing_anchor
+  FROM usage_billing.customers c WHERE c.customer_id = s.customer_id AND c.customer_id LIKE 'lc\_%';
+-- the grace: nothing before Feb 1 01:00 for January
 SHOW usage_billing.invoice_grace;
 SELECT usage_billing.finalize_invoices('2019-02-01 00:59:59+00');
 SELECT usage_billing.finalize_invoices('2019-02-01 01:00+00');

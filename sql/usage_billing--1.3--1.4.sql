@@ -607,10 +607,10 @@ BEGIN
     END IF;
     INSERT INTO usage_billing.customer_plans (customer_id, effective_from, plan)
     VALUES (customer_id, '-infinity', plan);
-    -- invoices start with the period of the anchor
+    -- invoices start with the period of the creation: the periods of a backdated anchor before
+    -- it are a backfill, invoiced only when invoice_starts says so
     INSERT INTO usage_billing.invoice_starts (customer_id, invoices_from)
-    SELECT c.customer_id, c.billing_anchor FROM usage_billing.customers c
-     WHERE c.customer_id = upsert_customer.customer_id;
+    VALUES (customer_id, now());
 END
 $$;
 COMMENT ON FUNCTION usage_billing.upsert_customer(text, text, timestamptz, text) IS
@@ -627,7 +627,7 @@ CREATE TABLE usage_billing.invoice_starts (
     invoices_from timestamptz NOT NULL
 );
 COMMENT ON TABLE usage_billing.invoice_starts IS
-    'The instant whose billing period is a customer''s first invoiced one (its billing anchor at creation; the upgrade to 1.4 for customers created before).';
+    'The instant whose billing period is a customer''s first invoiced one (its creation; the upgrade to 1.4 for customers created before); set it earlier to invoice a backfill.';
 INSERT INTO usage_billing.invoice_starts (customer_id, invoices_from)
 SELECT c.customer_id, now() FROM usage_billing.customers c;
 
@@ -899,7 +899,8 @@ BEGIN
                   DETAIL = format('Field "before" was %s; it must be a finite timestamp.',
                                   coalesce($1::text, 'NULL'));
     END IF;
-    cutoff := $1 - usage_billing.invoice_grace();
+    -- only periods that have ended (a "before" in the future invoices nothing more)
+    cutoff := least($1, now()) - usage_billing.invoice_grace();
     -- one finalizer at a time (the worker, a manual call): one invoice per period, numbers in order
     PERFORM pg_advisory_xact_lock(hashtext('usage_billing.finalize_invoices'));
     FOR c IN

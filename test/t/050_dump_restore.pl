@@ -74,6 +74,8 @@ SELECT usage_billing.create_plan('pro_plus', 99, 'usd');
 SELECT usage_billing.set_plan_limit('pro_plus', 'calls', included => 5000, overage_price => 0.005);
 SELECT * FROM usage_billing.change_plan('acme', 'pro_plus', 'immediate', '2025-02-20 00:00+00');
 SELECT * FROM usage_billing.change_plan('acme', 'pro', 'period_end', '2025-03-01 00:00+00');
+UPDATE usage_billing.invoice_starts s SET invoices_from = c.billing_anchor
+  FROM usage_billing.customers c WHERE c.customer_id = s.customer_id;   -- a backfill of 2025
 SELECT usage_billing.finalize_invoices('2025-03-20 00:00+00');
 SELECT usage_billing.adjust_usage('acme', 'calls', 2000, 'late import', '2025-02-01 00:00+00');
 SELECT usage_billing.finalize_invoices('2025-04-20 00:00+00');
