@@ -10,6 +10,7 @@ OBJS = \
 	src/catalog_cache.o \
 	src/catalog_target.o \
 	src/catalog_preload.o \
+	src/plan_history.o \
 	src/pricing.o \
 	src/record.o \
 	src/record_prepare.o \
@@ -27,6 +28,8 @@ OBJS = \
 	src/limits.o \
 	src/summary.o \
 	src/invoice.o \
+	src/period_pricing.o \
+	src/finalize.o \
 	src/shmem.o \
 	src/export_worker.o \
 	src/stripe_client.o \

@@ -117,8 +117,12 @@ SELECT customer_id, plan, billing_anchor, stripe_customer_id, status FROM usage_
  WHERE customer_id = 'cat_a';
 SELECT billing_anchor = date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC' AS anchored_at_month_start
   FROM usage_billing.customers WHERE customer_id = 'cat_b';
--- NULL anchor and Stripe id mean unchanged; a new plan applies
+-- NULL anchor and Stripe id mean unchanged; a new plan applies (a plan change keeps the
+-- currency and the period: not to the yearly euro plan)
 SELECT usage_billing.upsert_customer('cat_a', 'cat_yearly');
+\echo :LAST_ERROR_SQLSTATE
+SELECT usage_billing.create_plan('cat_plus', 49);
+SELECT usage_billing.upsert_customer('cat_a', 'cat_plus');
 SELECT customer_id, plan, billing_anchor, stripe_customer_id FROM usage_billing.customers WHERE customer_id = 'cat_a';
 SELECT usage_billing.upsert_customer('cat_a', NULL, '2025-02-01 00:00+00', 'cus_A2');
 SELECT customer_id, plan, billing_anchor, stripe_customer_id FROM usage_billing.customers WHERE customer_id = 'cat_a';
@@ -134,15 +138,16 @@ SELECT usage_billing.upsert_customer('cat_c', 'cat_starter', stripe_customer_id 
 \echo :LAST_ERROR_SQLSTATE
 SELECT count(*) FROM usage_billing.customers WHERE customer_id = 'cat_c';
 
--- overrides: set, inherit the plan's hard cap, survive a plan change, remove
-SELECT usage_billing.upsert_customer('cat_a', 'cat_starter');
+-- overrides: set, inherit the plan's hard cap, survive a plan change, remove (the
+-- downgrades at once, not at the period's end)
+SELECT plan FROM usage_billing.change_plan('cat_a', 'cat_starter', 'immediate');
 SELECT usage_billing.set_customer_limit('cat_a', 'cat_calls', 500);
 SELECT meter, included, hard_cap, overridden FROM usage_billing.effective_limits WHERE customer_id = 'cat_a' ORDER BY meter;
 SELECT usage_billing.set_customer_limit('cat_a', 'cat_calls', 500, false);
 SELECT usage_billing.set_customer_limit('cat_a', 'cat_users', 3, true);
-SELECT usage_billing.upsert_customer('cat_a', 'cat_yearly');
+SELECT usage_billing.upsert_customer('cat_a', 'cat_plus');
 SELECT meter, included, hard_cap, overridden FROM usage_billing.effective_limits WHERE customer_id = 'cat_a' ORDER BY meter;
-SELECT usage_billing.upsert_customer('cat_a', 'cat_starter');
+SELECT plan FROM usage_billing.change_plan('cat_a', 'cat_starter', 'immediate');
 SELECT usage_billing.set_customer_limit('cat_a', 'cat_calls', NULL);
 SELECT meter, included, hard_cap, overridden FROM usage_billing.effective_limits WHERE customer_id = 'cat_a' ORDER BY meter;
 SELECT usage_billing.set_customer_limit('cat_nope', 'cat_calls', 1);

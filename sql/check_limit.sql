@@ -155,7 +155,8 @@ SELECT usage_billing.upsert_customer('cl_acme', 'cl_pro');
 SELECT * FROM usage_billing.check_limit('cl_acme', 'cl_capped', 500);
 -- a meter the new plan has no limit for is unlimited now
 SELECT * FROM usage_billing.check_limit('cl_acme', 'cl_api', 1000);
-SELECT usage_billing.upsert_customer('cl_acme', 'cl_basic');
+-- back to basic at once (upsert_customer would wait for the period's end: a downgrade)
+SELECT plan FROM usage_billing.change_plan('cl_acme', 'cl_basic', 'immediate');
 
 -- non-active customers are refused, the rest of the row is still filled
 SELECT usage_billing.set_customer_status('cl_acme', 'suspended');

@@ -88,7 +88,8 @@ SELECT line, meter, quantity, unit_price, amount
   FROM usage_billing.preview_invoice('inv_acme', '2025-01-15') WHERE meter = 'orders' OR line = 'total';
 SELECT usage_billing.set_plan_limit('inv_growth', 'orders', included => 0, overage_price => 0.10);
 
--- a plan change reprices the period at once (past periods are priced with the plan in force now)
+-- a plan change now does not reprice a past period: January stays on its plan (growth); the
+-- current period is priced by segments, the new plan's from now
 SELECT usage_billing.create_plan('inv_scale', base_price => 499);
 SELECT usage_billing.set_plan_limit('inv_scale', 'orders', included => 10000, overage_price => 0.05);
 SELECT usage_billing.set_plan_limit('inv_scale', 'api_calls', included => 1000000, overage_price => 0.01,

@@ -111,7 +111,8 @@ SELECT meter, total, included, usage_percent, overage_quantity, overage_cost
   FROM usage_billing.get_usage_summary('su_acme', '2025-03-01 00:00:00+00')
  WHERE meter IN ('su_api', 'su_storage');
 
--- a plan change applies at once: the new plan's limits, its meters appear, the old plan's unused ones go
+-- a plan change now does not reach back: March 2025 keeps su_plan's limits and costs (the new
+-- plan's meter su_jobs is listed, without a limit of March's plan)
 SELECT usage_billing.create_plan('su_plan2', base_price => 50);
 SELECT usage_billing.set_plan_limit('su_plan2', 'su_api', included => 5000, overage_price => 0.001);
 SELECT usage_billing.set_plan_limit('su_plan2', 'su_jobs', included => 100, overage_price => 1);

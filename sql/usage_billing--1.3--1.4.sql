@@ -823,3 +823,736 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- ---------------------------------------------------------------------------
+-- Plan history and finalized invoices
+-- ---------------------------------------------------------------------------
+-- A customer's plan is a history: customer_plans holds one row per plan change, each in force
+-- from its effective_from until the next row's.  The first row starts at -infinity (the first
+-- plan is in force in every period before the first change).  The plan in force at an instant
+-- is computed from the history and that instant, by SQL (plan_at) and by the C paths from
+-- their catalog cache alike, so a change scheduled for the end of a period takes effect at the
+-- boundary without anything being written then.  customers.plan keeps the plan in force when
+-- the customer was last changed (a convenience for psql; the history is authoritative).
+--
+-- All plans of one customer's history have the plan's period and currency of the first: a
+-- period is priced by segments of one length and in one currency (change_plan refuses
+-- others with 22023).
+
+CREATE TABLE usage_billing.customer_plans (
+    customer_id    text NOT NULL REFERENCES usage_billing.customers ON DELETE CASCADE,
+    effective_from timestamptz NOT NULL CHECK (effective_from <> 'infinity'),
+    plan           text NOT NULL REFERENCES usage_billing.plans,
+    changed_at     timestamptz NOT NULL DEFAULT now(),
+    changed_by     text NOT NULL DEFAULT current_user,
+    PRIMARY KEY (customer_id, effective_from)
+);
+COMMENT ON TABLE usage_billing.customer_plans IS
+    'Plan history: each row is in force from effective_from until the next row of the customer (the first from -infinity).';
+CREATE TRIGGER customer_plans_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.customer_plans
+    FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
+
+-- existing customers: their plan has been in force from the beginning
+INSERT INTO usage_billing.customer_plans (customer_id, effective_from, plan, changed_at, changed_by)
+SELECT c.customer_id, '-infinity', c.plan, c.created_at, 'usage_billing 1.4 upgrade'
+  FROM usage_billing.customers c;
+
+CREATE FUNCTION usage_billing.plan_at(customer_id text, at timestamptz)
+RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce((SELECT h.plan FROM usage_billing.customer_plans h
+                      WHERE h.customer_id = plan_at.customer_id AND h.effective_from <= plan_at.at
+                      ORDER BY h.effective_from DESC LIMIT 1),
+                    (SELECT c.plan FROM usage_billing.customers c
+                      WHERE c.customer_id = plan_at.customer_id))
+$$;
+COMMENT ON FUNCTION usage_billing.plan_at(text, timestamptz) IS
+    'The plan in force for a customer at an instant, from its plan history.';
+
+CREATE VIEW usage_billing.plan_history WITH (security_invoker = true) AS
+SELECT h.customer_id, h.plan, h.effective_from,
+       lead(h.effective_from) OVER (PARTITION BY h.customer_id ORDER BY h.effective_from) AS effective_to,
+       h.changed_at, h.changed_by
+  FROM usage_billing.customer_plans h
+UNION ALL
+SELECT c.customer_id, c.plan, '-infinity'::timestamptz, NULL, c.created_at, NULL
+  FROM usage_billing.customers c
+ WHERE NOT EXISTS (SELECT 1 FROM usage_billing.customer_plans h WHERE h.customer_id = c.customer_id);
+COMMENT ON VIEW usage_billing.plan_history IS
+    'Each plan of a customer and when it is in force: [effective_from, effective_to), effective_to NULL for the last.';
+
+-- The limits in force now follow the history.
+CREATE OR REPLACE VIEW usage_billing.effective_limits WITH (security_invoker = true) AS
+SELECT c.customer_id, pl.meter,
+       CASE WHEN cl.customer_id IS NOT NULL THEN cl.included ELSE pl.included END AS included,
+       coalesce(cl.hard_cap, pl.hard_cap) AS hard_cap,
+       pl.overage_price, pl.overage_unit, pl.soft_threshold, pl.tiers, pl.tier_mode,
+       cl.customer_id IS NOT NULL AS overridden
+  FROM usage_billing.customers c
+  JOIN usage_billing.plan_limits pl ON pl.plan = usage_billing.plan_at(c.customer_id, now())
+  LEFT JOIN usage_billing.customer_limits cl ON cl.customer_id = c.customer_id AND cl.meter = pl.meter
+UNION ALL
+SELECT cl.customer_id, cl.meter, cl.included, coalesce(cl.hard_cap, false),
+       NULL, 1, 0.8, NULL, 'graduated', true
+  FROM usage_billing.customer_limits cl
+  JOIN usage_billing.customers c ON c.customer_id = cl.customer_id
+ WHERE NOT EXISTS (SELECT 1 FROM usage_billing.plan_limits pl
+                    WHERE pl.plan = usage_billing.plan_at(c.customer_id, now()) AND pl.meter = cl.meter);
+
+CREATE OR REPLACE VIEW usage_billing.current_usage WITH (security_invoker = true) AS
+SELECT c.customer_id, p.plan, m.meter, pb.period_start, pb.period_end,
+       coalesce(a.total, 0) AS total,
+       coalesce(a.event_count, 0) AS event_count,
+       l.included,
+       l.hard_cap,
+       CASE WHEN l.included > 0 THEN round(100 * coalesce(a.total, 0) / l.included, 1) END AS usage_percent,
+       c.status,
+       c.status AS customer_status,
+       -- the rule of increment_usage's status (pricing.c, ub_usage_status)
+       CASE WHEN l.included IS NULL THEN 'ok'
+            WHEN coalesce(a.total, 0) > l.included THEN 'over_limit'
+            WHEN l.soft_threshold IS NOT NULL AND l.included > 0
+                 AND coalesce(a.total, 0) >= l.soft_threshold * l.included THEN 'warning'
+            ELSE 'ok' END AS usage_status
+  FROM usage_billing.customers c
+  JOIN usage_billing.plans p ON p.plan = usage_billing.plan_at(c.customer_id, now())
+ CROSS JOIN LATERAL usage_billing.period_bounds(c.billing_anchor, p.period, now()) pb
+ CROSS JOIN usage_billing.meters m
+  LEFT JOIN usage_billing.effective_limits l ON l.customer_id = c.customer_id AND l.meter = m.meter
+  LEFT JOIN usage_billing.aggregate_totals a
+         ON a.customer_id = c.customer_id AND a.meter = m.meter AND a.period_start = pb.period_start
+ WHERE a.customer_id IS NOT NULL OR l.meter IS NOT NULL;
+
+-- the work of change_plan, whose argument "plan" is also a result column (PL/pgSQL takes one)
+CREATE FUNCTION usage_billing.apply_plan_change(
+    customer_id text,
+    new_plan text,
+    effective text,
+    at timestamptz,
+    OUT plan text,
+    OUT effective_from timestamptz)
+RETURNS record
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cust record;
+    cur record;
+    new record;
+    mode text := apply_plan_change.effective;
+    from_at timestamptz;
+    invoiced_end timestamptz;
+    before_plan text;
+BEGIN
+    IF mode IS NULL OR mode NOT IN ('immediate', 'period_end', 'auto') THEN
+        RAISE EXCEPTION 'invalid effective "%"', coalesce(mode, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use immediate, period_end or auto (an upgrade now, a downgrade at the next period).';
+    END IF;
+    IF apply_plan_change.at IS NULL OR NOT isfinite(apply_plan_change.at) THEN
+        RAISE EXCEPTION 'invalid plan change time'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Field "at" was %s; it must be a finite timestamp.',
+                                  coalesce(apply_plan_change.at::text, 'NULL'));
+    END IF;
+    SELECT c.customer_id, c.billing_anchor INTO cust
+      FROM usage_billing.customers c
+     WHERE c.customer_id = apply_plan_change.customer_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'customer "%" does not exist', apply_plan_change.customer_id
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'Create it with usage_billing.upsert_customer().';
+    END IF;
+    SELECT p.plan, p.base_price, p.currency, p.period INTO new
+      FROM usage_billing.plans p WHERE p.plan = new_plan;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'plan "%" does not exist', new_plan
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT p.plan, p.base_price, p.currency, p.period INTO cur
+      FROM usage_billing.plans p
+     WHERE p.plan = usage_billing.plan_at(apply_plan_change.customer_id, apply_plan_change.at);
+    IF new.currency <> cur.currency OR new.period <> cur.period THEN
+        RAISE EXCEPTION 'customer "%" cannot change from plan "%" to plan "%"',
+                        apply_plan_change.customer_id, cur.plan, new.plan
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Plan "%s" bills %s per %s, plan "%s" %s per %s; the plans of one customer share their currency and period.',
+                                  cur.plan, cur.currency, cur.period, new.plan, new.currency, new.period),
+                  HINT = 'Create a plan with the same currency and period, or a new customer for the new subscription.';
+    END IF;
+
+    IF mode = 'auto' THEN
+        -- a lower base price waits for the period's end; a higher or equal one applies now
+        mode := CASE WHEN new.base_price >= cur.base_price THEN 'immediate' ELSE 'period_end' END;
+    END IF;
+    IF mode = 'immediate' THEN
+        from_at := apply_plan_change.at;
+    ELSE
+        SELECT b.period_end INTO from_at
+          FROM usage_billing.period_bounds(cust.billing_anchor, cur.period, apply_plan_change.at) b;
+    END IF;
+
+    SELECT max(i.period_end) INTO invoiced_end
+      FROM usage_billing.invoices i WHERE i.customer_id = apply_plan_change.customer_id;
+    IF invoiced_end > from_at THEN
+        RAISE EXCEPTION 'period of % for customer "%" is invoiced', from_at, apply_plan_change.customer_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('A plan change from %s would reprice a finalized invoice; customer "%s" is invoiced until %s.',
+                                  from_at, apply_plan_change.customer_id, invoiced_end),
+                  HINT = 'Change the plan from a later instant.';
+    END IF;
+
+    -- a change supersedes every change from its instant on (scheduled ones included)
+    DELETE FROM usage_billing.customer_plans h
+     WHERE h.customer_id = apply_plan_change.customer_id AND h.effective_from >= from_at;
+    before_plan := usage_billing.plan_at(apply_plan_change.customer_id, from_at);
+    IF before_plan IS DISTINCT FROM new.plan THEN
+        INSERT INTO usage_billing.customer_plans (customer_id, effective_from, plan)
+        VALUES (apply_plan_change.customer_id, from_at, new.plan);
+    END IF;
+    UPDATE usage_billing.customers c
+       SET plan = usage_billing.plan_at(c.customer_id, now()), updated_at = now()
+     WHERE c.customer_id = apply_plan_change.customer_id;
+
+    plan := new.plan;
+    SELECT max(h.effective_from) INTO apply_plan_change.effective_from
+      FROM usage_billing.customer_plans h
+     WHERE h.customer_id = apply_plan_change.customer_id AND h.effective_from <= from_at;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.apply_plan_change(text, text, text, timestamptz) IS
+    'Internal: the work of change_plan.';
+REVOKE ALL ON FUNCTION usage_billing.apply_plan_change(text, text, text, timestamptz) FROM PUBLIC;
+
+CREATE FUNCTION usage_billing.change_plan(
+    customer_id text,
+    plan text,
+    effective text DEFAULT 'auto',
+    at timestamptz DEFAULT now())
+RETURNS TABLE (plan text, effective_from timestamptz)
+LANGUAGE sql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT c.plan, c.effective_from FROM usage_billing.apply_plan_change($1, $2, $3, $4) c
+$$;
+COMMENT ON FUNCTION usage_billing.change_plan(text, text, text, timestamptz) IS
+    'Changes a customer''s plan at "at": immediate, period_end (the end of the period containing "at") or auto (a lower base price at the period''s end, else now); returns the plan and when it takes effect.';
+REVOKE ALL ON FUNCTION usage_billing.change_plan(text, text, text, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION usage_billing.change_plan(text, text, text, timestamptz) TO usage_billing_admin;
+
+CREATE OR REPLACE FUNCTION usage_billing.upsert_customer(
+    customer_id text,
+    plan text,
+    billing_anchor timestamptz DEFAULT NULL,
+    stripe_customer_id text DEFAULT NULL)
+RETURNS void
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM usage_billing.check_name('customer id', customer_id);
+    IF billing_anchor IN ('infinity'::timestamptz, '-infinity'::timestamptz) THEN
+        RAISE EXCEPTION 'invalid billing anchor for customer "%"', customer_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'The billing anchor must be a finite timestamp.';
+    END IF;
+    PERFORM usage_billing.check_stripe_customer_id(stripe_customer_id);
+    IF plan IS NOT NULL AND NOT EXISTS (SELECT 1 FROM usage_billing.plans p WHERE p.plan = upsert_customer.plan) THEN
+        RAISE EXCEPTION 'plan "%" does not exist', plan
+            USING ERRCODE = 'no_data_found';
+    END IF;
+
+    IF EXISTS (SELECT 1 FROM usage_billing.customers c WHERE c.customer_id = upsert_customer.customer_id) THEN
+        IF billing_anchor IS NOT NULL
+           AND billing_anchor IS DISTINCT FROM (SELECT c.billing_anchor FROM usage_billing.customers c
+                                                 WHERE c.customer_id = upsert_customer.customer_id)
+           AND EXISTS (SELECT 1 FROM usage_billing.invoices i WHERE i.customer_id = upsert_customer.customer_id) THEN
+            RAISE EXCEPTION 'billing anchor of customer "%" cannot change', customer_id
+                USING ERRCODE = 'invalid_parameter_value',
+                      DETAIL = 'The customer has finalized invoices; moving the anchor would move their periods.';
+        END IF;
+        UPDATE usage_billing.customers c
+           SET billing_anchor = coalesce(upsert_customer.billing_anchor, c.billing_anchor),
+               stripe_customer_id = coalesce(upsert_customer.stripe_customer_id, c.stripe_customer_id),
+               updated_at = now()
+         WHERE c.customer_id = upsert_customer.customer_id;
+        -- a new plan is a plan change with history
+        IF plan IS NOT NULL THEN
+            PERFORM usage_billing.change_plan(customer_id, plan, 'auto', now());
+        END IF;
+        RETURN;
+    END IF;
+
+    IF plan IS NULL THEN
+        RAISE EXCEPTION 'a new customer needs a plan'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Customer "%s" does not exist yet.', customer_id);
+    END IF;
+    INSERT INTO usage_billing.customers (customer_id, plan, billing_anchor, stripe_customer_id)
+    VALUES (customer_id, plan,
+            coalesce(billing_anchor, date_trunc('month', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'),
+            stripe_customer_id)
+    ON CONFLICT ON CONSTRAINT customers_pkey DO NOTHING;
+    IF NOT FOUND THEN
+        -- created concurrently: this call is a change of it
+        PERFORM usage_billing.upsert_customer(customer_id, plan, billing_anchor, stripe_customer_id);
+        RETURN;
+    END IF;
+    INSERT INTO usage_billing.customer_plans (customer_id, effective_from, plan)
+    VALUES (customer_id, '-infinity', plan);
+    -- invoices start with the period of the creation: the periods of a backdated anchor before
+    -- it are a backfill, invoiced only when invoice_starts says so
+    INSERT INTO usage_billing.invoice_starts (customer_id, invoices_from)
+    VALUES (customer_id, now());
+END
+$$;
+COMMENT ON FUNCTION usage_billing.upsert_customer(text, text, timestamptz, text) IS
+    'Creates a customer, or changes its plan (change_plan(..., ''auto'')), billing anchor or Stripe id (NULL = unchanged; a Stripe id has 1 to 100 characters, no white space).';
+
+-- Finalized invoices: one per customer and ended billing period, numbered per customer, never
+-- changed after finalize_invoices() wrote it (only its status may move on, e.g. to 'paid').
+-- invoice_lines keep, besides what an invoice shows, what a later correction is priced
+-- with: the usage total of each usage line and a snapshot of its pricing (the effective limit
+-- of that segment), so that a void or an adjustment of an invoiced period becomes a credit or
+-- debit line on the next invoice, priced as the original line was.
+CREATE TABLE usage_billing.invoice_starts (
+    customer_id   text PRIMARY KEY REFERENCES usage_billing.customers ON DELETE CASCADE,
+    invoices_from timestamptz NOT NULL
+);
+COMMENT ON TABLE usage_billing.invoice_starts IS
+    'The instant whose billing period is a customer''s first invoiced one (its creation; the upgrade to 1.4 for customers created before); set it earlier to invoice a backfill.';
+INSERT INTO usage_billing.invoice_starts (customer_id, invoices_from)
+SELECT c.customer_id, now() FROM usage_billing.customers c;
+
+CREATE TABLE usage_billing.invoices (
+    invoice_id     bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    invoice_number integer NOT NULL CHECK (invoice_number > 0),
+    customer_id    text NOT NULL REFERENCES usage_billing.customers,
+    period_start   timestamptz NOT NULL,
+    period_end     timestamptz NOT NULL CHECK (period_end > period_start),
+    currency       text NOT NULL,
+    total          numeric NOT NULL,
+    status         text NOT NULL DEFAULT 'finalized' CHECK (status IN ('finalized', 'paid', 'void', 'uncollectible')),
+    finalized_at   timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (customer_id, period_start),
+    UNIQUE (customer_id, invoice_number)
+);
+COMMENT ON TABLE usage_billing.invoices IS
+    'Finalized invoices: one per customer and ended billing period, numbered 1, 2, ... per customer; immutable but for status.';
+
+CREATE TABLE usage_billing.invoice_lines (
+    invoice_id       bigint NOT NULL REFERENCES usage_billing.invoices DEFERRABLE INITIALLY DEFERRED,
+    line_no          integer NOT NULL,
+    line             text NOT NULL CHECK (line IN ('base', 'usage', 'credit', 'debit', 'total')),
+    meter            text,
+    segment_start    timestamptz,
+    quantity         numeric,
+    unit_price       numeric,
+    amount           numeric NOT NULL,
+    for_period_start timestamptz,    -- the billing period the line bills (credit, debit: an earlier one)
+    usage_total      numeric,        -- usage, credit, debit: the segment's usage total priced
+    pricing          jsonb,          -- usage: the effective limit it was priced with
+    PRIMARY KEY (invoice_id, line_no)
+);
+COMMENT ON TABLE usage_billing.invoice_lines IS
+    'Lines of finalized invoices: per segment a base line and usage lines, credit/debit lines for corrections of earlier invoiced periods, a total line.';
+
+-- what each invoiced period's aggregates were when last invoiced: finalize_invoices compares
+-- them with the aggregates to find the periods a correction (or a late event) changed since
+CREATE TABLE usage_billing.invoiced_totals (
+    customer_id  text NOT NULL,
+    meter        text NOT NULL,
+    period_start timestamptz NOT NULL,
+    total        numeric NOT NULL,
+    PRIMARY KEY (customer_id, period_start, meter)
+);
+COMMENT ON TABLE usage_billing.invoiced_totals IS
+    'Internal: the aggregates of each invoiced period as last billed (finalization and corrections since).';
+
+CREATE FUNCTION usage_billing.invoice_immutable()
+RETURNS trigger
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'UPDATE' AND TG_TABLE_NAME = 'invoices' THEN
+        IF (NEW.invoice_id, NEW.invoice_number, NEW.customer_id, NEW.period_start, NEW.period_end,
+            NEW.currency, NEW.total, NEW.finalized_at)
+           IS NOT DISTINCT FROM
+           (OLD.invoice_id, OLD.invoice_number, OLD.customer_id, OLD.period_start, OLD.period_end,
+            OLD.currency, OLD.total, OLD.finalized_at) THEN
+            RETURN NEW;
+        END IF;
+    END IF;
+    RAISE EXCEPTION 'finalized invoices cannot be changed'
+        USING ERRCODE = 'object_not_in_prerequisite_state',
+              DETAIL = format('%s on usage_billing.%s was refused; only an invoice''s status may change.',
+                              TG_OP, TG_TABLE_NAME),
+              HINT = 'Correct usage with void_usage() or adjust_usage(): the next invoice carries the credit or debit.';
+END
+$$;
+COMMENT ON FUNCTION usage_billing.invoice_immutable() IS
+    'Internal trigger: finalized invoices and their lines are never updated or deleted (an invoice''s status aside).';
+CREATE TRIGGER invoices_immutable BEFORE UPDATE OR DELETE ON usage_billing.invoices
+    FOR EACH ROW EXECUTE FUNCTION usage_billing.invoice_immutable();
+CREATE TRIGGER invoice_lines_immutable BEFORE UPDATE OR DELETE ON usage_billing.invoice_lines
+    FOR EACH ROW EXECUTE FUNCTION usage_billing.invoice_immutable();
+
+DO $lifecycle$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['customer_plans', 'invoice_starts', 'invoices', 'invoiced_totals']
+    LOOP
+        EXECUTE format('ALTER TABLE usage_billing.%I ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('CREATE POLICY staff_all ON usage_billing.%I FOR ALL'
+                       ' TO usage_billing_admin, usage_billing_writer, usage_billing_reader'
+                       ' USING (true) WITH CHECK (true)', t);
+        EXECUTE format('CREATE POLICY tenant_own_rows ON usage_billing.%I FOR SELECT TO PUBLIC'
+                       ' USING (customer_id = (SELECT usage_billing.current_customer_id()))', t);
+        EXECUTE format('COMMENT ON POLICY staff_all ON usage_billing.%I IS %L', t,
+                       'The three usage_billing roles see every row (they write only through functions).');
+        EXECUTE format('COMMENT ON POLICY tenant_own_rows ON usage_billing.%I IS %L', t,
+                       'Any other role sees the rows of the customer named by its request: usage_billing.current_customer_id().');
+    END LOOP;
+    FOREACH t IN ARRAY ARRAY['customer_plans', 'invoice_starts', 'invoices', 'invoice_lines',
+                             'invoiced_totals']
+    LOOP
+        EXECUTE format('REVOKE ALL ON usage_billing.%I FROM PUBLIC', t);
+        EXECUTE format('GRANT SELECT ON usage_billing.%I TO usage_billing_admin,'
+                       ' usage_billing_writer, usage_billing_reader', t);
+        PERFORM pg_catalog.pg_extension_config_dump('usage_billing.' || t, '');
+    END LOOP;
+    PERFORM pg_catalog.pg_extension_config_dump(
+        pg_catalog.pg_get_serial_sequence('usage_billing.invoices', 'invoice_id'), '');
+    EXECUTE format('REVOKE ALL ON SEQUENCE %s FROM PUBLIC',
+                   pg_catalog.pg_get_serial_sequence('usage_billing.invoices', 'invoice_id'));
+END
+$lifecycle$;
+REVOKE ALL ON usage_billing.plan_history FROM PUBLIC;
+GRANT SELECT ON usage_billing.plan_history TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
+REVOKE ALL ON FUNCTION usage_billing.plan_at(text, timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION usage_billing.plan_at(text, timestamptz)
+    TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
+REVOKE ALL ON FUNCTION usage_billing.invoice_immutable() FROM PUBLIC;
+
+CREATE FUNCTION usage_billing.invoice_grace()
+RETURNS interval
+AS 'MODULE_PATHNAME', 'ub_invoice_grace'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.invoice_grace() IS
+    'Internal: usage_billing.invoice_grace as an interval (how long after a period''s end it is invoiced).';
+
+CREATE FUNCTION usage_billing.price_usage(pricing jsonb, total numeric)
+RETURNS numeric
+AS 'MODULE_PATHNAME', 'ub_price_usage'
+LANGUAGE C IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.price_usage(jsonb, numeric) IS
+    'Internal: the exact usage cost of a total under the pricing snapshot of an invoice line.';
+
+CREATE FUNCTION usage_billing.round_money(amount numeric, currency text)
+RETURNS numeric
+AS 'MODULE_PATHNAME', 'ub_round_money_sql'
+LANGUAGE C IMMUTABLE STRICT
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.round_money(numeric, text) IS
+    'Internal: an amount rounded to the currency''s minor unit, half away from zero, as invoice lines are.';
+
+-- One invoice: the period's own lines, then credit and debit lines for the earlier invoiced
+-- periods whose aggregates moved since they were last billed, then the total.
+CREATE FUNCTION usage_billing.finalize_one(cid text, ps timestamptz, pe timestamptz)
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    iid bigint;
+    num integer;
+    cur text;
+    n integer := 0;
+    tot numeric := 0;
+    k timestamptz;
+    r record;
+BEGIN
+    SELECT p.currency INTO cur
+      FROM usage_billing.customers c JOIN usage_billing.plans p ON p.plan = c.plan
+     WHERE c.customer_id = cid;
+    iid := nextval(pg_get_serial_sequence('usage_billing.invoices', 'invoice_id'));
+
+    FOR r IN SELECT * FROM usage_billing.price_period(cid, ps) LOOP
+        n := n + 1;
+        INSERT INTO usage_billing.invoice_lines
+            (invoice_id, line_no, line, meter, segment_start, quantity, unit_price, amount,
+             for_period_start, usage_total, pricing)
+        VALUES (iid, n, r.line, r.meter, r.segment_start, r.quantity, r.unit_price, r.amount,
+                ps, r.usage_total, r.pricing);
+        tot := tot + r.amount;
+    END LOOP;
+
+    FOR k IN
+        SELECT i.period_start
+          FROM usage_billing.invoices i
+         WHERE i.customer_id = cid AND i.period_start < ps
+           AND (EXISTS (SELECT 1
+                          FROM usage_billing.invoiced_totals t
+                          LEFT JOIN usage_billing.aggregate_totals a
+                                 ON a.customer_id = t.customer_id AND a.meter = t.meter
+                                AND a.period_start = t.period_start
+                         WHERE t.customer_id = cid AND t.period_start = i.period_start
+                           AND t.total IS DISTINCT FROM coalesce(a.total, 0))
+                OR EXISTS (SELECT 1
+                             FROM usage_billing.aggregate_totals a
+                            WHERE a.customer_id = cid AND a.period_start = i.period_start
+                              AND a.total <> 0
+                              AND NOT EXISTS (SELECT 1 FROM usage_billing.invoiced_totals t
+                                               WHERE t.customer_id = cid AND t.meter = a.meter
+                                                 AND t.period_start = a.period_start)))
+         ORDER BY i.period_start
+    LOOP
+        FOR r IN
+            SELECT p.meter, p.segment_start, p.usage_total, o.pricing,
+                   p.usage_total - b.last_total AS quantity,
+                   usage_billing.round_money(coalesce(usage_billing.price_usage(o.pricing, p.usage_total), 0), cur)
+                       - b.billed AS delta
+              FROM usage_billing.price_period(cid, k) p
+              JOIN usage_billing.invoices oi ON oi.customer_id = cid AND oi.period_start = k
+              JOIN usage_billing.invoice_lines o
+                ON o.invoice_id = oi.invoice_id AND o.line = 'usage' AND o.meter = p.meter
+               AND o.segment_start = p.segment_start
+             CROSS JOIN LATERAL (
+                   SELECT sum(l.amount) AS billed,
+                          (array_agg(l.usage_total ORDER BY l.invoice_id DESC, l.line_no DESC))[1] AS last_total
+                     FROM usage_billing.invoices li
+                     JOIN usage_billing.invoice_lines l ON l.invoice_id = li.invoice_id
+                    WHERE li.customer_id = cid AND l.for_period_start = k AND l.meter = p.meter
+                      AND l.segment_start = p.segment_start
+                      AND l.line IN ('usage', 'credit', 'debit')) b
+             WHERE p.line = 'usage'
+             ORDER BY p.segment_start, p.meter
+        LOOP
+            CONTINUE WHEN r.delta = 0;
+            n := n + 1;
+            INSERT INTO usage_billing.invoice_lines
+                (invoice_id, line_no, line, meter, segment_start, quantity, unit_price, amount,
+                 for_period_start, usage_total, pricing)
+            VALUES (iid, n, CASE WHEN r.delta < 0 THEN 'credit' ELSE 'debit' END, r.meter,
+                    r.segment_start, r.quantity, NULL, r.delta, k, r.usage_total, r.pricing);
+            tot := tot + r.delta;
+        END LOOP;
+        -- the period is billed as it is now
+        DELETE FROM usage_billing.invoiced_totals t WHERE t.customer_id = cid AND t.period_start = k;
+        INSERT INTO usage_billing.invoiced_totals (customer_id, meter, period_start, total)
+        SELECT cid, a.meter, k, a.total FROM usage_billing.aggregate_totals a
+         WHERE a.customer_id = cid AND a.period_start = k;
+    END LOOP;
+
+    INSERT INTO usage_billing.invoiced_totals (customer_id, meter, period_start, total)
+    SELECT cid, a.meter, ps, a.total FROM usage_billing.aggregate_totals a
+     WHERE a.customer_id = cid AND a.period_start = ps;
+
+    tot := usage_billing.round_money(tot, cur);
+    n := n + 1;
+    INSERT INTO usage_billing.invoice_lines (invoice_id, line_no, line, amount, for_period_start)
+    VALUES (iid, n, 'total', tot, ps);
+    SELECT coalesce(max(i.invoice_number), 0) + 1 INTO num
+      FROM usage_billing.invoices i WHERE i.customer_id = cid;
+    INSERT INTO usage_billing.invoices
+        (invoice_id, invoice_number, customer_id, period_start, period_end, currency, total,
+         status, finalized_at)
+    OVERRIDING SYSTEM VALUE
+    VALUES (iid, num, cid, ps, pe, cur, tot, 'finalized', now());
+    PERFORM pg_notify('usage_billing_invoices',
+                      json_build_object('invoice_id', iid, 'invoice_number', num, 'customer_id', cid,
+                                        'period_start', ps, 'period_end', pe, 'currency', cur,
+                                        'total', tot)::text);
+    RETURN iid;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.finalize_one(text, timestamptz, timestamptz) IS
+    'Internal: writes the finalized invoice of one customer and period (finalize_invoices).';
+REVOKE ALL ON FUNCTION usage_billing.finalize_one(text, timestamptz, timestamptz) FROM PUBLIC;
+
+CREATE FUNCTION usage_billing.finalize_invoices(before timestamptz DEFAULT now())
+RETURNS bigint
+LANGUAGE plpgsql VOLATILE SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cutoff timestamptz;
+    created bigint := 0;
+    c record;
+    ps timestamptz;
+    pe timestamptz;
+BEGIN
+    IF $1 IS NULL OR NOT isfinite($1) THEN
+        RAISE EXCEPTION 'invalid finalization time'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Field "before" was %s; it must be a finite timestamp.',
+                                  coalesce($1::text, 'NULL'));
+    END IF;
+    -- only periods that have ended (a "before" in the future invoices nothing more)
+    cutoff := least($1, now()) - usage_billing.invoice_grace();
+    -- one finalizer at a time (the worker, a manual call): one invoice per period, numbers in order
+    PERFORM pg_advisory_xact_lock(hashtext('usage_billing.finalize_invoices'));
+    FOR c IN
+        SELECT cu.customer_id, cu.billing_anchor, p.period,
+               coalesce(li.last_end, s.invoices_from, cu.created_at) AS next_from
+          FROM usage_billing.customers cu
+          JOIN usage_billing.plans p ON p.plan = cu.plan
+          LEFT JOIN usage_billing.invoice_starts s ON s.customer_id = cu.customer_id
+          LEFT JOIN LATERAL (SELECT max(i.period_end) AS last_end
+                               FROM usage_billing.invoices i
+                              WHERE i.customer_id = cu.customer_id) li ON true
+         WHERE cu.status <> 'canceled'
+         ORDER BY cu.customer_id
+    LOOP
+        SELECT b.period_start, b.period_end INTO ps, pe
+          FROM usage_billing.period_bounds(c.billing_anchor, c.period, c.next_from) b;
+        WHILE pe <= cutoff LOOP
+            PERFORM usage_billing.finalize_one(c.customer_id, ps, pe);
+            created := created + 1;
+            ps := pe;
+            SELECT b.period_end INTO pe
+              FROM usage_billing.period_bounds(c.billing_anchor, c.period, ps) b;
+        END LOOP;
+    END LOOP;
+    RETURN created;
+END
+$$;
+COMMENT ON FUNCTION usage_billing.finalize_invoices(timestamptz) IS
+    'Finalizes one invoice per customer and billing period that ended before "before" - usage_billing.invoice_grace and has none yet; returns how many were created (NOTIFY usage_billing_invoices for each).';
+REVOKE ALL ON FUNCTION usage_billing.finalize_invoices(timestamptz) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION usage_billing.finalize_invoices(timestamptz) TO usage_billing_admin;
+DO $lifecycle_fns$
+DECLARE
+    f text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY['usage_billing.invoice_grace()', 'usage_billing.price_usage(jsonb, numeric)',
+                             'usage_billing.round_money(numeric, text)']
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+    END LOOP;
+END
+$lifecycle_fns$;
+
+-- tenants read their plan history and invoices (row-level security filters them) and need
+-- plan_at for the views that follow the history
+CREATE OR REPLACE FUNCTION usage_billing.tenant_relations()
+RETURNS text[]
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT coalesce(array_agg(r ORDER BY r), '{}')
+      FROM unnest(ARRAY[
+               'usage_billing.meters', 'usage_billing.plans', 'usage_billing.plan_limits',
+               'usage_billing.customers', 'usage_billing.customer_limits',
+               'usage_billing.usage_events', 'usage_billing.usage_aggregates',
+               'usage_billing.usage_aggregate_slots', 'usage_billing.aggregate_totals',
+               'usage_billing.usage_unique_values', 'usage_billing.alert_log',
+               'usage_billing.effective_limits', 'usage_billing.current_usage',
+               'usage_billing.settings', 'usage_billing.reservations',
+               'usage_billing.customer_plans', 'usage_billing.plan_history',
+               'usage_billing.invoices']) r
+     WHERE to_regclass(r) IS NOT NULL
+$$;
+
+CREATE OR REPLACE FUNCTION usage_billing.tenant_functions()
+RETURNS name[]
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+    -- not check_limit: its customer and limit lookups go through the backend-local catalog
+    -- cache (catalog_cache.c), which every role of a backend shares, so row-level security
+    -- cannot filter them
+    SELECT ARRAY['my_usage', 'current_customer_id', 'period_bounds', 'get_usage_summary',
+                 'calculate_overage', 'preview_invoice', 'plan_at']::name[]
+$$;
+
+-- A period with plan changes is priced by segments: preview_invoice and calculate_overage
+-- have a row per segment, with its segment_start (the last column, so that callers reading
+-- the columns of 1.3 by position keep working).
+DROP FUNCTION usage_billing.calculate_overage(text, timestamptz);
+CREATE FUNCTION usage_billing.calculate_overage(
+    customer_id text, period_start timestamptz DEFAULT NULL)
+RETURNS TABLE (
+    meter text,
+    total numeric,
+    included numeric,
+    overage_quantity numeric,
+    overage_cost numeric,
+    currency text,
+    segment_start timestamptz)
+AS 'MODULE_PATHNAME', 'ub_calculate_overage'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.calculate_overage(text, timestamptz) IS
+    'Overage quantity and exact cost of every billed meter in a billing period, per plan segment.';
+
+DROP FUNCTION usage_billing.preview_invoice(text, timestamptz);
+CREATE FUNCTION usage_billing.preview_invoice(
+    customer_id text, period_start timestamptz DEFAULT NULL)
+RETURNS TABLE (
+    line text,
+    meter text,
+    quantity numeric,
+    unit_price numeric,
+    amount numeric,
+    segment_start timestamptz)
+AS 'MODULE_PATHNAME', 'ub_preview_invoice'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.preview_invoice(text, timestamptz) IS
+    'Invoice lines of a billing period (per plan segment a prorated base line and a usage line per billed meter, then the total), rounded to the currency''s minor unit; a finalized period''s finalized lines.';
+
+DO $reads$
+DECLARE
+    f text;
+BEGIN
+    FOREACH f IN ARRAY ARRAY['usage_billing.calculate_overage(text, timestamptz)',
+                             'usage_billing.preview_invoice(text, timestamptz)']
+    LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO usage_billing_admin, usage_billing_reader', f);
+    END LOOP;
+END
+$reads$;
+
+CREATE FUNCTION usage_billing.price_period(customer_id text, period_start timestamptz)
+RETURNS TABLE (
+    line text,
+    meter text,
+    segment_start timestamptz,
+    quantity numeric,
+    unit_price numeric,
+    amount numeric,
+    usage_total numeric,
+    pricing jsonb)
+AS 'MODULE_PATHNAME', 'ub_price_period_sql'
+LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION usage_billing.price_period(text, timestamptz) IS
+    'Internal: the base and usage lines of a billing period priced now, with each usage line''s total and pricing (for finalize_invoices).';
+REVOKE ALL ON FUNCTION usage_billing.price_period(text, timestamptz) FROM PUBLIC;
+
+-- roles given tenant access before this version read the new relations and functions too
+DO $lifecycle_tenants$
+DECLARE
+    r name;
+BEGIN
+    FOR r IN SELECT DISTINCT g.rolname
+               FROM pg_class c, aclexplode(c.relacl) x
+               JOIN pg_roles g ON g.oid = x.grantee
+              WHERE c.oid = 'usage_billing.usage_aggregates'::regclass
+                AND x.privilege_type = 'SELECT'
+                AND g.rolname NOT IN ('usage_billing_admin', 'usage_billing_writer', 'usage_billing_reader')
+                AND NOT g.rolsuper
+    LOOP
+        PERFORM usage_billing.grant_tenant_access(r);
+    END LOOP;
+END
+$lifecycle_tenants$;

@@ -26,6 +26,7 @@
 #include "postgres.h"
 
 #include "access/genam.h"
+#include "access/xact.h"
 #include "access/stratnum.h"
 #include "access/table.h"
 #include "catalog/namespace.h"
@@ -52,7 +53,6 @@
 
 static SPIPlanPtr customer_plan = NULL;
 static SPIPlanPtr target_plan = NULL;
-static SPIPlanPtr limits_plan = NULL;
 static SPIPlanPtr plan_limits_plan = NULL;
 
 /*
@@ -168,25 +168,37 @@ fill_limit(HeapTuple tup, TupleDesc desc, int first, UbLimit *l)
 #define CUSTOMER_COLUMNS \
 	"c.plan, c.billing_anchor, p.period, c.status, c.stripe_customer_id, p.base_price, p.currency"
 
-/* Looks up a customer with its plan; false when there is no such customer. */
+/*
+ * Looks up a customer with the plan in force now (from its plan history when
+ * the schema has one); false when there is no such customer.
+ */
 bool
 ub_lookup_customer(const char *customer_id, UbCustomer *customer)
 {
+	static SPIPlanPtr history_customer_plan = NULL;
+	Oid			types[1] = {TEXTOID};
 	Datum		args[1];
 	int			ret;
+	SPIPlanPtr	plan;
 
-	if (customer_plan == NULL)
-	{
-		Oid			types[1] = {TEXTOID};
-
-		customer_plan = prepare_saved(
-			"SELECT " CUSTOMER_COLUMNS
-			"  FROM usage_billing.customers c"
-			"  JOIN usage_billing.plans p ON p.plan = c.plan"
-			" WHERE c.customer_id = $1", 1, types);
-	}
+	if (ub_have_plan_history())
+		plan = ub_prepare_once(&history_customer_plan,
+							   "SELECT p.plan, c.billing_anchor, p.period, c.status, c.stripe_customer_id,"
+							   "       p.base_price, p.currency"
+							   "  FROM usage_billing.customers c"
+							   "  JOIN usage_billing.plans p ON p.plan = coalesce("
+							   "       (SELECT h.plan FROM usage_billing.customer_plans h"
+							   "         WHERE h.customer_id = c.customer_id AND h.effective_from <= pg_catalog.now()"
+							   "         ORDER BY h.effective_from DESC LIMIT 1), c.plan)"
+							   " WHERE c.customer_id = $1", 1, types);
+	else
+		plan = ub_prepare_once(&customer_plan,
+							   "SELECT " CUSTOMER_COLUMNS
+							   "  FROM usage_billing.customers c"
+							   "  JOIN usage_billing.plans p ON p.plan = c.plan"
+							   " WHERE c.customer_id = $1", 1, types);
 	args[0] = CStringGetTextDatum(customer_id);
-	ret = SPI_execute_plan(customer_plan, args, NULL, true, 1);
+	ret = SPI_execute_plan(plan, args, NULL, true, 1);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "customer lookup failed: %s", SPI_result_code_string(ret));
 	if (SPI_processed == 0)
@@ -375,6 +387,9 @@ ub_fill_customer_row(HeapTuple tup, TupleDesc desc, int first, const char *custo
 	row->status = ub_col_text(tup, desc, first + 3);
 	row->noverrides = 0;
 	row->overrides = NULL;
+	row->nplans = 0;
+	row->plan_from = NULL;
+	row->plan_names = NULL;
 }
 
 /* Fills an override from meter, included, hard_cap at "first". */
@@ -417,6 +432,19 @@ read_customer_direct(const char *customer_id, Snapshot snap, UbCustomerRow *row)
 		o->included = DatumGetNumeric(v[i * 3 + 1]);
 		o->hard_cap_null = n[i * 3 + 2];
 		o->hard_cap = !n[i * 3 + 2] && DatumGetBool(v[i * 3 + 2]);
+	}
+
+	row->nplans = 0;
+	row->plan_from = NULL;
+	row->plan_names = NULL;
+	if (ub_have_plan_history())
+	{
+		static const char *const history_cols[] = {"effective_from", "plan"};
+		int			nplans = probe_rows("customer_plans", 1, &key, snap, 2, history_cols, &v, &n);
+
+		/* the primary key (customer_id, effective_from) returns them in order */
+		for (int i = 0; i < nplans; i++)
+			ub_row_add_plan(row, DatumGetTimestampTz(v[i * 2]), TextDatumGetCString(v[i * 2 + 1]));
 	}
 	return true;
 }
@@ -463,6 +491,7 @@ read_customer_sql(const char *customer_id, Snapshot snap, UbCustomerRow *row)
 			ub_fill_override(tup, desc, 5, &row->overrides[row->noverrides++]);
 	}
 	SPI_freetuptable(SPI_tuptable);
+	ub_read_plan_history(customer_id, snap, row);
 	return true;
 }
 
@@ -504,7 +533,8 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 			return false;
 		ub_cache_put_customer(generation, &row);
 	}
-	lookup_plan_meter(row.plan, meter, generation, &pm);
+	lookup_plan_meter(ub_row_plan_at(&row, GetCurrentTransactionStartTimestamp()), meter,
+					  generation, &pm);
 	ub_build_target(&row, &pm, customer, m, meter_found, limit);
 	return true;
 }
@@ -549,13 +579,68 @@ limit_list(SPIPlanPtr *slot, const char *sql, const char *key)
 	return result;
 }
 
-/* Every effective limit of a customer, ordered by meter, as a List of UbLimit. */
+/* Every effective limit of a customer under the plan in force now, ordered by meter. */
 List *
 ub_customer_limits(const UbCustomer *customer)
 {
-	return limit_list(&limits_plan,
-					  LIMIT_LIST_SQL("usage_billing.effective_limits", "customer_id"),
-					  customer->customer_id);
+	return ub_customer_plan_limits(customer->customer_id, customer->plan);
+}
+
+/*
+ * The effective limits of a customer under a given plan (one of its history),
+ * ordered by meter: the plan's limit rows with the customer's overrides, and
+ * a row of the table's defaults for an override of a meter the plan does not
+ * limit (as the view effective_limits).
+ */
+List *
+ub_customer_plan_limits(const char *customer_id, const char *plan)
+{
+	static SPIPlanPtr slot = NULL;
+	Oid			types[2] = {TEXTOID, TEXTOID};
+	Datum		args[2];
+	int			ret;
+	List	   *result = NIL;
+
+	ub_prepare_once(&slot,
+					"SELECT l.meter, m.aggregation,"
+					"       l.included, l.hard_cap, l.overage_price, l.overage_unit,"
+					"       l.soft_threshold, l.tiers, l.tier_mode"
+					"  FROM (SELECT pl.meter,"
+					"               CASE WHEN cl.customer_id IS NOT NULL THEN cl.included ELSE pl.included END AS included,"
+					"               coalesce(cl.hard_cap, pl.hard_cap) AS hard_cap,"
+					"               pl.overage_price, pl.overage_unit, pl.soft_threshold, pl.tiers, pl.tier_mode"
+					"          FROM usage_billing.plan_limits pl"
+					"          LEFT JOIN usage_billing.customer_limits cl"
+					"                 ON cl.customer_id = $1 AND cl.meter = pl.meter"
+					"         WHERE pl.plan = $2"
+					"        UNION ALL"
+					"        SELECT cl.meter, cl.included, coalesce(cl.hard_cap, false),"
+					"               NULL, 1, 0.8, NULL, 'graduated'"
+					"          FROM usage_billing.customer_limits cl"
+					"         WHERE cl.customer_id = $1"
+					"           AND NOT EXISTS (SELECT 1 FROM usage_billing.plan_limits pl"
+					"                            WHERE pl.plan = $2 AND pl.meter = cl.meter)) l"
+					"  JOIN usage_billing.meters m ON m.meter = l.meter"
+					" ORDER BY l.meter", 2, types);
+	args[0] = CStringGetTextDatum(customer_id);
+	args[1] = CStringGetTextDatum(plan);
+	ret = SPI_execute_plan(slot, args, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "limit lookup failed: %s", SPI_result_code_string(ret));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		HeapTuple	tup = SPI_tuptable->vals[i];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		UbLimit    *l = palloc0(sizeof(UbLimit));
+
+		l->meter = ub_col_text(tup, desc, 1);
+		l->aggregation = ub_parse_aggregation(ub_col_text(tup, desc, 2));
+		l->exists = true;
+		fill_limit(tup, desc, 3, l);
+		result = lappend(result, l);
+	}
+	SPI_freetuptable(SPI_tuptable);
+	return result;
 }
 
 /* The limits of a plan as written, ignoring customer overrides (plan comparisons), ordered by meter. */

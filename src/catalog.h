@@ -11,6 +11,7 @@
 #include "nodes/pg_list.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
+#include "utils/snapshot.h"
 
 typedef enum UbAggregation
 {
@@ -74,6 +75,7 @@ extern bool ub_lookup_usage_target(const char *customer_id, const char *meter,
 extern void ub_require_usage_target(const char *customer_id, const char *meter,
 									UbCustomer *customer, UbMeter *m, UbLimit *limit);
 extern List *ub_customer_limits(const UbCustomer *customer);
+extern List *ub_customer_plan_limits(const char *customer_id, const char *plan);
 extern List *ub_plan_limits(const char *plan);
 
 extern SPIPlanPtr ub_prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types);
@@ -103,6 +105,20 @@ extern void ub_fill_customer_row(HeapTuple tup, TupleDesc desc, int first, const
 extern void ub_fill_override(HeapTuple tup, TupleDesc desc, int first, struct UbOverride *o);
 extern void ub_fill_plan_meter(HeapTuple tup, TupleDesc desc, int first, const char *plan,
 							   const char *meter, struct UbPlanMeter *pm);
+
+/* plan_history.c: the plan history (customer_plans) */
+typedef struct UbSegment
+{
+	TimestampTz start;			/* [start, end): a part of a billing period */
+	TimestampTz end;
+	char	   *plan;			/* the plan in force in it */
+} UbSegment;
+
+extern bool ub_have_plan_history(void);
+extern void ub_read_plan_history(const char *customer_id, Snapshot snap,
+								 struct UbCustomerRow *row);
+extern List *ub_plan_segments(const char *customer_id, const char *fallback_plan,
+							  TimestampTz start, TimestampTz end);
 
 extern UbAggregation ub_parse_aggregation(const char *name);
 extern const char *ub_aggregation_name(UbAggregation agg);

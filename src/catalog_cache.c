@@ -25,9 +25,13 @@
  * which replaces the cache only when no invalidation arrived while it was
  * read.
  *
+ * A customer row carries its plan history: the plan of a target is the one
+ * in force at the call's time (now()), so a change scheduled for a period's
+ * end applies at the boundary with nothing written then.
+ *
  * Invalidation rides on PostgreSQL's own machinery: statement triggers on
  * the catalog tables (meters, plans, plan_limits, customers,
- * customer_limits) call ub_catalog_changed(), which queues a relcache
+ * customer_limits, customer_plans) call ub_catalog_changed(), which queues a relcache
  * invalidation of the changed table.  At commit it reaches every backend; our
  * relcache callback then drops the whole cache.  Each lookup first accepts
  * pending invalidation messages, so a committed change (a new plan, a
@@ -39,6 +43,8 @@
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
+
+#include "access/xact.h"
 
 #include "catalog/namespace.h"
 #include "common/hashfn.h"
@@ -97,9 +103,9 @@ static uint64 preload_generation = 0;
 static bool callback_registered = false;
 
 /* the catalog tables whose changes invalidate the cache; resolved lazily */
-#define UB_CATALOG_TABLES 5
+#define UB_CATALOG_TABLES 6
 static const char *const catalog_table_names[UB_CATALOG_TABLES] = {
-	"meters", "plans", "plan_limits", "customers", "customer_limits"
+	"meters", "plans", "plan_limits", "customers", "customer_limits", "customer_plans"
 };
 static Oid	catalog_table_oids[UB_CATALOG_TABLES];
 static bool catalog_oids_valid = false;
@@ -296,9 +302,20 @@ store_customer(HTAB *table, MemoryContext cxt, const UbCustomerRow *row)
 	entry->row.stripe_customer_id = lstripe > 0 ? buf + lid + lplan + lstatus : NULL;
 	entry->row.noverrides = 0;
 	entry->row.overrides = NULL;
+	entry->row.nplans = 0;
+	entry->row.plan_from = NULL;
+	entry->row.plan_names = NULL;
 	entry->last = NULL;
 	for (int i = 0; i < row->noverrides; i++)
 		add_override(&entry->row, cxt, &row->overrides[i]);
+	if (row->nplans > 0)
+	{
+		MemoryContext old = MemoryContextSwitchTo(cxt);
+
+		for (int i = 0; i < row->nplans; i++)
+			ub_row_add_plan(&entry->row, row->plan_from[i], row->plan_names[i]);
+		MemoryContextSwitchTo(old);
+	}
 	return entry;
 }
 
@@ -363,14 +380,17 @@ ub_cache_get(const char *customer_id, const char *meter,
 {
 	CustomerEntry *entry = find_customer(customer_id);
 	PlanMeterEntry *pme;
+	const char *plan;
 
 	if (entry == NULL)
 		return false;
+	/* the plan in force at the call: a scheduled change needs no write to apply */
+	plan = ub_row_plan_at(&entry->row, GetCurrentTransactionStartTimestamp());
 	/* most customers use one meter: skip the second hash then */
 	pme = entry->last;
-	if (pme == NULL || strcmp(pme->key.meter, meter) != 0)
+	if (pme == NULL || strcmp(pme->key.meter, meter) != 0 || strcmp(pme->key.plan, plan) != 0)
 	{
-		pme = find_plan_meter(entry->row.plan, meter);
+		pme = find_plan_meter(plan, meter);
 		if (pme == NULL)
 			return false;
 		entry->last = pme;
@@ -500,6 +520,22 @@ void
 ub_cache_preload_plan_meter(UbCachePreload *p, const UbPlanMeter *pm)
 {
 	store_plan_meter(p->plan_meters, p->cxt, pm);
+}
+
+/* Adds a plan history row (in effective_from order) to a customer already added. */
+void
+ub_cache_preload_history(UbCachePreload *p, const char *customer_id, TimestampTz effective_from,
+						 const char *plan)
+{
+	CustomerEntry *entry = hash_search(p->customers, &customer_id, HASH_FIND, NULL);
+
+	if (entry != NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(p->cxt);
+
+		ub_row_add_plan(&entry->row, effective_from, plan);
+		MemoryContextSwitchTo(old);
+	}
 }
 
 /*

@@ -19,16 +19,23 @@ typedef struct UbOverride
 	bool		hard_cap;
 } UbOverride;
 
-/* a customers row with every override of that customer */
+/*
+ * a customers row with every override of that customer and its plan history
+ * (customer_plans rows by effective_from; none on a schema before 1.4 or for
+ * a customer written without one: then plan is in force from the beginning)
+ */
 typedef struct UbCustomerRow
 {
 	char	   *customer_id;
-	char	   *plan;
+	char	   *plan;			/* customers.plan: when there is no history */
 	TimestampTz billing_anchor;
 	char	   *status;
 	char	   *stripe_customer_id; /* NULL when not exported */
 	int			noverrides;
 	UbOverride *overrides;
+	int			nplans;
+	TimestampTz *plan_from;		/* ascending */
+	char	  **plan_names;
 } UbCustomerRow;
 
 /* what does not depend on the customer: a plan, a meter and the plan's limit row for it */
@@ -66,6 +73,12 @@ extern void ub_cache_preload_customer(UbCachePreload *p, const UbCustomerRow *ro
 extern void ub_cache_preload_override(UbCachePreload *p, const char *customer_id,
 									  const UbOverride *o);
 extern void ub_cache_preload_plan_meter(UbCachePreload *p, const UbPlanMeter *pm);
+extern void ub_cache_preload_history(UbCachePreload *p, const char *customer_id,
+									 TimestampTz effective_from, const char *plan);
+
+/* plan_history.c */
+extern void ub_row_add_plan(UbCustomerRow *row, TimestampTz effective_from, const char *plan);
+extern const char *ub_row_plan_at(const UbCustomerRow *row, TimestampTz at);
 extern bool ub_cache_preload_end(UbCachePreload *p, uint64 generation);
 
 #endif							/* UB_CATALOG_CACHE_H */

@@ -3,8 +3,8 @@
  *	  Loading the whole catalog into a backend's cache in one pass.
  *
  * "Preload": a backend that misses with an empty cache (its first call, or
- * the first after an invalidation) loads every customer, override and plan
- * meter in one pass when there are at most usage_billing.
+ * the first after an invalidation) loads every customer, override, plan
+ * history row and plan meter in one pass when there are at most usage_billing.
  * catalog_preload_limit customers; the cache is then "complete" and a
  * customer not in it does not exist.  Otherwise it reads key by key
  * (catalog.c).  This file reads; catalog_cache.c builds the preload in a
@@ -81,6 +81,7 @@ preload_catalog(uint64 read_generation)
 	static SPIPlanPtr customers_plan = NULL;
 	static SPIPlanPtr overrides_plan = NULL;
 	static SPIPlanPtr plan_meters_plan = NULL;
+	static SPIPlanPtr history_plan = NULL;
 	int64		limit = ub_catalog_preload_limit;
 	Oid			types[1] = {INT8OID};
 	Datum		args[1];
@@ -157,6 +158,34 @@ preload_catalog(uint64 read_generation)
 		MemoryContextReset(rowcxt);
 	}
 	SPI_freetuptable(tuptable);
+
+	if (ub_have_plan_history())
+	{
+		ub_prepare_once(&history_plan,
+						"SELECT customer_id, effective_from, plan FROM usage_billing.customer_plans"
+						" ORDER BY customer_id, effective_from", 0, NULL);
+		if (SPI_execute_snapshot(history_plan, NULL, NULL, snap, InvalidSnapshot,
+								 true, false, 0) != SPI_OK_SELECT)
+			elog(ERROR, "plan history preload failed");
+		tuptable = SPI_tuptable;
+		nrows = SPI_processed;
+		for (uint64 i = 0; i < nrows; i++)
+		{
+			bool		isnull;
+			char	   *id;
+			char	   *plan;
+			TimestampTz from;
+
+			old = MemoryContextSwitchTo(rowcxt);
+			id = ub_col_text(tuptable->vals[i], tuptable->tupdesc, 1);
+			from = DatumGetTimestampTz(SPI_getbinval(tuptable->vals[i], tuptable->tupdesc, 2, &isnull));
+			plan = ub_col_text(tuptable->vals[i], tuptable->tupdesc, 3);
+			MemoryContextSwitchTo(old);
+			ub_cache_preload_history(p, id, from, plan);
+			MemoryContextReset(rowcxt);
+		}
+		SPI_freetuptable(tuptable);
+	}
 
 	if (SPI_execute_snapshot(plan_meters_plan, args, NULL, snap, InvalidSnapshot,
 							 true, false, 0) != SPI_OK_SELECT)

@@ -117,6 +117,11 @@ ub_copy_customer_row(const UbCustomerRow *src, UbCustomerRow *row)
 		row->overrides = palloc(src->noverrides * sizeof(UbOverride));
 	for (int i = 0; i < src->noverrides; i++)
 		ub_copy_override(&src->overrides[i], &row->overrides[i]);
+	row->nplans = 0;
+	row->plan_from = NULL;
+	row->plan_names = NULL;
+	for (int i = 0; i < src->nplans; i++)
+		ub_row_add_plan(row, src->plan_from[i], src->plan_names[i]);
 }
 
 /* The default soft threshold of a limit row, for an override without one. */
@@ -131,7 +136,8 @@ default_soft_threshold(void)
 
 /*
  * Combines a customer row and a plan meter into the target, in
- * CurrentMemoryContext: the customer's override replaces included, and
+ * CurrentMemoryContext: the plan meter's plan is the customer's plan (the one
+ * in force at the call, which the caller chose); the customer's override replaces included, and
  * hard_cap unless it leaves it NULL; an override of a meter the plan does not
  * limit makes a limit row of the table's defaults.
  */
@@ -140,7 +146,7 @@ ub_build_target(const UbCustomerRow *row, const UbPlanMeter *pm,
 				UbCustomer *customer, UbMeter *m, bool *meter_found, UbLimit *limit)
 {
 	customer->customer_id = pstrdup(row->customer_id);
-	customer->plan = pstrdup(row->plan);
+	customer->plan = pstrdup(pm->plan_part.plan);
 	customer->billing_anchor = row->billing_anchor;
 	customer->period = pm->plan_part.period;
 	customer->status = pstrdup(row->status);

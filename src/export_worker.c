@@ -42,6 +42,7 @@
 #include "export_cancel.h"
 #include "escrow.h"
 #include "export_worker.h"
+#include "finalize.h"
 #include "shmem.h"
 #include "usage_billing.h"
 
@@ -311,6 +312,10 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	/* escrow slots of keys that cooled down go back into their rows, so they do not pile up */
 	pgstat_report_activity(STATE_RUNNING, "folding idle escrow slots");
 	(void) ub_escrow_fold_all(NULL, ub_escrow_fold_idle);
+
+	/* invoices of the periods that ended (finalize.c) */
+	pgstat_report_activity(STATE_RUNNING, "finalizing invoices");
+	ub_finalize_invoices_in_worker();
 
 	/* in the cycle context: the transaction's memory goes at commit */
 	{

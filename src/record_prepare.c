@@ -20,8 +20,10 @@
  * them are dropped, so totals never show more) and is at most the meter's
  * max_amount; a count meter takes NULL or 1; occurred_at is at most
  * usage_billing.max_future_skew ahead of the statement's start and within
- * usage_billing.late_event_grace of its period's end.  Every refusal is
- * 22023 with a detail naming the field and the limit.
+ * usage_billing.late_event_grace of its period's end, and its period has no
+ * finalized invoice (else refused, or moved to the current period by
+ * usage_billing.late_event_action).  Every refusal is 22023 with a detail
+ * naming the field and the limit.
  *
  * Exact idempotency: a key recorded before answers as a duplicate only when
  * the call repeats the original's meter, amount, occurred_at (when given:
@@ -45,6 +47,7 @@
 
 #include "catalog.h"
 #include "escrow.h"
+#include "finalize.h"
 #include "periods.h"
 #include "pricing.h"
 #include "record.h"
@@ -282,10 +285,27 @@ place_in_period(const UbEventInput *in, const UbCustomer *customer,
 	TimestampTz now = GetCurrentTransactionStartTimestamp();
 
 	ub_period_containing(customer->billing_anchor, &customer->period, in->occurred_at, start, end);
-	if (ub_late_event_grace_seconds < 0 || *end > now)
+	if (*end > now)
 		return true;
-	if (*end + (int64) ub_late_event_grace_seconds * USECS_PER_SEC >= now)
-		return true;
+	if (ub_late_event_grace_seconds < 0 ||
+		*end + (int64) ub_late_event_grace_seconds * USECS_PER_SEC >= now)
+	{
+		/* an ended period within the grace, unless it is invoiced */
+		if (!ub_period_invoiced(customer->customer_id, *start))
+			return true;
+		if (ub_late_event_action == UB_LATE_CURRENT_PERIOD)
+		{
+			ub_period_containing(customer->billing_anchor, &customer->period, now, start, end);
+			return true;
+		}
+		DEFER(err, ERRCODE_INVALID_PARAMETER_VALUE,
+			  psprintf("period %s of customer \"%s\" is invoiced",
+					   pstrdup(timestamptz_to_str(*start)), customer->customer_id),
+			  psprintf("Field \"occurred_at\" was %s; the billing period [%s, %s) has a finalized invoice.",
+					   pstrdup(timestamptz_to_str(in->occurred_at)),
+					   pstrdup(timestamptz_to_str(*start)), pstrdup(timestamptz_to_str(*end))),
+			  pstrdup("Correct an invoiced period with usage_billing.adjust_usage() (the next invoice carries it), or set usage_billing.late_event_action = 'current_period'."));
+	}
 
 	if (ub_late_event_action == UB_LATE_CURRENT_PERIOD)
 	{

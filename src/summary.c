@@ -8,7 +8,9 @@
  *                from usage_aggregates (one index range read, independent of
  *                the number of events) and the limit columns (included,
  *                usage_percent, overage_quantity, overage_cost) are filled
- *                from the effective limits.
+ *                from the limits of the plan in force now (a past period:
+ *                at its end); overage_cost sums the period's plan
+ *                segments, each priced under its plan (period_pricing.c).
  *   range mode   any other range: totals are recomputed from the ledger
  *                (usage_events, by occurred_at) with each meter's
  *                aggregation, and the limit columns are NULL because a limit
@@ -55,6 +57,7 @@
 
 #include "catalog.h"
 #include "escrow.h"
+#include "period_pricing.h"
 #include "periods.h"
 #include "pricing.h"
 #include "reading.h"
@@ -75,7 +78,8 @@ static List *PeriodRows(const char *customer_id, TimestampTz period_start);
 static List *RangeRows(const char *customer_id, TimestampTz from, TimestampTz to);
 static Numeric UsagePercent(Numeric total, Numeric included);
 static void EmitSummaryRow(ReturnSetInfo *rsinfo, const UbAggregateRow *row,
-						   const UbLimit *limit, bool with_limits);
+						   const UbLimit *limit, bool with_limits, List *segments);
+static Numeric SegmentsCost(List *segments, const char *meter);
 
 /* Prepares a statement once per backend and keeps it. */
 static SPIPlanPtr
@@ -208,10 +212,36 @@ UsagePercent(Numeric total, Numeric included)
 											   Int32GetDatum(2)));
 }
 
-/* Appends one summary row; the limit columns only in period mode. */
+/*
+ * The exact usage cost of a meter over a period's plan segments: each
+ * segment's usage priced under its plan; NULL when no segment bills it.
+ */
+static Numeric
+SegmentsCost(List *segments, const char *meter)
+{
+	Numeric		cost = NULL;
+	ListCell   *lc;
+
+	foreach(lc, segments)
+	{
+		UbPricedSegment *seg = lfirst(lc);
+		UbLimit    *l = ub_segment_limit(seg, meter);
+		Numeric		c;
+
+		if (l == NULL || (c = ub_usage_cost(l, ub_segment_total(seg, meter))) == NULL)
+			continue;
+		cost = cost == NULL ? c : ub_num_add(cost, c);
+	}
+	return cost;
+}
+
+/*
+ * Appends one summary row; the limit columns only in period mode, the cost
+ * over the period's segments when it has several.
+ */
 static void
 EmitSummaryRow(ReturnSetInfo *rsinfo, const UbAggregateRow *row, const UbLimit *limit,
-			   bool with_limits)
+			   bool with_limits, List *segments)
 {
 	Datum		values[SUMMARY_COLS];
 	bool		nulls[SUMMARY_COLS];
@@ -242,7 +272,9 @@ EmitSummaryRow(ReturnSetInfo *rsinfo, const UbAggregateRow *row, const UbLimit *
 			values[5] = NumericGetDatum(v);
 			nulls[5] = false;
 		}
-		if ((v = ub_usage_cost(limit, row->total)) != NULL)
+		v = list_length(segments) > 1 ? SegmentsCost(segments, row->meter) :
+			ub_usage_cost(limit, row->total);
+		if (v != NULL)
 		{
 			values[6] = NumericGetDatum(v);
 			nulls[6] = false;
@@ -363,6 +395,7 @@ ub_get_usage_summary(PG_FUNCTION_ARGS)
 	bool		period_mode;
 	List	   *rows;
 	List	   *limits = NIL;
+	List	   *segments = NIL;
 	ListCell   *lc;
 
 	ub_init_srf(fcinfo);
@@ -412,8 +445,12 @@ ub_get_usage_summary(PG_FUNCTION_ARGS)
 
 	if (period_mode)
 	{
+		TimestampTz now = GetCurrentTransactionStartTimestamp();
+
+		/* the limits of the plan in force now, or at the end of a past period */
 		rows = PeriodRows(customer_id, from);
-		limits = ub_customer_limits(&customer);
+		segments = ub_price_period(&customer, from, to);
+		limits = ub_segment_at(segments, Min(now, to - 1))->limits;
 	}
 	else
 		rows = RangeRows(customer_id, from, to);
@@ -423,7 +460,7 @@ ub_get_usage_summary(PG_FUNCTION_ARGS)
 		UbAggregateRow *row = lfirst(lc);
 
 		EmitSummaryRow(rsinfo, row, period_mode ? FindLimit(limits, row->meter) : NULL,
-					   period_mode);
+					   period_mode, segments);
 	}
 
 	SPI_finish();

@@ -16,6 +16,7 @@
 #include "catalog_preload.h"
 #include "export_cancel.h"
 #include "escrow.h"
+#include "finalize.h"
 #include "usage_billing.h"
 
 PG_MODULE_MAGIC;
@@ -92,6 +93,7 @@ _PG_init(void)
 							 NULL, NULL, NULL);
 
 	ub_catalog_preload_init();
+	ub_invoice_init();
 	ub_export_init();
 	ub_cancel_init();
 	ub_alerts_init();

@@ -1,5 +1,6 @@
 # pg_dump / pg_restore of a database using usage_billing keeps the catalog, customers, ledger,
-# aggregates, unique values, settings, alerts and export state (pg_extension_config_dump), the
+# aggregates, unique values, settings, alerts, export state, plan history and finalized
+# invoices (pg_extension_config_dump), the
 # ledger's identity sequence and the tenant grants; totals, summaries and invoices are equal
 # after the restore, idempotency keys still deduplicate, and recording continues.
 use strict;
@@ -66,9 +67,25 @@ SELECT count(*) FROM generate_series(1, 15) i,
 SELECT * FROM usage_billing.increment_usage_batch(
   '[{"customer_id": "acme", "meter": "calls", "amount": 0.25, "idempotency_key": "batch-1"},
     {"customer_id": "globex", "meter": "calls", "amount": 2, "idempotency_key": "batch-2"}]');
+-- plan history (a change inside a period, a downgrade scheduled for a period's end) and
+-- finalized invoices (acme's first three, globex's first year), with a debit line for an
+-- adjustment after finalization
+SELECT usage_billing.create_plan('pro_plus', 99, 'usd');
+SELECT usage_billing.set_plan_limit('pro_plus', 'calls', included => 5000, overage_price => 0.005);
+SELECT * FROM usage_billing.change_plan('acme', 'pro_plus', 'immediate', '2025-02-20 00:00+00');
+SELECT * FROM usage_billing.change_plan('acme', 'pro', 'period_end', '2025-03-01 00:00+00');
+UPDATE usage_billing.invoice_starts s SET invoices_from = c.billing_anchor
+  FROM usage_billing.customers c WHERE c.customer_id = s.customer_id;   -- a backfill of 2025
+SELECT usage_billing.finalize_invoices('2025-03-20 00:00+00');
+SELECT usage_billing.adjust_usage('acme', 'calls', 2000, 'late import', '2025-02-01 00:00+00');
+SELECT usage_billing.finalize_invoices('2025-04-20 00:00+00');
 -- export state and outbox (the worker is off: plan without sending)
 SELECT usage_billing.export_plan();
 });
+is($node->safe_psql('src', q{
+SELECT count(*) || ' invoices, ' || (SELECT count(*) FROM usage_billing.invoice_lines WHERE line = 'debit')
+       || ' debit, ' || (SELECT count(*) FROM usage_billing.customer_plans WHERE customer_id = 'acme') || ' plans'
+  FROM usage_billing.invoices}), '4 invoices, 1 debit, 3 plans', 'plan history and invoices to dump');
 cmp_ok($node->safe_psql('src', 'SELECT count(*) FROM usage_billing.export_outbox'), '>', 0,
 	'the export outbox has rows to dump');
 cmp_ok($node->safe_psql('src', 'SELECT sum(event_count) FROM usage_billing.usage_aggregate_slots'), '>', 0,
@@ -100,7 +117,9 @@ sub reads
 		"SELECT a.customer_id, a.period_start, s.* FROM (SELECT DISTINCT customer_id, period_start FROM usage_billing.usage_aggregates) a, LATERAL usage_billing.preview_invoice(a.customer_id, a.period_start) s ORDER BY 1, 2",
 		"SELECT c.customer_id, m.meter, s.* FROM usage_billing.customers c, usage_billing.meters m, LATERAL usage_billing.check_limit(c.customer_id, m.meter, 3) s ORDER BY 1, 2",
 		"SELECT * FROM usage_billing.current_usage ORDER BY 1, 3",
-		"SELECT * FROM usage_billing.effective_limits ORDER BY 1, 2")
+		"SELECT * FROM usage_billing.effective_limits ORDER BY 1, 2",
+		"SELECT * FROM usage_billing.plan_history ORDER BY 1, 3",
+		"SELECT i.invoice_number, i.customer_id, i.period_start, i.total, p.* FROM usage_billing.invoices i, LATERAL usage_billing.preview_invoice(i.customer_id, i.period_start) p ORDER BY 1, 2")
 	{
 		my ($ret, $stdout, $stderr) = $node->psql($db, $q);
 		$stderr =~ s/^.*not implemented yet.*$/(not implemented)/m;
@@ -139,6 +158,14 @@ is($node->safe_psql('dst', "SELECT duplicate FROM usage_billing.increment_usage(
 $node->safe_psql('dst', "SELECT usage_billing.increment_usage('acme', 'calls', 1, 'after-restore')");
 is($node->safe_psql('dst', "SELECT count(*) FROM (SELECT event_id FROM usage_billing.usage_events GROUP BY 1 HAVING count(*) > 1) d"),
 	'0', 'event ids stay unique after the restore');
+
+# invoicing continues: the next invoice of acme is number 4, with a fresh invoice id
+is($node->safe_psql('dst', "SELECT usage_billing.finalize_invoices('2025-05-20 00:00+00')"), '1',
+	'one invoice is due after the restore');
+is($node->safe_psql('dst', q{
+SELECT max(invoice_number) || ' ' || (SELECT count(DISTINCT invoice_id) FROM usage_billing.invoices)
+  FROM usage_billing.invoices WHERE customer_id = 'acme'}), '4 5',
+	'finalize_invoices after the restore numbers on, without reusing an invoice id');
 
 # recording through the restored escrow slots continues, and every sum total equals its ledger
 $node->safe_psql('dst', q{

@@ -2,7 +2,8 @@
 # recorded changes, recording goes on (keys recorded before still deduplicate), the 1.1 objects
 # exist, and the upgraded database has exactly the objects, flags, grants and policies of a
 # fresh install of the default version.  Upgrade from 1.3 with data that breaks 1.4's input
-# rules: kept, listed by input_violations, recording goes on under the new rules.
+# rules: kept, listed by input_violations, recording goes on under the new rules; the 1.3
+# customer's plan is its history from the beginning, and a change after the update has history.
 # (The catalog columns compared are those of 1.0; the meters' columns of 1.4 are checked below.)
 use strict;
 use warnings;
@@ -126,6 +127,26 @@ is($node->safe_psql('old13', "SELECT duplicate FROM usage_billing.increment_usag
 like($err13, qr/amount of count meter "logins" must be NULL or 1/, 'a new event follows the 1.4 rules');
 is($node->safe_psql('old13', "SELECT total FROM usage_billing.increment_usage('acme', 'logins', 1, 'l3', '2025-01-02')"),
 	'2', 'recording continues on the aggregate kept from 1.3');
+
+# plan history after 1.3: the customer's plan is in force from the beginning, its invoices
+# start with the period of the update (nothing before it is invoiced), and a plan change now
+# has history (a period priced by segments)
+is($node->safe_psql('old13', q{
+SELECT string_agg(customer_id || ' ' || plan || ' ' || effective_from || ' ' || coalesce(effective_to::text, '-'), ', ')
+  FROM usage_billing.plan_history}), 'acme pro -infinity -', 'the 1.3 plan is in force from the beginning');
+is($node->safe_psql('old13', q{
+SELECT count(*) FROM usage_billing.invoice_starts WHERE invoices_from > '2025-12-01'}), '1',
+	'invoices of 1.3 customers start at the update');
+is($node->safe_psql('old13', "SELECT usage_billing.finalize_invoices()"), '0',
+	'finalize_invoices right after the update invoices no period of 1.3');
+$node->safe_psql('old13', q{
+SELECT usage_billing.create_plan('pro2', 40);
+SELECT usage_billing.change_plan('acme', 'pro2', 'immediate', '2025-01-16 00:00+00');});
+is($node->safe_psql('old13', q{
+SELECT string_agg(line || ' ' || amount || ' ' || coalesce(segment_start::text, '-'), ', ')
+  FROM usage_billing.preview_invoice('acme', '2025-01-10')}),
+	'base 4.84 2025-01-01 00:00:00+00, usage 0.00 2025-01-01 00:00:00+00, base 20.65 2025-01-16 00:00:00+00, total 25.49 -',
+	'a change after the update splits its period: pro for 15 days, pro2 for 16');
 
 # upgraded == fresh install
 $node->safe_psql('fresh', 'CREATE EXTENSION usage_billing');
