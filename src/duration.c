@@ -123,8 +123,6 @@ ub_record_duration(PG_FUNCTION_ARGS)
 	int			nparts = 0;
 	Numeric		recorded = ub_num_zero();
 	UbRecordResult out;
-	Datum		values[7];
-	bool		nulls[7];
 	MemoryContext caller_cxt = CurrentMemoryContext;
 
 	InitMaterializedSRF(fcinfo, 0);
@@ -207,22 +205,7 @@ ub_record_duration(PG_FUNCTION_ARGS)
 	PopOverrideSearchPath();
 
 	/* the result outlives SPI: copy it out before SPI_finish */
-	{
-		MemoryContext spi_cxt = MemoryContextSwitchTo(caller_cxt);
-
-		memset(nulls, 0, sizeof(nulls));
-		values[0] = NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(out.total)));
-		nulls[1] = (out.included == NULL);
-		values[1] = out.included ? NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(out.included))) : (Datum) 0;
-		nulls[2] = (out.remaining == NULL);
-		values[2] = out.remaining ? NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(out.remaining))) : (Datum) 0;
-		values[3] = CStringGetTextDatum(out.status);
-		values[4] = BoolGetDatum(out.duplicate);
-		values[5] = TimestampTzGetDatum(out.period_start);
-		values[6] = TimestampTzGetDatum(out.period_end);
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-		MemoryContextSwitchTo(spi_cxt);
-	}
+	ub_put_record_result(rsinfo, &out, caller_cxt);
 	SPI_finish();
 	return (Datum) 0;
 }

@@ -579,6 +579,32 @@ ub_push_safe_search_path(void)
 	PushOverrideSearchPath(&path);
 }
 
+/*
+ * Puts what increment_usage returns into the caller's result set, copied
+ * into caller_cxt (the result outlives SPI).  For every function that
+ * answers as increment_usage does.
+ */
+void
+ub_put_record_result(ReturnSetInfo *rsinfo, const UbRecordResult *out, MemoryContext caller_cxt)
+{
+	MemoryContext prev = MemoryContextSwitchTo(caller_cxt);
+	Datum		values[7];
+	bool		nulls[7];
+
+	memset(nulls, 0, sizeof(nulls));
+	values[0] = NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(out->total)));
+	nulls[1] = (out->included == NULL);
+	values[1] = out->included ? NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(out->included))) : (Datum) 0;
+	nulls[2] = (out->remaining == NULL);
+	values[2] = out->remaining ? NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(out->remaining))) : (Datum) 0;
+	values[3] = CStringGetTextDatum(out->status);
+	values[4] = BoolGetDatum(out->duplicate);
+	values[5] = TimestampTzGetDatum(out->period_start);
+	values[6] = TimestampTzGetDatum(out->period_end);
+	tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
+	MemoryContextSwitchTo(prev);
+}
+
 /* SQL: increment_usage(customer_id, meter, amount, idempotency_key, occurred_at, properties) */
 Datum
 ub_increment_usage(PG_FUNCTION_ARGS)
@@ -586,8 +612,6 @@ ub_increment_usage(PG_FUNCTION_ARGS)
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	UbEventInput in;
 	UbRecordResult out;
-	Datum		values[7];
-	bool		nulls[7];
 	MemoryContext caller_cxt = CurrentMemoryContext;
 
 	/* the planner's expected row type spares a catalog walk per call */
@@ -612,22 +636,7 @@ ub_increment_usage(PG_FUNCTION_ARGS)
 	PopOverrideSearchPath();
 
 	/* the result outlives SPI: copy it out before SPI_finish */
-	{
-		MemoryContext spi_cxt = MemoryContextSwitchTo(caller_cxt);
-
-		memset(nulls, 0, sizeof(nulls));
-		values[0] = NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(out.total)));
-		nulls[1] = (out.included == NULL);
-		values[1] = out.included ? NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(out.included))) : (Datum) 0;
-		nulls[2] = (out.remaining == NULL);
-		values[2] = out.remaining ? NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(out.remaining))) : (Datum) 0;
-		values[3] = CStringGetTextDatum(out.status);
-		values[4] = BoolGetDatum(out.duplicate);
-		values[5] = TimestampTzGetDatum(out.period_start);
-		values[6] = TimestampTzGetDatum(out.period_end);
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-		MemoryContextSwitchTo(spi_cxt);
-	}
+	ub_put_record_result(rsinfo, &out, caller_cxt);
 	SPI_finish();
 	return (Datum) 0;
 }

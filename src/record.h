@@ -8,6 +8,7 @@
 #define UB_RECORD_H
 
 #include "datatype/timestamp.h"
+#include "nodes/execnodes.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
 
@@ -51,6 +52,8 @@ typedef struct UbPreparedEvent
 /* All of these must run between SPI_connect and SPI_finish. */
 extern void ub_push_safe_search_path(void);
 extern void ub_record_event(const UbEventInput *in, UbRecordResult *out);
+extern void ub_put_record_result(ReturnSetInfo *rsinfo, const UbRecordResult *out,
+								 MemoryContext caller_cxt);
 extern bool ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbRecordResult *dup);
 extern void ub_settle_aggregate(const UbEventInput *in, const UbPreparedEvent *pe, bool slotted,
 								Numeric *total, Numeric *previous_total);

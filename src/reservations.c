@@ -434,8 +434,6 @@ ub_commit_reservation(PG_FUNCTION_ARGS)
 	UbEventInput in;
 	UbRecordResult out;
 	char	   *key;
-	Datum		values[7];
-	bool		nulls[7];
 
 	InitMaterializedSRF(fcinfo, 0);
 	PreventCommandIfReadOnly("commit_reservation()");
@@ -475,23 +473,7 @@ ub_commit_reservation(PG_FUNCTION_ARGS)
 		end_hold(id, &r, "committed", in.amount);
 	}
 	ub_record_event(&in, &out);
-
-	{
-		MemoryContext spi = MemoryContextSwitchTo(caller);
-
-		memset(nulls, 0, sizeof(nulls));
-		values[0] = datumCopy(NumericGetDatum(out.total), false, -1);
-		nulls[1] = (out.included == NULL);
-		values[1] = out.included ? datumCopy(NumericGetDatum(out.included), false, -1) : (Datum) 0;
-		nulls[2] = (out.remaining == NULL);
-		values[2] = out.remaining ? datumCopy(NumericGetDatum(out.remaining), false, -1) : (Datum) 0;
-		values[3] = CStringGetTextDatum(out.status);
-		values[4] = BoolGetDatum(out.duplicate);
-		values[5] = TimestampTzGetDatum(out.period_start);
-		values[6] = TimestampTzGetDatum(out.period_end);
-		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
-		MemoryContextSwitchTo(spi);
-	}
+	ub_put_record_result(rsinfo, &out, caller);
 	PopOverrideSearchPath();
 	SPI_finish();
 	return (Datum) 0;
