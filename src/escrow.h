@@ -19,7 +19,7 @@
 typedef enum UbSlotMode
 {
 	UB_SLOTS_OFF,
-	UB_SLOTS_AUTO,				/* a key this backend found locked a few times */
+	UB_SLOTS_AUTO,				/* a key whose row this backend waited for a few times */
 	UB_SLOTS_ALWAYS				/* every sum and count key (tests) */
 } UbSlotMode;
 

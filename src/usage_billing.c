@@ -84,7 +84,7 @@ _PG_init(void)
 
 	DefineCustomEnumVariable("usage_billing.hot_key_slots",
 							 "When a contended aggregate takes usage through escrow slots.",
-							 "auto: a key this backend found locked a few times; always: every sum and count key; off: never (existing slots are still read and folded).",
+							 "auto: a key whose row this backend waited for a few times; always: every sum and count key; off: never (existing slots are still read and folded).",
 							 &ub_hot_key_slots,
 							 UB_SLOTS_AUTO,
 							 hot_key_slots_options,
