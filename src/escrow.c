@@ -55,6 +55,7 @@
 #include "catalog/namespace.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
+#include "utils/guc.h"
 #include "utils/hsearch.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
@@ -67,6 +68,34 @@
 #include "relations.h"
 
 int			ub_hot_key_slots = UB_SLOTS_AUTO;
+int			ub_escrow_fold_idle = UB_ESCROW_IDLE_SECONDS;
+
+static const struct config_enum_entry hot_key_slots_options[] = {
+	{"off", UB_SLOTS_OFF, false},
+	{"auto", UB_SLOTS_AUTO, false},
+	{"always", UB_SLOTS_ALWAYS, false},
+	{NULL, 0, false}
+};
+
+/* From _PG_init: the settings of the escrow slots. */
+void
+ub_escrow_init(void)
+{
+	DefineCustomEnumVariable("usage_billing.hot_key_slots",
+							 "When a contended aggregate takes usage through escrow slots.",
+							 "auto: a key whose row this backend waited for a few times; always: every sum and count key; off: never (existing slots are still read and folded).",
+							 &ub_hot_key_slots,
+							 UB_SLOTS_AUTO,
+							 hot_key_slots_options,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
+	DefineCustomIntVariable("usage_billing.escrow_fold_idle",
+							"Seconds without a write after which the worker folds a key's escrow slots.",
+							"Each export cycle folds the slots of keys that cooled down, so that slots do not pile up.",
+							&ub_escrow_fold_idle, UB_ESCROW_IDLE_SECONDS, 0, 86400, PGC_SIGHUP,
+							GUC_UNIT_S, NULL, NULL, NULL);
+}
 
 /* What this backend knows of a key: how often it waited on it, whether it has a slot. */
 typedef struct EscrowHint

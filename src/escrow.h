@@ -24,6 +24,9 @@ typedef enum UbSlotMode
 } UbSlotMode;
 
 extern int	ub_hot_key_slots;
+extern int	ub_escrow_fold_idle;	/* usage_billing.escrow_fold_idle, seconds */
+
+extern void ub_escrow_init(void);
 
 /* A key's aggregate row and slots as one statement saw them (escrow_store.c). */
 typedef struct UbEscrowProbe

@@ -53,7 +53,6 @@ static char *ub_api_base = NULL;
 static char *ub_stripe_version = NULL;
 static char *ub_database = NULL;
 static int	ub_export_interval = 60;
-static int	ub_escrow_fold_idle = UB_ESCROW_IDLE_SECONDS;
 static double ub_max_rps = 20.0;
 static int	ub_concurrency = 8;
 static int	ub_batch_size = 500;
@@ -124,11 +123,6 @@ ub_export_init(void)
 							"With 0, cycles run only on usage_billing.export_now() and to retry what is pending.",
 							&ub_export_interval, 60, 0, 86400, PGC_SIGHUP, GUC_UNIT_S,
 							NULL, NULL, NULL);
-	DefineCustomIntVariable("usage_billing.escrow_fold_idle",
-							"Seconds without a write after which the worker folds a key's escrow slots.",
-							"Each export cycle folds the slots of keys that cooled down, so that slots do not pile up.",
-							&ub_escrow_fold_idle, UB_ESCROW_IDLE_SECONDS, 0, 86400, PGC_SIGHUP,
-							GUC_UNIT_S, NULL, NULL, NULL);
 	DefineCustomRealVariable("usage_billing.export_max_rps",
 							 "Ceiling on meter event requests per second.",
 							 "The default, 20, stays below Stripe's sandbox limit of 25 operations per second; live accounts allow 1000.",

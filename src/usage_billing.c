@@ -32,13 +32,6 @@ static const struct config_enum_entry late_event_action_options[] = {
 	{NULL, 0, false}
 };
 
-static const struct config_enum_entry hot_key_slots_options[] = {
-	{"off", UB_SLOTS_OFF, false},
-	{"auto", UB_SLOTS_AUTO, false},
-	{"always", UB_SLOTS_ALWAYS, false},
-	{NULL, 0, false}
-};
-
 void		_PG_init(void);
 
 /* Defines the settings and, when preloaded, starts the export machinery. */
@@ -82,16 +75,7 @@ _PG_init(void)
 							 0,
 							 NULL, NULL, NULL);
 
-	DefineCustomEnumVariable("usage_billing.hot_key_slots",
-							 "When a contended aggregate takes usage through escrow slots.",
-							 "auto: a key whose row this backend waited for a few times; always: every sum and count key; off: never (existing slots are still read and folded).",
-							 &ub_hot_key_slots,
-							 UB_SLOTS_AUTO,
-							 hot_key_slots_options,
-							 PGC_SUSET,
-							 0,
-							 NULL, NULL, NULL);
-
+	ub_escrow_init();
 	ub_catalog_preload_init();
 	ub_invoice_init();
 	ub_export_init();
