@@ -548,20 +548,14 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 	" WHERE l." keycol " = $1" \
 	" ORDER BY l.meter"
 
-/* Runs one of the limit-list statements for a key; a List of UbLimit ordered by meter. */
+/*
+ * The limit rows of the last statement (meter, aggregation, then the limit's
+ * columns) as a List of UbLimit, in CurrentMemoryContext.
+ */
 static List *
-limit_list(SPIPlanPtr *slot, const char *sql, const char *key)
+limits_of_result(void)
 {
-	Oid			types[1] = {TEXTOID};
-	Datum		args[1];
-	int			ret;
 	List	   *result = NIL;
-
-	ub_prepare_once(slot, sql, 1, types);
-	args[0] = CStringGetTextDatum(key);
-	ret = SPI_execute_plan(*slot, args, NULL, true, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "limit lookup failed: %s", SPI_result_code_string(ret));
 
 	for (uint64 i = 0; i < SPI_processed; i++)
 	{
@@ -577,6 +571,22 @@ limit_list(SPIPlanPtr *slot, const char *sql, const char *key)
 	}
 	SPI_freetuptable(SPI_tuptable);
 	return result;
+}
+
+/* Runs one of the limit-list statements for a key; a List of UbLimit ordered by meter. */
+static List *
+limit_list(SPIPlanPtr *slot, const char *sql, const char *key)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		args[1];
+	int			ret;
+
+	ub_prepare_once(slot, sql, 1, types);
+	args[0] = CStringGetTextDatum(key);
+	ret = SPI_execute_plan(*slot, args, NULL, true, 0);
+	if (ret != SPI_OK_SELECT)
+		elog(ERROR, "limit lookup failed: %s", SPI_result_code_string(ret));
+	return limits_of_result();
 }
 
 /* Every effective limit of a customer under the plan in force now, ordered by meter. */
@@ -599,7 +609,6 @@ ub_customer_plan_limits(const char *customer_id, const char *plan)
 	Oid			types[2] = {TEXTOID, TEXTOID};
 	Datum		args[2];
 	int			ret;
-	List	   *result = NIL;
 
 	ub_prepare_once(&slot,
 					"SELECT l.meter, m.aggregation,"
@@ -627,20 +636,7 @@ ub_customer_plan_limits(const char *customer_id, const char *plan)
 	ret = SPI_execute_plan(slot, args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "limit lookup failed: %s", SPI_result_code_string(ret));
-	for (uint64 i = 0; i < SPI_processed; i++)
-	{
-		HeapTuple	tup = SPI_tuptable->vals[i];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		UbLimit    *l = palloc0(sizeof(UbLimit));
-
-		l->meter = ub_col_text(tup, desc, 1);
-		l->aggregation = ub_parse_aggregation(ub_col_text(tup, desc, 2));
-		l->exists = true;
-		fill_limit(tup, desc, 3, l);
-		result = lappend(result, l);
-	}
-	SPI_freetuptable(SPI_tuptable);
-	return result;
+	return limits_of_result();
 }
 
 /* The limits of a plan as written, ignoring customer overrides (plan comparisons), ordered by meter. */

@@ -28,7 +28,7 @@ extern int	ub_escrow_fold_idle;	/* usage_billing.escrow_fold_idle, seconds */
 
 extern void ub_escrow_init(void);
 
-/* A key's aggregate row and slots as one statement saw them (escrow_store.c). */
+/* A key's aggregate row and slots as one snapshot saw them (ub_escrow_read). */
 typedef struct UbEscrowProbe
 {
 	bool		row_found;
@@ -37,9 +37,9 @@ typedef struct UbEscrowProbe
 	Numeric		others_total;	/* every slot's total but this backend's */
 	Numeric		escrowed;		/* every slot's total and budget; NULL when one has no limit */
 	bool		unbounded;		/* a slot has a budget without limit */
-	Numeric		reserved;		/* the row's holds (reservations.c); ub_escrow_read only */
-	bool		own_found;		/* this backend has a slot; ub_escrow_read only */
-	Numeric		own_budget;		/* its budget, NULL without limit; ub_escrow_read only */
+	Numeric		reserved;		/* the row's holds (reservations.c) */
+	bool		own_found;		/* this backend has a slot */
+	Numeric		own_budget;		/* its budget, NULL without limit */
 } UbEscrowProbe;
 
 /* Waits on one key, seen by one backend, before that backend asks for a slot. */
@@ -64,8 +64,6 @@ extern bool ub_escrow_grant(const UbLimit *limit, Numeric lower, Numeric upper,
 							Numeric *budget, Numeric *budget_limit);
 
 /* escrow_store.c */
-extern void ub_escrow_probe(const char *customer_id, const char *meter,
-							TimestampTz period_start, UbEscrowProbe *p);
 extern bool ub_escrow_read(const char *customer_id, const char *meter,
 						   TimestampTz period_start, UbEscrowProbe *p);
 extern Numeric ub_escrow_fold_locked(const char *customer_id, const char *meter,

@@ -9,16 +9,16 @@
  *
  *	 slot       the usage_aggregate_slots row of one key that belongs to one
  *				backend (its "slot" column is the backend id)
- *	 probe      one statement that reads a key's aggregate row and slots
- *				under one snapshot, on the row path: what the key holds and
- *				what it may still take (UbEscrowProbe).  The spend reads the
- *				same inside its own statement (record.c).
+ *	 read       a key's aggregate row and slots through their primary
+ *				keys, without the executor, under one snapshot taken now: what
+ *				the key holds and what it may still take (UbEscrowProbe); the
+ *				spend's check and, under the row's lock, the row path's.
  *	 escrowed   every slot's total plus budget: spending moves budget into
  *				total, so only grants and folds change it
  *	 fold       delete a key's slots and add what they held to its row
  *	 give       add a budget to this backend's slot, creating it if needed
  *
- * The probe, fold and give run inside the caller's SPI connection; the
+ * The fold and give run inside the caller's SPI connection; the
  * functions that stand alone (fold of one key or of all, the SQL function
  * fold_escrow_slots) connect themselves.
  *-------------------------------------------------------------------------
@@ -70,55 +70,6 @@ result_numeric(int col)
 	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col, &isnull);
 
 	return isnull ? NULL : DatumGetNumericCopy(d);
-}
-
-/* A boolean column of the first result row; NULL reads as false. */
-static bool
-result_bool(int col)
-{
-	bool		isnull;
-	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col, &isnull);
-
-	return !isnull && DatumGetBool(d);
-}
-
-/*
- * Reads the key's aggregate row and slots under one snapshot, a new one
- * that also sees what earlier calls of the same statement wrote (not
- * read_only).  Inside the caller's SPI connection.
- */
-void
-ub_escrow_probe(const char *customer_id, const char *meter, TimestampTz period_start,
-				UbEscrowProbe *p)
-{
-	static SPIPlanPtr plan = NULL;
-	Datum		args[4];
-	int			ret;
-
-	key_args(args, customer_id, meter, period_start);
-	args[3] = Int32GetDatum(MyBackendId);
-	ret = SPI_execute_plan(ub_prepare_once(&plan,
-										   "SELECT (SELECT a.total FROM usage_billing.usage_aggregates a"
-										   "         WHERE a.customer_id = $1 AND a.meter = $2"
-										   "           AND a.period_start = $3),"
-										   "       coalesce(sum(s.total), 0),"
-										   "       coalesce(sum(s.total) FILTER (WHERE s.slot <> $4), 0),"
-										   "       coalesce(sum(s.total + s.budget), 0),"
-										   "       coalesce(bool_or(s.budget IS NULL), false)"
-										   "  FROM usage_billing.usage_aggregate_slots s"
-										   " WHERE s.customer_id = $1 AND s.meter = $2 AND s.period_start = $3",
-										   4, key_types),
-						   args, NULL, false, 1);
-	if (ret != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "escrow probe failed: %s", SPI_result_code_string(ret));
-	p->row_total = result_numeric(1);
-	p->row_found = (p->row_total != NULL);
-	if (p->row_total == NULL)
-		p->row_total = ub_num_zero();
-	p->slots_total = result_numeric(2);
-	p->others_total = result_numeric(3);
-	p->unbounded = result_bool(5);
-	p->escrowed = p->unbounded ? NULL : result_numeric(4);
 }
 
 /*
@@ -367,11 +318,11 @@ ub_escrow_slot_sum(Relation slots, Relation pkey, Datum customer, Datum meter,
 }
 
 /*
- * The spend's reads, without the executor: the key's aggregate row (total,
- * reserved) and every slot (totals, budgets, this backend's), through the
- * tables' primary keys under a snapshot taken now.  Only reads: the writes
- * are the spend statement's (record.c).  Returns false when the key has no
- * aggregate row.  Numbers in the caller's memory context.
+ * Reads a key without the executor: its aggregate row (total, reserved) and
+ * every slot (totals, budgets, this backend's), through the tables' primary
+ * keys under a snapshot taken now, which also sees what this transaction
+ * wrote before.  Only reads: the writes are statements.  Returns false when
+ * the key has no aggregate row.  Numbers in the caller's memory context.
  */
 bool
 ub_escrow_read(const char *customer_id, const char *meter, TimestampTz period_start,

@@ -396,7 +396,8 @@ ub_settle_aggregate(const UbEventInput *in, const UbPreparedEvent *pe, bool slot
 		return;
 	if (slotted)
 	{
-		ub_escrow_probe(in->customer_id, in->meter, pe->period_start, &p);
+		/* under the row's lock the read is exact: slots change only under it, or by spending */
+		(void) ub_escrow_read(in->customer_id, in->meter, pe->period_start, &p);
 		kept = escrow &&
 			!ub_escrow_near(&pe->limit, *previous_total,
 							p.escrowed == NULL ? NULL : ub_num_add(p.row_total, p.escrowed));

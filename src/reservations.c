@@ -158,9 +158,9 @@ bad_argument(const char *msg, const char *detail, const char *hint)
 			 hint ? errhint("%s", hint) : 0));
 }
 
-/* Reads a reservation and locks it; false when there is none. */
-static bool
-lock_reservation(pg_uuid_t *id, Reservation *r)
+/* Reads a reservation, named name in messages, and locks it; P0002 when there is none. */
+static void
+lock_reservation(pg_uuid_t *id, const char *name, Reservation *r)
 {
 	static SPIPlanPtr plan = NULL;
 	Oid			types[1] = {UUIDOID};
@@ -178,7 +178,9 @@ lock_reservation(pg_uuid_t *id, Reservation *r)
 						 args, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading a reservation failed");
 	if (SPI_processed == 0)
-		return false;
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("reservation %s does not exist", name)));
 	t = SPI_tuptable->vals[0];
 	d = SPI_tuptable->tupdesc;
 	r->customer_id = ub_col_text(t, d, 1);
@@ -191,7 +193,6 @@ lock_reservation(pg_uuid_t *id, Reservation *r)
 	r->ended_at = DatumGetTimestampTz(SPI_getbinval(t, d, 8, &isnull));
 	if (isnull)
 		r->ended_at = 0;
-	return true;
 }
 
 /*
@@ -446,10 +447,7 @@ ub_commit_reservation(PG_FUNCTION_ARGS)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	ub_push_safe_search_path();
-	if (!lock_reservation(id, &r))
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("reservation %s does not exist", key + strlen("reservation:"))));
+	lock_reservation(id, key + strlen("reservation:"), &r);
 	if (strcmp(r.status, "released") == 0)
 		bad_argument(psprintf("reservation %s was released", key + strlen("reservation:")),
 					 "A released reservation records nothing.",
@@ -496,10 +494,7 @@ ub_release_reservation(PG_FUNCTION_ARGS)
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	ub_push_safe_search_path();
-	if (!lock_reservation(id, &r))
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("reservation %s does not exist", name)));
+	lock_reservation(id, name, &r);
 	if (strcmp(r.status, "committed") == 0)
 		bad_argument(psprintf("reservation %s was committed", name),
 					 "Its usage is recorded; a release cannot undo it.",
