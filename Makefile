@@ -3,45 +3,14 @@
 EXTENSION    = usage_billing
 EXTVERSION   = $(shell sed -n "s/^default_version = '\(.*\)'/\1/p" $(EXTENSION).control)
 MODULE_big   = usage_billing
-OBJS = \
-	src/usage_billing.o \
-	src/periods.o \
-	src/catalog.o \
-	src/catalog_cache.o \
-	src/catalog_target.o \
-	src/catalog_preload.o \
-	src/plan_history.o \
-	src/pricing.o \
-	src/record.o \
-	src/record_prepare.o \
-	src/escrow.o \
-	src/escrow_store.o \
-	src/relations.o \
-	src/reservations.o \
-	src/batch.o \
-	src/batch_sql.o \
-	src/alerts.o \
-	src/corrections.o \
-	src/duration.o \
-	src/insight.o \
-	src/report.o \
-	src/limits.o \
-	src/summary.o \
-	src/invoice.o \
-	src/period_pricing.o \
-	src/finalize.o \
-	src/shmem.o \
-	src/export_worker.o \
-	src/stripe_client.o \
-	src/export_outbox.o \
-	src/export_secrets.o \
-	src/redact.o \
-	src/export_cancel.o \
-	src/export_cancel_http.o
+# src/ holds one folder per subsystem (see src/README.md); every .c file in them is built.
+# Headers are included by their bare names: each folder is on the include path.
+UB_DIRS = util catalog escrow pricing alerts record export read
+OBJS = src/usage_billing.o $(patsubst %.c,%.o,$(sort $(foreach d,$(UB_DIRS),$(wildcard src/$(d)/*.c))))
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 
-PG_CPPFLAGS = -I$(srcdir)/src
+PG_CPPFLAGS = -I$(srcdir)/src $(foreach d,$(UB_DIRS),-I$(srcdir)/src/$(d))
 # warnings are errors in the test runner and CI only (test/run_tests.sh: make COPT=-Werror)
 PG_CFLAGS   = -Wall -Wextra -Wno-unused-parameter -Wno-sign-compare -Wno-missing-field-initializers
 SHLIB_LINK  = -lcurl -lcjson
@@ -63,7 +32,7 @@ PGXS := $(shell $(PG_CONFIG) --pgxs)
 include $(PGXS)
 
 # every object is rebuilt when a header changes: structs are shared between files
-$(OBJS): $(wildcard $(srcdir)/src/*.h)
+$(OBJS): $(wildcard $(srcdir)/src/*.h $(srcdir)/src/*/*.h)
 
 # Benchmark (numbers, not a test): throwaway cluster, pgbench ours vs naive baselines, see
 # doc/benchmarks.md.  Needs the extension installed (make install).  BENCH_SECONDS=10 per run
