@@ -1,86 +1,85 @@
 /*-------------------------------------------------------------------------
  * usage_billing.c
- *	  Module entry point: _PG_init and the settings of the core.
+ *	  Module entry point: _PG_init and the one shared-memory hook chain.
  *
- * The export worker's settings, shared memory and registration live in
- * export_worker.c; here we only call into it.  The SQL functions also work
- * when the library is not preloaded: then the worker simply does not run.
+ * Every subsystem defines its settings next to their variables (catalog.c,
+ * record_prepare.c, escrow.c, finalize.c, export_worker.c, export_cancel.c)
+ * and exposes an init function, called here.  When the library is
+ * preloaded, the shared memory of the export worker (export_shmem.c) and of
+ * the alert queue (alerts.c) is requested and created through one pair of
+ * hooks, and the export worker is registered.  The SQL functions also work
+ * when the library is not preloaded: then the worker simply does not run
+ * and the alert queue is the backend's own.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
 
 #include "fmgr.h"
 #include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
 #include "utils/guc.h"
 
+#include "alerts.h"
+#include "catalog.h"
 #include "catalog_preload.h"
-#include "export_cancel.h"
 #include "escrow.h"
+#include "export_cancel.h"
+#include "export_shmem.h"
+#include "export_worker.h"
 #include "finalize.h"
+#include "record.h"
 #include "usage_billing.h"
 
 PG_MODULE_MAGIC;
 
-bool		ub_direct_reads = true;
-int			ub_late_event_grace_seconds = UB_DEFAULT_LATE_EVENT_GRACE;
-int			ub_max_future_skew_seconds = UB_DEFAULT_MAX_FUTURE_SKEW;
-int			ub_late_event_action = UB_LATE_REJECT;
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
-static const struct config_enum_entry late_event_action_options[] = {
-	{"reject", UB_LATE_REJECT, false},
-	{"current_period", UB_LATE_CURRENT_PERIOD, false},
-	{NULL, 0, false}
-};
+static void ub_shmem_request(void);
+static void ub_shmem_startup(void);
 
-void		_PG_init(void);
-
-/* Defines the settings and, when preloaded, starts the export machinery. */
+/* Defines the settings and, when preloaded, the shared memory and the worker. */
 void
 _PG_init(void)
 {
-	DefineCustomIntVariable("usage_billing.late_event_grace",
-							"Seconds after a billing period ends during which late events still land in it.",
-							"The default is 35 days, Stripe's window; -1 accepts events for any past period (a backfill).",
-							&ub_late_event_grace_seconds,
-							UB_DEFAULT_LATE_EVENT_GRACE, -1, PG_INT32_MAX,
-							PGC_SUSET,
-							GUC_UNIT_S,
-							NULL, NULL, NULL);
-
-	DefineCustomIntVariable("usage_billing.max_future_skew",
-							"How far ahead of now() an event's occurred_at may be.",
-							"Events further in the future are refused; the default is 5 minutes, Stripe's rule.",
-							&ub_max_future_skew_seconds,
-							UB_DEFAULT_MAX_FUTURE_SKEW, 0, PG_INT32_MAX,
-							PGC_SUSET,
-							GUC_UNIT_S,
-							NULL, NULL, NULL);
-
-	DefineCustomEnumVariable("usage_billing.late_event_action",
-							 "What happens to an event that arrives after its period's grace window.",
-							 "reject raises an error; current_period records it in the current period.",
-							 &ub_late_event_action,
-							 UB_LATE_REJECT,
-							 late_event_action_options,
-							 PGC_SUSET,
-							 0,
-							 NULL, NULL, NULL);
-
-	DefineCustomBoolVariable("usage_billing.direct_reads",
-							 "Read customers, overrides and aggregates straight from their indexes on the hot path.",
-							 "Turn off when the tables are distributed with Citus: only SQL is routed to the shards.",
-							 &ub_direct_reads,
-							 true,
-							 PGC_SUSET,
-							 0,
-							 NULL, NULL, NULL);
-
+	ub_catalog_init();
+	ub_input_init();
 	ub_escrow_init();
 	ub_catalog_preload_init();
 	ub_invoice_init();
 	ub_export_init();
 	ub_cancel_init();
-	ub_alerts_init();
 
 	MarkGUCPrefixReserved("usage_billing");
+
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = ub_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = ub_shmem_startup;
+}
+
+/* Asks the postmaster for the room of every subsystem (PG15 shmem_request_hook). */
+static void
+ub_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	ub_export_shmem_request();
+	ub_alerts_shmem_request();
+}
+
+/* Creates or attaches to every subsystem's struct; runs in the postmaster and in EXEC_BACKEND children. */
+static void
+ub_shmem_startup(void)
+{
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	ub_export_shmem_startup();
+	ub_alerts_shmem_startup();
+	LWLockRelease(AddinShmemInitLock);
 }

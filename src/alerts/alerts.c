@@ -72,12 +72,13 @@
 #include "storage/shmem.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/numeric.h"
 #include "utils/timestamp.h"
 
 #include "alerts.h"
 #include "pricing.h"
-#include "usage_billing.h"
+#include "errors.h"
 
 PG_FUNCTION_INFO_V1(ub_flush_alerts);
 PG_FUNCTION_INFO_V1(ub_pending_alerts);
@@ -131,8 +132,6 @@ static FlushedSlot flushed[UB_ALERT_SLOTS];
 static int	nflushed = 0;
 static bool callbacks_registered = false;
 static SPIPlanPtr alert_insert_plan = NULL;
-static shmem_request_hook_type prev_shmem_request_hook = NULL;
-static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
 static UbAlertQueue *get_queue(void);
 static void queue_lock(UbAlertQueue *q, LWLockMode mode);
@@ -144,25 +143,23 @@ static void alerts_xact_callback(XactEvent event, void *arg);
 static void alerts_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 									SubTransactionId parentSubid, void *arg);
 
-/* Asks the postmaster for the queue's shared memory and lock. */
-static void
-alerts_shmem_request(void)
+/* Asks for the queue's shared memory and lock; from the module's shmem_request_hook. */
+void
+ub_alerts_shmem_request(void)
 {
-	if (prev_shmem_request_hook)
-		prev_shmem_request_hook();
 	RequestAddinShmemSpace(MAXALIGN(sizeof(UbAlertQueue)));
 	RequestNamedLWLockTranche("usage_billing_alerts", 1);
 }
 
-/* Creates or attaches to the shared queue. */
-static void
-alerts_shmem_startup(void)
+/*
+ * Creates or attaches to the shared queue; from the module's
+ * shmem_startup_hook, which holds AddinShmemInitLock.
+ */
+void
+ub_alerts_shmem_startup(void)
 {
 	bool		found;
 
-	if (prev_shmem_startup_hook)
-		prev_shmem_startup_hook();
-	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	shared_queue = ShmemInitStruct("usage_billing alert queue", sizeof(UbAlertQueue), &found);
 	if (!found)
 	{
@@ -170,19 +167,6 @@ alerts_shmem_startup(void)
 		shared_queue->lock = &(GetNamedLWLockTranche("usage_billing_alerts"))->lock;
 		pg_atomic_init_u32(&shared_queue->npending, 0);
 	}
-	LWLockRelease(AddinShmemInitLock);
-}
-
-/* From _PG_init: the shared queue exists only when the library is preloaded. */
-void
-ub_alerts_init(void)
-{
-	if (!process_shared_preload_libraries_in_progress)
-		return;
-	prev_shmem_request_hook = shmem_request_hook;
-	shmem_request_hook = alerts_shmem_request;
-	prev_shmem_startup_hook = shmem_startup_hook;
-	shmem_startup_hook = alerts_shmem_startup;
 }
 
 /* The shared queue, or this backend's own when not preloaded. */
@@ -576,4 +560,55 @@ ub_pending_alerts(PG_FUNCTION_ARGS)
 	}
 	pfree(copy);
 	return (Datum) 0;
+}
+
+/*
+ * From the export worker, once per cycle: calls usage_billing.flush_alerts()
+ * in a subtransaction of the caller's: hard_cap_blocked alerts queued by refused calls reach
+ * alert_log without waiting for another increment.  An error is reported as
+ * a warning and rolled back alone; a database whose extension predates the
+ * function is skipped.
+ */
+void
+ub_alerts_flush_in_worker(void)
+{
+	MemoryContext oldcxt = CurrentMemoryContext;
+	ResourceOwner oldowner = CurrentResourceOwner;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(oldcxt);
+	PG_TRY();
+	{
+		bool		isnull;
+		bool		exists;
+
+		SPI_connect();
+		if (SPI_execute("SELECT to_regprocedure('usage_billing.flush_alerts()') IS NOT NULL",
+						true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "SPI failed while looking for usage_billing.flush_alerts()");
+		exists = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
+		if (exists && SPI_execute("SELECT usage_billing.flush_alerts()", false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "SPI failed while flushing alerts");
+		SPI_finish();
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(oldcxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(oldcxt);
+		CurrentResourceOwner = oldowner;
+		ereport(WARNING,
+				(errcode(edata->sqlerrcode),
+				 errmsg("usage_billing export worker could not flush alerts: %s", edata->message),
+				 errdetail("The export cycle goes on; the alerts stay queued for the next flush.")));
+		FreeErrorData(edata);
+	}
+	PG_END_TRY();
 }

@@ -26,6 +26,8 @@ extern void ub_alerts_hard_cap_blocked(const UbCustomer *customer, const UbMeter
 									   Numeric attempted_total);
 
 /* From _PG_init. */
-extern void ub_alerts_init(void);
+extern void ub_alerts_shmem_request(void);
+extern void ub_alerts_shmem_startup(void);
+extern void ub_alerts_flush_in_worker(void);
 
 #endif							/* UB_ALERTS_H */

@@ -31,12 +31,17 @@
 #include "access/table.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_type.h"
+#include "miscadmin.h"
+#include "nodes/value.h"
+#include "parser/parse_func.h"
+#include "utils/acl.h"
 #include "executor/spi.h"
 #include "executor/tuptable.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
+#include "utils/guc.h"
 #include "utils/jsonb.h"
 #include "utils/lsyscache.h"
 #include "utils/numeric.h"
@@ -49,84 +54,13 @@
 #include "catalog_cache.h"
 #include "catalog_preload.h"
 #include "pricing.h"
-#include "usage_billing.h"
+#include "errors.h"
+
+bool		ub_direct_reads = true;
 
 static SPIPlanPtr customer_plan = NULL;
 static SPIPlanPtr target_plan = NULL;
 static SPIPlanPtr plan_limits_plan = NULL;
-
-/*
- * Prepares a statement once per backend and keeps it, with a generic plan:
- * every statement here finds its rows through a key given as parameters,
- * so a plan made for the parameters' values is never better, and the plan
- * cache would otherwise plan a statement anew on every call whenever its
- * generic plan's estimated cost is not lower than the custom plans'.
- */
-static SPIPlanPtr
-prepare_saved(const char *sql, int nargs, Oid *argtypes)
-{
-	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
-
-	if (plan == NULL)
-		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-	if (SPI_keepplan(plan) != 0)
-		elog(ERROR, "SPI_keepplan failed");
-	return plan;
-}
-
-/* Prepares a statement into *slot on first use; the plan lives as long as the backend. */
-SPIPlanPtr
-ub_prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types)
-{
-	if (*slot == NULL)
-		*slot = prepare_saved(sql, nargs, types);
-	return *slot;
-}
-
-/* A one-dimensional array of n datums of a built-in type, for array parameters of SPI plans. */
-Datum
-ub_array(Datum *elems, bool *nulls, int n, Oid type)
-{
-	int			dims[1];
-	int			lbs[1] = {1};
-	int16		typlen;
-	bool		byval;
-	char		align;
-
-	dims[0] = n;
-	get_typlenbyvalalign(type, &typlen, &byval, &align);
-	return PointerGetDatum(construct_md_array(elems, nulls, 1, dims, lbs, type, typlen, byval, align));
-}
-
-/* Column accessors that copy out of the SPI tuple table. */
-char *
-ub_col_text(HeapTuple tup, TupleDesc desc, int col)
-{
-	bool		isnull;
-	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
-
-	return isnull ? NULL : TextDatumGetCString(d);
-}
-
-/* A numeric column of an SPI row, copied; NULL stays NULL. */
-static Numeric
-col_numeric(HeapTuple tup, TupleDesc desc, int col)
-{
-	bool		isnull;
-	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
-
-	return isnull ? NULL : DatumGetNumericCopy(d);
-}
-
-/* A boolean column of an SPI row; NULL reads as false. */
-static bool
-col_bool(HeapTuple tup, TupleDesc desc, int col)
-{
-	bool		isnull;
-	Datum		d = SPI_getbinval(tup, desc, col, &isnull);
-
-	return isnull ? false : DatumGetBool(d);
-}
 
 /* Fills the customer from columns 1..7 of a lookup row. */
 static void
@@ -140,29 +74,8 @@ fill_customer(const char *customer_id, HeapTuple tup, TupleDesc desc, UbCustomer
 	c->period = *DatumGetIntervalP(SPI_getbinval(tup, desc, 3, &isnull));
 	c->status = ub_col_text(tup, desc, 4);
 	c->stripe_customer_id = ub_col_text(tup, desc, 5);
-	c->base_price = col_numeric(tup, desc, 6);
+	c->base_price = ub_col_numeric(tup, desc, 6);
 	c->currency = ub_col_text(tup, desc, 7);
-}
-
-/* Fills a limit from seven consecutive columns starting at "first". */
-static void
-fill_limit(HeapTuple tup, TupleDesc desc, int first, UbLimit *l)
-{
-	bool		isnull;
-	Datum		tiers;
-	char	   *mode;
-
-	l->included = col_numeric(tup, desc, first);
-	l->hard_cap = col_bool(tup, desc, first + 1);
-	l->overage_price = col_numeric(tup, desc, first + 2);
-	l->overage_unit = col_numeric(tup, desc, first + 3);
-	if (l->overage_unit == NULL)
-		l->overage_unit = ub_num_int(1);
-	l->soft_threshold = col_numeric(tup, desc, first + 4);
-	tiers = SPI_getbinval(tup, desc, first + 5, &isnull);
-	mode = ub_col_text(tup, desc, first + 6);
-	l->tiers = isnull ? NULL :
-		ub_parse_tiers(DatumGetJsonbPCopy(tiers), mode != NULL && strcmp(mode, "volume") == 0);
 }
 
 #define CUSTOMER_COLUMNS \
@@ -291,43 +204,6 @@ probe_rows(const char *relname, int nkeys, const Datum *keyvals, Snapshot snap,
 	return nrows;
 }
 
-/* Fills a plan meter from the UB_PLAN_METER_COLUMNS starting at "first". */
-void
-ub_fill_plan_meter(HeapTuple tup, TupleDesc desc, int first, const char *plan, const char *meter,
-				   UbPlanMeter *pm)
-{
-	bool		isnull;
-	char	   *agg;
-
-	memset(pm, 0, sizeof(UbPlanMeter));
-	pm->plan_part.plan = pstrdup(plan);
-	pm->plan_part.period = *DatumGetIntervalP(SPI_getbinval(tup, desc, first, &isnull));
-	pm->plan_part.base_price = col_numeric(tup, desc, first + 1);
-	pm->plan_part.currency = ub_col_text(tup, desc, first + 2);
-	pm->meter.meter = pstrdup(meter);
-	agg = ub_col_text(tup, desc, first + 3);
-	pm->meter_found = (agg != NULL);
-	if (!pm->meter_found)
-		return;
-	pm->meter.aggregation = ub_parse_aggregation(agg);
-	pm->meter.value_property = ub_col_text(tup, desc, first + 4);
-	pm->meter.stripe_event_name = ub_col_text(tup, desc, first + 5);
-	/* read through to_jsonb(m): NULL on a schema before 1.4, which takes the defaults */
-	{
-		Datum		d = SPI_getbinval(tup, desc, first + 14, &isnull);
-
-		pm->meter.decimals = isnull ? UB_DEFAULT_DECIMALS : DatumGetInt32(d);
-	}
-	pm->meter.max_amount = col_numeric(tup, desc, first + 15);
-	if (pm->meter.max_amount == NULL)
-		pm->meter.max_amount = ub_default_max_amount();
-	pm->limit.meter = pm->meter.meter;
-	pm->limit.aggregation = pm->meter.aggregation;
-	pm->limit.exists = col_bool(tup, desc, first + 6);
-	if (pm->limit.exists)
-		fill_limit(tup, desc, first + 7, &pm->limit);
-}
-
 /*
  * The part of a target that does not depend on the customer: the plan, the
  * meter and the plan's limit row for it.  Few distinct, so cached by
@@ -346,7 +222,7 @@ lookup_plan_meter(const char *plan, const char *meter, uint64 generation, UbPlan
 	{
 		Oid			types[2] = {TEXTOID, TEXTOID};
 
-		target_plan = prepare_saved(
+		target_plan = ub_prepare_saved(
 			"SELECT " UB_PLAN_METER_COLUMNS
 			"  FROM usage_billing.plans p"
 			"  LEFT JOIN usage_billing.meters m ON m.meter = $2"
@@ -371,35 +247,6 @@ lookup_plan_meter(const char *plan, const char *meter, uint64 generation, UbPlan
 	ub_fill_plan_meter(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, plan, meter, pm);
 	SPI_freetuptable(SPI_tuptable);
 	ub_static_cache_put(generation, pm);
-}
-
-/* Fills a customer row (no overrides) from plan, billing_anchor, stripe_customer_id, status at "first". */
-void
-ub_fill_customer_row(HeapTuple tup, TupleDesc desc, int first, const char *customer_id,
-					 UbCustomerRow *row)
-{
-	bool		isnull;
-
-	row->customer_id = pstrdup(customer_id);
-	row->plan = ub_col_text(tup, desc, first);
-	row->billing_anchor = DatumGetTimestampTz(SPI_getbinval(tup, desc, first + 1, &isnull));
-	row->stripe_customer_id = ub_col_text(tup, desc, first + 2);
-	row->status = ub_col_text(tup, desc, first + 3);
-	row->noverrides = 0;
-	row->overrides = NULL;
-	row->nplans = 0;
-	row->plan_from = NULL;
-	row->plan_names = NULL;
-}
-
-/* Fills an override from meter, included, hard_cap at "first". */
-void
-ub_fill_override(HeapTuple tup, TupleDesc desc, int first, UbOverride *o)
-{
-	o->meter = ub_col_text(tup, desc, first);
-	o->included = col_numeric(tup, desc, first + 1);
-	(void) SPI_getbinval(tup, desc, first + 2, &o->hard_cap_null);
-	o->hard_cap = col_bool(tup, desc, first + 2);
 }
 
 /* Reads a customer and all its overrides straight from the indexes; false when there is none. */
@@ -465,7 +312,7 @@ read_customer_sql(const char *customer_id, Snapshot snap, UbCustomerRow *row)
 	{
 		Oid			types[1] = {TEXTOID};
 
-		plan = prepare_saved(
+		plan = ub_prepare_saved(
 			"SELECT c.plan, c.billing_anchor, c.stripe_customer_id, c.status,"
 			"       cl.meter, cl.included, cl.hard_cap"
 			"  FROM usage_billing.customers c"
@@ -566,7 +413,7 @@ limits_of_result(void)
 		l->meter = ub_col_text(tup, desc, 1);
 		l->aggregation = ub_parse_aggregation(ub_col_text(tup, desc, 2));
 		l->exists = true;
-		fill_limit(tup, desc, 3, l);
+		ub_fill_limit(tup, desc, 3, l);
 		result = lappend(result, l);
 	}
 	SPI_freetuptable(SPI_tuptable);
@@ -710,4 +557,65 @@ ub_check_name(const char *what, const char *value, int maxlen)
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("%s is too long", what),
 				 errdetail("The %s has %zu bytes; at most %d are allowed.", what, strlen(value), maxlen)));
+}
+
+/*
+ * The usage target of (customer, meter), or P0002 for an unknown customer or
+ * meter: the first check of the calls that need both (adjust_usage,
+ * usage_history).
+ */
+void
+ub_require_usage_target(const char *customer_id, const char *meter,
+						UbCustomer *customer, UbMeter *m, UbLimit *limit)
+{
+	bool		meter_found = false;
+
+	if (!ub_lookup_usage_target(customer_id, meter, customer, m, &meter_found, limit))
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("customer \"%s\" does not exist", customer_id)));
+	if (!meter_found)
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("meter \"%s\" does not exist", meter)));
+}
+
+/* From _PG_init: the catalog's setting. */
+void
+ub_catalog_init(void)
+{
+	DefineCustomBoolVariable("usage_billing.direct_reads",
+							 "Read customers, overrides and aggregates straight from their indexes on the hot path.",
+							 "Turn off when the tables are distributed with Citus: only SQL is routed to the shards.",
+							 &ub_direct_reads,
+							 true,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
+}
+
+/* Looks the customer up or raises P0002: every reading call but check_limit needs one. */
+void
+ub_require_customer(const char *customer_id, UbCustomer *customer)
+{
+	if (customer_id == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("customer id must not be empty"),
+				 errdetail("The customer id given was NULL.")));
+	if (!ub_lookup_customer(customer_id, customer))
+	{
+		/* the hint names an admin function: only for those who may call it, not tenants */
+		Oid			argtypes[4] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TEXTOID};
+		Oid			upsert = LookupFuncName(list_make2(makeString("usage_billing"),
+													   makeString("upsert_customer")),
+											4, argtypes, true);
+		bool		may_create = OidIsValid(upsert) &&
+			pg_proc_aclcheck(upsert, GetUserId(), ACL_EXECUTE) == ACLCHECK_OK;
+
+		ereport(ERROR,
+				(errcode(ERRCODE_NO_DATA_FOUND),
+				 errmsg("customer \"%s\" does not exist", customer_id),
+				 may_create ? errhint("Create it with usage_billing.upsert_customer().") : 0));
+	}
 }

@@ -13,6 +13,9 @@
 #include "utils/numeric.h"
 #include "utils/snapshot.h"
 
+#include "sql.h"
+#include "tiers.h"
+
 typedef enum UbAggregation
 {
 	UB_AGG_COUNT,
@@ -72,14 +75,13 @@ extern bool ub_lookup_usage_target(const char *customer_id, const char *meter,
 								   UbCustomer *customer, UbMeter *m, bool *meter_found,
 								   UbLimit *limit);
 /* catalog_target.c: the same, raising P0002 for an unknown customer or meter */
+extern void ub_require_customer(const char *customer_id, UbCustomer *customer);
 extern void ub_require_usage_target(const char *customer_id, const char *meter,
 									UbCustomer *customer, UbMeter *m, UbLimit *limit);
 extern List *ub_customer_limits(const UbCustomer *customer);
 extern List *ub_customer_plan_limits(const char *customer_id, const char *plan);
 extern List *ub_plan_limits(const char *plan);
 
-extern SPIPlanPtr ub_prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types);
-extern Datum ub_array(Datum *elems, bool *nulls, int n, Oid type);
 
 /*
  * Filling the catalog cache's rows (catalog_cache.h) from SPI tuples: shared
@@ -89,7 +91,7 @@ struct UbCustomerRow;
 struct UbOverride;
 struct UbPlanMeter;
 
-/* The columns ub_fill_plan_meter reads, for a plans p, meters m and plan_limits pl join. */
+/* The columns ub_fill_plan_meter (catalog_rows.c) reads, for a plans p, meters m and plan_limits pl join. */
 #define UB_PLAN_METER_COLUMNS \
 	"p.period, p.base_price, p.currency," \
 	" m.aggregation, m.value_property, m.stripe_event_name," \
@@ -99,10 +101,10 @@ struct UbPlanMeter;
 	" (pg_catalog.to_jsonb(m) OPERATOR(pg_catalog.->>) 'decimals')::pg_catalog.int4," \
 	" (pg_catalog.to_jsonb(m) OPERATOR(pg_catalog.->>) 'max_amount')::pg_catalog.numeric"
 
-extern char *ub_col_text(HeapTuple tup, TupleDesc desc, int col);
 extern void ub_fill_customer_row(HeapTuple tup, TupleDesc desc, int first, const char *customer_id,
 								 struct UbCustomerRow *row);
 extern void ub_fill_override(HeapTuple tup, TupleDesc desc, int first, struct UbOverride *o);
+extern void ub_fill_limit(HeapTuple tup, TupleDesc desc, int first, UbLimit *l);
 extern void ub_fill_plan_meter(HeapTuple tup, TupleDesc desc, int first, const char *plan,
 							   const char *meter, struct UbPlanMeter *pm);
 
@@ -124,5 +126,9 @@ extern UbAggregation ub_parse_aggregation(const char *name);
 extern const char *ub_aggregation_name(UbAggregation agg);
 extern void ub_check_name(const char *what, const char *value, int maxlen);
 extern Numeric ub_default_max_amount(void);
+
+/* usage_billing.direct_reads: false reads customers, overrides and aggregates with SQL only */
+extern bool ub_direct_reads;
+extern void ub_catalog_init(void);
 
 #endif							/* UB_CATALOG_H */

@@ -60,7 +60,7 @@
 #include "utils/rel.h"
 
 #include "catalog_cache.h"
-#include "usage_billing.h"
+#include "errors.h"
 
 PG_FUNCTION_INFO_V1(ub_catalog_changed);
 

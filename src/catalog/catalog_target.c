@@ -181,24 +181,3 @@ ub_build_target(const UbCustomerRow *row, const UbPlanMeter *pm,
 		break;
 	}
 }
-
-/*
- * The usage target of (customer, meter), or P0002 for an unknown customer or
- * meter: the first check of the calls that need both (adjust_usage,
- * usage_history).
- */
-void
-ub_require_usage_target(const char *customer_id, const char *meter,
-						UbCustomer *customer, UbMeter *m, UbLimit *limit)
-{
-	bool		meter_found = false;
-
-	if (!ub_lookup_usage_target(customer_id, meter, customer, m, &meter_found, limit))
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("customer \"%s\" does not exist", customer_id)));
-	if (!meter_found)
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("meter \"%s\" does not exist", meter)));
-}

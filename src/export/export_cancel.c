@@ -1,7 +1,7 @@
 /*-------------------------------------------------------------------------
  * export_cancel.c
  *	  Export corrections: cancelling meter events in Stripe when a correction
- *	  lowered a total Stripe already holds; and the worker's alert flush.
+ *	  lowered a total Stripe already holds.
  *
  * The rule.  For sum and count meters Stripe holds the sum of the deltas
  * sent.  When a correction (void_usage, adjust_usage) lowers a period's
@@ -108,57 +108,6 @@ ub_cancel_commit(MemoryContext cxt)
 	PopActiveSnapshot();
 	CommitTransactionCommand();
 	MemoryContextSwitchTo(cxt);
-}
-
-/*
- * Calls usage_billing.flush_alerts() once per cycle, in a subtransaction of
- * the caller's: hard_cap_blocked alerts queued by refused calls reach
- * alert_log without waiting for another increment.  An error is reported as
- * a warning and rolled back alone; a database whose extension predates the
- * function is skipped.
- */
-void
-ub_cancel_flush_alerts(void)
-{
-	MemoryContext oldcxt = CurrentMemoryContext;
-	ResourceOwner oldowner = CurrentResourceOwner;
-
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(oldcxt);
-	PG_TRY();
-	{
-		bool		isnull;
-		bool		exists;
-
-		SPI_connect();
-		if (SPI_execute("SELECT to_regprocedure('usage_billing.flush_alerts()') IS NOT NULL",
-						true, 1) != SPI_OK_SELECT)
-			elog(ERROR, "SPI failed while looking for usage_billing.flush_alerts()");
-		exists = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull));
-		if (exists && SPI_execute("SELECT usage_billing.flush_alerts()", false, 1) != SPI_OK_SELECT)
-			elog(ERROR, "SPI failed while flushing alerts");
-		SPI_finish();
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
-
-		MemoryContextSwitchTo(oldcxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(oldcxt);
-		CurrentResourceOwner = oldowner;
-		ereport(WARNING,
-				(errcode(edata->sqlerrcode),
-				 errmsg("usage_billing export worker could not flush alerts: %s", edata->message),
-				 errdetail("The export cycle goes on; the alerts stay queued for the next flush.")));
-		FreeErrorData(edata);
-	}
-	PG_END_TRY();
 }
 
 /* True when this database's extension has the cancel table and functions (it may predate them). */

@@ -1,7 +1,6 @@
 /*-------------------------------------------------------------------------
  * export_cancel.h
- *	  Export corrections: cancelling meter events above a lowered total, and
- *	  the export worker's per-cycle alert flush.
+ *	  Export corrections: cancelling meter events above a lowered total.
  *-------------------------------------------------------------------------
  */
 #ifndef UB_EXPORT_CANCEL_H
@@ -33,7 +32,6 @@ typedef struct UbCancel
 
 /* export_cancel.c */
 extern void ub_cancel_init(void);
-extern void ub_cancel_flush_alerts(void);
 extern int	ub_cancel_run(const UbStripeConfig *cfg);
 extern long ub_cancel_merge_due(long due_ms);
 

@@ -39,12 +39,13 @@
 #include "utils/timestamp.h"
 #include "utils/wait_event.h"
 
+#include "alerts.h"
 #include "export_cancel.h"
 #include "escrow.h"
 #include "export_worker.h"
 #include "finalize.h"
-#include "shmem.h"
-#include "usage_billing.h"
+#include "export_shmem.h"
+#include "errors.h"
 
 /* settings (see ub_export_init for their meaning) */
 static char *ub_api_key = NULL;
@@ -155,8 +156,6 @@ ub_export_init(void)
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;
-
-	ub_shmem_init();
 
 	memset(&worker, 0, sizeof(worker));
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
@@ -301,7 +300,7 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	said_no_extension = false;
 
 	/* hard_cap_blocked alerts queued by refused calls reach alert_log (export_cancel.c) */
-	ub_cancel_flush_alerts();
+	ub_alerts_flush_in_worker();
 
 	/* escrow slots of keys that cooled down go back into their rows, so they do not pile up */
 	pgstat_report_activity(STATE_RUNNING, "folding idle escrow slots");

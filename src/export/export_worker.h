@@ -12,6 +12,7 @@
 #include "stripe_client.h"
 
 /* export_worker.c */
+extern void ub_export_init(void);
 extern PGDLLEXPORT void ub_export_worker_main(Datum main_arg);
 
 /* export_outbox.c */

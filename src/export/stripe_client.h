@@ -59,7 +59,8 @@ extern void ub_stripe_shutdown(void);
 /* export_secrets.c */
 extern void ub_stripe_header_value(const char *line, size_t len, size_t name_len,
 								   char *dst, size_t dstlen);
-extern void ub_redact_keys(char *msg, const char *key);
 extern void ub_secrets_init(void);
+
+#include "redact.h"
 
 #endif							/* UB_STRIPE_CLIENT_H */

@@ -40,7 +40,7 @@
 #include "catalog.h"
 #include "pricing.h"
 #include "finalize.h"
-#include "usage_billing.h"
+#include "errors.h"
 
 PG_FUNCTION_INFO_V1(ub_invoice_grace);
 PG_FUNCTION_INFO_V1(ub_price_usage);

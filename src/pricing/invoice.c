@@ -46,8 +46,9 @@
 #include "period_pricing.h"
 #include "periods.h"
 #include "pricing.h"
-#include "reading.h"
-#include "usage_billing.h"
+#include "period_usage.h"
+#include "results.h"
+#include "errors.h"
 
 PG_FUNCTION_INFO_V1(ub_calculate_overage);
 PG_FUNCTION_INFO_V1(ub_preview_invoice);

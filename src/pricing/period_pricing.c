@@ -36,7 +36,8 @@
 #include "catalog.h"
 #include "period_pricing.h"
 #include "pricing.h"
-#include "reading.h"
+#include "period_usage.h"
+#include "results.h"
 
 static List *segment_ledger_totals(const char *customer_id, TimestampTz start, TimestampTz end,
 								   List *segments);

@@ -7,7 +7,7 @@
 #define UB_PERIOD_PRICING_H
 
 #include "catalog.h"
-#include "reading.h"
+#include "period_usage.h"
 
 /* One segment of a period: its plan, limits and usage. */
 typedef struct UbPricedSegment

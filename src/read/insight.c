@@ -52,7 +52,7 @@
 #include "insight.h"
 #include "periods.h"
 #include "pricing.h"
-#include "usage_billing.h"
+#include "errors.h"
 
 PG_FUNCTION_INFO_V1(ub_usage_history);
 PG_FUNCTION_INFO_V1(ub_usage_forecast);
@@ -80,28 +80,6 @@ ub_insight_customer(const char *customer_id, UbCustomer *customer)
 		ereport(ERROR,
 				(errcode(ERRCODE_NO_DATA_FOUND),
 				 errmsg("customer \"%s\" does not exist", customer_id)));
-}
-
-/* Copies a Datum of the result into the caller's context while SPI is connected. */
-Datum
-ub_numeric_result(Numeric n, MemoryContext cxt)
-{
-	MemoryContext old = MemoryContextSwitchTo(cxt);
-	Datum		d = NumericGetDatum(DatumGetNumericCopy(NumericGetDatum(n)));
-
-	MemoryContextSwitchTo(old);
-	return d;
-}
-
-/* Text Datum in the caller's context. */
-Datum
-ub_text_result(const char *s, MemoryContext cxt)
-{
-	MemoryContext old = MemoryContextSwitchTo(cxt);
-	Datum		d = CStringGetTextDatum(s);
-
-	MemoryContextSwitchTo(old);
-	return d;
 }
 
 /* Raises 22023 unless a bucket is a positive interval of one sign. */

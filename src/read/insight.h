@@ -7,6 +7,7 @@
 #define UB_INSIGHT_H
 
 #include "catalog.h"
+#include "results.h"
 
 /* One meter of a customer's current period, with the previous period's total. */
 typedef struct UbMeterUsage
@@ -26,7 +27,5 @@ extern void ub_current_periods(const UbCustomer *customer, TimestampTz now, Time
 							   TimestampTz *end, TimestampTz *previous_start);
 extern List *ub_meter_usage(const UbCustomer *customer, TimestampTz current_start,
 							TimestampTz previous_start);
-extern Datum ub_numeric_result(Numeric n, MemoryContext cxt);
-extern Datum ub_text_result(const char *s, MemoryContext cxt);
 
 #endif							/* UB_INSIGHT_H */

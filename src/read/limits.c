@@ -62,11 +62,12 @@
 #include "escrow.h"
 #include "periods.h"
 #include "pricing.h"
-#include "reading.h"
+#include "period_usage.h"
+#include "results.h"
 #include "record.h"
 #include "relations.h"
-#include "reservations.h"
-#include "usage_billing.h"
+#include "holds.h"
+#include "errors.h"
 
 PG_FUNCTION_INFO_V1(ub_check_limit);
 

@@ -37,7 +37,7 @@
 #include "catalog.h"
 #include "insight.h"
 #include "pricing.h"
-#include "shmem.h"
+#include "export_shmem.h"
 
 PG_FUNCTION_INFO_V1(ub_usage_report);
 PG_FUNCTION_INFO_V1(ub_export_blocker);

@@ -60,19 +60,18 @@
 #include "period_pricing.h"
 #include "periods.h"
 #include "pricing.h"
-#include "reading.h"
-#include "usage_billing.h"
+#include "period_usage.h"
+#include "results.h"
+#include "errors.h"
 
 PG_FUNCTION_INFO_V1(ub_get_usage_summary);
 
 #define SUMMARY_COLS 9
 
-static SPIPlanPtr aggregates_plans[2];	/* per schema: ub_totals_plan */
 static SPIPlanPtr period_rows_plans[2];
 static SPIPlanPtr range_rows_plan = NULL;
 
 static SPIPlanPtr KeepPlan(const char *sql, int nargs, Oid *types);
-static UbAggregateRow *RowFromTuple(HeapTuple tup, TupleDesc desc);
 static UbLimit *FindLimit(List *limits, const char *meter);
 static List *PeriodRows(const char *customer_id, TimestampTz period_start);
 static List *RangeRows(const char *customer_id, TimestampTz from, TimestampTz to);
@@ -92,95 +91,6 @@ KeepPlan(const char *sql, int nargs, Oid *types)
 	if (SPI_keepplan(plan) != 0)
 		elog(ERROR, "SPI_keepplan failed");
 	return plan;
-}
-
-/* Looks the customer up or raises P0002: every reading call but check_limit needs one. */
-void
-ub_require_customer(const char *customer_id, UbCustomer *customer)
-{
-	if (customer_id == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("customer id must not be empty"),
-				 errdetail("The customer id given was NULL.")));
-	if (!ub_lookup_customer(customer_id, customer))
-	{
-		/* the hint names an admin function: only for those who may call it, not tenants */
-		Oid			argtypes[4] = {TEXTOID, TEXTOID, TIMESTAMPTZOID, TEXTOID};
-		Oid			upsert = LookupFuncName(list_make2(makeString("usage_billing"),
-													   makeString("upsert_customer")),
-											4, argtypes, true);
-		bool		may_create = OidIsValid(upsert) &&
-			pg_proc_aclcheck(upsert, GetUserId(), ACL_EXECUTE) == ACLCHECK_OK;
-
-		ereport(ERROR,
-				(errcode(ERRCODE_NO_DATA_FOUND),
-				 errmsg("customer \"%s\" does not exist", customer_id),
-				 may_create ? errhint("Create it with usage_billing.upsert_customer().") : 0));
-	}
-}
-
-/* Builds an aggregate row from (meter, total, event_count, first_usage, last_usage). */
-static UbAggregateRow *
-RowFromTuple(HeapTuple tup, TupleDesc desc)
-{
-	UbAggregateRow *row = palloc0(sizeof(UbAggregateRow));
-	bool		isnull;
-	Datum		d;
-
-	row->meter = TextDatumGetCString(SPI_getbinval(tup, desc, 1, &isnull));
-	d = SPI_getbinval(tup, desc, 2, &isnull);
-	row->total = isnull ? ub_num_zero() : DatumGetNumericCopy(d);
-	d = SPI_getbinval(tup, desc, 3, &isnull);
-	row->event_count = isnull ? 0 : DatumGetInt64(d);
-	d = SPI_getbinval(tup, desc, 4, &isnull);
-	row->has_first = !isnull;
-	row->first_usage = isnull ? 0 : DatumGetTimestampTz(d);
-	d = SPI_getbinval(tup, desc, 5, &isnull);
-	row->has_last = !isnull;
-	row->last_usage = isnull ? 0 : DatumGetTimestampTz(d);
-	return row;
-}
-
-/* Every aggregate row of a customer's billing period, for the pricing paths. */
-List *
-ub_period_aggregates(const char *customer_id, TimestampTz period_start)
-{
-	Datum		args[2];
-	int			ret;
-	List	   *rows = NIL;
-	Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
-
-	args[0] = CStringGetTextDatum(customer_id);
-	args[1] = TimestampTzGetDatum(period_start);
-	ret = SPI_execute_plan(ub_totals_plan(aggregates_plans,
-										  "SELECT a.meter, a.total, a.event_count, a.first_usage, a.last_usage"
-										  "  FROM usage_billing.aggregate_totals a"
-										  " WHERE a.customer_id = $1 AND a.period_start = $2",
-										  2, types),
-						   args, NULL, true, 0);
-	if (ret != SPI_OK_SELECT)
-		elog(ERROR, "aggregate lookup failed: %s", SPI_result_code_string(ret));
-	for (uint64 i = 0; i < SPI_processed; i++)
-		rows = lappend(rows, RowFromTuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc));
-	SPI_freetuptable(SPI_tuptable);
-	return rows;
-}
-
-/* The row of one meter in a list of aggregate rows, NULL when it has none. */
-UbAggregateRow *
-ub_find_aggregate(List *rows, const char *meter)
-{
-	ListCell   *lc;
-
-	foreach(lc, rows)
-	{
-		UbAggregateRow *row = lfirst(lc);
-
-		if (strcmp(row->meter, meter) == 0)
-			return row;
-	}
-	return NULL;
 }
 
 /* The effective limit of one meter in a list of limits, NULL when it has none. */
@@ -316,7 +226,7 @@ PeriodRows(const char *customer_id, TimestampTz period_start)
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "period summary failed: %s", SPI_result_code_string(ret));
 	for (uint64 i = 0; i < SPI_processed; i++)
-		rows = lappend(rows, RowFromTuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc));
+		rows = lappend(rows, ub_aggregate_row(SPI_tuptable->vals[i], SPI_tuptable->tupdesc));
 	SPI_freetuptable(SPI_tuptable);
 	return rows;
 }
@@ -376,7 +286,7 @@ RangeRows(const char *customer_id, TimestampTz from, TimestampTz to)
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "range summary failed: %s", SPI_result_code_string(ret));
 	for (uint64 i = 0; i < SPI_processed; i++)
-		rows = lappend(rows, RowFromTuple(SPI_tuptable->vals[i], SPI_tuptable->tupdesc));
+		rows = lappend(rows, ub_aggregate_row(SPI_tuptable->vals[i], SPI_tuptable->tupdesc));
 	SPI_freetuptable(SPI_tuptable);
 	return rows;
 }

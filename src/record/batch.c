@@ -42,7 +42,7 @@
 #include "batch.h"
 #include "pricing.h"
 #include "record.h"
-#include "usage_billing.h"
+#include "errors.h"
 
 PG_FUNCTION_INFO_V1(ub_increment_usage_batch);
 

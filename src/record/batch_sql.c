@@ -22,8 +22,8 @@
 #include "batch.h"
 #include "escrow.h"
 #include "pricing.h"
-#include "reservations.h"
-#include "usage_billing.h"
+#include "holds.h"
+#include "errors.h"
 
 #define LEDGER_BULK \
 	"INSERT INTO usage_billing.usage_events" \

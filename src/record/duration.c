@@ -36,7 +36,7 @@
 #include "periods.h"
 #include "pricing.h"
 #include "record.h"
-#include "usage_billing.h"
+#include "errors.h"
 
 PG_FUNCTION_INFO_V1(ub_record_duration);
 

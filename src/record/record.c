@@ -60,8 +60,8 @@
 #include "escrow.h"
 #include "pricing.h"
 #include "record.h"
-#include "reservations.h"
-#include "usage_billing.h"
+#include "holds.h"
+#include "errors.h"
 
 PG_FUNCTION_INFO_V1(ub_increment_usage);
 
@@ -558,26 +558,6 @@ recorded:
 	out->included = pe.limit.exists ? pe.limit.included : NULL;
 	out->remaining = ub_remaining(&pe.limit, out->total);
 	out->status = ub_usage_status(&pe.limit, out->total);
-}
-
-/*
- * Pins the search path of the SQL we run to pg_catalog alone.  The hot-path
- * functions are declared without SET search_path: a function SET saves and
- * restores the GUC machinery on every call, a measurable share of the call.
- * An override search path costs nearly nothing, keeps a caller's objects
- * from capturing our statements, and keeps the saved plans valid whatever
- * the caller's search_path is.  Errors pop it with the (sub)transaction.
- */
-void
-ub_push_safe_search_path(void)
-{
-	OverrideSearchPath path;
-
-	memset(&path, 0, sizeof(path));
-	path.schemas = NIL;
-	path.addCatalog = true;
-	path.addTemp = false;
-	PushOverrideSearchPath(&path);
 }
 
 /*

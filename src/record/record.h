@@ -50,7 +50,6 @@ typedef struct UbPreparedEvent
 } UbPreparedEvent;
 
 /* All of these must run between SPI_connect and SPI_finish. */
-extern void ub_push_safe_search_path(void);
 extern void ub_record_event(const UbEventInput *in, UbRecordResult *out);
 extern void ub_put_record_result(ReturnSetInfo *rsinfo, const UbRecordResult *out,
 								 MemoryContext caller_cxt);
@@ -65,5 +64,19 @@ extern bool ub_check_amount_limits(const char *field, const char *meter_name, co
 								   char **detail, char **hint);
 extern void ub_finish_aggregate(const UbEventInput *in, const UbPreparedEvent *pe,
 								Numeric previous_total, Numeric total, Numeric contribution);
+
+/* the input rules' settings (record_prepare.c) */
+extern int	ub_late_event_grace_seconds;	/* after a period's end; -1 = any past period */
+extern int	ub_late_event_action;
+extern int	ub_max_future_skew_seconds; /* how far ahead of now() occurred_at may be */
+
+/* the defaults: Stripe's own windows (35 days back, 5 minutes ahead) */
+#define UB_DEFAULT_LATE_EVENT_GRACE	(35 * 86400)
+#define UB_DEFAULT_MAX_FUTURE_SKEW	300
+
+#define UB_LATE_REJECT				0
+#define UB_LATE_CURRENT_PERIOD		1
+
+extern void ub_input_init(void);
 
 #endif							/* UB_RECORD_H */

@@ -43,6 +43,7 @@
 #include "utils/builtins.h"
 #include "utils/jsonb.h"
 #include "utils/numeric.h"
+#include "utils/guc.h"
 #include "utils/timestamp.h"
 
 #include "catalog.h"
@@ -51,7 +52,7 @@
 #include "periods.h"
 #include "pricing.h"
 #include "record.h"
-#include "usage_billing.h"
+#include "errors.h"
 
 /* An error found while validating, raised only if the call is not a duplicate. */
 typedef struct DeferredError
@@ -61,6 +62,16 @@ typedef struct DeferredError
 	char	   *detail;
 	char	   *hint;
 } DeferredError;
+
+int			ub_late_event_grace_seconds = UB_DEFAULT_LATE_EVENT_GRACE;
+int			ub_max_future_skew_seconds = UB_DEFAULT_MAX_FUTURE_SKEW;
+int			ub_late_event_action = UB_LATE_REJECT;
+
+static const struct config_enum_entry late_event_action_options[] = {
+	{"reject", UB_LATE_REJECT, false},
+	{"current_period", UB_LATE_CURRENT_PERIOD, false},
+	{NULL, 0, false}
+};
 
 static SPIPlanPtr original_plan = NULL;
 static SPIPlanPtr agg_read_plans[2];	/* per schema: ub_totals_plan */
@@ -534,4 +545,37 @@ ub_prepare_event(const UbEventInput *in, UbPreparedEvent *pe, UbRecordResult *du
 	if (amount != in->amount)
 		((UbEventInput *) in)->amount = amount;
 	return true;
+}
+
+/* From _PG_init: the settings of the input rules. */
+void
+ub_input_init(void)
+{
+	DefineCustomIntVariable("usage_billing.late_event_grace",
+							"Seconds after a billing period ends during which late events still land in it.",
+							"The default is 35 days, Stripe's window; -1 accepts events for any past period (a backfill).",
+							&ub_late_event_grace_seconds,
+							UB_DEFAULT_LATE_EVENT_GRACE, -1, PG_INT32_MAX,
+							PGC_SUSET,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("usage_billing.max_future_skew",
+							"How far ahead of now() an event's occurred_at may be.",
+							"Events further in the future are refused; the default is 5 minutes, Stripe's rule.",
+							&ub_max_future_skew_seconds,
+							UB_DEFAULT_MAX_FUTURE_SKEW, 0, PG_INT32_MAX,
+							PGC_SUSET,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomEnumVariable("usage_billing.late_event_action",
+							 "What happens to an event that arrives after its period's grace window.",
+							 "reject raises an error; current_period records it in the current period.",
+							 &ub_late_event_action,
+							 UB_LATE_REJECT,
+							 late_event_action_options,
+							 PGC_SUSET,
+							 0,
+							 NULL, NULL, NULL);
 }

@@ -52,8 +52,8 @@
 #include "pricing.h"
 #include "record.h"
 #include "relations.h"
-#include "reservations.h"
-#include "usage_billing.h"
+#include "holds.h"
+#include "errors.h"
 
 PG_FUNCTION_INFO_V1(ub_reserve_usage);
 PG_FUNCTION_INFO_V1(ub_commit_reservation);
@@ -75,15 +75,6 @@ typedef struct Reservation
 	TimestampTz ended_at;
 } Reservation;
 
-static Oid	key_types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
-
-/* Does this database's schema have reservations (version 1.4 on)? */
-bool
-ub_reservations_installed(void)
-{
-	return OidIsValid(ub_relations()->reservations);
-}
-
 /* A numeric column of the first result row, copied; NULL for SQL NULL. */
 static Numeric
 first_numeric(int col)
@@ -92,59 +83,6 @@ first_numeric(int col)
 	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col, &isnull);
 
 	return isnull ? NULL : DatumGetNumericCopy(d);
-}
-
-/*
- * Under the aggregate row's lock: ends the key's holds that are past their
- * expires_at and takes them out of the row's reserved.  Inside SPI.
- * Returns the amount freed.
- */
-Numeric
-ub_reservations_expire(const char *customer_id, const char *meter, TimestampTz period_start)
-{
-	static SPIPlanPtr plan = NULL;
-	Datum		args[3];
-	int			ret;
-
-	args[0] = CStringGetTextDatum(customer_id);
-	args[1] = CStringGetTextDatum(meter);
-	args[2] = TimestampTzGetDatum(period_start);
-	ret = SPI_execute_plan(ub_prepare_once(&plan,
-										   "WITH gone AS ("
-										   "  UPDATE usage_billing.reservations"
-										   "     SET status = 'expired', ended_at = pg_catalog.now()"
-										   "   WHERE customer_id = $1 AND meter = $2 AND period_start = $3"
-										   "     AND status = 'held' AND expires_at <= pg_catalog.now()"
-										   "  RETURNING amount)"
-										   " UPDATE usage_billing.usage_aggregates a"
-										   "    SET reserved = a.reserved - g.amount"
-										   "   FROM (SELECT coalesce(sum(amount), 0) AS amount FROM gone) g"
-										   "  WHERE a.customer_id = $1 AND a.meter = $2 AND a.period_start = $3"
-										   " RETURNING g.amount", 3, key_types),
-						   args, NULL, false, 0);
-	if (ret != SPI_OK_UPDATE_RETURNING)
-		elog(ERROR, "expiring reservations failed: %s", SPI_result_code_string(ret));
-	return SPI_processed > 0 ? first_numeric(1) : ub_num_zero();
-}
-
-/* The live holds of a key (not past expires_at), for readers.  Inside SPI. */
-Numeric
-ub_reservations_live(const char *customer_id, const char *meter, TimestampTz period_start)
-{
-	static SPIPlanPtr plan = NULL;
-	Datum		args[3];
-
-	args[0] = CStringGetTextDatum(customer_id);
-	args[1] = CStringGetTextDatum(meter);
-	args[2] = TimestampTzGetDatum(period_start);
-	if (SPI_execute_plan(ub_prepare_once(&plan,
-										 "SELECT coalesce(sum(amount), 0) FROM usage_billing.reservations"
-										 " WHERE customer_id = $1 AND meter = $2 AND period_start = $3"
-										 "   AND status = 'held' AND expires_at > pg_catalog.now()",
-										 3, key_types),
-						 args, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
-		elog(ERROR, "reading reservations failed");
-	return first_numeric(1);
 }
 
 /* Raises 22023 for an argument of a reservation function. */

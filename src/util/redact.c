@@ -9,7 +9,7 @@
 
 #include <ctype.h>
 
-#include "stripe_client.h"
+#include "redact.h"
 
 /* Masks the configured key wherever it appears, and every key-shaped token. */
 void

@@ -8,9 +8,9 @@
 # (libFuzzer's own output only on failure).  Exit status: 0 when no harness found a crash, a
 # leak or a timeout.
 #
-# Feasible here: the Stripe answer handling of src/stripe_client.c (pure C: libcurl, cJSON).
-# Not feasible standalone: tier parsing and pricing (src/pricing.c) and billing-period
-# arithmetic (src/periods.c) are written on PostgreSQL's numeric, jsonb and timestamp code,
+# Feasible here: the Stripe answer handling of src/export/stripe_client.c (pure C: libcurl, cJSON).
+# Not feasible standalone: tier parsing and pricing (src/pricing/pricing.c) and billing-period
+# arithmetic (src/util/periods.c) are written on PostgreSQL's numeric, jsonb and timestamp code,
 # which lives in the server binary and cannot be linked into a fuzzer; they are fuzzed at the
 # SQL level by test/t/080_sql_fuzz.pl instead.
 set -euo pipefail
@@ -36,7 +36,7 @@ for src in "$here"/*_fuzzer.c; do
 	name=$(basename "$src" _fuzzer.c)
 	bin=$out/${name}_fuzzer
 	$cc -g -O1 -w -D_GNU_SOURCE -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
-		-I"$inc" -I"$here/../../src" "$src" -o "$bin" \
+		-I"$inc" -I"$here/../../src" -I"$here/../../src/util" -I"$here/../../src/export" "$src" -o "$bin" \
 		"$pglib/libpgcommon.a" "$pglib/libpgport.a" -lcurl -lcjson -lm
 	mkdir -p "$out/$name.new"
 	log=$out/$name.log

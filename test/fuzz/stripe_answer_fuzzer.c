@@ -5,10 +5,10 @@
  *	  error JSON, the classification into SENT / RETRY / FAILED) and how it
  *	  form-encodes the fields of a meter event.
  *
- * src/stripe_client.c is included whole so that its static functions can be
+ * src/export/stripe_client.c is included whole so that its static functions can be
  * called.  It is linked against libcurl, cJSON and the frontend builds of
  * libpgcommon / libpgport (palloc, StringInfo, snprintf, pg_prng); the few
- * backend symbols it references are stubbed below (src/redact.c, which masks
+ * backend symbols it references are stubbed below (src/util/redact.c, which masks
  * keys in what Stripe answers, is included too), and reaching ereport() or
  * CHECK_FOR_INTERRUPTS() from the fuzzed paths aborts (a finding).
  *
@@ -19,8 +19,8 @@
  *   mode 2  the raw bytes handed to the Stripe error parser
  *-------------------------------------------------------------------------
  */
-#include "../../src/stripe_client.c"
-#include "../../src/redact.c"
+#include "../../src/export/stripe_client.c"
+#include "../../src/util/redact.c"
 
 #include <stdio.h>
 #include <stdlib.h>

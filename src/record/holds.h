@@ -1,10 +1,10 @@
 /*-------------------------------------------------------------------------
- * reservations.h
- *	  Holds against hard caps (reservations.c).
+ * holds.h
+ *	  The holds of reservations against hard caps (holds.c).
  *-------------------------------------------------------------------------
  */
-#ifndef UB_RESERVATIONS_H
-#define UB_RESERVATIONS_H
+#ifndef UB_HOLDS_H
+#define UB_HOLDS_H
 
 #include "datatype/timestamp.h"
 #include "utils/numeric.h"
@@ -17,4 +17,4 @@ extern Numeric ub_reservations_expire(const char *customer_id, const char *meter
 extern Numeric ub_reservations_live(const char *customer_id, const char *meter,
 									TimestampTz period_start);
 
-#endif							/* UB_RESERVATIONS_H */
+#endif							/* UB_HOLDS_H */

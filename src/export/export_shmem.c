@@ -1,5 +1,5 @@
 /*-------------------------------------------------------------------------
- * shmem.c
+ * export_shmem.c
  *	  Shared memory of the export worker.
  *
  * One small struct, UbExportShared, lives in the main shared memory segment
@@ -26,7 +26,7 @@
 #include "storage/shmem.h"
 #include "storage/spin.h"
 
-#include "shmem.h"
+#include "export_shmem.h"
 
 typedef struct UbExportShared
 {
@@ -40,55 +40,37 @@ typedef struct UbExportShared
 } UbExportShared;
 
 static UbExportShared *ub_shared = NULL;
-static shmem_request_hook_type prev_shmem_request_hook = NULL;
-static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
 static bool ub_wake_at_commit = false;
 static bool ub_xact_cb_registered = false;
 
-static void ub_shmem_request(void);
-static void ub_shmem_startup(void);
 static void ub_export_now_xact_cb(XactEvent event, void *arg);
 
 PG_FUNCTION_INFO_V1(ub_export_now);
 PG_FUNCTION_INFO_V1(ub_export_worker_info);
 
-/* Installs the hooks; called from _PG_init only while preloading. */
+/* Asks for room for our struct; from the module's shmem_request_hook. */
 void
-ub_shmem_init(void)
+ub_export_shmem_request(void)
 {
-	prev_shmem_request_hook = shmem_request_hook;
-	shmem_request_hook = ub_shmem_request;
-	prev_shmem_startup_hook = shmem_startup_hook;
-	shmem_startup_hook = ub_shmem_startup;
-}
-
-/* Asks the postmaster for room for our struct (PG15 shmem_request_hook). */
-static void
-ub_shmem_request(void)
-{
-	if (prev_shmem_request_hook)
-		prev_shmem_request_hook();
 	RequestAddinShmemSpace(MAXALIGN(sizeof(UbExportShared)));
 }
 
-/* Creates or attaches to the struct; runs in the postmaster and in EXEC_BACKEND children. */
-static void
-ub_shmem_startup(void)
+/*
+ * Creates or attaches to the struct; from the module's shmem_startup_hook,
+ * which holds AddinShmemInitLock.
+ */
+void
+ub_export_shmem_startup(void)
 {
 	bool		found;
 
-	if (prev_shmem_startup_hook)
-		prev_shmem_startup_hook();
-
-	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	ub_shared = ShmemInitStruct("usage_billing export", sizeof(UbExportShared), &found);
 	if (!found)
 	{
 		memset(ub_shared, 0, sizeof(UbExportShared));
 		SpinLockInit(&ub_shared->mutex);
 	}
-	LWLockRelease(AddinShmemInitLock);
 }
 
 /* True when the library was preloaded and the struct exists. */

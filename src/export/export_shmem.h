@@ -1,5 +1,5 @@
 /*-------------------------------------------------------------------------
- * shmem.h
+ * export_shmem.h
  *	  Shared state of the export worker: who it is and how to wake it.
  *-------------------------------------------------------------------------
  */
@@ -8,7 +8,8 @@
 
 #include "storage/latch.h"
 
-extern void ub_shmem_init(void);
+extern void ub_export_shmem_request(void);
+extern void ub_export_shmem_startup(void);
 extern bool ub_shmem_available(void);
 extern void ub_shmem_set_worker(Latch *latch);
 extern void ub_shmem_clear_worker(void);
