@@ -126,6 +126,13 @@ make_flags=()
 if [ "${UB_WERROR:-1}" != 0 ]; then make_flags+=(COPT=-Werror); fi
 ub_build_and_install "$WORK" "${make_flags[@]}"
 LOGDIR=$(mktemp -d "${TMPDIR:-/tmp}/usage_billing_logs.XXXXXX")
+# the layering of src/ (src/README.md): no call or include a folder's README does not allow, no
+# cycle between files; read from the objects just built
+if python3 "$WORK/test/tools/check_layers.py" "$WORK/src"; then
+    PASSED=$((PASSED + 1))
+else
+    stage_failed layers "src/ breaks its layering (test/tools/check_layers.py)"
+fi
 
 # --- 2. what each stage must report ------------------------------------------------------------
 shopt -s nullglob

@@ -53,7 +53,7 @@
 #include "catalog.h"
 #include "catalog_cache.h"
 #include "catalog_preload.h"
-#include "pricing.h"
+#include "num.h"
 #include "errors.h"
 
 bool		ub_direct_reads = true;
@@ -493,54 +493,6 @@ ub_plan_limits(const char *plan)
 	return limit_list(&plan_limits_plan,
 					  LIMIT_LIST_SQL("usage_billing.plan_limits", "plan"),
 					  plan);
-}
-
-/* Maps an aggregation name to its enum. */
-UbAggregation
-ub_parse_aggregation(const char *name)
-{
-	if (strcmp(name, "count") == 0)
-		return UB_AGG_COUNT;
-	if (strcmp(name, "sum") == 0)
-		return UB_AGG_SUM;
-	if (strcmp(name, "max") == 0)
-		return UB_AGG_MAX;
-	if (strcmp(name, "last") == 0)
-		return UB_AGG_LAST;
-	if (strcmp(name, "unique_count") == 0)
-		return UB_AGG_UNIQUE_COUNT;
-	ereport(ERROR,
-			(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-			 errmsg("invalid aggregation \"%s\"", name)));
-	pg_unreachable();
-}
-
-/* The SQL name of an aggregation. */
-const char *
-ub_aggregation_name(UbAggregation agg)
-{
-	switch (agg)
-	{
-		case UB_AGG_COUNT:
-			return "count";
-		case UB_AGG_SUM:
-			return "sum";
-		case UB_AGG_MAX:
-			return "max";
-		case UB_AGG_LAST:
-			return "last";
-		case UB_AGG_UNIQUE_COUNT:
-			return "unique_count";
-	}
-	return "?";
-}
-
-/* The largest amount of one event on a meter that does not say (a schema before 1.4). */
-Numeric
-ub_default_max_amount(void)
-{
-	return DatumGetNumeric(DirectFunctionCall3(numeric_in, CStringGetDatum(UB_DEFAULT_MAX_AMOUNT),
-											   ObjectIdGetDatum(InvalidOid), Int32GetDatum(-1)));
 }
 
 /* Raises 22023 for a NULL, empty or over-long name argument. */

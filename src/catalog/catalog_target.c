@@ -19,7 +19,7 @@
 #include "utils/numeric.h"
 
 #include "catalog_cache.h"
-#include "pricing.h"
+#include "num.h"
 
 static char *copy_str(const char *s);
 static Numeric copy_num(Numeric n);

@@ -63,8 +63,7 @@
 #include "utils/timestamp.h"
 
 #include "escrow.h"
-#include "pricing.h"
-#include "record.h"
+#include "num.h"
 #include "relations.h"
 
 int			ub_hot_key_slots = UB_SLOTS_AUTO;

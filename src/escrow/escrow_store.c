@@ -45,8 +45,7 @@
 
 #include "catalog.h"
 #include "escrow.h"
-#include "pricing.h"
-#include "record.h"
+#include "num.h"
 #include "relations.h"
 
 PG_FUNCTION_INFO_V1(ub_fold_escrow_slots);
