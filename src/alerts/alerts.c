@@ -33,26 +33,26 @@
  * A hard-cap refusal aborts its own transaction, and PostgreSQL has no
  * autonomous transactions, so the refusal is put in a small queue that
  * outlives the abort:
- *	 - preloaded (shared_preload_libraries): a fixed array of UB_ALERT_SLOTS
- *	   slots in shared memory, under one LWLock, keyed by database, customer,
+ *	 - preloaded (shared_preload_libraries): a fixed array of UB_ALERT_ENTRIES
+ *	   entries in shared memory, under one LWLock, keyed by database, customer,
  *	   meter and period.  A key already queued (pending, or flushed recently)
- *	   is not queued again, so a burst of refusals costs one slot.  Flushed
- *	   slots stay as that dedupe cache until a new key needs their slot.
+ *	   is not queued again, so a burst of refusals costs one entry.  Flushed
+ *	   entries stay as that dedupe cache until a new key needs their entry.
  *	 - not preloaded: the same array in backend-local memory; then only the
  *	   refused backend itself sees and flushes its alerts.
  * The queue is flushed by the next successful increment_usage on a limited
  * meter (in any backend of the same database), by usage_billing.flush_alerts()
- * (the export worker calls it each cycle) and by acknowledge_alert().  A
- * slot is marked flushed only when the flushing transaction commits (a
+ * (the export worker calls it each cycle) and by acknowledge_alert().  An
+ * entry is marked flushed only when the flushing transaction commits (a
  * transaction callback), so a flusher that rolls back loses nothing.  A
- * flusher claims the slots it inserts, so two flushers never insert the same
+ * flusher claims the entries it inserts, so two flushers never insert the same
  * alert: a flush never waits for another transaction, and so can never close
- * a deadlock with the row or slot locks its caller holds.
+ * a deadlock with the row or escrow-slot locks its caller holds.
  * usage_billing.alerts also shows pending alerts, so a refusal is visible at
  * once.
  *
  * Limits: pending alerts are lost if the server stops or crashes before a
- * flush; when all slots are pending, further refusals are not queued
+ * flush; when all entries are pending, further refusals are not queued
  * (counted in "dropped"); without preloading they are lost when the refused
  * session ends before it writes again.  A hard_cap_blocked notification is
  * sent when the alert is flushed, not when the call is refused.
@@ -83,23 +83,23 @@
 PG_FUNCTION_INFO_V1(ub_flush_alerts);
 PG_FUNCTION_INFO_V1(ub_pending_alerts);
 
-#define UB_ALERT_SLOTS		256
+#define UB_ALERT_ENTRIES		256
 #define UB_ALERT_NUM_LEN	64
 #define UB_FLUSH_BATCH		8
 
-typedef enum UbSlotState
+typedef enum UbEntryState
 {
-	SLOT_FREE = 0,
-	SLOT_PENDING,
-	SLOT_CLAIMED,				/* being flushed by a transaction in progress */
-	SLOT_FLUSHED
-} UbSlotState;
+	ENTRY_FREE = 0,
+	ENTRY_PENDING,
+	ENTRY_CLAIMED,				/* being flushed by a transaction in progress */
+	ENTRY_FLUSHED
+} UbEntryState;
 
 /* One queued hard_cap_blocked alert; numbers as text, "" = NULL. */
-typedef struct UbAlertSlot
+typedef struct UbAlertEntry
 {
-	UbSlotState state;
-	uint64		generation;		/* tells a reused slot from the one we flushed */
+	UbEntryState state;
+	uint64		generation;		/* tells a reused entry from the one we flushed */
 	Oid			dboid;
 	TimestampTz period_start;
 	TimestampTz created_at;
@@ -107,7 +107,7 @@ typedef struct UbAlertSlot
 	char		meter[UB_MAX_NAME_LEN + 1];
 	char		value[UB_ALERT_NUM_LEN];
 	char		included[UB_ALERT_NUM_LEN];
-} UbAlertSlot;
+} UbAlertEntry;
 
 typedef struct UbAlertQueue
 {
@@ -115,20 +115,20 @@ typedef struct UbAlertQueue
 	pg_atomic_uint32 npending;	/* read without the lock on the hot path */
 	uint64		next_generation;
 	uint64		dropped;
-	UbAlertSlot slots[UB_ALERT_SLOTS];
+	UbAlertEntry entries[UB_ALERT_ENTRIES];
 } UbAlertQueue;
 
-/* A slot this transaction flushed, to mark when it commits. */
-typedef struct FlushedSlot
+/* An entry this transaction flushed, to mark when it commits. */
+typedef struct FlushedEntry
 {
-	int			slot;
+	int			entry;
 	uint64		generation;
 	SubTransactionId subid;
-} FlushedSlot;
+} FlushedEntry;
 
 static UbAlertQueue *shared_queue = NULL;
 static UbAlertQueue *local_queue = NULL;
-static FlushedSlot flushed[UB_ALERT_SLOTS];
+static FlushedEntry flushed[UB_ALERT_ENTRIES];
 static int	nflushed = 0;
 static bool callbacks_registered = false;
 static SPIPlanPtr alert_insert_plan = NULL;
@@ -199,9 +199,9 @@ queue_unlock(UbAlertQueue *q)
 		LWLockRelease(q->lock);
 }
 
-/* Numeric as text for a slot; "" when NULL or too long to keep. */
+/* Numeric as text for an entry; "" when NULL or too long to keep. */
 static void
-numeric_to_slot(Numeric n, char *buf)
+numeric_to_entry(Numeric n, char *buf)
 {
 	char	   *s;
 
@@ -213,9 +213,9 @@ numeric_to_slot(Numeric n, char *buf)
 		strlcpy(buf, s, UB_ALERT_NUM_LEN);
 }
 
-/* Slot text back to a numeric Datum; isnull for "". */
+/* Entry text back to a numeric Datum; isnull for "". */
 static Datum
-slot_to_numeric(const char *buf, bool *isnull)
+entry_to_numeric(const char *buf, bool *isnull)
 {
 	*isnull = (buf[0] == '\0');
 	if (*isnull)
@@ -317,23 +317,23 @@ ub_alerts_hard_cap_blocked(const UbCustomer *customer, const UbMeter *meter,
 	UbAlertQueue *q = get_queue();
 	char		value[UB_ALERT_NUM_LEN];
 	char		included[UB_ALERT_NUM_LEN];
-	int			free_slot = -1;
+	int			free_entry = -1;
 	int			oldest_flushed = -1;
-	int			slot;
+	int			entry;
 
 	/* format outside the lock: numeric_out allocates and may fail */
-	numeric_to_slot(attempted_total, value);
-	numeric_to_slot(limit->included, included);
+	numeric_to_entry(attempted_total, value);
+	numeric_to_entry(limit->included, included);
 
 	queue_lock(q, LW_EXCLUSIVE);
-	for (int i = 0; i < UB_ALERT_SLOTS; i++)
+	for (int i = 0; i < UB_ALERT_ENTRIES; i++)
 	{
-		UbAlertSlot *s = &q->slots[i];
+		UbAlertEntry *s = &q->entries[i];
 
-		if (s->state == SLOT_FREE)
+		if (s->state == ENTRY_FREE)
 		{
-			if (free_slot < 0)
-				free_slot = i;
+			if (free_entry < 0)
+				free_entry = i;
 			continue;
 		}
 		if (s->dboid == MyDatabaseId && s->period_start == period_start &&
@@ -343,12 +343,12 @@ ub_alerts_hard_cap_blocked(const UbCustomer *customer, const UbMeter *meter,
 			queue_unlock(q);
 			return;
 		}
-		if (s->state == SLOT_FLUSHED &&
-			(oldest_flushed < 0 || s->generation < q->slots[oldest_flushed].generation))
+		if (s->state == ENTRY_FLUSHED &&
+			(oldest_flushed < 0 || s->generation < q->entries[oldest_flushed].generation))
 			oldest_flushed = i;
 	}
-	slot = free_slot >= 0 ? free_slot : oldest_flushed;
-	if (slot < 0)
+	entry = free_entry >= 0 ? free_entry : oldest_flushed;
+	if (entry < 0)
 	{
 		uint64		dropped = ++q->dropped;
 
@@ -361,29 +361,29 @@ ub_alerts_hard_cap_blocked(const UbCustomer *customer, const UbMeter *meter,
 		return;
 	}
 
-	q->slots[slot].state = SLOT_PENDING;
-	q->slots[slot].generation = ++q->next_generation;
-	q->slots[slot].dboid = MyDatabaseId;
-	q->slots[slot].period_start = period_start;
-	q->slots[slot].created_at = GetCurrentTimestamp();
-	strlcpy(q->slots[slot].customer_id, customer->customer_id, sizeof(q->slots[slot].customer_id));
-	strlcpy(q->slots[slot].meter, meter->meter, sizeof(q->slots[slot].meter));
-	memcpy(q->slots[slot].value, value, UB_ALERT_NUM_LEN);
-	memcpy(q->slots[slot].included, included, UB_ALERT_NUM_LEN);
+	q->entries[entry].state = ENTRY_PENDING;
+	q->entries[entry].generation = ++q->next_generation;
+	q->entries[entry].dboid = MyDatabaseId;
+	q->entries[entry].period_start = period_start;
+	q->entries[entry].created_at = GetCurrentTimestamp();
+	strlcpy(q->entries[entry].customer_id, customer->customer_id, sizeof(q->entries[entry].customer_id));
+	strlcpy(q->entries[entry].meter, meter->meter, sizeof(q->entries[entry].meter));
+	memcpy(q->entries[entry].value, value, UB_ALERT_NUM_LEN);
+	memcpy(q->entries[entry].included, included, UB_ALERT_NUM_LEN);
 	pg_atomic_fetch_add_u32(&q->npending, 1);
 	queue_unlock(q);
 }
 
 /*
  * Inserts this database's pending refusals into alert_log, a few at a time
- * so the hot path never allocates much; the slots are marked flushed when
+ * so the hot path never allocates much; the entries are marked flushed when
  * this transaction commits.  Must run inside SPI.
  */
 static int
 flush_pending(void)
 {
 	UbAlertQueue *q = get_queue();
-	UbAlertSlot copy[UB_FLUSH_BATCH];
+	UbAlertEntry copy[UB_FLUSH_BATCH];
 	int			inserted = 0;
 	int			n;
 
@@ -393,18 +393,18 @@ flush_pending(void)
 	do
 	{
 		n = 0;
-		if (nflushed + UB_FLUSH_BATCH > UB_ALERT_SLOTS)
+		if (nflushed + UB_FLUSH_BATCH > UB_ALERT_ENTRIES)
 			break;
 		queue_lock(q, LW_EXCLUSIVE);
-		for (int i = 0; i < UB_ALERT_SLOTS && n < UB_FLUSH_BATCH; i++)
+		for (int i = 0; i < UB_ALERT_ENTRIES && n < UB_FLUSH_BATCH; i++)
 		{
-			if (q->slots[i].state != SLOT_PENDING || q->slots[i].dboid != MyDatabaseId)
+			if (q->entries[i].state != ENTRY_PENDING || q->entries[i].dboid != MyDatabaseId)
 				continue;
 			/* ours until this transaction ends: no other flusher waits on our insert */
-			q->slots[i].state = SLOT_CLAIMED;
-			copy[n] = q->slots[i];
-			flushed[nflushed].slot = i;
-			flushed[nflushed].generation = q->slots[i].generation;
+			q->entries[i].state = ENTRY_CLAIMED;
+			copy[n] = q->entries[i];
+			flushed[nflushed].entry = i;
+			flushed[nflushed].generation = q->entries[i].generation;
 			flushed[nflushed].subid = GetCurrentSubTransactionId();
 			nflushed++;
 			n++;
@@ -422,8 +422,8 @@ flush_pending(void)
 		{
 			bool		vnull,
 						inull;
-			Datum		value = slot_to_numeric(copy[i].value, &vnull);
-			Datum		included = slot_to_numeric(copy[i].included, &inull);
+			Datum		value = entry_to_numeric(copy[i].value, &vnull);
+			Datum		included = entry_to_numeric(copy[i].included, &inull);
 
 			if (insert_alert(copy[i].customer_id, copy[i].meter, copy[i].period_start,
 							 "hard_cap_blocked",
@@ -436,7 +436,7 @@ flush_pending(void)
 	return inserted;
 }
 
-/* Gives the claimed slots of flushed[from..] back to the queue as pending. */
+/* Gives the claimed entries of flushed[from..] back to the queue as pending. */
 static void
 release_claims(int from)
 {
@@ -445,15 +445,15 @@ release_claims(int from)
 	queue_lock(q, LW_EXCLUSIVE);
 	for (int j = from; j < nflushed; j++)
 	{
-		UbAlertSlot *s = &q->slots[flushed[j].slot];
+		UbAlertEntry *s = &q->entries[flushed[j].entry];
 
-		if (s->state == SLOT_CLAIMED && s->generation == flushed[j].generation)
-			s->state = SLOT_PENDING;
+		if (s->state == ENTRY_CLAIMED && s->generation == flushed[j].generation)
+			s->state = ENTRY_PENDING;
 	}
 	queue_unlock(q);
 }
 
-/* At commit the flushed slots are done; at abort they are pending again for the next flusher. */
+/* At commit the flushed entries are done; at abort they are pending again for the next flusher. */
 static void
 alerts_xact_callback(XactEvent event, void *arg)
 {
@@ -467,11 +467,11 @@ alerts_xact_callback(XactEvent event, void *arg)
 		queue_lock(q, LW_EXCLUSIVE);
 		for (int j = 0; j < nflushed; j++)
 		{
-			UbAlertSlot *s = &q->slots[flushed[j].slot];
+			UbAlertEntry *s = &q->entries[flushed[j].entry];
 
-			if (s->state == SLOT_CLAIMED && s->generation == flushed[j].generation)
+			if (s->state == ENTRY_CLAIMED && s->generation == flushed[j].generation)
 			{
-				s->state = SLOT_FLUSHED;
+				s->state = ENTRY_FLUSHED;
 				pg_atomic_fetch_sub_u32(&q->npending, 1);
 			}
 		}
@@ -491,7 +491,7 @@ static void
 alerts_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 						SubTransactionId parentSubid, void *arg)
 {
-	static FlushedSlot undone[UB_ALERT_SLOTS];
+	static FlushedEntry undone[UB_ALERT_ENTRIES];
 	int			kept = 0;
 	int			nundone = 0;
 
@@ -505,7 +505,7 @@ alerts_subxact_callback(SubXactEvent event, SubTransactionId mySubid,
 		else
 			undone[nundone++] = flushed[j];
 	}
-	memcpy(&flushed[kept], undone, sizeof(FlushedSlot) * nundone);
+	memcpy(&flushed[kept], undone, sizeof(FlushedEntry) * nundone);
 	release_claims(kept);
 	nflushed = kept;
 }
@@ -529,19 +529,19 @@ ub_pending_alerts(PG_FUNCTION_ARGS)
 {
 	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	UbAlertQueue *q = get_queue();
-	UbAlertSlot *copy;
+	UbAlertEntry *copy;
 	int			n = 0;
 
 	InitMaterializedSRF(fcinfo, 0);
 	if (pg_atomic_read_u32(&q->npending) == 0)
 		return (Datum) 0;
 
-	copy = palloc(sizeof(UbAlertSlot) * UB_ALERT_SLOTS);
+	copy = palloc(sizeof(UbAlertEntry) * UB_ALERT_ENTRIES);
 	queue_lock(q, LW_SHARED);
-	for (int i = 0; i < UB_ALERT_SLOTS; i++)
-		if ((q->slots[i].state == SLOT_PENDING || q->slots[i].state == SLOT_CLAIMED) &&
-			q->slots[i].dboid == MyDatabaseId)
-			copy[n++] = q->slots[i];
+	for (int i = 0; i < UB_ALERT_ENTRIES; i++)
+		if ((q->entries[i].state == ENTRY_PENDING || q->entries[i].state == ENTRY_CLAIMED) &&
+			q->entries[i].dboid == MyDatabaseId)
+			copy[n++] = q->entries[i];
 	queue_unlock(q);
 
 	for (int i = 0; i < n; i++)
@@ -553,8 +553,8 @@ ub_pending_alerts(PG_FUNCTION_ARGS)
 		values[1] = CStringGetTextDatum(copy[i].meter);
 		values[2] = TimestampTzGetDatum(copy[i].period_start);
 		values[3] = CStringGetTextDatum("hard_cap_blocked");
-		values[4] = slot_to_numeric(copy[i].value, &nulls[4]);
-		values[5] = slot_to_numeric(copy[i].included, &nulls[5]);
+		values[4] = entry_to_numeric(copy[i].value, &nulls[4]);
+		values[5] = entry_to_numeric(copy[i].included, &nulls[5]);
 		values[6] = TimestampTzGetDatum(copy[i].created_at);
 		tuplestore_putvalues(rsinfo->setResult, rsinfo->setDesc, values, nulls);
 	}

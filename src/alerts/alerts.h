@@ -9,7 +9,7 @@
 #include "catalog.h"
 
 /*
- * Called after an event was folded into its aggregate, in the caller's
+ * Called after an event was added to its aggregate, in the caller's
  * transaction and SPI connection; previous_total is NULL for the first event
  * of the period.  Only called when the limit has an included quantity.
  */

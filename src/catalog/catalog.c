@@ -140,7 +140,7 @@ probe_rows(const char *relname, int nkeys, const Datum *keyvals, Snapshot snap,
 	ScanKeyData keys[2];
 	AttrNumber	attnums[4];
 	IndexScanDesc scan;
-	TupleTableSlot *slot;
+	TupleTableSlot *tuple;
 	int			nrows = 0;
 	int			cap = 1;
 
@@ -174,10 +174,10 @@ probe_rows(const char *relname, int nkeys, const Datum *keyvals, Snapshot snap,
 							   idx->rd_indcollation[k], F_TEXTEQ, keyvals[k]);
 	scan = index_beginscan(rel, idx, snap, nkeys, 0);
 	index_rescan(scan, keys, nkeys, NULL, 0);
-	slot = table_slot_create(rel, NULL);
+	tuple = table_slot_create(rel, NULL);
 	*values = palloc(cap * ncols * sizeof(Datum));
 	*nulls = palloc(cap * ncols * sizeof(bool));
-	while (index_getnext_slot(scan, ForwardScanDirection, slot))
+	while (index_getnext_slot(scan, ForwardScanDirection, tuple))
 	{
 		if (nrows == cap)
 		{
@@ -191,14 +191,14 @@ probe_rows(const char *relname, int nkeys, const Datum *keyvals, Snapshot snap,
 			Datum	   *v = &(*values)[nrows * ncols + c];
 			bool	   *isnull = &(*nulls)[nrows * ncols + c];
 
-			*v = slot_getattr(slot, attnums[c], isnull);
+			*v = slot_getattr(tuple, attnums[c], isnull);
 			if (!*isnull)
 				*v = datumCopy(*v, att->attbyval, att->attlen);
 		}
 		nrows++;
 	}
 	index_endscan(scan);
-	ExecDropSingleTupleTableSlot(slot);
+	ExecDropSingleTupleTableSlot(tuple);
 	index_close(idx, AccessShareLock);
 	table_close(rel, AccessShareLock);
 	return nrows;
@@ -422,15 +422,15 @@ limits_of_result(void)
 
 /* Runs one of the limit-list statements for a key; a List of UbLimit ordered by meter. */
 static List *
-limit_list(SPIPlanPtr *slot, const char *sql, const char *key)
+limit_list(SPIPlanPtr *plan, const char *sql, const char *key)
 {
 	Oid			types[1] = {TEXTOID};
 	Datum		args[1];
 	int			ret;
 
-	ub_prepare_once(slot, sql, 1, types);
+	ub_prepare_once(plan, sql, 1, types);
 	args[0] = CStringGetTextDatum(key);
-	ret = SPI_execute_plan(*slot, args, NULL, true, 0);
+	ret = SPI_execute_plan(*plan, args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "limit lookup failed: %s", SPI_result_code_string(ret));
 	return limits_of_result();
@@ -452,12 +452,12 @@ ub_customer_limits(const UbCustomer *customer)
 List *
 ub_customer_plan_limits(const char *customer_id, const char *plan)
 {
-	static SPIPlanPtr slot = NULL;
+	static SPIPlanPtr limits_plan = NULL;
 	Oid			types[2] = {TEXTOID, TEXTOID};
 	Datum		args[2];
 	int			ret;
 
-	ub_prepare_once(&slot,
+	ub_prepare_once(&limits_plan,
 					"SELECT l.meter, m.aggregation,"
 					"       l.included, l.hard_cap, l.overage_price, l.overage_unit,"
 					"       l.soft_threshold, l.tiers, l.tier_mode"
@@ -480,7 +480,7 @@ ub_customer_plan_limits(const char *customer_id, const char *plan)
 					" ORDER BY l.meter", 2, types);
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = CStringGetTextDatum(plan);
-	ret = SPI_execute_plan(slot, args, NULL, true, 0);
+	ret = SPI_execute_plan(limits_plan, args, NULL, true, 0);
 	if (ret != SPI_OK_SELECT)
 		elog(ERROR, "limit lookup failed: %s", SPI_result_code_string(ret));
 	return limits_of_result();

@@ -159,7 +159,7 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 	bool		slotted = false;
 	Snapshot	snapshot;
 	ScanKeyData keys[3];
-	TupleTableSlot *slot;
+	TupleTableSlot *tuple;
 	IndexScanDesc scan;
 	Numeric		total = NULL;
 
@@ -187,29 +187,29 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 					period_start, keys);
 
 	snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
-	slot = table_slot_create(rel, NULL);
+	tuple = table_slot_create(rel, NULL);
 	scan = index_beginscan(rel, idx, snapshot, 3, 0);
 	index_rescan(scan, keys, 3, NULL, 0);
-	if (index_getnext_slot(scan, ForwardScanDirection, slot))
+	if (index_getnext_slot(scan, ForwardScanDirection, tuple))
 	{
 		bool		isnull;
-		Datum		d = slot_getattr(slot, total_attnum, &isnull);
+		Datum		d = slot_getattr(tuple, total_attnum, &isnull);
 
 		if (!isnull)
 			total = DatumGetNumericCopy(d);
 		if (slotted_attnum != InvalidAttrNumber)
 		{
-			d = slot_getattr(slot, slotted_attnum, &isnull);
+			d = slot_getattr(tuple, slotted_attnum, &isnull);
 			slotted = !isnull && DatumGetBool(d);
 		}
 		if (reserved_attnum != InvalidAttrNumber)
 		{
-			d = slot_getattr(slot, reserved_attnum, &isnull);
+			d = slot_getattr(tuple, reserved_attnum, &isnull);
 			*held = !isnull && ub_num_cmp(DatumGetNumeric(d), ub_num_zero()) != 0;
 		}
 	}
 	index_endscan(scan);
-	ExecDropSingleTupleTableSlot(slot);
+	ExecDropSingleTupleTableSlot(tuple);
 
 	/* part of a contended key's total is in its escrow slots, under the same snapshot */
 	if (slotted && total != NULL)

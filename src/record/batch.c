@@ -16,7 +16,7 @@
  *
  * Here live the parsing of the batch's JSON, the order of the events and of
  * the groups, the claims on idempotency keys repeated inside the batch, and
- * the folding of the events into groups.
+ * the grouping of the events.
  *
  * Groups are written in (customer_id, meter, period_start) order, so that
  * concurrent batches take aggregate row locks in the same order and do not
@@ -252,7 +252,7 @@ group_cmp(const void *a, const void *b)
 }
 
 /*
- * Folds the accepted bulk events, in group order, into groups per aggregation
+ * Gathers the accepted bulk events, in group order, into groups per aggregation
  * kind, and writes them.
  */
 static void

@@ -2,7 +2,7 @@
  * record.c
  *	  increment_usage: record one usage event, atomically and idempotently.
  *
- * A call appends the event to the ledger (usage_events) and folds it into
+ * A call appends the event to the ledger (usage_events) and adds it to
  * the aggregate of its (customer, meter, period) in the same transaction,
  * so reads never scan the ledger.  The aggregate row is updated with
  * INSERT ... ON CONFLICT DO UPDATE: concurrent callers on the same row queue
