@@ -97,17 +97,17 @@ ub_escrow_init(void)
 }
 
 /* What this backend knows of a key: how often it waited on it, whether it has a slot. */
-typedef struct EscrowHint
+typedef struct KeyMemory
 {
 	uint64		key;
 	int			contentions;
 	bool		has_slot;
-} EscrowHint;
+} KeyMemory;
 
 /* Keys this backend remembers; forgotten all at once past this many. */
-#define ESCROW_HINTS_MAX	4096
+#define KEY_MEMORY_MAX	4096
 
-static HTAB *hints = NULL;
+static HTAB *remembered = NULL;
 
 /* A total where something is decided. */
 typedef struct EscrowPoint
@@ -116,7 +116,7 @@ typedef struct EscrowPoint
 	bool		passable;		/* false for a hard cap: it decides every call past it */
 } EscrowPoint;
 
-static EscrowHint *hint_entry(uint64 key, bool create);
+static KeyMemory *remembered_key(uint64 key, bool create);
 static int	limit_points(const UbLimit *limit, EscrowPoint *points);
 static bool point_passed(const EscrowPoint *p, Numeric lower);
 
@@ -165,7 +165,7 @@ ub_totals_plan(SPIPlanPtr *plans, const char *sql, int nargs, Oid *types)
 	return plans[variant];
 }
 
-/* A key's hint-table hash; a collision only costs a slot lookup that finds nothing. */
+/* A key's hash in the backend's memory of keys; a collision only costs a slot lookup that finds nothing. */
 uint64
 ub_escrow_key_hash(const char *customer_id, const char *meter, TimestampTz period_start)
 {
@@ -176,29 +176,29 @@ ub_escrow_key_hash(const char *customer_id, const char *meter, TimestampTz perio
 	return hash_bytes_extended((const unsigned char *) &period_start, sizeof(period_start), h);
 }
 
-/* The hint of a key, created on demand. */
-static EscrowHint *
-hint_entry(uint64 key, bool create)
+/* What this backend remembers of a key, created on demand. */
+static KeyMemory *
+remembered_key(uint64 key, bool create)
 {
 	bool		found;
-	EscrowHint *e;
+	KeyMemory *e;
 
-	if (hints == NULL || (create && hash_get_num_entries(hints) >= ESCROW_HINTS_MAX))
+	if (remembered == NULL || (create && hash_get_num_entries(remembered) >= KEY_MEMORY_MAX))
 	{
 		HASHCTL		ctl;
 
 		if (!create)
 			return NULL;
-		if (hints != NULL)
-			hash_destroy(hints);
+		if (remembered != NULL)
+			hash_destroy(remembered);
 		memset(&ctl, 0, sizeof(ctl));
 		ctl.keysize = sizeof(uint64);
-		ctl.entrysize = sizeof(EscrowHint);
+		ctl.entrysize = sizeof(KeyMemory);
 		ctl.hcxt = TopMemoryContext;
-		hints = hash_create("usage_billing escrow hints", 256, &ctl,
+		remembered = hash_create("usage_billing escrow remembered", 256, &ctl,
 							HASH_ELEM | HASH_BLOBS | HASH_CONTEXT);
 	}
-	e = hash_search(hints, &key, create ? HASH_ENTER : HASH_FIND, &found);
+	e = hash_search(remembered, &key, create ? HASH_ENTER : HASH_FIND, &found);
 	if (e != NULL && !found)
 	{
 		e->contentions = 0;
@@ -211,7 +211,7 @@ hint_entry(uint64 key, bool create)
 bool
 ub_escrow_has_slot(uint64 key)
 {
-	EscrowHint *e = hint_entry(key, false);
+	KeyMemory *e = remembered_key(key, false);
 
 	return e != NULL && e->has_slot;
 }
@@ -220,7 +220,7 @@ ub_escrow_has_slot(uint64 key)
 void
 ub_escrow_remember(uint64 key, bool has_slot)
 {
-	EscrowHint *e = hint_entry(key, has_slot);
+	KeyMemory *e = remembered_key(key, has_slot);
 
 	if (e != NULL)
 		e->has_slot = has_slot;
@@ -230,14 +230,14 @@ ub_escrow_remember(uint64 key, bool has_slot)
 void
 ub_escrow_note_contention(uint64 key)
 {
-	hint_entry(key, true)->contentions++;
+	remembered_key(key, true)->contentions++;
 }
 
 /* Has this backend waited on the key's row often enough to ask for a slot? */
 bool
 ub_escrow_is_hot(uint64 key)
 {
-	EscrowHint *e = hint_entry(key, false);
+	KeyMemory *e = remembered_key(key, false);
 
 	return e != NULL && e->contentions >= UB_ESCROW_CONTENTIONS;
 }
