@@ -55,6 +55,7 @@
 #include "catalog_preload.h"
 #include "num.h"
 #include "errors.h"
+#include "relations.h"
 
 bool		ub_direct_reads = true;
 
@@ -132,8 +133,7 @@ static int
 probe_rows(const char *relname, int nkeys, const Datum *keyvals, Snapshot snap,
 		   int ncols, const char *const *colnames, Datum **values, bool **nulls)
 {
-	Oid			nsp = get_namespace_oid("usage_billing", false);
-	Oid			relid = get_relname_relid(relname, nsp);
+	Oid			relid = ub_schema_relation(relname);
 	Relation	rel;
 	Relation	idx;
 	TupleDesc	desc;

@@ -61,6 +61,7 @@
 
 #include "catalog_cache.h"
 #include "errors.h"
+#include "relations.h"
 
 PG_FUNCTION_INFO_V1(ub_catalog_changed);
 
@@ -131,7 +132,7 @@ resolve_catalog_oids(void)
 
 	if (catalog_oids_valid)
 		return;
-	nsp = get_namespace_oid("usage_billing", true);
+	nsp = ub_schema_oid();
 	for (int i = 0; i < UB_CATALOG_TABLES; i++)
 		catalog_table_oids[i] = OidIsValid(nsp) ?
 			get_relname_relid(catalog_table_names[i], nsp) : InvalidOid;

@@ -28,6 +28,7 @@
 #include "catalog.h"
 #include "catalog_cache.h"
 #include "catalog_preload.h"
+#include "relations.h"
 
 /* the largest preload we allow: about 150 bytes a customer, so some 1.5 GB a backend */
 #define UB_PRELOAD_MAX			10000000
@@ -54,7 +55,7 @@ ub_catalog_preload_init(void)
 static double
 customers_estimate(void)
 {
-	Oid			relid = get_relname_relid("customers", get_namespace_oid("usage_billing", false));
+	Oid			relid = ub_schema_relation("customers");
 	Relation	rel;
 	double		tuples;
 

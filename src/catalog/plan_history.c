@@ -30,14 +30,13 @@
 
 #include "catalog.h"
 #include "catalog_cache.h"
+#include "relations.h"
 
 /* Whether the schema has a plan history (1.4 and later). */
 bool
 ub_have_plan_history(void)
 {
-	Oid			nsp = get_namespace_oid("usage_billing", true);
-
-	return OidIsValid(nsp) && OidIsValid(get_relname_relid("customer_plans", nsp));
+	return OidIsValid(ub_schema_relation("customer_plans"));
 }
 
 /* Appends a history row to a customer row, in CurrentMemoryContext; rows come in order. */

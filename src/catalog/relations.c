@@ -26,6 +26,7 @@
 
 static UbRelations relations;
 static bool resolved = false;
+static Oid	schema = InvalidOid;	/* usage_billing's namespace, when known */
 static uint64 invalidations = 0;
 static bool callback_registered = false;
 
@@ -34,7 +35,42 @@ static void
 forget_relations(Datum arg, Oid relid)
 {
 	resolved = false;
+	schema = InvalidOid;
 	invalidations++;
+}
+
+/* Registers the relcache callback once per backend. */
+static void
+register_callback(void)
+{
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(forget_relations, (Datum) 0);
+		callback_registered = true;
+	}
+}
+
+/*
+ * The usage_billing schema's OID, or InvalidOid in a database without the
+ * extension (the preload and the worker may run in one).  Remembered until
+ * the next relcache invalidation (dropping the extension drops its tables).
+ */
+Oid
+ub_schema_oid(void)
+{
+	register_callback();
+	if (!OidIsValid(schema))
+		schema = get_namespace_oid("usage_billing", true);
+	return schema;
+}
+
+/* A relation of the usage_billing schema by name, or InvalidOid when it has none. */
+Oid
+ub_schema_relation(const char *relname)
+{
+	Oid			nsp = ub_schema_oid();
+
+	return OidIsValid(nsp) ? get_relname_relid(relname, nsp) : InvalidOid;
 }
 
 /* The primary key of a table, or InvalidOid. */
@@ -63,11 +99,7 @@ ub_relations(void)
 	UbRelations r;
 	uint64		seen;
 
-	if (!callback_registered)
-	{
-		CacheRegisterRelcacheCallback(forget_relations, (Datum) 0);
-		callback_registered = true;
-	}
+	register_callback();
 	if (resolved)
 		return &relations;
 

@@ -26,5 +26,7 @@ typedef struct UbRelations
 } UbRelations;
 
 extern const UbRelations *ub_relations(void);
+extern Oid	ub_schema_oid(void);
+extern Oid	ub_schema_relation(const char *relname);
 
 #endif							/* UB_RELATIONS_H */

@@ -128,16 +128,16 @@ static bool point_passed(const EscrowPoint *p, Numeric lower);
 bool
 ub_escrow_installed(void)
 {
-	return OidIsValid(get_namespace_oid("usage_billing", true)) &&
+	return OidIsValid(ub_schema_oid()) &&
 		OidIsValid(ub_relations()->slots);
 }
 
 /*
- * The saved plan of a query written against usage_billing.aggregate_totals,
- * or, on a schema without escrow slots, of the same query against
- * usage_billing.usage_aggregates.  plans[2] holds one plan per schema, so a
- * backend that lived through ALTER EXTENSION UPDATE reads the slots from
- * then on.
+ * The saved plan of a query that names its totals relation as %1$s:
+ * usage_billing.aggregate_totals (rows plus escrow slots), or, on a schema
+ * without escrow slots, usage_billing.usage_aggregates.  plans[2] holds one
+ * plan per schema, so a backend that lived through ALTER EXTENSION UPDATE
+ * reads the slots from then on.
  */
 SPIPlanPtr
 ub_totals_plan(SPIPlanPtr *plans, const char *sql, int nargs, Oid *types)
@@ -146,21 +146,11 @@ ub_totals_plan(SPIPlanPtr *plans, const char *sql, int nargs, Oid *types)
 
 	if (plans[variant] == NULL)
 	{
-		StringInfoData buf;
-		const char *view = "usage_billing.aggregate_totals";
-		const char *p = sql;
-		const char *hit;
+		char	   *text = psprintf(sql, variant ? "usage_billing.aggregate_totals"
+								: "usage_billing.usage_aggregates");
 
-		initStringInfo(&buf);
-		while (variant == 0 && (hit = strstr(p, view)) != NULL)
-		{
-			appendBinaryStringInfo(&buf, p, hit - p);
-			appendStringInfoString(&buf, "usage_billing.usage_aggregates");
-			p = hit + strlen(view);
-		}
-		appendStringInfoString(&buf, p);
-		ub_prepare_once(&plans[variant], buf.data, nargs, types);
-		pfree(buf.data);
+		ub_prepare_once(&plans[variant], text, nargs, types);
+		pfree(text);
 	}
 	return plans[variant];
 }

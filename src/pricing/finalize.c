@@ -41,6 +41,7 @@
 #include "pricing.h"
 #include "finalize.h"
 #include "errors.h"
+#include "relations.h"
 
 PG_FUNCTION_INFO_V1(ub_invoice_grace);
 PG_FUNCTION_INFO_V1(ub_price_usage);
@@ -151,12 +152,11 @@ bool
 ub_period_invoiced(const char *customer_id, TimestampTz period_start)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			nsp = get_namespace_oid("usage_billing", true);
 	Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
 	Datum		args[2];
 	bool		invoiced;
 
-	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("invoices", nsp)))
+	if (!OidIsValid(ub_schema_relation("invoices")))
 		return false;
 	ub_prepare_once(&plan,
 					"SELECT 1 FROM usage_billing.invoices"
@@ -181,9 +181,8 @@ ub_finalize_invoices_in_worker(void)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
-	Oid			nsp = get_namespace_oid("usage_billing", true);
 
-	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("invoices", nsp)))
+	if (!OidIsValid(ub_schema_relation("invoices")))
 		return;
 	BeginInternalSubTransaction(NULL);
 	MemoryContextSwitchTo(cxt);

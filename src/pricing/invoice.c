@@ -49,6 +49,7 @@
 #include "period_usage.h"
 #include "results.h"
 #include "errors.h"
+#include "relations.h"
 
 PG_FUNCTION_INFO_V1(ub_calculate_overage);
 PG_FUNCTION_INFO_V1(ub_preview_invoice);
@@ -241,12 +242,11 @@ static bool
 FinalizedLines(ReturnSetInfo *rsinfo, const char *customer_id, TimestampTz period_start)
 {
 	static SPIPlanPtr plan = NULL;
-	Oid			nsp = get_namespace_oid("usage_billing", true);
 	Oid			types[2] = {TEXTOID, TIMESTAMPTZOID};
 	Datum		args[2];
 	uint64		n;
 
-	if (!OidIsValid(nsp) || !OidIsValid(get_relname_relid("invoices", nsp)))
+	if (!OidIsValid(ub_schema_relation("invoices")))
 		return false;
 	ub_prepare_once(&plan,
 					"SELECT l.line, l.meter, l.quantity, l.unit_price, l.amount, l.segment_start"

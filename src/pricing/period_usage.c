@@ -60,7 +60,7 @@ ub_period_aggregates(const char *customer_id, TimestampTz period_start)
 	args[1] = TimestampTzGetDatum(period_start);
 	ret = SPI_execute_plan(ub_totals_plan(aggregates_plans,
 										  "SELECT a.meter, a.total, a.event_count, a.first_usage, a.last_usage"
-										  "  FROM usage_billing.aggregate_totals a"
+										  "  FROM %1$s a"
 										  " WHERE a.customer_id = $1 AND a.period_start = $2",
 										  2, types),
 						   args, NULL, true, 0);

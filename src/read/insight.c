@@ -301,9 +301,9 @@ ub_meter_usage(const UbCustomer *customer, TimestampTz current_start, TimestampT
 				 "       coalesce(cur.total, 0), coalesce(prev.total, 0),"
 				 "       (pg_catalog.to_jsonb(m) OPERATOR(pg_catalog.->>) 'decimals')::pg_catalog.int4"
 				 "  FROM usage_billing.meters m"
-				 "  LEFT JOIN usage_billing.aggregate_totals cur"
+				 "  LEFT JOIN %1$s cur"
 				 "         ON cur.customer_id = $1 AND cur.meter = m.meter AND cur.period_start = $2"
-				 "  LEFT JOIN usage_billing.aggregate_totals prev"
+				 "  LEFT JOIN %1$s prev"
 				 "         ON prev.customer_id = $1 AND prev.meter = m.meter AND prev.period_start = $3"
 				 " WHERE cur.customer_id IS NOT NULL OR prev.customer_id IS NOT NULL"
 				 "    OR EXISTS (SELECT 1 FROM usage_billing.effective_limits l"
@@ -492,7 +492,7 @@ ub_recommend_plan(PG_FUNCTION_ARGS)
 		SPIPlanPtr	period_totals_plan = ub_totals_plan(period_totals_plans,
 					 "SELECT a.meter, a.total, p.i"
 					 "  FROM pg_catalog.unnest($2) WITH ORDINALITY AS p(s, i)"
-					 "  JOIN usage_billing.aggregate_totals a"
+					 "  JOIN %1$s a"
 					 "    ON a.customer_id = $1 AND a.period_start = p.s", 2, types);
 		args[0] = CStringGetTextDatum(customer_id);
 		args[1] = PointerGetDatum(construct_array(starts, periods, TIMESTAMPTZOID,

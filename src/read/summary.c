@@ -217,7 +217,7 @@ PeriodRows(const char *customer_id, TimestampTz period_start)
 	ret = SPI_execute_plan(ub_totals_plan(period_rows_plans,
 										  "SELECT coalesce(a.meter, l.meter), a.total, a.event_count,"
 										  "       a.first_usage, a.last_usage"
-										  "  FROM (SELECT * FROM usage_billing.aggregate_totals"
+										  "  FROM (SELECT * FROM %1$s"
 										  "         WHERE customer_id = $1 AND period_start = $2) a"
 										  "  FULL JOIN (SELECT DISTINCT el.meter FROM usage_billing.effective_limits el"
 										  "              WHERE el.customer_id = $1) l ON l.meter = a.meter"

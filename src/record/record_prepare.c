@@ -457,7 +457,7 @@ lookup_original(const char *customer_id, const char *key, const UbEventInput *in
 	args[1] = CStringGetTextDatum(meter);
 	args[2] = TimestampTzGetDatum(period_start);
 	if (SPI_execute_plan(ub_totals_plan(agg_read_plans,
-										"SELECT total, period_end FROM usage_billing.aggregate_totals"
+										"SELECT total, period_end FROM %1$s"
 										" WHERE customer_id = $1 AND meter = $2 AND period_start = $3",
 										3, types3),
 						 args, NULL, false, 1) != SPI_OK_SELECT)
