@@ -77,7 +77,7 @@
 #include "utils/timestamp.h"
 
 #include "alerts.h"
-#include "pricing.h"
+#include "num.h"
 #include "errors.h"
 
 PG_FUNCTION_INFO_V1(ub_flush_alerts);

@@ -35,7 +35,7 @@
 
 #include "catalog.h"
 #include "period_pricing.h"
-#include "pricing.h"
+#include "num.h"
 #include "period_usage.h"
 #include "results.h"
 

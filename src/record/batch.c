@@ -40,7 +40,7 @@
 #include "utils/hsearch.h"
 
 #include "batch.h"
-#include "pricing.h"
+#include "num.h"
 #include "record.h"
 #include "errors.h"
 

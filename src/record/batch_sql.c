@@ -21,7 +21,7 @@
 
 #include "batch.h"
 #include "escrow.h"
-#include "pricing.h"
+#include "num.h"
 #include "holds.h"
 #include "errors.h"
 

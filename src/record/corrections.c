@@ -51,7 +51,7 @@
 #include "catalog.h"
 #include "escrow.h"
 #include "periods.h"
-#include "pricing.h"
+#include "num.h"
 #include "record.h"
 #include "errors.h"
 

@@ -34,7 +34,7 @@
 
 #include "catalog.h"
 #include "periods.h"
-#include "pricing.h"
+#include "num.h"
 #include "record.h"
 #include "errors.h"
 

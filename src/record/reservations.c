@@ -49,7 +49,7 @@
 #include "alerts.h"
 #include "catalog.h"
 #include "escrow.h"
-#include "pricing.h"
+#include "num.h"
 #include "record.h"
 #include "relations.h"
 #include "holds.h"
