@@ -7,9 +7,10 @@
  * backend's catalog cache (catalog_cache.c; on a miss ub_lookup_usage_target
  * reads them through SPI and fills it), then one probe of usage_aggregates'
  * primary key reads the meter's aggregate in the customer's current billing
- * period: on a cache hit no SPI, no executor, no ledger.  The function is declared without SET search_path (a function SET
- * costs about a fifth of a cached call); the SQL of a miss runs under a
- * search_path we set ourselves.
+ * period: on a cache hit no SPI, no executor, no ledger.  The function is
+ * declared without SET search_path (a function SET costs about a fifth of a
+ * cached call); the SQL of a miss runs under the safe search path
+ * (ub_push_safe_search_path), as every statement of ours does.
  * It never raises for bad input: an unknown customer or meter, or an
  * invalid requested quantity, answers allowed = false with a reason.
  *
@@ -49,7 +50,6 @@
 #include "funcapi.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
-#include "utils/guc.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/numeric.h"
@@ -110,13 +110,10 @@ CurrentTotalSql(const char *customer_id, const char *meter, TimestampTz period_s
 	MemoryContext caller = CurrentMemoryContext;
 	Datum		args[3];
 	Numeric		total = NULL;
-	int			guc_level;
 
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
-	guc_level = NewGUCNestLevel();
-	(void) set_config_option("search_path", "pg_catalog, pg_temp",
-							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	ub_push_safe_search_path();
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = CStringGetTextDatum(meter);
 	args[2] = TimestampTzGetDatum(period_start);
@@ -139,7 +136,7 @@ CurrentTotalSql(const char *customer_id, const char *meter, TimestampTz period_s
 			MemoryContextSwitchTo(spi);
 		}
 	}
-	AtEOXact_GUC(true, guc_level);
+	PopOverrideSearchPath();
 	SPI_finish();
 	return total != NULL ? total : ub_num_zero();
 }
@@ -240,7 +237,6 @@ static bool
 LookupTarget(const char *customer_id, const char *meter, UbCustomer *customer, UbMeter *m,
 			 bool *meter_found, UbLimit *limit, bool *spi_connected)
 {
-	int			guc_level;
 	bool		found;
 
 	if (ub_cache_get(customer_id, meter, customer, m, meter_found, limit))
@@ -249,11 +245,9 @@ LookupTarget(const char *customer_id, const char *meter, UbCustomer *customer, U
 	if (SPI_connect() != SPI_OK_CONNECT)
 		elog(ERROR, "SPI_connect failed");
 	*spi_connected = true;
-	guc_level = NewGUCNestLevel();
-	(void) set_config_option("search_path", "pg_catalog, pg_temp",
-							 PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true, 0, false);
+	ub_push_safe_search_path();
 	found = ub_lookup_usage_target(customer_id, meter, customer, m, meter_found, limit);
-	AtEOXact_GUC(true, guc_level);
+	PopOverrideSearchPath();
 	return found;
 }
 
