@@ -21,7 +21,7 @@
  *   Insight              history, forecast, plan recommendation, the psql report
  *   Corrections          voids, adjustments and retention
  *   Security             roles, tenants, row-level security, privileges
- *   Version 1.5          what usage_billing--1.4--1.5.sql adds
+ *   Version 1.5          what usage_billing--1.4--1.5.sql adds (its sections, copied)
  *
  * Vocabulary
  *   meter      a named kind of usage ('api_calls') with an aggregation
@@ -160,19 +160,14 @@ COMMENT ON FUNCTION usage_billing.catalog_changed() IS
 
 CREATE TRIGGER meters_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.meters
     FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
-
 CREATE TRIGGER plans_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.plans
     FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
-
 CREATE TRIGGER plan_limits_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.plan_limits
     FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
-
 CREATE TRIGGER customers_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.customers
     FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
-
 CREATE TRIGGER customer_limits_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.customer_limits
     FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
-
 CREATE TRIGGER customer_plans_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON usage_billing.customer_plans
     FOR EACH STATEMENT EXECUTE FUNCTION usage_billing.catalog_changed();
 
@@ -728,9 +723,9 @@ COMMENT ON FUNCTION usage_billing.change_plan(text, text, text, timestamptz) IS
 -- batch event; a stripe_customer_id Stripe would not take; a hard cap with an overage price; a
 -- void without a reason.  Those checks are in C (record_prepare.c, batch.c, corrections.c) and
 -- in the catalog functions below.  An idempotency key repeated with different parameters is
--- 23505, no longer a duplicate.
+-- 23505, not a duplicate.
 --
--- Nothing recorded before changes: rows that break the new rules stay as they are, count as
+-- Rows recorded by a version before 1.4 that break these rules stay as they were, count as
 -- before and are listed by the view usage_billing.input_violations.
 
 CREATE TABLE usage_billing.usage_events (
@@ -771,8 +766,7 @@ SELECT pg_catalog.pg_extension_config_dump('usage_billing.usage_events_event_id_
 -- other pages: every one then inserts into the primary key, which fills with dead entries
 -- that each later lookup walks through (measured: 19 % of the updates were HOT under batch
 -- load with the default fill factor, 98 % with 30).  The table holds one row per customer,
--- meter and period, so the space this costs is small next to the ledger.  New pages take it
--- at once.
+-- meter and period, so the space this costs is small next to the ledger.
 CREATE TABLE usage_billing.usage_aggregates (
     customer_id  text NOT NULL,
     meter        text NOT NULL,
@@ -903,8 +897,8 @@ COMMENT ON VIEW usage_billing.input_violations IS
 -- ---------------------------------------------------------------------------
 -- Escrow
 -- ---------------------------------------------------------------------------
--- Callers of one (customer, meter, period) used to commit one at a time: each held the
--- aggregate row's lock until its commit was flushed.  A key that is contended now also keeps
+-- Without escrow, callers of one (customer, meter, period) commit one at a time: each holds
+-- the aggregate row's lock until its commit is flushed.  A key that is contended also keeps
 -- its total in escrow slots, one per backend that writes it (escrow.c).  A slot holds part
 -- of the total and a budget, a share of what is left before the next limit decision (a soft
 -- threshold, the included quantity, the hard cap).  A caller that fits its slot's budget
@@ -2884,7 +2878,7 @@ END
 $tenant$;
 
 -- ---------------------------------------------------------------------------
--- Version 1.5
+-- Version 1.5: scale-out on Citus, Stripe reconciliation and v2 streams
 -- ---------------------------------------------------------------------------
--- What usage_billing--1.4--1.5.sql adds, section by section (the same objects, for a fresh
--- install).
+-- What usage_billing--1.4--1.5.sql adds, one section per subsystem in the same order: a
+-- section added there is copied here.
