@@ -17,8 +17,9 @@
 --               indexes; of the schema and of the roles
 --   extension   version, schema, extconfig with extcondition (pg_dump's data tables)
 --   roles       the roles named usage_billing_*: attributes, memberships, comments
--- Everything is printed by name, never by OID, so two databases (or clusters) compare as text.
--- Run with psql -X -A -t -q.
+-- Everything is printed by name, never by OID, so two databases (or clusters) compare as text;
+-- view and function definitions are printed line by line (numbered), so that a difference
+-- shows as the lines that differ.  Run with psql -X -A -t -q.
 
 WITH ext AS (
     SELECT e.oid, e.extname, e.extversion, e.extnamespace, e.extrelocatable,
@@ -63,7 +64,7 @@ WITH ext AS (
     UNION ALL
     -- columns: position among the live columns, name, type, not null, default, generated,
     -- identity, collation
-    SELECT r.name || ': column ' || row_number() OVER (PARTITION BY a.attrelid ORDER BY a.attnum)
+    SELECT r.name || ': column ' || lpad((row_number() OVER (PARTITION BY a.attrelid ORDER BY a.attnum))::text, 3, '0')
            || ' ' || quote_ident(a.attname)
            || ' ' || format_type(a.atttypid, a.atttypmod)
            || CASE WHEN a.attnotnull THEN ' not null' ELSE '' END
@@ -102,9 +103,10 @@ WITH ext AS (
       FROM rels r
       JOIN pg_rewrite w ON w.ev_class = r.oid AND w.rulename <> '_RETURN'
     UNION ALL
-    SELECT r.name || ': definition ' || pg_get_viewdef(c.oid)
+    SELECT r.name || ': definition ' || lpad(d.n::text, 4, '0') || ' ' || d.line
       FROM rels r
       JOIN pg_class c ON c.oid = r.oid AND c.relkind IN ('v', 'm')
+     CROSS JOIN LATERAL regexp_split_to_table(pg_get_viewdef(c.oid), E'\n') WITH ORDINALITY AS d(line, n)
     UNION ALL
     SELECT r.name || ': sequence ' || format_type(s.seqtypid, NULL)
            || ' start=' || s.seqstart || ' increment=' || s.seqincrement
@@ -118,11 +120,12 @@ WITH ext AS (
       FROM rels r
       JOIN pg_sequence s ON s.seqrelid = r.oid
     UNION ALL
-    -- functions: the whole definition, then each flag on its own (a failure names the flag)
-    SELECT p.name || ': definition ' || pg_get_functiondef(f.oid)
+    -- functions: the whole definition, line by line (a failure shows the lines that differ),
+    -- then each flag on its own
+    SELECT p.name || ': definition ' || lpad(d.n::text, 4, '0') || ' ' || d.line
       FROM procs p
-      JOIN pg_proc f ON f.oid = p.oid
-     WHERE f.prokind <> 'a'
+      JOIN pg_proc f ON f.oid = p.oid AND f.prokind <> 'a'
+     CROSS JOIN LATERAL regexp_split_to_table(pg_get_functiondef(f.oid), E'\n') WITH ORDINALITY AS d(line, n)
     UNION ALL
     SELECT p.name || ': kind=' || f.prokind::text
            || ' volatility=' || f.provolatile::text
@@ -241,4 +244,5 @@ WITH ext AS (
       FROM roles r
       JOIN pg_shdescription d ON d.classoid = 'pg_authid'::regclass AND d.objoid = r.oid
 )
-SELECT line FROM facts ORDER BY line COLLATE "C";
+-- one fact a line: a line break inside a fact (a comment's text) is written \n
+SELECT replace(line, E'\n', '\n') FROM facts ORDER BY line COLLATE "C";
