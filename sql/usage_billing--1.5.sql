@@ -2343,13 +2343,10 @@ BEGIN
     END LOOP;
 END
 $roles$;
-
 COMMENT ON ROLE usage_billing_admin IS
     'usage_billing: catalog, plans, customers, corrections, retention and export settings.';
-
 COMMENT ON ROLE usage_billing_writer IS
     'usage_billing: records and checks usage (increment_usage, increment_usage_batch, check_limit).';
-
 COMMENT ON ROLE usage_billing_reader IS
     'usage_billing: reads summaries, overage, invoices, alerts and export status.';
 
@@ -2386,7 +2383,6 @@ BEGIN
     END IF;
 END
 $service$;
-
 COMMENT ON ROLE usage_billing_service IS
     'usage_billing: a backend that records and reads (member of usage_billing_writer and usage_billing_reader).';
 
