@@ -1,10 +1,17 @@
 # Upgrade from 1.0: install the previous version, record usage, ALTER EXTENSION UPDATE; nothing
 # recorded changes, recording goes on (keys recorded before still deduplicate), the 1.1 objects
-# exist, and the upgraded database has exactly the objects, flags, grants and policies of a
-# fresh install of the default version.  Upgrade from 1.3 with data that breaks 1.4's input
-# rules: kept, listed by input_violations, recording goes on under the new rules; the 1.3
-# customer's plan is its history from the beginning, and a change after the update has history.
-# (The catalog columns compared are those of 1.0; the meters' columns of 1.4 are checked below.)
+# exist.  Upgrade from 1.3 with data that breaks 1.4's input rules: kept, listed by
+# input_violations, recording goes on under the new rules; the 1.3 customer's plan is its
+# history from the beginning, and a change after the update has history.  (The catalog columns
+# compared are those of 1.0; the meters' columns of 1.4 are checked below.)
+#
+# Then both updated databases are compared, object by object, with a fresh install of the
+# default version (its own install script, usage_billing--<version>.sql) in a second cluster:
+# every fact test/extension_objects.sql prints (members, columns, constraints, indexes,
+# triggers, policies, view and function definitions, flags, grants, comments, pg_dump
+# registrations, the roles and their memberships) must be the same; the facts that differ are
+# printed.  Both clusters have the roles a Supabase project has (authenticated, service_role),
+# so the grants the extension gives them are compared too.
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -22,7 +29,10 @@ usage_billing.late_event_grace = -1
 timezone = 'UTC'
 });
 $node->start;
-$node->safe_psql('postgres', 'CREATE DATABASE old; CREATE DATABASE fresh; CREATE DATABASE old13;');
+# the roles of a Supabase project: the install and the updates grant them access
+my $supabase_roles = 'CREATE ROLE authenticated NOLOGIN; CREATE ROLE service_role NOLOGIN;';
+$node->safe_psql('postgres', $supabase_roles);
+$node->safe_psql('postgres', 'CREATE DATABASE old; CREATE DATABASE old13;');
 
 $node->safe_psql('old', q{
 CREATE EXTENSION usage_billing VERSION '1.0';
@@ -148,34 +158,79 @@ SELECT string_agg(line || ' ' || amount || ' ' || coalesce(segment_start::text, 
 	'base 4.84 2025-01-01 00:00:00+00, usage 0.00 2025-01-01 00:00:00+00, base 20.65 2025-01-16 00:00:00+00, total 25.49 -',
 	'a change after the update splits its period: pro for 15 days, pro2 for 16');
 
-# upgraded == fresh install
-$node->safe_psql('fresh', 'CREATE EXTENSION usage_billing');
-my $shape_q = q{
-SELECT 'fn ' || p.oid::regprocedure || ' secdef=' || p.prosecdef || ' vol=' || p.provolatile::text
-       || ' cfg=' || coalesce(array_to_string(p.proconfig, ';'), '') || ' acl=' || coalesce(p.proacl::text, 'default')
-  FROM pg_proc p WHERE p.pronamespace = 'usage_billing'::regnamespace
-UNION ALL
-SELECT 'rel ' || c.relname || ' kind=' || c.relkind::text || ' rls=' || c.relrowsecurity
-       || ' acl=' || coalesce(c.relacl::text, 'default') || ' opts=' || coalesce(array_to_string(c.reloptions, ';'), '')
-  FROM pg_class c WHERE c.relnamespace = 'usage_billing'::regnamespace
-UNION ALL
-SELECT 'col ' || attrelid::regclass || '.' || attname || ' ' || format_type(atttypid, atttypmod)
-       || ' default=' || coalesce(pg_get_expr(d.adbin, d.adrelid), '')
-  FROM pg_attribute a LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
- WHERE a.attrelid IN (SELECT oid FROM pg_class WHERE relnamespace = 'usage_billing'::regnamespace)
-   AND a.attnum > 0 AND NOT a.attisdropped
-UNION ALL
-SELECT 'policy ' || tablename || '.' || policyname || ' ' || cmd || ' ' || array_to_string(roles, ',') || ' ' || coalesce(qual, '')
-  FROM pg_policies WHERE schemaname = 'usage_billing'
-UNION ALL
-SELECT 'schema acl=' || coalesce(nspacl::text, '') FROM pg_namespace WHERE nspname = 'usage_billing'
-UNION ALL
-SELECT 'config ' || array_to_string(extconfig::regclass[]::text[], ',') FROM pg_extension WHERE extname = 'usage_billing'
-ORDER BY 1};
-my $fresh = $node->safe_psql('fresh', $shape_q);
-my $upgraded = $node->safe_psql('old', $shape_q);
-cmp_ok(scalar(split /\n/, $fresh), '>', 50, 'the shape query sees the objects');
-is($upgraded, $fresh, 'an upgraded database has the objects, flags, grants and policies of a fresh install');
+# updated == fresh install, object by object.  The fresh install runs in a cluster of its own,
+# so that it creates the roles itself (as a first install does).
+my $fresh_node = PostgreSQL::Test::Cluster->new('fresh');
+$fresh_node->init(extra => [ '--encoding=UTF8', '--locale=C' ]);
+$fresh_node->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'usage_billing'
+usage_billing.export_interval = 0
+usage_billing.late_event_grace = -1
+timezone = 'UTC'
+});
+$fresh_node->start;
+$fresh_node->safe_psql('postgres', $supabase_roles);
+$fresh_node->safe_psql('postgres', 'CREATE DATABASE fresh');
+my $sharedir = $fresh_node->config_data('--sharedir');
+ok(-f "$sharedir/extension/usage_billing--$default_version.sql",
+	"an install script of the default version exists (CREATE EXTENSION runs it, not the updates)");
+$fresh_node->safe_psql('fresh', 'CREATE EXTENSION usage_billing');
+is($fresh_node->safe_psql('fresh', "SELECT extversion FROM pg_extension WHERE extname = 'usage_billing'"),
+	$default_version, "fresh install at the default version ($default_version)");
+
+my $shape_sql = slurp_file('test/extension_objects.sql');
+my @fresh = split /\n/, $fresh_node->safe_psql('fresh', $shape_sql);
+
+# the query sees what it must compare
+my %kinds;
+$kinds{$_}++ for map { /^member (\w+)/ ? $1 : () } @fresh;
+cmp_ok($kinds{table} // 0, '>=', 20, 'the shape query sees the tables');
+cmp_ok($kinds{view} // 0, '>=', 8, 'the shape query sees the views');
+cmp_ok($kinds{function} // 0, '>=', 55, 'the shape query sees the functions');
+cmp_ok($kinds{sequence} // 0, '>=', 4, 'the shape query sees the sequences');
+for my $fact (
+	qr/^table usage_billing\.meters: column 010 duration_unit text collate "default"$/,
+	qr/^table usage_billing\.usage_events: column 012 recorded_by text not null default SESSION_USER /,
+	qr/^table usage_billing\.usage_aggregates: relkind=r .* options=fillfactor=30 rowsecurity=true /,
+	qr/^table usage_billing\.usage_events: policy tenant_own_rows cmd=r .* to=public /,
+	qr/^function usage_billing\.increment_usage\(.*\): kind=f .* security_definer=true /,
+	qr/^function usage_billing\.export_plan\(integer\): definition \d+ /,
+	qr/^view usage_billing\.current_usage: grant SELECT to authenticated by /,
+	qr/^extension usage_billing: config usage_billing\.usage_events_event_id_seq /,
+	qr/^comment on policy staff_all on table usage_billing\.customers: /,
+	qr/^role service_role: member of usage_billing_service$/,
+	qr/^role usage_billing_reader: super=false .* login=false .* bypassrls=false /)
+{
+	ok((grep { $_ =~ $fact } @fresh), "the shape query prints $fact");
+}
+
+# Compares two lists of facts; on a difference, prints the objects that differ and the facts
+# found on one side only.
+sub same_shape
+{
+	my ($got, $want, $name) = @_;
+	my %count;
+	$count{$_}++ for @$got;
+	$count{$_}-- for @$want;
+	my @extra = grep { $count{$_} > 0 } sort keys %count;
+	my @missing = grep { $count{$_} < 0 } sort keys %count;
+	my $ok = ok(!@extra && !@missing, $name);
+	if (!$ok)
+	{
+		my %objects;
+		$objects{ (/^(.*?): / ? $1 : $_) } = 1 for @extra, @missing;
+		diag("objects that differ:\n  " . join("\n  ", sort keys %objects));
+		diag("only after the update:\n  " . join("\n  ", @extra)) if @extra;
+		diag("only in the fresh install:\n  " . join("\n  ", @missing)) if @missing;
+	}
+	return $ok;
+}
+
+same_shape([ split /\n/, $node->safe_psql('old', $shape_sql) ], \@fresh,
+	'1.0 updated to the default version has the objects of a fresh install, fact by fact');
+same_shape([ split /\n/, $node->safe_psql('old13', $shape_sql) ], \@fresh,
+	'1.3 updated to the default version has the objects of a fresh install, fact by fact');
+$fresh_node->stop;
 
 # roles are cluster-wide: one made beforehand with BYPASSRLS (or SUPERUSER) stops the install
 $node->safe_psql('postgres', 'CREATE DATABASE squat; ALTER ROLE usage_billing_reader BYPASSRLS;');
