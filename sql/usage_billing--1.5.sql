@@ -2878,3 +2878,11 @@ $tenant$;
 -- ---------------------------------------------------------------------------
 -- What usage_billing--1.4--1.5.sql adds, one section per subsystem in the same order: a
 -- section added there is copied here.
+
+-- ---------------------------------------------------------------------------
+-- Security: the tenants' policies of the escrow slots and reservations say what they do
+-- ---------------------------------------------------------------------------
+COMMENT ON POLICY tenant_own_rows ON usage_billing.usage_aggregate_slots IS
+    'Any other role sees the rows of the customer named by its request: usage_billing.current_customer_id().';
+COMMENT ON POLICY tenant_own_rows ON usage_billing.reservations IS
+    'Any other role sees the rows of the customer named by its request: usage_billing.current_customer_id().';
