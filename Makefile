@@ -32,6 +32,7 @@ OBJS = \
 	src/finalize.o \
 	src/shmem.o \
 	src/export_worker.o \
+	src/stripe_http.o \
 	src/stripe_client.o \
 	src/export_outbox.o \
 	src/export_secrets.o \
