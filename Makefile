@@ -38,7 +38,9 @@ OBJS = \
 	src/export_secrets.o \
 	src/redact.o \
 	src/export_cancel.o \
-	src/export_cancel_http.o
+	src/export_cancel_http.o \
+	src/reconcile.o \
+	src/reconcile_http.o
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 

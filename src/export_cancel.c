@@ -54,6 +54,7 @@
 #include "utils/timestamp.h"
 
 #include "export_cancel.h"
+#include "export_worker.h"
 #include "stripe_http.h"
 
 /* cancels planned per run: bounds transaction 1 */
@@ -194,11 +195,17 @@ ub_cancel_fetch(MemoryContext cxt, int *n)
 							  2, argtypes, values, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "SPI failed while planning meter event cancels");
 
+	/* Stripe Connect: a cancel goes to the account its event was sent to */
 	values[0] = Int32GetDatum(UB_CANCEL_SEND_ROWS);
-	if (SPI_execute_with_args("SELECT cancel_id, identifier, idempotency_key, event_name, attempts"
-							  "  FROM usage_billing.export_cancels"
-							  " WHERE status = 'pending' AND next_attempt_at <= clock_timestamp()"
-							  " ORDER BY next_attempt_at, cancel_id LIMIT $1",
+	if (SPI_execute_with_args(psprintf("SELECT x.cancel_id, x.identifier, x.idempotency_key, x.event_name,"
+									   "       x.attempts, %s"
+									   "  FROM usage_billing.export_cancels x"
+									   " WHERE x.status = 'pending' AND x.next_attempt_at <= clock_timestamp()"
+									   " ORDER BY x.next_attempt_at, x.cancel_id LIMIT $1",
+									   ub_outbox_has_accounts()
+									   ? "(SELECT o.stripe_account FROM usage_billing.export_outbox o"
+									   "    WHERE o.outbox_id = x.outbox_id)"
+									   : "NULL::text"),
 							  1, argtypes, values, NULL, true, UB_CANCEL_SEND_ROWS) != SPI_OK_SELECT)
 		elog(ERROR, "SPI failed while fetching meter event cancels");
 
@@ -216,6 +223,9 @@ ub_cancel_fetch(MemoryContext cxt, int *n)
 		c->idempotency_key = MemoryContextStrdup(cxt, SPI_getvalue(tup, desc, 3));
 		c->event_name = MemoryContextStrdup(cxt, SPI_getvalue(tup, desc, 4));
 		c->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+		c->stripe_account = SPI_getvalue(tup, desc, 6);
+		if (c->stripe_account)
+			c->stripe_account = MemoryContextStrdup(cxt, c->stripe_account);
 	}
 	SPI_finish();
 	return cancels;

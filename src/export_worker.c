@@ -43,6 +43,7 @@
 #include "escrow.h"
 #include "export_worker.h"
 #include "finalize.h"
+#include "reconcile.h"
 #include "shmem.h"
 #include "usage_billing.h"
 
@@ -152,6 +153,7 @@ ub_export_init(void)
 							NULL, NULL, NULL);
 
 	ub_secrets_init();
+	ub_reconcile_init();		/* reconcile.c: its settings and shared struct */
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;
@@ -412,10 +414,15 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 			break;
 	}
 
+	/* reading Stripe's summaries back, when due or asked for (reconcile.c) */
+	if (ub_reconcile_run(&cfg))
+		*more = true;
+
 	ub_begin();
 	due_ms = ub_outbox_next_due_ms();
 	due_ms = ub_cancel_merge_due(due_ms);	/* export_cancel.c */
 	ub_commit();
+	due_ms = ub_reconcile_merge_due(due_ms);
 
 	ub_shmem_count_cycle(total_sent, total_failed);
 	if (total_sent > 0 || total_failed > 0)
