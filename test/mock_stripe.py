@@ -57,7 +57,8 @@ Control endpoints (tests only):
                        max_inflight_per_key (most requests in flight for one customer and
                        event name, cancels included), violations, violation_log,
                        stripe_versions (header value -> count), max_ahead (largest
-                       timestamp - arrival time, seconds), faults_served, faults_queued
+                       timestamp - arrival time, seconds), faults_served, faults_queued,
+                       summary_requests, accounts_seen (Stripe-Account value -> count)
   POST /_mock/faults   {"kind": K, "count": N, "retry_after": S, "seconds": S} queued
                        for the next N meter event requests; K is one of
                        500 | 429 | 429_retry_after | hang (sleep, drop, nothing recorded) |
