@@ -58,11 +58,6 @@ extern void ub_stripe_send_batch(UbMeterEvent *events, int n, const UbStripeConf
 								 bool *throttled);
 extern void ub_stripe_shutdown(void);
 
-/* stripe_http.c */
-extern void ub_stripe_header_value(const char *line, size_t len, size_t name_len,
-								   char *dst, size_t dstlen);
-extern void ub_http_shutdown(void);
-
 /* redact.c, export_secrets.c */
 extern void ub_redact_keys(char *msg, const char *key);
 extern void ub_secrets_init(void);

@@ -39,6 +39,8 @@ static bool ub_http_initialized = false;
 
 static size_t ub_http_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata);
 static size_t ub_http_header_cb(char *buffer, size_t size, size_t nitems, void *userdata);
+static void ub_http_header_value(const char *line, size_t len, size_t name_len,
+								 char *dst, size_t dstlen);
 static int	ub_http_progress_cb(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 								curl_off_t ultotal, curl_off_t ulnow);
 static struct curl_slist *ub_http_append(struct curl_slist *h, const char *line);
@@ -87,8 +89,8 @@ ub_http_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
 }
 
 /* Copies a header line's value, trimmed, into a fixed buffer. */
-void
-ub_stripe_header_value(const char *line, size_t len, size_t name_len, char *dst, size_t dstlen)
+static void
+ub_http_header_value(const char *line, size_t len, size_t name_len, char *dst, size_t dstlen)
 {
 	size_t		i = name_len;
 	size_t		j;
@@ -112,11 +114,11 @@ ub_http_header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
 	size_t		len = size * nitems;
 
 	if (len > 11 && pg_strncasecmp(buffer, "request-id:", 11) == 0)
-		ub_stripe_header_value(buffer, len, 11, ans->request_id, sizeof(ans->request_id));
+		ub_http_header_value(buffer, len, 11, ans->request_id, sizeof(ans->request_id));
 	else if (len > 12 && pg_strncasecmp(buffer, "retry-after:", 12) == 0)
-		ub_stripe_header_value(buffer, len, 12, ans->retry_after, sizeof(ans->retry_after));
+		ub_http_header_value(buffer, len, 12, ans->retry_after, sizeof(ans->retry_after));
 	else if (len > 20 && pg_strncasecmp(buffer, "stripe-should-retry:", 20) == 0)
-		ub_stripe_header_value(buffer, len, 20, ans->should_retry, sizeof(ans->should_retry));
+		ub_http_header_value(buffer, len, 20, ans->should_retry, sizeof(ans->should_retry));
 	return len;
 }
 

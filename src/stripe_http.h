@@ -58,6 +58,7 @@ typedef struct UbHttpRequest
 } UbHttpRequest;
 
 extern void ub_http_init(void);
+extern void ub_http_shutdown(void);
 extern void ub_http_form_add(StringInfo buf, const char *name, const char *value);
 extern void ub_http_prepare(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url,
 							char *form, const char *idempotency_key,
