@@ -379,9 +379,9 @@ BEGIN
                   HINT = 'Call it in its own transaction at the default isolation level.';
     END IF;
     IF NOT usage_billing.reconcile_request(p_customer_id, p_meter, 60000) THEN
-        RAISE WARNING 'the export worker did not finish reconciling within 60 s'
-            USING DETAIL = 'The rows shown are the results of the last reconciliation.',
-                  HINT = 'See export_worker_info() and the server log; usage_billing.reconcile_interval runs it on a schedule.';
+        RAISE WARNING 'the export worker did not reconcile'
+            USING DETAIL = 'It is not running, has no Stripe API key, failed, or did not finish within 60 s; the rows shown are the results of the last reconciliation.',
+                  HINT = 'See usage_billing.export_status.reason and the server log.';
     END IF;
     RETURN QUERY
     SELECT r.customer_id, r.meter, r.period_start, r.period_end, r.stripe_value, r.expected,

@@ -443,6 +443,7 @@ ub_guarded_cycle(MemoryContext cycle_cxt, bool *more)
 
 	*more = false;
 	MemoryContextSwitchTo(cycle_cxt);
+	ub_reconcile_cycle_begin();
 	PG_TRY();
 	{
 		due_ms = ub_run_cycle(cycle_cxt, more);
@@ -457,6 +458,8 @@ ub_guarded_cycle(MemoryContext cycle_cxt, bool *more)
 		*more = false;
 	}
 	PG_END_TRY();
+	/* reconciliation requests this cycle could not serve stop waiting (reconcile.c) */
+	ub_reconcile_cycle_end();
 	/* on every path: the key must not linger in freed memory */
 	if (ub_cycle_key)
 		explicit_bzero(ub_cycle_key, strlen(ub_cycle_key));

@@ -27,7 +27,9 @@
  *   request   reconcile_stripe() -> reconcile_request(): takes a ticket in
  *             shared memory (with an optional customer and meter), wakes the
  *             worker and waits until a run that took the ticket finished.
- *             The HTTP requests are the worker's, never the caller's.
+ *             The HTTP requests are the worker's, never the caller's.  A
+ *             cycle that cannot reconcile (no API key, an error) abandons
+ *             the pending tickets: their callers stop waiting at once.
  *
  * The shared struct lives next to the export worker's (shmem.c) and is
  * protected by its own spinlock.
@@ -66,6 +68,7 @@ typedef struct UbReconcileShared
 	int64		requested;		/* tickets handed out */
 	int64		taken;			/* highest ticket a run has taken */
 	int64		completed;		/* highest ticket whose run finished */
+	int64		abandoned;		/* highest ticket a cycle could not serve (no key, error) */
 	char		customer_id[UB_RECONCILE_NAME_LEN]; /* filter of the pending tickets, "" = all */
 	char		meter[UB_RECONCILE_NAME_LEN];
 } UbReconcileShared;
@@ -78,6 +81,7 @@ static int	ub_reconcile_interval_s = 3600;
 static int	ub_reconcile_settle_s = 900;
 static int	ub_reconcile_max_keys = 1000;
 static TimestampTz ub_reconcile_last = 0;	/* the worker's last run */
+static bool ub_reconcile_reached = false;	/* this cycle got to ub_reconcile_run */
 
 static void ub_reconcile_shmem_request(void);
 static void ub_reconcile_shmem_startup(void);
@@ -207,13 +211,15 @@ ub_reconcile_request(PG_FUNCTION_ARGS)
 	for (;;)
 	{
 		int64		completed;
+		int64		abandoned;
 
 		SpinLockAcquire(&ub_rec->mutex);
 		completed = ub_rec->completed;
+		abandoned = ub_rec->abandoned;
 		SpinLockRelease(&ub_rec->mutex);
 		if (completed >= ticket)
 			PG_RETURN_BOOL(true);
-		if (GetCurrentTimestamp() >= deadline)
+		if (abandoned >= ticket || GetCurrentTimestamp() >= deadline)
 			PG_RETURN_BOOL(false);
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH, 100,
 						 PG_WAIT_EXTENSION);
@@ -243,6 +249,32 @@ ub_reconcile_take(int64 *ticket, char *customer_id, char *meter)
 	}
 	SpinLockRelease(&ub_rec->mutex);
 	return pending;
+}
+
+/* The worker starts a cycle. */
+void
+ub_reconcile_cycle_begin(void)
+{
+	ub_reconcile_reached = false;
+}
+
+/*
+ * The worker ended a cycle: when it did not get to reconciling (no API key,
+ * a standby, an error), the pending tickets are abandoned, so that their
+ * callers stop waiting at once instead of until their timeout.
+ */
+void
+ub_reconcile_cycle_end(void)
+{
+	if (ub_rec == NULL || ub_reconcile_reached)
+		return;
+	SpinLockAcquire(&ub_rec->mutex);
+	if (ub_rec->requested > ub_rec->taken)
+	{
+		ub_rec->taken = ub_rec->requested;
+		ub_rec->abandoned = ub_rec->requested;
+	}
+	SpinLockRelease(&ub_rec->mutex);
 }
 
 /* The run that took ticket finished (or failed): its waiters may read the results. */
@@ -391,6 +423,7 @@ ub_reconcile_run(const UbStripeConfig *cfg)
 	volatile int corrected = 0;
 	bool		more = false;
 
+	ub_reconcile_reached = true;
 	asked = ub_reconcile_take(&ticket, customer_id, meter);
 	if (!asked)
 	{

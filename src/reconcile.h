@@ -40,6 +40,8 @@ typedef struct UbSummaryCheck
 /* reconcile.c */
 extern void ub_reconcile_init(void);
 extern bool ub_reconcile_run(const UbStripeConfig *cfg);
+extern void ub_reconcile_cycle_begin(void);
+extern void ub_reconcile_cycle_end(void);
 extern long ub_reconcile_merge_due(long due_ms);
 
 /* reconcile_http.c */

@@ -103,4 +103,14 @@ ok(settle(\&in_sync), 'c2\'s 10 sent again to acct_B2');
 is(ub_mock_get($mock, 'stats')->{violations}, 0, 'no request broke the spec');
 is(ub_mock_get($mock, 'stats')->{statuses}{400} // 0, 0, 'no request was refused (no customer named in a wrong account)');
 
+# --- the mock's own strictness: a customer in the wrong account, a malformed account
+my $url = "$mock->{url}/v1/billing/meters/mtr_api/event_summaries?customer=cus_1&start_time=0&end_time=60";
+my $r = HTTP::Tiny->new->get($url, { headers => { Authorization => "Bearer $UB_KEY", 'Stripe-Account' => 'acct_B2' } });
+ok($r->{status} == 400 && $r->{content} =~ /No such customer/, 'mock: cus_1 looked up in acct_B2 is refused');
+$r = HTTP::Tiny->new->get($url, { headers => { Authorization => "Bearer $UB_KEY", 'Stripe-Account' => 'acct_A1' } });
+is($r->{status}, 200, 'mock: cus_1 looked up in acct_A1 is answered');
+$r = HTTP::Tiny->new->get($url, { headers => { Authorization => "Bearer $UB_KEY", 'Stripe-Account' => 'cus_1' } });
+is($r->{status}, 400, 'mock: a malformed Stripe-Account is refused');
+is(ub_mock_get($mock, 'stats')->{violations}, 1, 'and counted as a violation');
+
 done_testing();
