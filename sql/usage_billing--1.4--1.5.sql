@@ -116,7 +116,8 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF NEW.stripe_account IS NULL THEN
+    -- rows being planned (never attempted): a restored row keeps what it had
+    IF NEW.stripe_account IS NULL AND NEW.attempts = 0 THEN
         NEW.stripe_account := (SELECT c.stripe_account FROM usage_billing.customers c
                                 WHERE c.customer_id = NEW.customer_id);
     END IF;
@@ -184,8 +185,10 @@ REVOKE ALL ON usage_billing.stripe_drift FROM PUBLIC;
 GRANT SELECT ON usage_billing.stripe_drift
     TO usage_billing_admin, usage_billing_writer, usage_billing_reader;
 
--- The export worker: the keys to read from Stripe, least recently checked first.
-CREATE FUNCTION usage_billing.reconcile_candidates(customer_id text, meter text, max_rows integer)
+-- The export worker: the keys to read from Stripe, least recently checked first (and not
+-- checked since checked_before: a pass cut by its time budget resumes where it stopped).
+CREATE FUNCTION usage_billing.reconcile_candidates(customer_id text, meter text, max_rows integer,
+                                                   checked_before timestamptz)
 RETURNS TABLE (customer_id text, meter text, period_start timestamptz, period_end timestamptz,
                stripe_customer_id text, stripe_account text, stripe_meter_id text,
                exported numeric)
@@ -206,12 +209,13 @@ AS $$
        AND a.period_end > now() - interval '35 days'
        AND (reconcile_candidates.customer_id IS NULL OR s.customer_id = reconcile_candidates.customer_id)
        AND (reconcile_candidates.meter IS NULL OR s.meter = reconcile_candidates.meter)
+       AND (r.checked_at IS NULL OR r.checked_at < checked_before)
      ORDER BY r.checked_at NULLS FIRST, s.period_start, s.customer_id, s.meter
      LIMIT max_rows
 $$;
-COMMENT ON FUNCTION usage_billing.reconcile_candidates(text, text, integer) IS
+COMMENT ON FUNCTION usage_billing.reconcile_candidates(text, text, integer, timestamptz) IS
     'Internal (export worker): the customer, meter and period keys to compare with Stripe, least recently checked first.';
-REVOKE ALL ON FUNCTION usage_billing.reconcile_candidates(text, text, integer) FROM PUBLIC;
+REVOKE ALL ON FUNCTION usage_billing.reconcile_candidates(text, text, integer, timestamptz) FROM PUBLIC;
 
 -- The export worker: compares what Stripe answered with the database and corrects.
 CREATE FUNCTION usage_billing.reconcile_record(

@@ -23,7 +23,9 @@
  *             then per key one GET (no transaction open, paced by
  *             export_max_rps) and one reconcile_record() call (its own
  *             transaction).  A run starts every reconcile_interval seconds,
- *             or when reconcile_stripe() asks for one.
+ *             or when reconcile_stripe() asks for one; one that reads for
+ *             more than 20 s stops and is resumed by the next cycle, so that
+ *             sending goes on in between.
  *   request   reconcile_stripe() -> reconcile_request(): takes a ticket in
  *             shared memory (with an optional customer and meter), wakes the
  *             worker and waits until a run that took the ticket finished.
@@ -61,6 +63,8 @@
 
 /* customer ids and meter names have at most 200 characters */
 #define UB_RECONCILE_NAME_LEN	256
+/* a run stops reading after this long, so that sending goes on; the next cycle resumes it */
+#define UB_RECONCILE_BUDGET_MS	20000
 
 typedef struct UbReconcileShared
 {
@@ -82,13 +86,16 @@ static int	ub_reconcile_settle_s = 900;
 static int	ub_reconcile_max_keys = 1000;
 static TimestampTz ub_reconcile_last = 0;	/* the worker's last run */
 static bool ub_reconcile_reached = false;	/* this cycle got to ub_reconcile_run */
+static bool ub_reconcile_resume = false;	/* the last run stopped at its time budget */
+static TimestampTz ub_reconcile_pass = 0;	/* start of the pass a resumed run continues */
 
 static void ub_reconcile_shmem_request(void);
 static void ub_reconcile_shmem_startup(void);
 static bool ub_reconcile_take(int64 *ticket, char *customer_id, char *meter);
 static void ub_reconcile_done(int64 ticket);
 static UbSummaryCheck *ub_reconcile_candidates(const char *customer_id, const char *meter,
-											   MemoryContext cxt, int *n);
+											   TimestampTz checked_before, MemoryContext cxt,
+											   int *n);
 static bool ub_reconcile_record(UbSummaryCheck *k);
 static void ub_reconcile_begin(void);
 static void ub_reconcile_commit(MemoryContext cxt);
@@ -307,13 +314,17 @@ ub_reconcile_commit(MemoryContext cxt)
 	MemoryContextSwitchTo(cxt);
 }
 
-/* Transaction 1: the keys to read, copied into cxt; none when the extension predates them. */
+/*
+ * Transaction 1: the keys not checked since checked_before, copied into cxt;
+ * none when the extension predates them.
+ */
 static UbSummaryCheck *
-ub_reconcile_candidates(const char *customer_id, const char *meter, MemoryContext cxt, int *n)
+ub_reconcile_candidates(const char *customer_id, const char *meter, TimestampTz checked_before,
+						MemoryContext cxt, int *n)
 {
-	Oid			argtypes[3] = {TEXTOID, TEXTOID, INT4OID};
-	Datum		values[3];
-	char		nulls[3] = {' ', ' ', ' '};
+	Oid			argtypes[4] = {TEXTOID, TEXTOID, INT4OID, TIMESTAMPTZOID};
+	Datum		values[4];
+	char		nulls[4] = {' ', ' ', ' ', ' '};
 	UbSummaryCheck *keys;
 	bool		isnull;
 
@@ -332,12 +343,13 @@ ub_reconcile_candidates(const char *customer_id, const char *meter, MemoryContex
 	values[1] = CStringGetTextDatum(meter);
 	nulls[1] = meter[0] ? ' ' : 'n';
 	values[2] = Int32GetDatum(ub_reconcile_max_keys);
+	values[3] = TimestampTzGetDatum(checked_before);
 	if (SPI_execute_with_args("SELECT customer_id, meter, period_start, period_end, stripe_customer_id,"
 							  "       stripe_account, stripe_meter_id, exported::text,"
 							  "       extract(epoch FROM period_start)::bigint,"
 							  "       extract(epoch FROM period_end)::bigint"
-							  "  FROM usage_billing.reconcile_candidates($1, $2, $3)",
-							  3, argtypes, values, nulls, true, 0) != SPI_OK_SELECT)
+							  "  FROM usage_billing.reconcile_candidates($1, $2, $3, $4)",
+							  4, argtypes, values, nulls, true, 0) != SPI_OK_SELECT)
 		elog(ERROR, "SPI failed while choosing the keys to reconcile");
 
 	*n = (int) SPI_processed;
@@ -425,16 +437,19 @@ ub_reconcile_run(const UbStripeConfig *cfg)
 
 	ub_reconcile_reached = true;
 	asked = ub_reconcile_take(&ticket, customer_id, meter);
-	if (!asked)
+	if (!asked && !ub_reconcile_resume)
 	{
 		if (ub_reconcile_interval_s <= 0 ||
 			(ub_reconcile_last != 0 &&
 			 !TimestampDifferenceExceeds(ub_reconcile_last, now, ub_reconcile_interval_s * 1000)))
 			return false;
 	}
-	/* a run of every key resets the schedule */
-	if (customer_id[0] == '\0' && meter[0] == '\0')
+	/* a run of every key resets the schedule; a resumed one reads what its pass has not */
+	if (asked || !ub_reconcile_resume)
+		ub_reconcile_pass = now;
+	if (customer_id[0] == '\0' && meter[0] == '\0' && !ub_reconcile_resume)
 		ub_reconcile_last = now;
+	ub_reconcile_resume = false;
 
 	cxt = AllocSetContextCreate(CurrentMemoryContext, "usage_billing reconcile", ALLOCSET_SMALL_SIZES);
 	old = MemoryContextSwitchTo(cxt);
@@ -442,7 +457,7 @@ ub_reconcile_run(const UbStripeConfig *cfg)
 	{
 		pgstat_report_activity(STATE_RUNNING, "reconciling with Stripe");
 		ub_reconcile_begin();
-		keys = ub_reconcile_candidates(customer_id, meter, cxt, &n);
+		keys = ub_reconcile_candidates(customer_id, meter, ub_reconcile_pass, cxt, &n);
 		ub_reconcile_commit(cxt);
 
 		ub_http_init();
@@ -451,6 +466,12 @@ ub_reconcile_run(const UbStripeConfig *cfg)
 			UbSummaryCheck *k = &keys[i];
 
 			CHECK_FOR_INTERRUPTS();
+			if (TimestampDifferenceExceeds(now, GetCurrentTimestamp(), UB_RECONCILE_BUDGET_MS))
+			{
+				/* the least recently checked keys come first next time */
+				ub_reconcile_resume = true;
+				break;
+			}
 			if (i > 0 && cfg->max_rps > 0)	/* the requests-per-second ceiling, simply */
 				pg_usleep((long) Min(1000000.0 / cfg->max_rps, 1000000.0));
 			ub_reconcile_fetch(k, cfg);
@@ -477,8 +498,8 @@ ub_reconcile_run(const UbStripeConfig *cfg)
 		more = ub_rec->requested > ub_rec->taken;
 		SpinLockRelease(&ub_rec->mutex);
 	}
-	/* a correction is planned and sent by the next cycle: at once */
-	return more || corrected > 0;
+	/* a correction is planned and sent by the next cycle, and a cut run resumed: at once */
+	return more || corrected > 0 || ub_reconcile_resume;
 }
 
 /* The earlier of due_ms (-1: none) and the next scheduled run, so that the worker wakes up for it. */
