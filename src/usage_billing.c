@@ -5,8 +5,9 @@
  * Every subsystem defines its settings next to their variables (catalog.c,
  * record_prepare.c, escrow.c, finalize.c, export_worker.c, export_cancel.c)
  * and exposes an init function, called here.  When the library is
- * preloaded, the shared memory of the export worker (export_shmem.c) and of
- * the alert queue (alerts.c) is requested and created through one pair of
+ * preloaded, the shared memory of the export worker (export_shmem.c), of
+ * reconciliation requests (reconcile.c) and of the alert queue (alerts.c)
+ * is requested and created through one pair of
  * hooks, and the export worker is registered.  The SQL functions also work
  * when the library is not preloaded: then the worker simply does not run
  * and the alert queue is the backend's own.
@@ -29,6 +30,7 @@
 #include "export_shmem.h"
 #include "export_worker.h"
 #include "finalize.h"
+#include "reconcile.h"
 #include "record.h"
 #include "usage_billing.h"
 
@@ -69,6 +71,7 @@ ub_shmem_request(void)
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
 	ub_export_shmem_request();
+	ub_reconcile_shmem_request();
 	ub_alerts_shmem_request();
 }
 
@@ -80,6 +83,7 @@ ub_shmem_startup(void)
 		prev_shmem_startup_hook();
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	ub_export_shmem_startup();
+	ub_reconcile_shmem_startup();
 	ub_alerts_shmem_startup();
 	LWLockRelease(AddinShmemInitLock);
 }

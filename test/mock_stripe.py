@@ -57,7 +57,8 @@ Control endpoints (tests only):
                        max_inflight_per_key (most requests in flight for one customer and
                        event name, cancels included), violations, violation_log,
                        stripe_versions (header value -> count), max_ahead (largest
-                       timestamp - arrival time, seconds), faults_served, faults_queued
+                       timestamp - arrival time, seconds), faults_served, faults_queued,
+                       summary_requests, accounts_seen (Stripe-Account value -> count)
   POST /_mock/faults   {"kind": K, "count": N, "retry_after": S, "seconds": S} queued
                        for the next N meter event requests; K is one of
                        500 | 429 | 429_retry_after | hang (sleep, drop, nothing recorded) |
@@ -80,6 +81,21 @@ Meter event summaries (reading back what Stripe holds):
                        window first.  Unknown meter id: 404 resource_missing.
   POST /_mock/meters   {"id": "mtr_...", "event_name": E, "formula": "sum" | "count" | "last"}
                        registers a meter for the summaries
+  POST /_mock/lose     {"customer": C, "event_name": E, "count": N, "account": A} forgets the
+                       newest N accepted events of a customer and event name, behind the
+                       client's back (Stripe "lost" them: totals, summaries and identifiers)
+  POST /_mock/duplicate  {"customer": C, "event_name": E, "count": N, "account": A} stores a
+                       copy of each of the newest N events under a new identifier (Stripe
+                       counted them twice); the copies can be cancelled like any event
+
+Connect (Stripe-Account).  A request with the header Stripe-Account: acct_... acts in that
+connected account: events, identifiers, Idempotency-Keys, cancels and summaries are kept per
+account (totals and events name the account as "acct_...:<customer>|<event_name>").  A value
+that is not "acct_" and letters or digits is a spec violation.  A customer registered with
+POST /_mock/customers {"id": "cus_...", "account": "acct_..." | null} exists in that account
+only: a meter event or summary naming it in another account is refused (400
+resource_missing, as Stripe answers for a customer it does not know; not a violation).
+Unregistered customers exist everywhere.
 
 Meter event adjustments (cancels):
   POST /v1/billing/meter_event_adjustments   cancels one accepted event received less
@@ -183,7 +199,7 @@ def reset():
         duplicates=0, dup_answers={}, replays=0, statuses={}, rate_limit=0, rate_second=0,
         rate_count=0, faults_served=0, violations=0, violation_log=deque(maxlen=20),
         stripe_versions={}, max_ahead=None, dup_answer="param", cancel_dup_answer="400",
-        meters={}, summary_requests=0)
+        meters={}, summary_requests=0, customers={}, accounts_seen={})
     state.update(keep)
     reset_adjustments()
 
@@ -280,6 +296,56 @@ def bump_key(key, delta):
     state["max_inflight_per_key"] = max(state["max_inflight_per_key"], n)
 
 
+ACCOUNT = re.compile(r"^acct_[A-Za-z0-9]+$")
+
+
+def akey(account, ident):
+    """Identifiers (and Idempotency-Keys) are unique per account."""
+    return ident if not account else "%s/%s" % (account, ident)
+
+
+def tkey(account, cus, name):
+    """The key of totals and last: "<customer>|<event>", prefixed "acct_...:" in a connected account."""
+    return "%s%s|%s" % ("%s:" % account if account else "", cus, name)
+
+
+def recount(account, cus, name):
+    """Recomputes the totals and last value of one key from the events it holds (called under the lock)."""
+    key = tkey(account, cus, name)
+    evs = [e for e in state["events"] if e.get("account") == account and e["customer"] == cus
+           and e["event_name"] == name and not e.get("cancelled")]
+    state["totals"][key] = sum(e["value"] for e in evs)
+    state["last"].pop(key, None)
+    for e in evs:
+        prev = state["last"].get(key)
+        if prev is None or e["timestamp"] >= prev[0]:
+            state["last"][key] = (e["timestamp"], e["value"])
+
+
+def lose_or_duplicate(path, arg):
+    """POST /_mock/lose and /_mock/duplicate (called under the lock); returns the identifiers touched."""
+    account, cus, name = arg.get("account") or None, arg.get("customer"), arg.get("event_name")
+    count = int(arg.get("count", 1))
+    evs = [e for e in state["events"] if e.get("account") == account and e["customer"] == cus
+           and e["event_name"] == name and not e.get("cancelled")][-count:] if count > 0 else []
+    touched = []
+    for e in evs:
+        if path == "/_mock/lose":
+            state["events"].remove(e)
+            state["by_ident"].pop(akey(account, e["identifier"]), None)
+            state["identifiers"].pop(akey(account, e["identifier"]), None)
+            touched.append(e["identifier"])
+        else:
+            copy = dict(e, identifier="mock-dup-" + uuid.uuid4().hex, created=int(time.time()),
+                        payload=dict(e["payload"]))
+            state["events"].append(copy)
+            state["by_ident"][akey(account, copy["identifier"])] = copy
+            state["identifiers"][akey(account, copy["identifier"])] = time.time()
+            touched.append(copy["identifier"])
+    recount(account, cus, name)
+    return touched
+
+
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "mock-stripe"
@@ -350,7 +416,7 @@ class Handler(BaseHTTPRequestHandler):
                 body = {k: state[k] for k in (
                     "requests", "accepted", "duplicates", "dup_answers", "replays", "statuses",
                     "max_window", "max_inflight", "max_inflight_per_key", "faults_served",
-                    "violations", "stripe_versions", "max_ahead", "summary_requests")}
+                    "violations", "stripe_versions", "max_ahead", "summary_requests", "accounts_seen")}
                 body["violation_log"] = list(state["violation_log"])
                 body["faults_queued"] = sum(f["count"] for f in state["faults"])
             else:
@@ -388,6 +454,28 @@ class Handler(BaseHTTPRequestHandler):
             state["violation_log"].append("%s: %s" % (path, r.message))
         return 400, error_body("invalid_request_error", r.message, r.code, r.param), {}
 
+    def read_account(self):
+        """The Stripe-Account header (Connect) into self.acct; answers a malformed one as a violation."""
+        self.acct = self.headers.get("Stripe-Account")
+        if self.acct is None:
+            return True
+        with lock:
+            state["accounts_seen"][self.acct] = state["accounts_seen"].get(self.acct, 0) + 1
+        if not ACCOUNT.match(self.acct):
+            status, body, _ = self.violation(self.path, Refusal(
+                "Invalid Stripe-Account header: '%s' is not an account id." % self.acct, None, "account_invalid"))
+            self.answer(status, body)
+            return False
+        return True
+
+    def customer_refused(self, cus):
+        """A registered customer named in another account than its own: Stripe does not know it there."""
+        with lock:
+            if cus not in state["customers"] or state["customers"][cus] == self.acct:
+                return None
+        return error_body("invalid_request_error", "No such customer: '%s'" % cus, "resource_missing",
+                          "customer" if self.command == "GET" else "payload[stripe_customer_id]")
+
     def do_POST(self):
         raw = self.read_body()
         if self.path.startswith("/_mock/"):
@@ -398,6 +486,8 @@ class Handler(BaseHTTPRequestHandler):
         if self.path not in SPEC:
             return self.answer(404, error_body("invalid_request_error",
                                                "Unrecognized request URL (POST: %s)." % self.path))
+        if not self.read_account():
+            return
         # the (customer, event name) this request is about, for the in-flight count
         try:
             form = parse_form(raw)
@@ -407,13 +497,13 @@ class Handler(BaseHTTPRequestHandler):
         if self.path == "/v1/billing/meter_events":
             p = form.get("payload")
             if isinstance(p, dict) and isinstance(form.get("event_name"), str):
-                key = "%s|%s" % (p.get("stripe_customer_id"), form["event_name"])
+                key = tkey(self.acct, p.get("stripe_customer_id"), form["event_name"])
         else:
             c = form.get("cancel")
             with lock:
-                ev = state["by_ident"].get(c.get("identifier")) if isinstance(c, dict) else None
+                ev = state["by_ident"].get(akey(self.acct, c.get("identifier"))) if isinstance(c, dict) else None
                 if ev is not None:
-                    key = "%s|%s" % (ev["customer"], ev["event_name"])
+                    key = tkey(self.acct, ev["customer"], ev["event_name"])
         with lock:
             state["inflight"] += 1
             state["max_inflight"] = max(state["max_inflight"], state["inflight"])
@@ -435,11 +525,12 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer(400, {"error": "bad json"})
         if self.path in ("/_mock/age", "/_mock/adjustment_faults"):
             return self.adjustment_control(arg)
+        self.touched = None
         with lock:
             refused = self.apply_control(arg)
         if refused:
             return self.answer(refused[0], {"error": refused[1]})
-        self.answer(200, {"ok": True})
+        self.answer(200, {"ok": True} if self.touched is None else {"ok": True, "identifiers": self.touched})
 
     def apply_control(self, arg):
         """Applies one control request (called under the lock); returns (status, message) when refused."""
@@ -461,6 +552,14 @@ class Handler(BaseHTTPRequestHandler):
                     or not arg.get("event_name"):
                 return 400, "meters: id, event_name, formula sum|count|last"
             state["meters"][arg["id"]] = {"event_name": arg["event_name"], "formula": arg.get("formula", "sum")}
+        elif self.path == "/_mock/customers":
+            if not arg.get("id") or (arg.get("account") is not None and not ACCOUNT.match(str(arg["account"]))):
+                return 400, "customers: id, account acct_... or null"
+            state["customers"][arg["id"]] = arg.get("account")
+        elif self.path in ("/_mock/lose", "/_mock/duplicate"):
+            if not arg.get("customer") or not arg.get("event_name"):
+                return 400, "lose/duplicate: customer, event_name, count, account"
+            self.touched = lose_or_duplicate(self.path, arg)
         elif self.path == "/_mock/clear_faults":
             state["faults"].clear()
             state["adj"]["faults"].clear()
@@ -515,6 +614,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.drop()
             return self.answer(saved[1], saved[2], {"Idempotent-Replayed": "true"})
         ikey = self.headers.get("Idempotency-Key")
+        ikey = akey(self.acct, ikey) if ikey else None
         try:
             status, body, headers, lost = self.process(raw, kind)
         finally:
@@ -545,6 +645,7 @@ class Handler(BaseHTTPRequestHandler):
             status, body, _ = self.violation(self.path, r)
             self.answer(status, body)
             return True
+        ikey = akey(self.acct, ikey)
         with lock:
             busy = ikey in state["idem_busy"]
             saved = None if busy else state["idem"].get(ikey)
@@ -586,11 +687,14 @@ class Handler(BaseHTTPRequestHandler):
         if cus.startswith("cus_bad"):
             return 400, error_body("invalid_request_error", "No such customer: '%s'" % cus, "resource_missing",
                                    "payload[stripe_customer_id]"), {}, False
+        wrong = self.customer_refused(cus)
+        if wrong:
+            return 400, wrong, {}, False
         ident = ident or ("mock-" + uuid.uuid4().hex)
         with lock:
             if state["max_ahead"] is None or ts - arrival > state["max_ahead"]:
                 state["max_ahead"] = round(ts - arrival, 3)
-            old = state["by_ident"].get(ident)
+            old = state["by_ident"].get(akey(self.acct, ident))
             if old is not None:
                 state["duplicates"] += 1
                 form = state["dup_answer"]
@@ -598,8 +702,8 @@ class Handler(BaseHTTPRequestHandler):
                     form = random.choice(DUP_FORMS)
                 state["dup_answers"][form] = state["dup_answers"].get(form, 0) + 1
             else:
-                state["identifiers"][ident] = arrival     # received at (for cancels)
-                key = "%s|%s" % (cus, name)
+                state["identifiers"][akey(self.acct, ident)] = arrival     # received at (for cancels)
+                key = tkey(self.acct, cus, name)
                 state["accepted"] += 1
                 state["totals"][key] = state["totals"].get(key, 0) + int(value)
                 prev = state["last"].get(key)
@@ -607,9 +711,9 @@ class Handler(BaseHTTPRequestHandler):
                     state["last"][key] = (ts, int(value))
                 rec = {"identifier": ident, "customer": cus, "event_name": name,
                        "value": int(value), "timestamp": ts, "payload": ev["payload"],
-                       "created": int(arrival)}
+                       "created": int(arrival), "account": self.acct}
                 state["events"].append(rec)
-                state["by_ident"][ident] = rec
+                state["by_ident"][akey(self.acct, ident)] = rec
         if old is not None:
             msg = "An event with identifier '%s' already exists." % ident
             if form == "200":
@@ -687,6 +791,8 @@ class Handler(BaseHTTPRequestHandler):
         if not self.authorized():
             return self.refuse_auth()
         path = "/v1/billing/meters/%s/event_summaries" % meter_id
+        if not self.read_account():
+            return
         try:
             q = parse_form(query.encode())
             check_schema(q, SUMMARY_QUERY, "")
@@ -709,6 +815,9 @@ class Handler(BaseHTTPRequestHandler):
         if meter is None:
             return self.answer(404, error_body("invalid_request_error", "No such billing meter: '%s'" % meter_id,
                                                "resource_missing", "id"))
+        wrong = self.customer_refused(q["customer"])
+        if wrong:
+            return self.answer(400, wrong)
         with lock:
             windows = [(start, end)] if window is None else \
                 [(t, t + unit) for t in range(start, end, unit)]
@@ -716,6 +825,7 @@ class Handler(BaseHTTPRequestHandler):
             for ws, we in reversed(windows):
                 evs = sorted((e for e in state["events"]
                               if e["customer"] == q["customer"] and e["event_name"] == meter["event_name"]
+                              and e.get("account") == self.acct
                               and not e.get("cancelled") and ws <= e["timestamp"] < we),
                              key=lambda e: e["timestamp"])
                 if meter["formula"] == "count":
@@ -776,6 +886,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self.drop()
             return self.answer(saved[1], saved[2], {"Idempotent-Replayed": "true"})
         ikey = self.headers.get("Idempotency-Key")
+        ikey = akey(self.acct, ikey) if ikey else None
         try:
             status, body = self.adjust(raw, kind)
             with lock:
@@ -812,8 +923,8 @@ class Handler(BaseHTTPRequestHandler):
             return status, body
         name = form["event_name"]
         with lock:
-            received = state["identifiers"].get(ident)
-            ev = state["by_ident"].get(ident)
+            received = state["identifiers"].get(akey(self.acct, ident))
+            ev = state["by_ident"].get(akey(self.acct, ident))
             if received is None or ev is None:
                 return bad("No meter event with identifier '%s'." % ident, "cancel[identifier]", "resource_missing")
             if ev["event_name"] != name:
@@ -828,7 +939,7 @@ class Handler(BaseHTTPRequestHandler):
                 return bad("Meter events can only be canceled within 24 hours of being received.",
                            "cancel[identifier]")
             ev["cancelled"] = True
-            key = "%s|%s" % (ev["customer"], ev["event_name"])
+            key = tkey(self.acct, ev["customer"], ev["event_name"])
             state["totals"][key] = state["totals"].get(key, 0) - ev["value"]
             adj = state["adj"]
             adj["cancelled"].append(ident)

@@ -35,14 +35,11 @@
  *
  * Cancels are rare, so they go one at a time with a libcurl easy handle
  * (never two requests for one customer and meter): the request and the
- * classification of its answer live in export_cancel_http.c.  The key only
- * goes into the Authorization header, is wiped after use, and never reaches
- * a message.
+ * classification of its answer live in export_cancel_http.c, on top of the
+ * shared HTTP layer (stripe_http.c), which alone handles the key.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
-
-#include <curl/curl.h>
 
 #include "access/xact.h"
 #include "catalog/pg_type.h"
@@ -57,6 +54,8 @@
 #include "utils/timestamp.h"
 
 #include "export_cancel.h"
+#include "export_worker.h"
+#include "stripe_http.h"
 
 /* cancels planned per run: bounds transaction 1 */
 #define UB_CANCEL_PLAN_ROWS		1000
@@ -66,15 +65,13 @@
 #define UB_CANCEL_ROUNDS		8
 
 static int	ub_cancel_window_s = 82800;
-static bool ub_cancel_curl_ready = false;
 
 static MemoryContext ub_cancel_begin(void);
 static void ub_cancel_commit(MemoryContext cxt);
 static bool ub_cancel_installed(void);
 static UbCancel *ub_cancel_fetch(MemoryContext cxt, int *n);
 static bool ub_cancel_record(UbCancel *c);
-static int	ub_cancel_rounds(MemoryContext cxt, const UbStripeConfig *cfg, const char *url,
-							 const char *auth);
+static int	ub_cancel_rounds(MemoryContext cxt, const UbStripeConfig *cfg, const char *url);
 
 /* Defines usage_billing.export_cancel_window (called from _PG_init). */
 void
@@ -147,11 +144,17 @@ ub_cancel_fetch(MemoryContext cxt, int *n)
 							  2, argtypes, values, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "SPI failed while planning meter event cancels");
 
+	/* Stripe Connect: a cancel goes to the account its event was sent to */
 	values[0] = Int32GetDatum(UB_CANCEL_SEND_ROWS);
-	if (SPI_execute_with_args("SELECT cancel_id, identifier, idempotency_key, event_name, attempts"
-							  "  FROM usage_billing.export_cancels"
-							  " WHERE status = 'pending' AND next_attempt_at <= clock_timestamp()"
-							  " ORDER BY next_attempt_at, cancel_id LIMIT $1",
+	if (SPI_execute_with_args(psprintf("SELECT x.cancel_id, x.identifier, x.idempotency_key, x.event_name,"
+									   "       x.attempts, %s"
+									   "  FROM usage_billing.export_cancels x"
+									   " WHERE x.status = 'pending' AND x.next_attempt_at <= clock_timestamp()"
+									   " ORDER BY x.next_attempt_at, x.cancel_id LIMIT $1",
+									   ub_outbox_has_accounts()
+									   ? "(SELECT o.stripe_account FROM usage_billing.export_outbox o"
+									   "    WHERE o.outbox_id = x.outbox_id)"
+									   : "NULL::text"),
 							  1, argtypes, values, NULL, true, UB_CANCEL_SEND_ROWS) != SPI_OK_SELECT)
 		elog(ERROR, "SPI failed while fetching meter event cancels");
 
@@ -169,6 +172,9 @@ ub_cancel_fetch(MemoryContext cxt, int *n)
 		c->idempotency_key = MemoryContextStrdup(cxt, SPI_getvalue(tup, desc, 3));
 		c->event_name = MemoryContextStrdup(cxt, SPI_getvalue(tup, desc, 4));
 		c->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 5, &isnull));
+		c->stripe_account = SPI_getvalue(tup, desc, 6);
+		if (c->stripe_account)
+			c->stripe_account = MemoryContextStrdup(cxt, c->stripe_account);
 	}
 	SPI_finish();
 	return cancels;
@@ -213,7 +219,7 @@ ub_cancel_record(UbCancel *c)
  * so the next round may pick an older event; bounded by UB_CANCEL_ROUNDS.
  */
 static int
-ub_cancel_rounds(MemoryContext cxt, const UbStripeConfig *cfg, const char *url, const char *auth)
+ub_cancel_rounds(MemoryContext cxt, const UbStripeConfig *cfg, const char *url)
 {
 	int			confirmed = 0;
 
@@ -237,7 +243,7 @@ ub_cancel_rounds(MemoryContext cxt, const UbStripeConfig *cfg, const char *url, 
 			CHECK_FOR_INTERRUPTS();
 			if (i > 0 && cfg->max_rps > 0)	/* the requests-per-second ceiling, simply */
 				pg_usleep((long) Min(1000000.0 / cfg->max_rps, 1000000.0));
-			ub_cancel_send(c, cfg, url, auth);
+			ub_cancel_send(c, cfg, url);
 			back = ub_cancel_begin();
 			if (ub_cancel_record(c))
 				confirmed++;
@@ -263,30 +269,12 @@ ub_cancel_run(const UbStripeConfig *cfg)
 	MemoryContext cxt = AllocSetContextCreate(CurrentMemoryContext, "usage_billing export cancels",
 											  ALLOCSET_SMALL_SIZES);
 	MemoryContext old = MemoryContextSwitchTo(cxt);
-	volatile int confirmed = 0;
+	int			confirmed;
 	char	   *url;
-	char	   *auth;
 
-	if (!ub_cancel_curl_ready)
-	{
-		if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_SYSTEM_ERROR),
-					 errmsg("could not initialize libcurl")));
-		ub_cancel_curl_ready = true;
-	}
+	ub_http_init();
 	url = psprintf("%s/v1/billing/meter_event_adjustments", cfg->api_base);
-	auth = psprintf("Authorization: Bearer %s", cfg->api_key);
-	PG_TRY();
-	{
-		confirmed = ub_cancel_rounds(cxt, cfg, url, auth);
-	}
-	PG_FINALLY();
-	{
-		/* the key must not linger in freed memory */
-		explicit_bzero(auth, strlen(auth));
-	}
-	PG_END_TRY();
+	confirmed = ub_cancel_rounds(cxt, cfg, url);
 	MemoryContextSwitchTo(old);
 	MemoryContextDelete(cxt);
 	return confirmed;

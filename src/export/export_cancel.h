@@ -18,6 +18,7 @@ typedef struct UbCancel
 	char	   *identifier;
 	char	   *idempotency_key;
 	char	   *event_name;
+	char	   *stripe_account;	/* Connect: acct_... sent as Stripe-Account, or NULL */
 	int			attempts;
 
 	/* what happened */
@@ -36,7 +37,6 @@ extern int	ub_cancel_run(const UbStripeConfig *cfg);
 extern long ub_cancel_merge_due(long due_ms);
 
 /* export_cancel_http.c */
-extern void ub_cancel_send(UbCancel *c, const UbStripeConfig *cfg, const char *url,
-						   const char *auth);
+extern void ub_cancel_send(UbCancel *c, const UbStripeConfig *cfg, const char *url);
 
 #endif							/* UB_EXPORT_CANCEL_H */

@@ -20,6 +20,8 @@
 
 #include "catalog/pg_type.h"
 #include "commands/extension.h"
+#include "catalog/namespace.h"
+#include "utils/lsyscache.h"
 #include "executor/spi.h"
 #include "utils/builtins.h"
 
@@ -27,6 +29,7 @@
 #include "export_worker.h"
 
 static SPIPlanPtr fetch_plan = NULL;
+static SPIPlanPtr fetch_plan_accounts = NULL;
 static SPIPlanPtr record_plan = NULL;
 
 /* Raises an error for an SPI failure; these are can't-happen cases. */
@@ -42,6 +45,19 @@ bool
 ub_outbox_extension_installed(void)
 {
 	return OidIsValid(get_extension_oid("usage_billing", true));
+}
+
+/*
+ * True when export_outbox has the column stripe_account (Stripe Connect,
+ * extension 1.5): a database still at an older version has none.
+ */
+bool
+ub_outbox_has_accounts(void)
+{
+	Oid			nsp = get_namespace_oid("usage_billing", true);
+	Oid			rel = OidIsValid(nsp) ? get_relname_relid("export_outbox", nsp) : InvalidOid;
+
+	return OidIsValid(rel) && get_attnum(rel, "stripe_account") != InvalidAttrNumber;
 }
 
 /* Transaction 1: writes what is to be sent; returns the number of new outbox rows. */
@@ -93,12 +109,15 @@ ub_outbox_fetch(int limit, MemoryContext cxt, int *n)
 	UbMeterEvent *events;
 	uint64		i;
 
+	bool		accounts = ub_outbox_has_accounts();
+	SPIPlanPtr *plan = accounts ? &fetch_plan_accounts : &fetch_plan;
+
 	SPI_connect();
-	if (fetch_plan == NULL)
+	if (*plan == NULL)
 	{
-		SPIPlanPtr	p = SPI_prepare(
+		SPIPlanPtr	p = SPI_prepare(psprintf(
 								"SELECT outbox_id, identifier, idempotency_key, event_name, "
-								"       stripe_customer_id, value::text, event_ts, attempts "
+								"       stripe_customer_id, value::text, event_ts, attempts, %s "
 								"  FROM (SELECT DISTINCT ON (customer_id, meter) * "
 								"          FROM usage_billing.export_outbox "
 								"         WHERE status = 'pending' "
@@ -106,15 +125,15 @@ ub_outbox_fetch(int limit, MemoryContext cxt, int *n)
 								" WHERE next_attempt_at <= clock_timestamp() "
 								"   AND event_ts <= extract(epoch FROM clock_timestamp()) "
 								" ORDER BY next_attempt_at, outbox_id "
-								" LIMIT $1", 1, argtypes);
+								" LIMIT $1", accounts ? "stripe_account" : "NULL::text"), 1, argtypes);
 
 		if (p == NULL)
 			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 		SPI_keepplan(p);
-		fetch_plan = p;
+		*plan = p;
 	}
 	values[0] = Int32GetDatum(limit);
-	ub_spi_check(SPI_execute_plan(fetch_plan, values, NULL, true, limit),
+	ub_spi_check(SPI_execute_plan(*plan, values, NULL, true, limit),
 				 SPI_OK_SELECT, "fetching a batch");
 
 	*n = (int) SPI_processed;
@@ -134,6 +153,8 @@ ub_outbox_fetch(int limit, MemoryContext cxt, int *n)
 		ev->value = ub_copy_text(tup, desc, 6, cxt);
 		ev->timestamp = DatumGetInt64(SPI_getbinval(tup, desc, 7, &isnull));
 		ev->attempts = DatumGetInt32(SPI_getbinval(tup, desc, 8, &isnull));
+		(void) SPI_getbinval(tup, desc, 9, &isnull);
+		ev->stripe_account = isnull ? NULL : ub_copy_text(tup, desc, 9, cxt);
 		ev->outcome = UB_OUT_NOT_TRIED;
 	}
 	SPI_finish();

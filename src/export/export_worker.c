@@ -46,6 +46,7 @@
 #include "finalize.h"
 #include "export_shmem.h"
 #include "errors.h"
+#include "reconcile.h"
 
 /* settings (see ub_export_init for their meaning) */
 static char *ub_api_key = NULL;
@@ -153,6 +154,7 @@ ub_export_init(void)
 							NULL, NULL, NULL);
 
 	ub_secrets_init();
+	ub_reconcile_init();		/* reconcile.c: its settings and shared struct */
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;
@@ -411,10 +413,15 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 			break;
 	}
 
+	/* reading Stripe's summaries back, when due or asked for (reconcile.c) */
+	if (ub_reconcile_run(&cfg))
+		*more = true;
+
 	ub_begin();
 	due_ms = ub_outbox_next_due_ms();
 	due_ms = ub_cancel_merge_due(due_ms);	/* export_cancel.c */
 	ub_commit();
+	due_ms = ub_reconcile_merge_due(due_ms);
 
 	ub_shmem_count_cycle(total_sent, total_failed);
 	if (total_sent > 0 || total_failed > 0)
@@ -435,6 +442,7 @@ ub_guarded_cycle(MemoryContext cycle_cxt, bool *more)
 
 	*more = false;
 	MemoryContextSwitchTo(cycle_cxt);
+	ub_reconcile_cycle_begin();
 	PG_TRY();
 	{
 		due_ms = ub_run_cycle(cycle_cxt, more);
@@ -449,6 +457,8 @@ ub_guarded_cycle(MemoryContext cycle_cxt, bool *more)
 		*more = false;
 	}
 	PG_END_TRY();
+	/* reconciliation requests this cycle could not serve stop waiting (reconcile.c) */
+	ub_reconcile_cycle_end();
 	/* on every path: the key must not linger in freed memory */
 	if (ub_cycle_key)
 		explicit_bzero(ub_cycle_key, strlen(ub_cycle_key));

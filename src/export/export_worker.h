@@ -17,6 +17,7 @@ extern PGDLLEXPORT void ub_export_worker_main(Datum main_arg);
 
 /* export_outbox.c */
 extern bool ub_outbox_extension_installed(void);
+extern bool ub_outbox_has_accounts(void);
 extern int	ub_outbox_plan(int max_rows);
 extern UbMeterEvent *ub_outbox_fetch(int limit, MemoryContext cxt, int *n);
 extern void ub_outbox_record(UbMeterEvent *events, int n, int64 *sent, int64 *failed);

@@ -1,6 +1,7 @@
 /*-------------------------------------------------------------------------
  * stripe_client.h
- *	  Sending meter events to Stripe: libcurl multi, pacing, classification.
+ *	  Sending meter events to Stripe: libcurl multi, pacing, classification
+ *	  (the request itself is stripe_http.c's).
  *-------------------------------------------------------------------------
  */
 #ifndef UB_STRIPE_CLIENT_H
@@ -38,6 +39,7 @@ typedef struct UbMeterEvent
 	char	   *idempotency_key;
 	char	   *event_name;
 	char	   *stripe_customer_id;
+	char	   *stripe_account;	/* Connect: acct_... sent as Stripe-Account, or NULL */
 	char	   *value;			/* whole number as decimal text */
 	int64		timestamp;		/* Unix seconds */
 	int			attempts;		/* earlier attempts, for the backoff */
@@ -57,8 +59,6 @@ extern void ub_stripe_send_batch(UbMeterEvent *events, int n, const UbStripeConf
 extern void ub_stripe_shutdown(void);
 
 /* export_secrets.c */
-extern void ub_stripe_header_value(const char *line, size_t len, size_t name_len,
-								   char *dst, size_t dstlen);
 extern void ub_secrets_init(void);
 
 #include "redact.h"

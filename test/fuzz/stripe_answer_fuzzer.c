@@ -5,8 +5,9 @@
  *	  error JSON, the classification into SENT / RETRY / FAILED) and how it
  *	  form-encodes the fields of a meter event.
  *
- * src/export/stripe_client.c is included whole so that its static functions can be
- * called.  It is linked against libcurl, cJSON and the frontend builds of
+ * src/export/stripe_http.c (the HTTP layer: answer callbacks, error parser, retry
+ * rule) and src/export/stripe_client.c (meter event classification) are included
+ * whole so that their static functions can be called.  It is linked against libcurl, cJSON and the frontend builds of
  * libpgcommon / libpgport (palloc, StringInfo, snprintf, pg_prng); the few
  * backend symbols it references are stubbed below (src/util/redact.c, which masks
  * keys in what Stripe answers, is included too), and reaching ereport() or
@@ -19,6 +20,7 @@
  *   mode 2  the raw bytes handed to the Stripe error parser
  *-------------------------------------------------------------------------
  */
+#include "../../src/export/stripe_http.c"
 #include "../../src/export/stripe_client.c"
 #include "../../src/util/redact.c"
 
@@ -96,7 +98,7 @@ check_terminated(const char *buf, size_t n, const char *what)
 static void
 fuzz_answer(const uint8_t *data, size_t size)
 {
-	static UbSlot slot;			/* big: UB_MAX_BODY */
+	static UbSlot slot;			/* big: UB_HTTP_MAX_BODY */
 	UbMeterEvent ev;
 	size_t		pos = 0;
 	CURLcode	result;
@@ -107,10 +109,10 @@ fuzz_answer(const uint8_t *data, size_t size)
 	result = (size > 1 && data[1] % 4 == 0) ? CURLE_OPERATION_TIMEDOUT : CURLE_OK;
 	if (result != CURLE_OK && size > 2)
 	{
-		size_t		n = Min(size - 2, sizeof(slot.errbuf) - 1);
+		size_t		n = Min(size - 2, sizeof(slot.ans.errbuf) - 1);
 
-		memcpy(slot.errbuf, data + 2, n);
-		slot.errbuf[n] = '\0';
+		memcpy(slot.ans.errbuf, data + 2, n);
+		slot.ans.errbuf[n] = '\0';
 	}
 	pos = Min(size, 2);
 
@@ -125,12 +127,12 @@ fuzz_answer(const uint8_t *data, size_t size)
 			pos += len;
 			break;
 		}
-		ub_header_cb((char *) data + pos, 1, len, &slot);
+		ub_http_header_cb((char *) data + pos, 1, len, &slot.ans);
 		pos += len;
 	}
-	check_terminated(slot.request_id, sizeof(slot.request_id), "request_id");
-	check_terminated(slot.retry_after, sizeof(slot.retry_after), "retry_after");
-	check_terminated(slot.should_retry, sizeof(slot.should_retry), "should_retry");
+	check_terminated(slot.ans.request_id, sizeof(slot.ans.request_id), "request_id");
+	check_terminated(slot.ans.retry_after, sizeof(slot.ans.retry_after), "retry_after");
+	check_terminated(slot.ans.should_retry, sizeof(slot.ans.should_retry), "should_retry");
 
 	/* the body, in chunks */
 	while (pos < size)
@@ -138,19 +140,19 @@ fuzz_answer(const uint8_t *data, size_t size)
 		size_t		chunk = 1 + (data[pos] * 97u) % 8192;
 
 		chunk = Min(chunk, size - pos);
-		if (ub_write_cb((char *) data + pos, 1, chunk, &slot) != chunk)
+		if (ub_http_write_cb((char *) data + pos, 1, chunk, &slot.ans) != chunk)
 			abort();
 		pos += chunk;
 	}
-	if (slot.body_len > UB_MAX_BODY || slot.body[slot.body_len] != '\0')
+	if (slot.ans.len > UB_HTTP_MAX_BODY || slot.ans.body[slot.ans.len] != '\0')
 		abort();
 
 	slot.ev = &ev;
-	slot.easy = curl_easy_init();
-	if (slot.easy == NULL)
+	slot.req.easy = curl_easy_init();
+	if (slot.req.easy == NULL)
 		return;
 	(void) ub_slot_finish(&slot, result, &cfg);
-	curl_easy_cleanup(slot.easy);
+	curl_easy_cleanup(slot.req.easy);
 
 	check_terminated(ev.error, sizeof(ev.error), "error");
 	check_terminated(ev.request_id, sizeof(ev.request_id), "request_id");
@@ -177,8 +179,8 @@ fuzz_form_field(const uint8_t *data, size_t size)
 	memcpy(value, data, size);
 	value[size] = '\0';
 	initStringInfo(&buf);
-	ub_append_field(&buf, "payload%5Bstripe_customer_id%5D", value);
-	ub_append_field(&buf, "identifier", value);
+	ub_http_form_add(&buf, "payload%5Bstripe_customer_id%5D", value);
+	ub_http_form_add(&buf, "identifier", value);
 	/* nothing but unreserved characters, %XX escapes and the separators */
 	for (p = buf.data; *p; p++)
 	{
@@ -195,16 +197,13 @@ fuzz_form_field(const uint8_t *data, size_t size)
 static void
 fuzz_error_json(const uint8_t *data, size_t size)
 {
-	char		type[UB_HEADER_LEN];
-	char		code[UB_HEADER_LEN];
-	char		param[UB_HEADER_LEN];
-	char		message[UB_ERROR_LEN];
+	UbStripeError err;
 
-	ub_parse_error((const char *) data, size, type, code, param, message);
-	check_terminated(type, sizeof(type), "type");
-	check_terminated(code, sizeof(code), "code");
-	check_terminated(param, sizeof(param), "param");
-	check_terminated(message, sizeof(message), "message");
+	ub_http_parse_error((const char *) data, size, &err);
+	check_terminated(err.type, sizeof(err.type), "type");
+	check_terminated(err.code, sizeof(err.code), "code");
+	check_terminated(err.param, sizeof(err.param), "param");
+	check_terminated(err.message, sizeof(err.message), "message");
 }
 
 int			LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);

@@ -66,7 +66,9 @@ SELECT 'catalog ' || (SELECT string_agg(m::text, ',' ORDER BY m::text)
                                FROM usage_billing.meters) m)
   || (SELECT string_agg(p::text, ',' ORDER BY p::text) FROM usage_billing.plans p)
   || (SELECT string_agg(l::text, ',' ORDER BY l::text) FROM usage_billing.plan_limits l)
-  || (SELECT string_agg(c::text, ',' ORDER BY c::text) FROM usage_billing.customers c)
+  || (SELECT string_agg(c::text, ',' ORDER BY c::text)
+        FROM (SELECT customer_id, plan, billing_anchor, stripe_customer_id, status, created_at, updated_at
+                FROM usage_billing.customers) c)
   || (SELECT string_agg(c::text, ',' ORDER BY c::text) FROM usage_billing.customer_limits c)
   || (SELECT string_agg(u::text, ',' ORDER BY u::text) FROM usage_billing.usage_unique_values u)};
 my $before = $node->safe_psql('old', $state_q);
