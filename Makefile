@@ -37,7 +37,8 @@ OBJS = \
 	src/export_secrets.o \
 	src/redact.o \
 	src/export_cancel.o \
-	src/export_cancel_http.o
+	src/export_cancel_http.o \
+	src/stripe_stream.o
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 

@@ -68,12 +68,7 @@ static void ub_slot_start(UbSlot *slot, UbMeterEvent *ev, const UbStripeConfig *
 						  const char *url, const char *auth);
 static void ub_slot_release(UbSlot *slot);
 static bool ub_slot_finish(UbSlot *slot, CURLcode result, const UbStripeConfig *cfg);
-static void ub_parse_error(const char *body, size_t len, char *type, char *code,
-						   char *param, char *message);
 static bool ub_is_duplicate(long status, const char *code, const char *param);
-static int	ub_backoff_ms(int attempts, const UbStripeConfig *cfg);
-static bool ub_take_token(double rps, long *wait_ms);
-static bool ub_refuse_unsendable(UbMeterEvent *ev);
 static void ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
 						  const UbStripeConfig *cfg, const char *url, const char *auth,
 						  bool *throttled);
@@ -255,7 +250,7 @@ ub_slot_release(UbSlot *slot)
 }
 
 /* Pulls type, code, param and message out of a Stripe error body; malformed bodies give empty strings. */
-static void
+void
 ub_parse_error(const char *body, size_t len, char *type, char *code, char *param, char *message)
 {
 	cJSON	   *root;
@@ -313,7 +308,7 @@ ub_is_duplicate(long status, const char *code, const char *param)
 }
 
 /* Exponential backoff with "equal jitter": half fixed, half random, capped. */
-static int
+int
 ub_backoff_ms(int attempts, const UbStripeConfig *cfg)
 {
 	double		d = cfg->backoff_base_ms;
@@ -406,7 +401,7 @@ ub_slot_finish(UbSlot *slot, CURLcode result, const UbStripeConfig *cfg)
 }
 
 /* Takes one token from the rate bucket, or says how long to wait for one. */
-static bool
+bool
 ub_take_token(double rps, long *wait_ms)
 {
 	TimestampTz now = GetCurrentTimestamp();
@@ -444,7 +439,7 @@ ub_take_token(double rps, long *wait_ms)
  * fix, retry_failed_exports() plans it again with the corrected id).
  * Returns true when the event was refused here.
  */
-static bool
+bool
 ub_refuse_unsendable(UbMeterEvent *ev)
 {
 	const char *cus = ev->stripe_customer_id;
