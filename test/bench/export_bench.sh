@@ -9,6 +9,7 @@
 # second: for v2 a request carries up to 100 events): with a ceiling below what the worker
 # reaches, events/s shows how close it stays to the ceiling.  APIS (default "v1 v2") are the
 # values of usage_billing.stripe_api measured, one after the other on the same cluster.
+# EXPORT_BATCH_SIZE in the environment sets usage_billing.export_batch_size (default 500).
 #
 # Creates a scratch cluster (port 5498, socket in its directory, no TCP), a mock Stripe on
 # 127.0.0.1 (its API port and its events port), CUSTOMERS customers with one sum meter, and
@@ -62,7 +63,7 @@ usage_billing.stripe_meter_events_base = 'http://127.0.0.1:$EPORT'
 usage_billing.export_interval = 0
 usage_billing.export_max_rps = $RPS
 usage_billing.export_concurrency = $CONC
-usage_billing.export_batch_size = 500
+usage_billing.export_batch_size = ${EXPORT_BATCH_SIZE:-500}
 EOC
 "${RUN[@]}" "$BIN/pg_ctl" -D "$D/data" -l "$D/log" -w start >/dev/null
 psql() { "${RUN[@]}" "$BIN/psql" -h "$D" -p 5498 -X -q -At -d postgres "$@"; }
