@@ -663,9 +663,13 @@ ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig 
 		sscanf(param, "events[%d]", &bad) == 1 && bad >= 0 && bad < chunk->n)
 	{
 		UbMeterEvent *culprit = chunk->evs[bad];
+		char		others[UB_ERROR_LEN];
 
-		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, (int) status, error, 0, cfg);
+		snprintf(others, sizeof(others), "resent: Stripe refused another event of the request (%s)",
+				 error);
+		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, (int) status, others, 0, cfg);
 		culprit->outcome = UB_OUT_FAILED;
+		strlcpy(culprit->error, error, sizeof(culprit->error));
 		return false;
 	}
 

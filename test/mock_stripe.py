@@ -956,7 +956,9 @@ def main():
 # Faults: the meter event requests of v1 and v2 share the queue of POST /_mock/faults
 # (count = requests, whatever their number of events): 500, 429, 429_retry_after, hang,
 # slow, drop_after (stored, then lost), 500_after (stored, then 500), close, garbage_500,
-# garbage_200, 400_should_retry_false; and rate_limit counts stream requests too.
+# garbage_200, 400_should_retry_false, and for the stream only 400_first_event (400
+# invalid_fields naming events[0].payload, nothing stored); rate_limit counts stream
+# requests too.
 #
 # Control: POST /_mock/v2/expire (every token expires now), POST /_mock/v2/config
 # {"session_seconds": S}, GET /_mock/v2 {"sessions", "requests", "events" (in accepted
@@ -1213,6 +1215,9 @@ def v2_stream_answer(h, raw, fault, limited):
     if kind == "400_should_retry_false":
         return h.answer(400, error_body("invalid_request_error", "Refused by the mock."),
                         {"Stripe-Should-Retry": "false"})
+    if kind == "400_first_event":
+        return h.answer(400, error_body("invalid_request_error", "events[0].payload is refused by the mock.",
+                                        "invalid_fields", "events[0].payload"))
     try:
         if not h.headers.get("Content-Type", "").startswith("application/json"):
             raise v2_invalid(None, "Content-Type must be application/json.")

@@ -76,6 +76,18 @@ sql('SELECT usage_billing.retry_failed_exports()');
 ok(settle(\&in_sync), 'retry_failed_exports() sends nothing twice');
 is(stats()->{violations}, 0, 'no request broke the spec so far') or diag(explain(stats()->{violation_log}));
 
+# a refusal that names one event fails that event only; the others of the request go again
+ub_mock_post($mock, 'faults', { kind => '400_first_event', count => 1 });
+ub_add_usage($node, $all, 'api_calls', 1);
+ok(settle(sub { sql(q{SELECT count(*) FROM usage_billing.export_outbox WHERE status = 'failed'}) eq '1' }),
+	'a 400 naming events[0]: one row failed, the others settled');
+like(sql(q{SELECT last_error FROM usage_billing.export_outbox WHERE status = 'failed'}),
+	qr/^HTTP 400 invalid_request_error\/invalid_fields: events\[0\]\.payload/, "the failed row keeps Stripe's message");
+is(sql(q{SELECT count(*) FROM usage_billing.export_attempts a JOIN usage_billing.export_outbox o USING (outbox_id)
+  WHERE o.status = 'sent' AND a.http_status = 400}), '11', 'the 11 others were resent after the 400');
+sql('SELECT usage_billing.retry_failed_exports()');
+ok(settle(\&in_sync), 'after retry_failed_exports(): Stripe holds what was recorded');
+
 # --- 4. the session expires: 401 temporary_session_expired, a new session, the same events
 $v = v2();
 ub_mock_post($mock, 'v2/expire', {});
