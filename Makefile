@@ -38,7 +38,8 @@ OBJS = \
 	src/redact.o \
 	src/export_cancel.o \
 	src/export_cancel_http.o \
-	src/stripe_stream.o
+	src/stripe_stream.o \
+	src/stripe_session.o
 
 DATA = $(wildcard sql/$(EXTENSION)--*.sql)
 

@@ -11,8 +11,7 @@
  *   chunk     up to UB_STREAM_MAX_EVENTS events of the batch, one request.  The
  *             batch holds at most one event per (customer, meter), so no two
  *             requests in flight ever carry the same customer and meter.
- *   session   the token and its expiry, kept in static memory across batches
- *             and wiped when replaced and at exit; it is opened again shortly
+ *   session   the token and its expiry (stripe_session.c), opened again
  *             before it expires, when the key or the API base changes, and
  *             when the stream answers 401 (then the chunk is resent at once:
  *             a 401 means nothing of it was processed).
@@ -36,26 +35,16 @@
 #include <time.h>
 
 #include <curl/curl.h>
-#include <cjson/cJSON.h>
 
-#include "common/hashfn.h"
 #include "lib/stringinfo.h"
 #include "miscadmin.h"
 #include "utils/guc.h"
 #include "utils/json.h"
 #include "utils/timestamp.h"
 
+#include "stripe_session.h"
 #include "stripe_stream.h"
 
-/* answers are small; anything bigger is cut (and still classified by status) */
-#define UB_STREAM_MAX_ANSWER	16384
-#define UB_STREAM_HEADER_LEN	64
-/* longest authentication token we keep */
-#define UB_STREAM_TOKEN_LEN		1024
-/* a session is renewed this long before Stripe's expires_at */
-#define UB_STREAM_SESSION_MARGIN_MS	60000
-/* when expires_at cannot be read: renew after this long */
-#define UB_STREAM_SESSION_FALLBACK_MS	(5 * 60000)
 /* a chunk answered 401 is resent with a new session at most this many times per batch */
 #define UB_STREAM_MAX_REAUTH	2
 
@@ -84,34 +73,13 @@ typedef struct UbStreamSlot
 	UbChunk    *chunk;
 	uint64		session;		/* generation of the token it was sent with */
 	TimestampTz started;
-	size_t		answer_len;
-	bool		answer_truncated;
-	char		answer[UB_STREAM_MAX_ANSWER + 1];
-	char		request_id[UB_REQUEST_ID_LEN];
-	char		retry_after[UB_STREAM_HEADER_LEN];
-	char		should_retry[UB_STREAM_HEADER_LEN];
-	char		errbuf[CURL_ERROR_SIZE];
+	UbAnswer	ans;
 } UbStreamSlot;
-
-/* the session: static memory, never palloc'd, wiped when replaced */
-static char ub_token[UB_STREAM_TOKEN_LEN];
-static TimestampTz ub_token_renew_at = 0;
-static uint32 ub_token_owner = 0;	/* hash of the key and API base that opened it */
-static uint64 ub_session_gen = 0;
 
 static CURLM *ub_stream_multi = NULL;
 static bool ub_stream_curl_initialized = false;
 
 static bool ub_check_events_base(char **newval, void **extra, GucSource source);
-static size_t ub_stream_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata);
-static size_t ub_stream_header_cb(char *buffer, size_t size, size_t nitems, void *userdata);
-static int	ub_stream_progress_cb(void *p, curl_off_t dltotal, curl_off_t dlnow,
-								  curl_off_t ultotal, curl_off_t ulnow);
-static void ub_forget_session(void);
-static uint32 ub_session_owner(const UbStripeConfig *cfg);
-static bool ub_parse_rfc3339(const char *s, int64 *unix_secs);
-static bool ub_open_session(const UbStripeConfig *cfg, char *error, size_t errlen,
-							int *http_status, char *request_id);
 static char *ub_chunk_json(UbChunk *chunk);
 static void ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *cfg,
 								 const char *url);
@@ -155,273 +123,6 @@ ub_check_events_base(char **newval, void **extra, GucSource source)
 		return false;
 	}
 	return true;
-}
-
-/* libcurl write callback: copies into the slot's fixed buffer, drops the excess. */
-static size_t
-ub_stream_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
-{
-	UbStreamSlot *slot = (UbStreamSlot *) userdata;
-	size_t		n = size * nmemb;
-	size_t		room = UB_STREAM_MAX_ANSWER - slot->answer_len;
-
-	if (n > room)
-	{
-		slot->answer_truncated = true;
-		n = room;
-	}
-	memcpy(slot->answer + slot->answer_len, ptr, n);
-	slot->answer_len += n;
-	slot->answer[slot->answer_len] = '\0';
-	return size * nmemb;
-}
-
-/* libcurl header callback: keeps Request-Id, Retry-After and Stripe-Should-Retry. */
-static size_t
-ub_stream_header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
-{
-	UbStreamSlot *slot = (UbStreamSlot *) userdata;
-	size_t		len = size * nitems;
-
-	if (len > 11 && pg_strncasecmp(buffer, "request-id:", 11) == 0)
-		ub_stripe_header_value(buffer, len, 11, slot->request_id, sizeof(slot->request_id));
-	else if (len > 12 && pg_strncasecmp(buffer, "retry-after:", 12) == 0)
-		ub_stripe_header_value(buffer, len, 12, slot->retry_after, sizeof(slot->retry_after));
-	else if (len > 20 && pg_strncasecmp(buffer, "stripe-should-retry:", 20) == 0)
-		ub_stripe_header_value(buffer, len, 20, slot->should_retry, sizeof(slot->should_retry));
-	return len;
-}
-
-/* Progress callback of the (blocking) session request: a pending interrupt aborts it. */
-static int
-ub_stream_progress_cb(void *p, curl_off_t dltotal, curl_off_t dlnow,
-					  curl_off_t ultotal, curl_off_t ulnow)
-{
-	return InterruptPending ? 1 : 0;
-}
-
-/* Wipes the session token. */
-static void
-ub_forget_session(void)
-{
-	explicit_bzero(ub_token, sizeof(ub_token));
-	ub_token_renew_at = 0;
-	ub_token_owner = 0;
-}
-
-/* Which key and API base a session belongs to (a hash: the key itself is not kept). */
-static uint32
-ub_session_owner(const UbStripeConfig *cfg)
-{
-	uint32		h = hash_bytes((const unsigned char *) cfg->api_key, strlen(cfg->api_key));
-
-	return hash_combine(h, hash_bytes((const unsigned char *) cfg->api_base,
-									  strlen(cfg->api_base)));
-}
-
-/*
- * Reads an RFC 3339 date-time ("2026-07-29T12:15:00.000Z", or with an offset
- * such as +02:00) into Unix seconds; false when it is not one.
- */
-static bool
-ub_parse_rfc3339(const char *s, int64 *unix_secs)
-{
-	int			y,
-				mo,
-				d,
-				h,
-				mi,
-				sec,
-				consumed = 0;
-	const char *p;
-	int64		days;
-	int			yy,
-				era,
-				yoe,
-				doy,
-				doe;
-
-	if (s == NULL ||
-		sscanf(s, "%4d-%2d-%2dT%2d:%2d:%2d%n", &y, &mo, &d, &h, &mi, &sec, &consumed) != 6 ||
-		consumed == 0)
-		return false;
-	if (mo < 1 || mo > 12 || d < 1 || d > 31 || h > 23 || mi > 59 || sec > 60)
-		return false;
-	p = s + consumed;
-	if (*p == '.')
-		for (p++; *p >= '0' && *p <= '9'; p++)
-			;
-	/* days from 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm) */
-	yy = y - (mo <= 2);
-	era = (yy >= 0 ? yy : yy - 399) / 400;
-	yoe = yy - era * 400;
-	doy = (153 * (mo + (mo > 2 ? -3 : 9)) + 2) / 5 + d - 1;
-	doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-	days = (int64) era * 146097 + doe - 719468;
-	*unix_secs = days * 86400 + h * 3600 + mi * 60 + sec;
-	if (*p == 'Z' || *p == 'z')
-		return p[1] == '\0';
-	if ((*p == '+' || *p == '-') && strlen(p) == 6 && p[3] == ':')
-	{
-		int			oh = atoi(p + 1);
-		int			om = atoi(p + 4);
-
-		*unix_secs -= (*p == '+' ? 1 : -1) * (int64) (oh * 3600 + om * 60);
-		return true;
-	}
-	return false;
-}
-
-/*
- * Opens a meter event session with the secret key (a blocking request,
- * bounded by the export timeouts and cut short by an interrupt).  On success
- * the token is in ub_token; otherwise error says why (redacted of the key),
- * with the HTTP status (0 = no answer) and Request-Id.
- */
-static bool
-ub_open_session(const UbStripeConfig *cfg, char *error, size_t errlen, int *http_status,
-				char *request_id)
-{
-	UbStreamSlot *answer;
-	CURL	   *easy;
-	struct curl_slist *volatile headers = NULL;
-	char	   *url;
-	char	   *auth;
-	CURLcode	rc;
-	long		status = 0;
-	volatile bool ok = false;
-
-	ub_forget_session();
-	error[0] = '\0';
-	request_id[0] = '\0';
-	*http_status = 0;
-
-	answer = palloc0(sizeof(UbStreamSlot));
-	url = psprintf("%s/v2/billing/meter_event_session", cfg->api_base);
-	auth = psprintf("Authorization: Bearer %s", cfg->api_key);
-	easy = curl_easy_init();
-	if (easy == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("could not create a libcurl handle")));
-	PG_TRY();
-	{
-		struct curl_slist *h;
-
-		h = curl_slist_append(NULL, auth);
-		if (h)
-			headers = h;
-		h = h ? curl_slist_append(h, "Content-Type: application/json") : NULL;
-		h = h ? curl_slist_append(h, "Expect:") : NULL;
-		if (h && cfg->stripe_version && cfg->stripe_version[0])
-		{
-			char	   *v = psprintf("Stripe-Version: %s", cfg->stripe_version);
-
-			h = curl_slist_append(h, v);
-			pfree(v);
-		}
-		if (h == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("out of memory while building request headers")));
-		headers = h;
-
-		curl_easy_setopt(easy, CURLOPT_URL, url);
-		curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
-		curl_easy_setopt(easy, CURLOPT_POST, 1L);
-		curl_easy_setopt(easy, CURLOPT_POSTFIELDS, "{}");
-		curl_easy_setopt(easy, CURLOPT_POSTFIELDSIZE, 2L);
-		curl_easy_setopt(easy, CURLOPT_HTTPHEADER, headers);
-		curl_easy_setopt(easy, CURLOPT_USERAGENT, "usage_billing/1.0 (PostgreSQL extension)");
-		curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, ub_stream_write_cb);
-		curl_easy_setopt(easy, CURLOPT_WRITEDATA, answer);
-		curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, ub_stream_header_cb);
-		curl_easy_setopt(easy, CURLOPT_HEADERDATA, answer);
-		curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, answer->errbuf);
-		curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, (long) cfg->connect_timeout_ms);
-		curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, (long) cfg->timeout_ms);
-		curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, 0L);
-		curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
-		curl_easy_setopt(easy, CURLOPT_NOPROGRESS, 0L);
-		curl_easy_setopt(easy, CURLOPT_XFERINFOFUNCTION, ub_stream_progress_cb);
-
-		rc = curl_easy_perform(easy);
-		strlcpy(request_id, answer->request_id, UB_REQUEST_ID_LEN);
-		if (rc != CURLE_OK)
-			snprintf(error, errlen, "could not open a meter event session: network error: %s",
-					 answer->errbuf[0] ? answer->errbuf : curl_easy_strerror(rc));
-		else
-		{
-			curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
-			*http_status = (int) status;
-			if (status >= 200 && status < 300)
-			{
-				cJSON	   *root = cJSON_ParseWithLength(answer->answer, answer->answer_len);
-				cJSON	   *tok = root ? cJSON_GetObjectItemCaseSensitive(root, "authentication_token") : NULL;
-				cJSON	   *exp = root ? cJSON_GetObjectItemCaseSensitive(root, "expires_at") : NULL;
-				int64		expires;
-				TimestampTz now = GetCurrentTimestamp();
-
-				/* nothing below throws before cJSON_Delete */
-				if (cJSON_IsString(tok) && tok->valuestring && tok->valuestring[0] &&
-					strlen(tok->valuestring) < sizeof(ub_token))
-				{
-					strlcpy(ub_token, tok->valuestring, sizeof(ub_token));
-					if (cJSON_IsString(exp) && ub_parse_rfc3339(exp->valuestring, &expires))
-					{
-						TimestampTz at = time_t_to_timestamptz((pg_time_t) expires);
-						int64		margin_ms = Min(UB_STREAM_SESSION_MARGIN_MS,
-													Max((at - now) / 4000, 0));
-
-						/* renewed a minute early, or a quarter early for a short session */
-						ub_token_renew_at = TimestampTzPlusMilliseconds(at, -margin_ms);
-					}
-					else
-						ub_token_renew_at = TimestampTzPlusMilliseconds(now, UB_STREAM_SESSION_FALLBACK_MS);
-					ub_token_owner = ub_session_owner(cfg);
-					ub_session_gen++;
-					ok = true;
-				}
-				else
-					snprintf(error, errlen, "could not open a meter event session: HTTP %ld without an authentication_token",
-							 status);
-				if (root)
-				{
-					/* the token must not linger in freed memory either */
-					if (cJSON_IsString(tok) && tok->valuestring)
-						explicit_bzero(tok->valuestring, strlen(tok->valuestring));
-					cJSON_Delete(root);
-				}
-			}
-			else
-			{
-				char		type[UB_ERROR_FIELD_LEN];
-				char		code[UB_ERROR_FIELD_LEN];
-				char		param[UB_ERROR_FIELD_LEN];
-				char		message[UB_ERROR_LEN];
-
-				ub_parse_error(answer->answer, answer->answer_len, type, code, param, message);
-				snprintf(error, errlen, "could not open a meter event session: HTTP %ld%s%s%s%s: %s",
-						 status, type[0] ? " " : "", type, code[0] ? "/" : "", code,
-						 message[0] ? message : "(no message)");
-			}
-		}
-		ub_redact_keys(error, cfg->api_key);
-	}
-	PG_FINALLY();
-	{
-		curl_easy_cleanup(easy);
-		if (headers)
-			curl_slist_free_all(headers);
-		explicit_bzero(answer->answer, sizeof(answer->answer));
-		pfree(answer);
-		explicit_bzero(auth, strlen(auth));
-		pfree(auth);
-		pfree(url);
-	}
-	PG_END_TRY();
-	CHECK_FOR_INTERRUPTS();
-	return ok;
 }
 
 /* The request body of a chunk: {"events":[{...}, ...]} with RFC 3339 timestamps. */
@@ -468,14 +169,8 @@ ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *c
 	char	   *auth;
 
 	slot->chunk = chunk;
-	slot->session = ub_session_gen;
-	slot->answer_len = 0;
-	slot->answer[0] = '\0';
-	slot->answer_truncated = false;
-	slot->request_id[0] = '\0';
-	slot->retry_after[0] = '\0';
-	slot->should_retry[0] = '\0';
-	slot->errbuf[0] = '\0';
+	slot->session = ub_session_generation();
+	ub_answer_reset(&slot->ans);
 	slot->body = ub_chunk_json(chunk);
 
 	slot->easy = curl_easy_init();
@@ -484,7 +179,7 @@ ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *c
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("could not create a libcurl handle")));
 
-	auth = psprintf("Authorization: Bearer %s", ub_token);
+	auth = psprintf("Authorization: Bearer %s", ub_session_token());
 	h = curl_slist_append(NULL, auth);
 	explicit_bzero(auth, strlen(auth));
 	pfree(auth);
@@ -512,11 +207,11 @@ ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *c
 	curl_easy_setopt(slot->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(slot->body));
 	curl_easy_setopt(slot->easy, CURLOPT_HTTPHEADER, slot->headers);
 	curl_easy_setopt(slot->easy, CURLOPT_USERAGENT, "usage_billing/1.0 (PostgreSQL extension)");
-	curl_easy_setopt(slot->easy, CURLOPT_WRITEFUNCTION, ub_stream_write_cb);
-	curl_easy_setopt(slot->easy, CURLOPT_WRITEDATA, slot);
-	curl_easy_setopt(slot->easy, CURLOPT_HEADERFUNCTION, ub_stream_header_cb);
-	curl_easy_setopt(slot->easy, CURLOPT_HEADERDATA, slot);
-	curl_easy_setopt(slot->easy, CURLOPT_ERRORBUFFER, slot->errbuf);
+	curl_easy_setopt(slot->easy, CURLOPT_WRITEFUNCTION, ub_answer_write_cb);
+	curl_easy_setopt(slot->easy, CURLOPT_WRITEDATA, &slot->ans);
+	curl_easy_setopt(slot->easy, CURLOPT_HEADERFUNCTION, ub_answer_header_cb);
+	curl_easy_setopt(slot->easy, CURLOPT_HEADERDATA, &slot->ans);
+	curl_easy_setopt(slot->easy, CURLOPT_ERRORBUFFER, slot->ans.errbuf);
 	curl_easy_setopt(slot->easy, CURLOPT_CONNECTTIMEOUT_MS, (long) cfg->connect_timeout_ms);
 	curl_easy_setopt(slot->easy, CURLOPT_TIMEOUT_MS, (long) cfg->timeout_ms);
 	curl_easy_setopt(slot->easy, CURLOPT_FOLLOWLOCATION, 0L);
@@ -575,7 +270,7 @@ ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot, int http
 		ev->http_status = http_status;
 		ev->duration_ms = duration_ms;
 		ev->rotate_key = false; /* no Idempotency-Key on the stream */
-		strlcpy(ev->request_id, slot ? slot->request_id : "", sizeof(ev->request_id));
+		strlcpy(ev->request_id, slot ? slot->ans.request_id : "", sizeof(ev->request_id));
 		strlcpy(ev->error, error ? error : "", sizeof(ev->error));
 		if (outcome == UB_OUT_RETRY)
 			ev->retry_in_ms = retry_after_ms >= 0 ? retry_after_ms : ub_backoff_ms(ev->attempts, cfg);
@@ -606,7 +301,7 @@ ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig 
 	{
 		/* no answer: Stripe may hold some or all of it; the same identifiers go again */
 		snprintf(error, sizeof(error), "network error: %s",
-				 slot->errbuf[0] ? slot->errbuf : curl_easy_strerror(result));
+				 slot->ans.errbuf[0] ? slot->ans.errbuf : curl_easy_strerror(result));
 		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, 0, error, -1, cfg);
 		return false;
 	}
@@ -618,18 +313,17 @@ ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig 
 		return false;
 	}
 
-	ub_parse_error(slot->answer, slot->answer_len, type, code, param, message);
+	ub_parse_error(slot->ans.body, slot->ans.len, type, code, param, message);
 	snprintf(error, sizeof(error), "HTTP %ld%s%s%s%s: %s", status,
 			 type[0] ? " " : "", type, code[0] ? "/" : "", code,
-			 message[0] ? message : (slot->answer_truncated ? "(answer too large)" : "(no message)"));
+			 message[0] ? message : (slot->ans.truncated ? "(answer too large)" : "(no message)"));
 	ub_redact_keys(error, cfg->api_key);
-	ub_redact_keys(error, ub_token);
+	ub_redact_keys(error, ub_session_token());
 
 	if (status == 401)
 	{
 		/* the session expired or was refused: nothing was processed */
-		if (slot->session == ub_session_gen)
-			ub_forget_session();
+		ub_session_expired(slot->session);
 		if (chunk->reauth < UB_STREAM_MAX_REAUTH)
 		{
 			chunk->reauth++;
@@ -640,18 +334,18 @@ ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig 
 		return false;
 	}
 
-	if (slot->retry_after[0])
+	if (slot->ans.retry_after[0])
 	{
 		char	   *end;
-		long		secs = strtol(slot->retry_after, &end, 10);
+		long		secs = strtol(slot->ans.retry_after, &end, 10);
 
-		if (end != slot->retry_after && secs >= 0)
+		if (end != slot->ans.retry_after && secs >= 0)
 			retry_after_ms = (int) Min(secs, 3600) * 1000;
 	}
 
-	if (strcmp(slot->should_retry, "false") == 0)
+	if (strcmp(slot->ans.should_retry, "false") == 0)
 		outcome = UB_OUT_FAILED;
-	else if (strcmp(slot->should_retry, "true") == 0 ||
+	else if (strcmp(slot->ans.should_retry, "true") == 0 ||
 			 status == 409 || status == 429 || status >= 500 || status == 403 ||
 			 strcmp(type, "idempotency_error") == 0)
 		outcome = UB_OUT_RETRY;
@@ -717,14 +411,13 @@ ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
 				}
 			if (free_slot == NULL)
 				break;
-			if (ub_token[0] == '\0' || GetCurrentTimestamp() >= ub_token_renew_at ||
-				ub_token_owner != ub_session_owner(cfg))
+			if (!ub_session_usable(cfg))
 			{
 				char		error[UB_ERROR_LEN];
 				char		request_id[UB_REQUEST_ID_LEN];
 				int			http_status;
 
-				if (!ub_open_session(cfg, error, sizeof(error), &http_status, request_id))
+				if (!ub_session_open(cfg, error, sizeof(error), &http_status, request_id))
 				{
 					/* every chunk not yet sent waits for the backoff */
 					for (i = qhead; i < qtail; i++)
@@ -871,7 +564,7 @@ ub_stream_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 void
 ub_stream_shutdown(void)
 {
-	ub_forget_session();
+	ub_session_forget();
 	if (ub_stream_multi)
 	{
 		curl_multi_cleanup(ub_stream_multi);
