@@ -109,6 +109,9 @@ Meter event adjustments (cancels):
                                     close, "count": N, "seconds": S} for the next N cancels
   POST /_mock/age      {"seconds": S} makes every accepted event look S seconds older
 
+v2 (meter event sessions and the meter event stream, with --events-port-file): see the
+v2 section at the end of this file.
+
 It stops by itself after --lifetime seconds so that a test never leaves it behind.
 """
 import argparse
@@ -202,6 +205,7 @@ def reset():
         meters={}, summary_requests=0, customers={}, accounts_seen={})
     state.update(keep)
     reset_adjustments()
+    reset_v2()
 
 
 def parse_form(raw):
@@ -368,8 +372,9 @@ class Handler(BaseHTTPRequestHandler):
         if key is not None:
             with lock:
                 state["inflight"] -= 1
-                if key:
-                    bump_key(key, -1)
+                for k in key if isinstance(key, list) else [key]:
+                    if k:
+                        bump_key(k, -1)
 
     def answer(self, status, body, headers=None):
         """Sends a JSON answer (or RAW bytes) with a Request-Id, keeping the connection open."""
@@ -400,6 +405,8 @@ class Handler(BaseHTTPRequestHandler):
         return self.rfile.read(n) if n > 0 else b""
 
     def do_GET(self):
+        if self.path.startswith("/_mock/v2") or getattr(self.server, "role", "api") == "events":
+            return v2_get(self)
         m = SUMMARIES.match(self.path)
         if m:
             return self.event_summaries(m.group(1), m.group(2) or "")
@@ -478,6 +485,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         raw = self.read_body()
+        if self.path.startswith("/v2/") or getattr(self.server, "role", "api") == "events":
+            return v2_post(self, raw)
         if self.path.startswith("/_mock/"):
             return self.control(raw)
         with lock:
@@ -525,6 +534,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.answer(400, {"error": "bad json"})
         if self.path in ("/_mock/age", "/_mock/adjustment_faults"):
             return self.adjustment_control(arg)
+        if self.path.startswith("/_mock/v2/"):
+            return v2_control(self, arg)
         self.touched = None
         with lock:
             refused = self.apply_control(arg)
@@ -986,12 +997,16 @@ def main():
     ap.add_argument("--lifetime", type=float, default=900)
     ap.add_argument("--rate-limit", type=int, default=0)
     ap.add_argument("--dup-answer", default="param", choices=DUP_FORMS + ("random",))
+    ap.add_argument("--events-port-file", help="also listen for the v2 meter event stream (the events host)")
     a = ap.parse_args()
     reset()
     state["rate_limit"] = a.rate_limit
     state["dup_answer"] = a.dup_answer
     srv = Server(("127.0.0.1", a.port), Handler)
     srv.key = a.key
+    if a.events_port_file:
+        # before the port file: a client that sees the port file finds the events port too
+        v2_start_events_server(a.key, a.events_port_file)
     port = srv.server_address[1]
     if a.port_file:
         tmp = a.port_file + ".tmp"
@@ -1006,6 +1021,374 @@ def main():
         srv.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:
         pass
+
+
+# =====================================================================================
+# v2: meter event sessions and the meter event stream
+# =====================================================================================
+#
+#   POST /v2/billing/meter_event_session      (API host; the secret key, as for v1)
+#       body: none or {} (application/json).  Answers a v2.billing.meter_event_session:
+#       {"id", "object", "authentication_token", "created", "expires_at", "livemode"},
+#       times as RFC 3339 strings; the token is valid 15 minutes (session_seconds).
+#   POST /v2/billing/meter_event_stream       (the events host: only with
+#       --events-port-file, on its own port; the API port answers it 404, as
+#       api.stripe.com does)
+#       Authorization: Bearer <authentication_token>, Content-Type application/json,
+#       body {"events": [event, ...]}, at most 100 events; each event
+#       {"event_name" (string <= 100, required), "payload" (object of strings, required),
+#        "identifier" (string 1..100), "timestamp" (RFC 3339 date-time string)}; no other
+#       keys, at any level but inside payload.  Answer: 200 {}.
+#
+# What Stripe refuses at once answers 400 {"error": {"type": "invalid_request_error",
+# "code": "invalid_fields", "message", "param": "events[i].field"}}, counts as a spec
+# violation, and stores nothing of the request: a body that is not JSON or not an object,
+# unknown keys, a missing event_name or payload, wrong types, over-long strings, more than
+# 100 events.  Stricter than Stripe on purpose: an event without identifier is refused
+# the same way (Stripe would make one up, and a resend could then never be deduplicated).
+# A token that is unknown, or the secret key itself, answers 401 (type
+# invalid_request_error, a violation); a token past expires_at answers 401 {"error":
+# {"type": "temporary_session_expired", "code": "billing_meter_event_session_expired"}}
+# (not a violation: sessions expire; the client opens a new one and resends).
+#
+# Stripe validates the events themselves asynchronously ("processed asynchronously,
+# including validation"): the answer is 200 {} and a bad event is dropped later and
+# reported (v1.billing.meter.error_report_triggered).  So does the mock: an event whose
+# value is not a whole number, whose timestamp lies outside the past 35 days .. 5 minutes
+# ahead, whose payload lacks stripe_customer_id or value, holds a value over 100
+# characters or a customer id with blanks, is dropped and counted as a violation; a
+# customer "cus_bad..." is dropped as an unknown customer (an error report, not a
+# violation).  GET /_mock/v2 lists them.
+#
+# Duplicates: Stripe keeps identifiers unique over a rolling 24 hours and the stream
+# answers asynchronously, so a duplicate identifier is stored once, counted
+# ("duplicates", as for v1) and the request still answers 200 {}.
+#
+# Faults: the meter event requests of v1 and v2 share the queue of POST /_mock/faults
+# (count = requests, whatever their number of events): 500, 429, 429_retry_after, hang,
+# slow, drop_after (stored, then lost), 500_after (stored, then 500), close, garbage_500,
+# garbage_200, 400_should_retry_false, and for the stream only 400_first_event (400
+# invalid_fields naming events[0].payload, nothing stored); rate_limit counts stream
+# requests too.
+#
+# Control: POST /_mock/v2/expire (every token expires now), POST /_mock/v2/config
+# {"session_seconds": S}, GET /_mock/v2 {"sessions", "requests", "events" (in accepted
+# requests), "max_events" (largest request), "expired_401", "bad_token_401",
+# "error_reports": [...], "token_lengths"}.  The totals, events, stats, summaries and
+# cancels of v1 cover the events that came through the stream too.
+
+V2_MAX_EVENTS = 100
+V2_EVENT_KEYS = {"event_name", "identifier", "payload", "timestamp"}
+RFC3339 = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
+
+
+def reset_v2():
+    """Forgets every session and v2 counter (part of reset())."""
+    keep = state.get("v2", {}).get("session_seconds", 900)
+    state["v2"] = dict(tokens={}, sessions=0, requests=0, events=0, max_events=0, expired_401=0,
+                       bad_token_401=0, error_reports=deque(maxlen=200), session_seconds=keep)
+
+
+def rfc3339(t):
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + ".%03dZ" % int((t % 1) * 1000)
+
+
+def parse_rfc3339(s):
+    """Unix seconds of an RFC 3339 date-time, or None."""
+    m = RFC3339.match(s) if isinstance(s, str) else None
+    if not m:
+        return None
+    import calendar
+    try:
+        t = calendar.timegm((int(m.group(1)), int(m.group(2)), int(m.group(3)),
+                             int(m.group(4)), int(m.group(5)), int(m.group(6)), 0, 0, 0))
+    except (ValueError, OverflowError):
+        return None
+    if not (1 <= int(m.group(2)) <= 12 and 1 <= int(m.group(3)) <= 31 and int(m.group(4)) < 24
+            and int(m.group(5)) < 60 and int(m.group(6)) < 61):
+        return None
+    if m.group(8) != "Z":
+        sign = 1 if m.group(8)[0] == "+" else -1
+        t -= sign * (int(m.group(8)[1:3]) * 3600 + int(m.group(8)[4:6]) * 60)
+    return t
+
+
+def v2_invalid(param, message):
+    return Refusal(message, param, "invalid_fields")
+
+
+def v2_check_body(raw):
+    """The stream's request schema; returns the events or raises Refusal."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise v2_invalid(None, "The request body is not valid JSON.")
+    if not isinstance(body, dict):
+        raise v2_invalid(None, "The request body must be a JSON object.")
+    for k in body:
+        if k != "events":
+            raise v2_invalid(k, "Unknown field: %s." % k)
+    events = body.get("events")
+    if not isinstance(events, list):
+        raise v2_invalid("events", "events is required and must be an array.")
+    if len(events) > V2_MAX_EVENTS:
+        raise v2_invalid("events", "events supports up to %d events per request, got %d."
+                         % (V2_MAX_EVENTS, len(events)))
+    for i, ev in enumerate(events):
+        at = "events[%d]" % i
+        if not isinstance(ev, dict):
+            raise v2_invalid(at, "%s must be an object." % at)
+        for k in ev:
+            if k not in V2_EVENT_KEYS:
+                raise v2_invalid("%s.%s" % (at, k), "Unknown field: %s.%s." % (at, k))
+        for k in ("event_name", "payload"):
+            if k not in ev:
+                raise v2_invalid("%s.%s" % (at, k), "Missing required field: %s.%s." % (at, k))
+        if not isinstance(ev["event_name"], str) or not 1 <= len(ev["event_name"]) <= 100:
+            raise v2_invalid(at + ".event_name", "%s.event_name must be a string of 1 to 100 characters." % at)
+        if not isinstance(ev["payload"], dict) or not all(isinstance(v, str) for v in ev["payload"].values()):
+            raise v2_invalid(at + ".payload", "%s.payload must be an object of strings." % at)
+        ident = ev.get("identifier")
+        if ident is None:
+            raise v2_invalid(at + ".identifier", "%s.identifier is missing (this mock requires one: "
+                             "without it a resend cannot be deduplicated)." % at)
+        if not isinstance(ident, str) or not 1 <= len(ident) <= 100:
+            raise v2_invalid(at + ".identifier", "%s.identifier must be a string of 1 to 100 characters." % at)
+        if "timestamp" in ev and parse_rfc3339(ev["timestamp"]) is None:
+            raise v2_invalid(at + ".timestamp", "%s.timestamp must be an RFC 3339 date-time string." % at)
+    return events
+
+
+def v2_async_problem(ev, now):
+    """What Stripe's asynchronous validation would drop the event for: (message, violation) or None."""
+    p = ev["payload"]
+    for k, v in p.items():
+        if len(v) > 100:
+            return "payload.%s longer than 100 characters" % k, True
+    cus, value = p.get("stripe_customer_id"), p.get("value")
+    if cus is None or value is None:
+        return "payload without stripe_customer_id or value", True
+    if cus.strip() == "" or re.search(r"\s", cus):
+        return "stripe_customer_id '%s' is not a customer id" % cus, True
+    if not WHOLE.match(value):
+        return "value '%s' is not a whole number" % value, True
+    ts = parse_rfc3339(ev["timestamp"]) if "timestamp" in ev else int(now)
+    if ts < now - 35 * 86400 or ts > now + 300:
+        return "timestamp outside the past 35 days .. 5 minutes ahead", True
+    if cus.startswith("cus_bad"):
+        return "No such customer: '%s'" % cus, False
+    return None
+
+
+def v2_get(h):
+    if h.path == "/_mock/v2" and getattr(h.server, "role", "api") == "api":
+        with lock:
+            v2 = state["v2"]
+            body = {k: v2[k] for k in ("sessions", "requests", "events", "max_events", "expired_401",
+                                       "bad_token_401", "session_seconds")}
+            body["error_reports"] = list(v2["error_reports"])
+            body["tokens"] = len(v2["tokens"])
+        return h.answer(200, body)
+    return h.answer(404, error_body("invalid_request_error", "Unrecognized request URL (GET: %s)." % h.path))
+
+
+def v2_control(h, arg):
+    with lock:
+        if h.path == "/_mock/v2/expire":
+            for t in state["v2"]["tokens"]:
+                state["v2"]["tokens"][t] = 0
+        elif h.path == "/_mock/v2/config":
+            if "session_seconds" in arg:
+                state["v2"]["session_seconds"] = float(arg["session_seconds"])
+        else:
+            return h.answer(404, {"error": "unknown control"})
+    h.answer(200, {"ok": True})
+
+
+def v2_post(h, raw):
+    role = getattr(h.server, "role", "api")
+    with lock:
+        v = h.headers.get("Stripe-Version", "(none)")
+        state["stripe_versions"][v] = state["stripe_versions"].get(v, 0) + 1
+    if role == "api" and h.path == "/v2/billing/meter_event_session":
+        return v2_session(h, raw)
+    if role == "events" and h.path == "/v2/billing/meter_event_stream":
+        return v2_stream(h, raw)
+    return h.answer(404, error_body("invalid_request_error", "Unrecognized request URL (POST: %s)." % h.path))
+
+
+def v2_session(h, raw):
+    """POST /v2/billing/meter_event_session: the secret key opens a 15-minute session."""
+    if not h.authorized():
+        return h.refuse_auth()
+    try:
+        if raw.strip():
+            if not h.headers.get("Content-Type", "").startswith("application/json"):
+                raise v2_invalid(None, "Content-Type must be application/json.")
+            try:
+                body = json.loads(raw.decode("utf-8"))
+            except (ValueError, UnicodeDecodeError):
+                raise v2_invalid(None, "The request body is not valid JSON.")
+            if body != {}:
+                raise v2_invalid(None, "meter_event_session takes no parameters.")
+    except Refusal as r:
+        status, body, _ = h.violation(h.path, r)
+        return h.answer(status, body)
+    now = time.time()
+    token = "ek_test_" + uuid.uuid4().hex + uuid.uuid4().hex
+    with lock:
+        v2 = state["v2"]
+        expires = now + v2["session_seconds"]
+        v2["tokens"][token] = expires
+        v2["sessions"] += 1
+    h.answer(200, {"id": "mes_test_" + uuid.uuid4().hex[:24], "object": "v2.billing.meter_event_session",
+                   "authentication_token": token, "created": rfc3339(now), "expires_at": rfc3339(expires),
+                   "livemode": False})
+
+
+def v2_stream(h, raw):
+    """POST /v2/billing/meter_event_stream: session token, up to 100 events, answer {}."""
+    now = time.time()
+    with lock:
+        v2 = state["v2"]
+        v2["requests"] += 1
+        state["requests"] += 1
+        arr = state["arrivals"]
+        arr.append(now)
+        while arr and arr[0] <= now - 1.0:
+            arr.popleft()
+        state["max_window"] = max(state["max_window"], len(arr))
+        fault = None
+        if state["faults"]:
+            fault = state["faults"][0]
+            fault["count"] -= 1
+            if fault["count"] <= 0:
+                state["faults"].popleft()
+            state["faults_served"] += 1
+        limited = False
+        if state["rate_limit"] > 0:
+            sec = int(now)
+            if sec != state["rate_second"]:
+                state["rate_second"], state["rate_count"] = sec, 0
+            state["rate_count"] += 1
+            limited = state["rate_count"] > state["rate_limit"]
+    # in flight, overall and per (customer, event name) of every event in the request
+    keys = []
+    try:
+        for ev in json.loads(raw.decode("utf-8")).get("events", []):
+            keys.append("%s|%s" % (ev["payload"]["stripe_customer_id"], ev["event_name"]))
+    except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
+        pass
+    with lock:
+        state["inflight"] += 1
+        state["max_inflight"] = max(state["max_inflight"], state["inflight"])
+        for k in keys:
+            bump_key(k, 1)
+    h.flight = keys or ""
+    try:
+        v2_stream_answer(h, raw, fault, limited)
+    finally:
+        h.leave()
+
+
+def v2_stream_answer(h, raw, fault, limited):
+    kind = fault["kind"] if fault else None
+    if kind == "close":
+        return h.drop()
+    if kind == "hang":
+        time.sleep(float(fault.get("seconds", 30)))
+        return h.drop()
+    too_many = error_body("rate_limit", "Too many requests hit the API too quickly.", "rate_limit")
+    if limited or kind == "429":
+        return h.answer(429, too_many)
+    if kind == "429_retry_after":
+        return h.answer(429, too_many, {"Retry-After": str(fault.get("retry_after", 1))})
+    auth = h.headers.get("Authorization", "")
+    token = auth[7:] if auth.startswith("Bearer ") else None
+    with lock:
+        v2 = state["v2"]
+        expires = v2["tokens"].get(token) if token else None
+        if expires is not None and expires <= time.time():
+            v2["expired_401"] += 1
+        elif expires is None:
+            v2["bad_token_401"] += 1
+    if expires is None:
+        h.violation(h.path, Refusal("Authorization is not a meter event session token.", None, None))
+        return h.answer(401, error_body("invalid_request_error",
+                                        "The provided authentication token is not valid for this endpoint."))
+    if expires <= time.time():
+        return h.answer(401, error_body("temporary_session_expired", "The meter event session has expired.",
+                                        "billing_meter_event_session_expired"))
+    if kind == "500":
+        return h.answer(500, error_body("api_error", "An unknown error occurred."))
+    if kind == "garbage_500":
+        return h.answer(500, RAW(b'{"error": {"type": "api_error", "message": "unterminated \\'))
+    if kind == "400_should_retry_false":
+        return h.answer(400, error_body("invalid_request_error", "Refused by the mock."),
+                        {"Stripe-Should-Retry": "false"})
+    if kind == "400_first_event":
+        return h.answer(400, error_body("invalid_request_error", "events[0].payload is refused by the mock.",
+                                        "invalid_fields", "events[0].payload"))
+    try:
+        if not h.headers.get("Content-Type", "").startswith("application/json"):
+            raise v2_invalid(None, "Content-Type must be application/json.")
+        events = v2_check_body(raw)
+    except Refusal as r:
+        status, body, _ = h.violation(h.path, r)
+        return h.answer(status, body)
+    now = time.time()
+    with lock:
+        v2 = state["v2"]
+        v2["events"] += len(events)
+        v2["max_events"] = max(v2["max_events"], len(events))
+        for ev in events:
+            problem = v2_async_problem(ev, now)
+            if problem is not None:
+                v2["error_reports"].append("%s: %s" % (ev["identifier"], problem[0]))
+                if problem[1]:
+                    state["violations"] += 1
+                    state["violation_log"].append("%s (asynchronous): %s" % (h.path, problem[0]))
+                continue
+            ident = ev["identifier"]
+            ts = parse_rfc3339(ev["timestamp"]) if "timestamp" in ev else int(now)
+            if state["max_ahead"] is None or ts - now > state["max_ahead"]:
+                state["max_ahead"] = round(ts - now, 3)
+            if ident in state["by_ident"]:
+                state["duplicates"] += 1
+                continue
+            cus, name, value = ev["payload"]["stripe_customer_id"], ev["event_name"], int(ev["payload"]["value"])
+            state["identifiers"][ident] = now
+            key = "%s|%s" % (cus, name)
+            state["accepted"] += 1
+            state["totals"][key] = state["totals"].get(key, 0) + value
+            prev = state["last"].get(key)
+            if prev is None or ts >= prev[0]:
+                state["last"][key] = (ts, value)
+            rec = {"identifier": ident, "customer": cus, "event_name": name, "value": value, "timestamp": ts,
+                   "payload": ev["payload"], "created": int(now)}
+            state["events"].append(rec)
+            state["by_ident"][ident] = rec
+    if kind == "drop_after":
+        return h.drop()
+    if kind == "500_after":
+        return h.answer(500, error_body("api_error", "An unknown error occurred."))
+    if kind == "garbage_200":
+        return h.answer(200, RAW(b'<html>not json</html>'))
+    if kind == "slow":
+        time.sleep(float(fault.get("seconds", 30)))
+    h.answer(200, {})
+
+
+def v2_start_events_server(key, port_file):
+    """The events host (meter-events.stripe.com): its own port, the stream only."""
+    srv = Server(("127.0.0.1", 0), Handler)
+    srv.key = key
+    srv.role = "events"
+    tmp = port_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("%d\n" % srv.server_address[1])
+    os.rename(tmp, port_file)
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@
 #include "export_shmem.h"
 #include "errors.h"
 #include "reconcile.h"
+#include "stripe_stream.h"
 
 /* settings (see ub_export_init for their meaning) */
 static char *ub_api_key = NULL;
@@ -153,8 +154,9 @@ ub_export_init(void)
 							NULL, &ub_backoff_max_ms, 300000, 10, 86400000, PGC_SIGHUP, GUC_UNIT_MS,
 							NULL, NULL, NULL);
 
+	ub_stream_init();			/* usage_billing.stripe_api, the v2 events base */
 	ub_secrets_init();
-	ub_reconcile_init();		/* reconcile.c: its settings and shared struct */
+	ub_reconcile_init();		/* reconcile.c: its settings */
 
 	if (!process_shared_preload_libraries_in_progress)
 		return;
@@ -209,6 +211,7 @@ ub_worker_exit(int code, Datum arg)
 {
 	ub_shmem_clear_worker();
 	ub_stripe_shutdown();
+	ub_stream_shutdown();
 }
 
 /* Starts a transaction with a snapshot, for SPI. */
@@ -398,7 +401,10 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 
 		pgstat_report_activity(STATE_RUNNING, "sending meter events");
 		MemoryContextSwitchTo(batch_cxt);
-		ub_stripe_send_batch(events, n, &cfg, &throttled);
+		if (ub_stripe_api == UB_STRIPE_API_V2)
+			ub_stream_send_batch(events, n, &cfg, &throttled);	/* stripe_stream.c */
+		else
+			ub_stripe_send_batch(events, n, &cfg, &throttled);
 
 		pgstat_report_activity(STATE_RUNNING, "recording meter event outcomes");
 		ub_begin();

@@ -51,8 +51,6 @@ static void ub_slot_start(UbSlot *slot, UbMeterEvent *ev, const UbStripeConfig *
 static void ub_slot_release(UbSlot *slot);
 static bool ub_slot_finish(UbSlot *slot, CURLcode result, const UbStripeConfig *cfg);
 static bool ub_is_duplicate(long status, const char *code, const char *param);
-static bool ub_take_token(double rps, long *wait_ms);
-static bool ub_refuse_unsendable(UbMeterEvent *ev);
 static void ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
 						  const UbStripeConfig *cfg, const char *url, bool *throttled);
 
@@ -170,7 +168,7 @@ ub_slot_finish(UbSlot *slot, CURLcode result, const UbStripeConfig *cfg)
 }
 
 /* Takes one token from the rate bucket, or says how long to wait for one. */
-static bool
+bool
 ub_take_token(double rps, long *wait_ms)
 {
 	TimestampTz now = GetCurrentTimestamp();
@@ -208,7 +206,7 @@ ub_take_token(double rps, long *wait_ms)
  * fix, retry_failed_exports() plans it again with the corrected id).
  * Returns true when the event was refused here.
  */
-static bool
+bool
 ub_refuse_unsendable(UbMeterEvent *ev)
 {
 	const char *cus = ev->stripe_customer_id;

@@ -39,8 +39,6 @@ static bool ub_http_initialized = false;
 
 static size_t ub_http_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata);
 static size_t ub_http_header_cb(char *buffer, size_t size, size_t nitems, void *userdata);
-static void ub_http_header_value(const char *line, size_t len, size_t name_len,
-								 char *dst, size_t dstlen);
 static int	ub_http_progress_cb(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 								curl_off_t ultotal, curl_off_t ulnow);
 static struct curl_slist *ub_http_append(struct curl_slist *h, const char *line);
@@ -89,7 +87,7 @@ ub_http_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
 }
 
 /* Copies a header line's value, trimmed, into a fixed buffer. */
-static void
+void
 ub_http_header_value(const char *line, size_t len, size_t name_len, char *dst, size_t dstlen)
 {
 	size_t		i = name_len;

@@ -65,6 +65,8 @@ extern void ub_http_prepare(UbHttpRequest *req, const UbStripeConfig *cfg, const
 							const char *stripe_account);
 extern CURLcode ub_http_perform(UbHttpRequest *req, long *status);
 extern void ub_http_release(UbHttpRequest *req, CURLM *multi);
+extern void ub_http_header_value(const char *line, size_t len, size_t name_len,
+								 char *dst, size_t dstlen);
 extern void ub_http_parse_error(const char *body, size_t len, UbStripeError *err);
 extern UbHttpVerdict ub_http_verdict(long status, const UbHttpAnswer *ans,
 									 const UbStripeError *err, bool *rotate_key);

@@ -18,6 +18,10 @@
 #   BENCH_SECONDS   seconds per pgbench run (default 10)
 #   BENCH_ROUNDS    alternations per workload (default 3: A B A B A B; each side's median counts)
 #   BENCH_ONLY      space-separated subset of: inc_spread inc_hot check_limit summary batch disk
+#                   export
+#   BENCH_EXPORT_CUSTOMERS, BENCH_EXPORT_ROUNDS   the export case (test/bench/export_bench.sh on
+#                   its own cluster and mock, v1 then v2): customers per round (default 2000)
+#                   and measured rounds per API (default 5)
 #   BENCH_OUT       also write the table to this file
 #   BENCH_LOAD_TIMEOUT  seconds allowed for loading the 1,000,000 events (default 600)
 #   UB_KEEP_TMP=1   keep the temp dir (cluster, pgbench logs)
@@ -31,7 +35,7 @@ SECS=${BENCH_SECONDS:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
 CLIENTS=8
 THREADS=2
-ONLY=${BENCH_ONLY:-inc_spread inc_hot check_limit summary batch disk}
+ONLY=${BENCH_ONLY:-inc_spread inc_hot check_limit summary batch disk export}
 LOAD_TIMEOUT=${BENCH_LOAD_TIMEOUT:-600}
 TMP=""
 ROWS=()        # "workload|ours|baseline|ratio|target|met"
@@ -52,6 +56,8 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 want() { case " $ONLY " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# true when a case that uses the loaded bench database is wanted (export has its own cluster)
+want_db() { local c; for c in inc_spread inc_hot check_limit summary batch disk; do want "$c" && return 0; done; return 1; }
 
 ub_find_pg
 if [ ! -f "$("$PG_CONFIG" --sharedir)/extension/usage_billing.control" ]; then
@@ -82,8 +88,10 @@ psql_b() { ub_as_pg "$PGBIN/psql" -X -q -h "$TMP" -p "$PORT" -v ON_ERROR_STOP=1 
 val() { psql_b -d bench -At -c "$1" 2>>"$TMP/psql.err"; }
 
 psql_b -d postgres -c "CREATE DATABASE bench"
-ub_log "loading: 10,000 customers, naive counter table, naive ledger with 1,000,000 + 1,000 rows"
-psql_b -d bench -f - <test/bench/setup.sql >/dev/null
+if want_db; then
+    ub_log "loading: 10,000 customers, naive counter table, naive ledger with 1,000,000 + 1,000 rows"
+    psql_b -d bench -f - <test/bench/setup.sql >/dev/null
+fi
 
 # Our side of the summary workload: 1,000,000 events for "big" and 1,000 for "small" in the
 # current period, recorded through increment_usage_batch (100 calls of 10,000 events).
@@ -315,6 +323,25 @@ if want disk; then
     [ -n "$base_b" ] || base_b=ERR
     NOTES+=("disk: ours = all usage_billing tables but the catalog, with indexes and TOAST, over $ev ledger rows; baseline = usage_records with its 2 indexes over its rows; after VACUUM")
     row "disk per event (lower is better) vs naive ledger" "$ours_b" "$base_b" report "B"
+fi
+
+if want export; then
+    # its own scratch cluster and mock (test/bench/export_bench.sh): v1, then v2, same settings
+    exp_n=${BENCH_EXPORT_CUSTOMERS:-2000}
+    exp_rounds=${BENCH_EXPORT_ROUNDS:-5}
+    ub_log "export to the mock: v1 then v2, $exp_n customers x $exp_rounds rounds each, 8 requests in flight"
+    if bash test/bench/export_bench.sh "$PGBIN" "$exp_n" "$exp_rounds" 8 >"$TMP/export.log" 2>&1; then
+        sed 's/^/    /' "$TMP/export.log"
+        res=$(grep '^RESULT' "$TMP/export.log" || true)
+        ev1=$(sed -n 's/.* v1=\([0-9]*\).*/\1/p' <<<"$res")
+        ev2=$(sed -n 's/.* v2=\([0-9]*\).*/\1/p' <<<"$res")
+        row "export to the mock, v2 stream vs v1 (events/s)" "${ev2:-ERR}" "${ev1:-ERR}" report "events/s"
+        NOTES+=("export: events/s from export_now() until every row is in sync, $exp_n events per round, $exp_rounds rounds per API after one warm-up round; v1 sends one event per request, v2 up to 100 (the Python mock on the same cores bounds both)")
+    else
+        tail -n 5 "$TMP/export.log" | sed 's/^/    /'
+        row "export to the mock, v2 stream vs v1 (events/s)" ERR ERR report "events/s"
+        NOTES+=("export: $(grep -m1 ERROR "$TMP/export.log" || tail -n 1 "$TMP/export.log")")
+    fi
 fi
 
 # --- the table ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ sub ub_start_mock
 		'--port-file', $portfile, '--key', $o{key} // $UB_KEY,
 		'--lifetime', $o{lifetime} // 600);
 	push @args, '--rate-limit', $o{rate_limit} if $o{rate_limit};
+	push @args, '--events-port-file', "$portfile.events" if $o{v2};
 	my $pid = fork();
 	die "fork: $!" unless defined $pid;
 	if ($pid == 0)
@@ -47,6 +48,7 @@ sub ub_start_mock
 	chomp $port;
 	close $fh;
 	my $m = { pid => $pid, port => $port, url => "http://127.0.0.1:$port" };
+	$m->{events_url} = ub_v2_events_url("$portfile.events") if $o{v2};
 	push @ub_mocks, $m;
 	return $m;
 }
@@ -268,6 +270,51 @@ sub ub_worker_pid
 	my ($node) = @_;
 	return $node->safe_psql('postgres',
 		q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'usage_billing export worker'});
+}
+
+# --- v2: the meter event stream (usage_billing.stripe_api = 'v2') ---------------------------
+
+# The events host's URL of a mock started with v2 => 1 (it writes that port file first).
+sub ub_v2_events_url
+{
+	my ($file) = @_;
+	open(my $fh, '<', $file) or die "mock stripe: no events port file: $!";
+	my $port = <$fh>;
+	chomp $port;
+	close $fh;
+	return "http://127.0.0.1:$port";
+}
+
+# postgresql.conf lines that make the worker send through the mock's v2 stream.
+sub ub_v2_conf
+{
+	my ($m) = @_;
+	return "usage_billing.stripe_api = 'v2'\n"
+	  . "usage_billing.stripe_meter_events_base = '$m->{events_url}'\n";
+}
+
+# Wakes the worker; waits until nothing is pending (events and cancels) and cond holds.
+sub ub_settle
+{
+	my ($node, $m, $cond, $timeout) = @_;
+	my $sql = sub { $node->safe_psql('postgres', $_[0]) };
+	$sql->('SELECT usage_billing.export_now()');
+	my $ok = ub_wait_for(sub {
+		$sql->(q{SELECT (SELECT count(*) FROM usage_billing.export_outbox WHERE status = 'pending')
+  + (SELECT count(*) FROM usage_billing.export_cancels WHERE status = 'pending')}) eq '0'
+		  && (!$cond || $cond->()) }, $timeout // 30);
+	Test::More::diag("not settled: " . $sql->(q{SELECT string_agg(status || ' ' || attempts || ' '
+  || coalesce(last_error, ''), E'\n') FROM usage_billing.export_outbox WHERE status <> 'sent'})
+		. "\nmock: " . JSON::PP->new->canonical->encode(ub_mock_get($m, 'stats'))) unless $ok;
+	return $ok;
+}
+
+# True when the mock's totals equal what the test itself recorded (ub_add_usage's book).
+sub ub_recorded_in_sync
+{
+	my ($node, $m) = @_;
+	return JSON::PP->new->canonical->encode(ub_mock_totals($node, $m))
+	  eq JSON::PP->new->canonical->encode(ub_recorded_totals($node));
 }
 
 1;

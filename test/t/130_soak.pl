@@ -6,6 +6,7 @@
 # exactly what the test recorded, every identifier it holds must be recorded as sent, no
 # request may have broken the spec, and export_status must say in sync everywhere.
 # Bounded: the rounds stop after 90 s, the final settling after 90 s more.
+# 131_soak_v2.pl runs this file with $UB_SOAK_API = 'v2' (the v2 meter event stream).
 use strict;
 use warnings;
 use PostgreSQL::Test::Cluster;
@@ -20,14 +21,15 @@ my $seed = $ENV{UB_SOAK_SEED} // int(time() * 1000) % 2**31;
 srand($seed);
 note("seed $seed (set UB_SOAK_SEED to replay)");
 
-my $mock = ub_start_mock();
+our $UB_SOAK_API //= 'v1';
+my $mock = ub_start_mock(v2 => $UB_SOAK_API eq 'v2');
 ub_mock_post($mock, 'config', { dup_answer => 'random' });
 my $node = ub_node('soak', $mock, q{
 usage_billing.export_interval = 1
 usage_billing.export_timeout = 2s
 usage_billing.export_concurrency = 4
 restart_after_crash = on
-});
+} . ($UB_SOAK_API eq 'v2' ? ub_v2_conf($mock) : ''));
 ub_customers($node, 1, 20);
 
 # Waits until the server takes queries again (after a crash restart).
@@ -123,6 +125,9 @@ ok(ub_wait_for(sub { (ub_mock_get($mock, 'last')->{'cus_1|storage_gb'} // -1) ==
 	"the max meter's latest value ($storage) reached Stripe");
 is($node->safe_psql('postgres', q{SELECT count(*) FROM usage_billing.export_status WHERE state <> 'in_sync'}), '0',
 	'export_status: in sync everywhere');
+
+ok(ub_mock_get($mock, 'v2')->{events} > 0 && ub_mock_get($mock, 'stats')->{requests} == ub_mock_get($mock, 'v2')->{requests},
+	'every meter event went through the v2 stream') if $UB_SOAK_API eq 'v2';
 
 $node->stop;
 done_testing();

@@ -1,0 +1,576 @@
+/*-------------------------------------------------------------------------
+ * stripe_stream.c
+ *	  HTTP side of the export over Stripe's v2 meter event stream
+ *	  (usage_billing.stripe_api = 'v2'):
+ *	    POST {stripe_api_base}/v2/billing/meter_event_session with the secret
+ *	      key opens a session: an authentication token valid 15 minutes;
+ *	    POST {stripe_meter_events_base}/v2/billing/meter_event_stream with
+ *	      that token carries up to 100 events as JSON and is answered {}.
+ *
+ * Vocabulary
+ *   chunk     up to UB_STREAM_MAX_EVENTS events of the batch, one request.  The
+ *             batch holds at most one event per (customer, meter), so no two
+ *             requests in flight ever carry the same customer and meter.
+ *   session   the token and its expiry (stripe_session.c), opened again
+ *             before it expires, when the key or the API base changes, and
+ *             when the stream answers 401 (then the chunk is resent at once:
+ *             a 401 means nothing of it was processed).
+ *   outcome   as for v1 (stripe_client.c), for every event of a chunk alike:
+ *             2xx SENT; no answer, 5xx, 409, 429 RETRY with the same
+ *             identifiers (Stripe drops the duplicates of what it already
+ *             holds and answers {}: the resend of an ambiguous request is
+ *             what settles it); a 400 naming events[i] FAILED for that event
+ *             and RETRY for the others; any other 4xx FAILED.
+ *
+ * The stream validates events asynchronously: an accepted event that Stripe
+ * later rejects (an unknown customer, say) is reported by Stripe, not in the
+ * answer.  No Idempotency-Key is sent: the identifiers deduplicate, and a
+ * resent chunk may be grouped differently.  The token and the key only go
+ * into Authorization headers; Stripe's messages are redacted of both before
+ * they are stored.  No transaction is open while this runs.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include <time.h>
+
+#include <curl/curl.h>
+
+#include "lib/stringinfo.h"
+#include "miscadmin.h"
+#include "utils/guc.h"
+#include "utils/json.h"
+#include "utils/timestamp.h"
+
+#include "stripe_http.h"
+#include "stripe_session.h"
+#include "stripe_stream.h"
+
+/* a chunk answered 401 is resent with a new session at most this many times per batch */
+#define UB_STREAM_MAX_REAUTH	2
+
+/* settings */
+int			ub_stripe_api = UB_STRIPE_API_V1;
+static char *ub_events_base = NULL;
+
+static const struct config_enum_entry ub_stripe_api_options[] = {
+	{"v1", UB_STRIPE_API_V1, false},
+	{"v2", UB_STRIPE_API_V2, false},
+	{NULL, 0, false}
+};
+
+typedef struct UbChunk
+{
+	UbMeterEvent **evs;
+	int			n;
+	int			reauth;			/* resends after a 401 */
+} UbChunk;
+
+typedef struct UbStreamSlot
+{
+	CURL	   *easy;
+	struct curl_slist *headers;
+	char	   *body;			/* palloc'd JSON */
+	UbChunk    *chunk;
+	uint64		session;		/* generation of the token it was sent with */
+	TimestampTz started;
+	UbAnswer	ans;
+} UbStreamSlot;
+
+static CURLM *ub_stream_multi = NULL;
+static bool ub_stream_curl_initialized = false;
+
+static bool ub_check_events_base(char **newval, void **extra, GucSource source);
+static char *ub_chunk_json(UbChunk *chunk);
+static void ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *cfg,
+								 const char *url);
+static void ub_stream_slot_release(UbStreamSlot *slot);
+static bool ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig *cfg,
+								  bool *requeue);
+static void ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot,
+							 int http_status, const char *error, int retry_after_ms,
+							 const UbStripeConfig *cfg);
+static void ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
+						   const UbStripeConfig *cfg, const char *url, bool *throttled);
+
+
+/* Defines usage_billing.stripe_api and usage_billing.stripe_meter_events_base. */
+void
+ub_stream_init(void)
+{
+	DefineCustomEnumVariable("usage_billing.stripe_api",
+							 "Stripe API the export worker sends meter events with: v1 or v2.",
+							 "v1: POST /v1/billing/meter_events, one event per request.  "
+							 "v2: the meter event stream, up to 100 events per request with a "
+							 "session token; cancels stay on v1.",
+							 &ub_stripe_api, UB_STRIPE_API_V1, ub_stripe_api_options,
+							 PGC_SIGHUP, 0, NULL, NULL, NULL);
+	DefineCustomStringVariable("usage_billing.stripe_meter_events_base",
+							   "Base URL of Stripe's meter event stream (v2).",
+							   "Used with usage_billing.stripe_api = 'v2'; sessions are opened on "
+							   "usage_billing.stripe_api_base.  Tests point it at a loopback mock.",
+							   &ub_events_base, "https://meter-events.stripe.com", PGC_SIGHUP, 0,
+							   ub_check_events_base, NULL, NULL);
+}
+
+/* GUC check hook: the events base must be an http(s) URL. */
+static bool
+ub_check_events_base(char **newval, void **extra, GucSource source)
+{
+	if (*newval == NULL ||
+		(strncmp(*newval, "https://", 8) != 0 && strncmp(*newval, "http://", 7) != 0))
+	{
+		GUC_check_errdetail("The meter events base must start with https:// or http://.");
+		return false;
+	}
+	return true;
+}
+
+/* The request body of a chunk: {"events":[{...}, ...]} with RFC 3339 timestamps. */
+static char *
+ub_chunk_json(UbChunk *chunk)
+{
+	StringInfoData buf;
+	int			i;
+
+	initStringInfo(&buf);
+	appendStringInfoString(&buf, "{\"events\":[");
+	for (i = 0; i < chunk->n; i++)
+	{
+		UbMeterEvent *ev = chunk->evs[i];
+		time_t		t = (time_t) ev->timestamp;
+		struct tm	tm;
+		char		ts[40];
+
+		if (gmtime_r(&t, &tm) == NULL ||
+			strftime(ts, sizeof(ts), "%Y-%m-%dT%H:%M:%S.000Z", &tm) == 0)
+			elog(ERROR, "could not format the timestamp " INT64_FORMAT, ev->timestamp);
+		if (i > 0)
+			appendStringInfoChar(&buf, ',');
+		appendStringInfoString(&buf, "{\"event_name\":");
+		escape_json(&buf, ev->event_name);
+		appendStringInfoString(&buf, ",\"identifier\":");
+		escape_json(&buf, ev->identifier);
+		appendStringInfo(&buf, ",\"timestamp\":\"%s\",\"payload\":{\"stripe_customer_id\":", ts);
+		escape_json(&buf, ev->stripe_customer_id);
+		appendStringInfoString(&buf, ",\"value\":");
+		escape_json(&buf, ev->value);
+		appendStringInfoString(&buf, "}}");
+	}
+	appendStringInfoString(&buf, "]}");
+	return buf.data;
+}
+
+/* Prepares and adds one stream request to the multi handle. */
+static void
+ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *cfg,
+					 const char *url)
+{
+	struct curl_slist *h;
+	char	   *auth;
+
+	slot->chunk = chunk;
+	slot->session = ub_session_generation();
+	ub_answer_reset(&slot->ans);
+	slot->body = ub_chunk_json(chunk);
+
+	slot->easy = curl_easy_init();
+	if (slot->easy == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("could not create a libcurl handle")));
+
+	auth = psprintf("Authorization: Bearer %s", ub_session_token());
+	h = curl_slist_append(NULL, auth);
+	explicit_bzero(auth, strlen(auth));
+	pfree(auth);
+	if (h)
+		slot->headers = h;
+	h = h ? curl_slist_append(h, "Content-Type: application/json") : NULL;
+	h = h ? curl_slist_append(h, "Expect:") : NULL;
+	if (h && cfg->stripe_version && cfg->stripe_version[0])
+	{
+		char	   *v = psprintf("Stripe-Version: %s", cfg->stripe_version);
+
+		h = curl_slist_append(h, v);
+		pfree(v);
+	}
+	if (h == NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_OUT_OF_MEMORY),
+				 errmsg("out of memory while building request headers")));
+	slot->headers = h;
+
+	curl_easy_setopt(slot->easy, CURLOPT_URL, url);
+	curl_easy_setopt(slot->easy, CURLOPT_NOSIGNAL, 1L);
+	curl_easy_setopt(slot->easy, CURLOPT_POST, 1L);
+	curl_easy_setopt(slot->easy, CURLOPT_POSTFIELDS, slot->body);
+	curl_easy_setopt(slot->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(slot->body));
+	curl_easy_setopt(slot->easy, CURLOPT_HTTPHEADER, slot->headers);
+	curl_easy_setopt(slot->easy, CURLOPT_USERAGENT, "usage_billing/1.0 (PostgreSQL extension)");
+	curl_easy_setopt(slot->easy, CURLOPT_WRITEFUNCTION, ub_answer_write_cb);
+	curl_easy_setopt(slot->easy, CURLOPT_WRITEDATA, &slot->ans);
+	curl_easy_setopt(slot->easy, CURLOPT_HEADERFUNCTION, ub_answer_header_cb);
+	curl_easy_setopt(slot->easy, CURLOPT_HEADERDATA, &slot->ans);
+	curl_easy_setopt(slot->easy, CURLOPT_ERRORBUFFER, slot->ans.errbuf);
+	curl_easy_setopt(slot->easy, CURLOPT_CONNECTTIMEOUT_MS, (long) cfg->connect_timeout_ms);
+	curl_easy_setopt(slot->easy, CURLOPT_TIMEOUT_MS, (long) cfg->timeout_ms);
+	curl_easy_setopt(slot->easy, CURLOPT_FOLLOWLOCATION, 0L);
+	curl_easy_setopt(slot->easy, CURLOPT_PROTOCOLS_STR, "http,https");
+	curl_easy_setopt(slot->easy, CURLOPT_TCP_KEEPALIVE, 1L);
+	curl_easy_setopt(slot->easy, CURLOPT_PRIVATE, slot);
+
+	if (curl_multi_add_handle(ub_stream_multi, slot->easy) != CURLM_OK)
+		ereport(ERROR,
+				(errcode(ERRCODE_SYSTEM_ERROR),
+				 errmsg("could not add a request to the libcurl multi handle")));
+	slot->started = GetCurrentTimestamp();
+}
+
+/* Frees what libcurl allocated for a slot; safe to call twice. */
+static void
+ub_stream_slot_release(UbStreamSlot *slot)
+{
+	if (slot->easy)
+	{
+		curl_multi_remove_handle(ub_stream_multi, slot->easy);
+		curl_easy_cleanup(slot->easy);
+		slot->easy = NULL;
+	}
+	if (slot->headers)
+	{
+		curl_slist_free_all(slot->headers);
+		slot->headers = NULL;
+	}
+	if (slot->body)
+	{
+		pfree(slot->body);
+		slot->body = NULL;
+	}
+	slot->chunk = NULL;
+}
+
+/*
+ * Gives every event of a chunk the same outcome, answer and error; a RETRY
+ * waits retry_after_ms when given (>= 0), else the event's own backoff.
+ */
+static void
+ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot, int http_status,
+				 const char *error, int retry_after_ms, const UbStripeConfig *cfg)
+{
+	int			duration_ms = 0;
+	int			i;
+
+	if (slot)
+		duration_ms = (int) ((GetCurrentTimestamp() - slot->started) / 1000);
+	for (i = 0; i < chunk->n; i++)
+	{
+		UbMeterEvent *ev = chunk->evs[i];
+
+		ev->outcome = outcome;
+		ev->http_status = http_status;
+		ev->duration_ms = duration_ms;
+		ev->rotate_key = false; /* no Idempotency-Key on the stream */
+		strlcpy(ev->request_id, slot ? slot->ans.request_id : "", sizeof(ev->request_id));
+		strlcpy(ev->error, error ? error : "", sizeof(ev->error));
+		if (outcome == UB_OUT_RETRY)
+			ev->retry_in_ms = retry_after_ms >= 0 ? retry_after_ms : ub_http_backoff_ms(ev->attempts, cfg);
+	}
+}
+
+/*
+ * Classifies a finished stream request into its events' outcomes.  Returns
+ * true when throttled (429).  *requeue is set when the chunk must go again
+ * with a new session (401): its events stay undecided.
+ */
+static bool
+ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig *cfg, bool *requeue)
+{
+	UbChunk    *chunk = slot->chunk;
+	long		status = 0;
+	UbStripeError err;
+	char		error[UB_ERROR_LEN];
+	int			retry_after_ms = -1;
+	UbOutcome	outcome;
+	int			bad = -1;
+
+	*requeue = false;
+	if (result != CURLE_OK)
+	{
+		/* no answer: Stripe may hold some or all of it; the same identifiers go again */
+		snprintf(error, sizeof(error), "network error: %s",
+				 slot->ans.errbuf[0] ? slot->ans.errbuf : curl_easy_strerror(result));
+		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, 0, error, -1, cfg);
+		return false;
+	}
+
+	curl_easy_getinfo(slot->easy, CURLINFO_RESPONSE_CODE, &status);
+	if (status >= 200 && status < 300)
+	{
+		ub_chunk_outcome(chunk, UB_OUT_SENT, slot, (int) status, NULL, -1, cfg);
+		return false;
+	}
+
+	ub_http_parse_error(slot->ans.body, slot->ans.len, &err);
+	snprintf(error, sizeof(error), "HTTP %ld%s%s%s%s: %s", status,
+			 err.type[0] ? " " : "", err.type, err.code[0] ? "/" : "", err.code,
+			 err.message[0] ? err.message : (slot->ans.truncated ? "(answer too large)" : "(no message)"));
+	ub_redact_keys(error, cfg->api_key);
+	ub_redact_keys(error, ub_session_token());
+
+	if (status == 401)
+	{
+		/* the session expired or was refused: nothing was processed */
+		ub_session_expired(slot->session);
+		if (chunk->reauth < UB_STREAM_MAX_REAUTH)
+		{
+			chunk->reauth++;
+			*requeue = true;
+			return false;
+		}
+		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, (int) status, error, -1, cfg);
+		return false;
+	}
+
+	if (slot->ans.retry_after[0])
+	{
+		char	   *end;
+		long		secs = strtol(slot->ans.retry_after, &end, 10);
+
+		if (end != slot->ans.retry_after && secs >= 0)
+			retry_after_ms = (int) Min(secs, 3600) * 1000;
+	}
+
+	if (strcmp(slot->ans.should_retry, "false") == 0)
+		outcome = UB_OUT_FAILED;
+	else if (strcmp(slot->ans.should_retry, "true") == 0 ||
+			 status == 409 || status == 429 || status >= 500 || status == 403 ||
+			 strcmp(err.type, "idempotency_error") == 0)
+		outcome = UB_OUT_RETRY;
+	else
+		outcome = UB_OUT_FAILED;
+
+	/* a refusal that names one event ("events[7].payload") fails that event only */
+	if (outcome == UB_OUT_FAILED && status == 400 &&
+		sscanf(err.param, "events[%d]", &bad) == 1 && bad >= 0 && bad < chunk->n)
+	{
+		UbMeterEvent *culprit = chunk->evs[bad];
+		char		others[UB_ERROR_LEN];
+
+		snprintf(others, sizeof(others), "resent: Stripe refused another event of the request (%s)",
+				 error);
+		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, (int) status, others, 0, cfg);
+		culprit->outcome = UB_OUT_FAILED;
+		strlcpy(culprit->error, error, sizeof(culprit->error));
+		return false;
+	}
+
+	ub_chunk_outcome(chunk, outcome, slot, (int) status, error, retry_after_ms, cfg);
+	return outcome == UB_OUT_RETRY && status == 429;
+}
+
+/* The dispatch/poll loop of one batch; slots are released by the caller. */
+static void
+ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
+			   const UbStripeConfig *cfg, const char *url, bool *throttled)
+{
+	int		   *queue;
+	int			qhead = 0;
+	int			qtail = 0;
+	int			qcap = nchunks * (UB_STREAM_MAX_REAUTH + 1) + 1;
+	int			inflight = 0;
+	bool		no_session = false;
+	int			i;
+
+	queue = palloc(sizeof(int) * qcap);
+	for (i = 0; i < nchunks; i++)
+		queue[qtail++] = i;
+
+	while (qhead < qtail || inflight > 0)
+	{
+		int			running;
+		CURLMsg    *msg;
+		int			queued;
+		int			completed;
+		long		wait_ms = 50;
+
+		CHECK_FOR_INTERRUPTS();
+
+		/* dispatch while there is a free slot, work left, a session and a token */
+		while (!*throttled && !no_session && qhead < qtail && inflight < nslots)
+		{
+			UbStreamSlot *free_slot = NULL;
+
+			for (i = 0; i < nslots; i++)
+				if (slots[i].chunk == NULL)
+				{
+					free_slot = &slots[i];
+					break;
+				}
+			if (free_slot == NULL)
+				break;
+			if (!ub_session_usable(cfg))
+			{
+				char		error[UB_ERROR_LEN];
+				char		request_id[UB_REQUEST_ID_LEN];
+				int			http_status;
+
+				if (!ub_session_open(cfg, error, sizeof(error), &http_status, request_id))
+				{
+					/* every chunk not yet sent waits for the backoff */
+					for (i = qhead; i < qtail; i++)
+					{
+						int			j;
+
+						ub_chunk_outcome(&chunks[queue[i]], UB_OUT_RETRY, NULL, http_status, error, -1, cfg);
+						for (j = 0; j < chunks[queue[i]].n; j++)
+							strlcpy(chunks[queue[i]].evs[j]->request_id, request_id, UB_REQUEST_ID_LEN);
+					}
+					qhead = qtail;
+					no_session = true;
+					break;
+				}
+			}
+			if (!ub_take_token(cfg->max_rps, &wait_ms))
+				break;
+			ub_stream_slot_start(free_slot, &chunks[queue[qhead++]], cfg, url);
+			inflight++;
+		}
+
+		if (inflight == 0 && (*throttled || no_session || qhead >= qtail))
+			break;
+
+		curl_multi_perform(ub_stream_multi, &running);
+		completed = 0;
+		while ((msg = curl_multi_info_read(ub_stream_multi, &queued)) != NULL)
+		{
+			UbStreamSlot *slot = NULL;
+			bool		requeue;
+
+			if (msg->msg != CURLMSG_DONE)
+				continue;
+			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &slot);
+			if (slot == NULL)
+				continue;
+			if (ub_stream_slot_finish(slot, msg->data.result, cfg, &requeue))
+				*throttled = true;
+			if (requeue)
+			{
+				Assert(qtail < qcap);
+				queue[qtail++] = (int) (slot->chunk - chunks);
+			}
+			ub_stream_slot_release(slot);
+			inflight--;
+			completed++;
+		}
+		/* a slot came free: dispatch at once rather than sleep in poll */
+		if (completed > 0 && qhead < qtail && !*throttled && !no_session)
+			continue;
+		if (inflight > 0 || qhead < qtail)
+		{
+			if (inflight > 0 && wait_ms > 50)
+				wait_ms = 50;
+			curl_multi_poll(ub_stream_multi, NULL, 0, (int) Max(wait_ms, 1), NULL);
+		}
+	}
+	pfree(queue);
+}
+
+/*
+ * Sends the batch through the meter event stream, up to 100 events per
+ * request; fills each event's outcome.  *throttled is set when Stripe
+ * answered 429: the chunks not yet sent are then left NOT_TRIED.
+ */
+void
+ub_stream_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, bool *throttled)
+{
+	UbChunk    *chunks;
+	UbMeterEvent **order;
+	UbStreamSlot *slots;
+	volatile int nchunks = 0;
+	int			nsend = 0;
+	volatile int nslots;
+	char	   *base;
+	char	   *url;
+	int			i;
+
+	*throttled = false;
+	if (n == 0)
+		return;
+
+	if (!ub_stream_curl_initialized)
+	{
+		if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_SYSTEM_ERROR),
+					 errmsg("could not initialize libcurl")));
+		ub_stream_curl_initialized = true;
+	}
+	if (ub_stream_multi == NULL)
+	{
+		ub_stream_multi = curl_multi_init();
+		if (ub_stream_multi == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("could not create a libcurl multi handle")));
+	}
+	curl_multi_setopt(ub_stream_multi, CURLMOPT_MAXCONNECTS, (long) Max(cfg->concurrency, 1));
+
+	/* events Stripe would refuse are never sent (stripe_client.c says why) */
+	order = palloc(sizeof(UbMeterEvent *) * n);
+	for (i = 0; i < n; i++)
+		if (!ub_refuse_unsendable(&events[i]))
+			order[nsend++] = &events[i];
+	if (nsend == 0)
+	{
+		pfree(order);
+		return;
+	}
+	chunks = palloc0(sizeof(UbChunk) * ((nsend + UB_STREAM_MAX_EVENTS - 1) / UB_STREAM_MAX_EVENTS));
+	for (i = 0; i < nsend; i += UB_STREAM_MAX_EVENTS)
+	{
+		chunks[nchunks].evs = &order[i];
+		chunks[nchunks].n = Min(UB_STREAM_MAX_EVENTS, nsend - i);
+		nchunks++;
+	}
+
+	nslots = Max(1, Min(cfg->concurrency, nchunks));
+	slots = palloc0(sizeof(UbStreamSlot) * nslots);
+	base = pstrdup(ub_events_base);
+	while (strlen(base) > 0 && base[strlen(base) - 1] == '/')
+		base[strlen(base) - 1] = '\0';
+	url = psprintf("%s/v2/billing/meter_event_stream", base);
+
+	PG_TRY();
+	{
+		ub_stream_loop(slots, nslots, chunks, nchunks, cfg, url, throttled);
+	}
+	PG_FINALLY();
+	{
+		for (i = 0; i < nslots; i++)
+			ub_stream_slot_release(&slots[i]);
+		pfree(slots);
+		pfree(url);
+		pfree(base);
+		pfree(chunks);
+		pfree(order);
+	}
+	PG_END_TRY();
+}
+
+/* Wipes the session and frees libcurl's handles at worker exit. */
+void
+ub_stream_shutdown(void)
+{
+	ub_session_forget();
+	if (ub_stream_multi)
+	{
+		curl_multi_cleanup(ub_stream_multi);
+		ub_stream_multi = NULL;
+	}
+	if (ub_stream_curl_initialized)
+	{
+		curl_global_cleanup();
+		ub_stream_curl_initialized = false;
+	}
+}
