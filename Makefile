@@ -10,6 +10,7 @@ OBJS = \
 	src/catalog_cache.o \
 	src/catalog_target.o \
 	src/catalog_preload.o \
+	src/citus.o \
 	src/plan_history.o \
 	src/pricing.o \
 	src/record.o \

@@ -48,6 +48,7 @@
 #include "catalog.h"
 #include "catalog_cache.h"
 #include "catalog_preload.h"
+#include "citus.h"
 #include "pricing.h"
 #include "usage_billing.h"
 
@@ -61,11 +62,15 @@ static SPIPlanPtr plan_limits_plan = NULL;
  * so a plan made for the parameters' values is never better, and the plan
  * cache would otherwise plan a statement anew on every call whenever its
  * generic plan's estimated cost is not lower than the custom plans'.
+ * Distributed with Citus, the plan must know the parameters' values (Citus
+ * finds the shard from the customer_id while planning): custom plans.
  */
 static SPIPlanPtr
 prepare_saved(const char *sql, int nargs, Oid *argtypes)
 {
-	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
+	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes,
+										  ub_distributed() ? CURSOR_OPT_CUSTOM_PLAN :
+										  CURSOR_OPT_GENERIC_PLAN);
 
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
@@ -526,7 +531,7 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 			return false;
 		/* fresh, for the same reason as in lookup_plan_meter */
 		snap = RegisterSnapshot(GetLatestSnapshot());
-		found = ub_direct_reads ? read_customer_direct(customer_id, snap, &row) :
+		found = ub_use_direct_reads() ? read_customer_direct(customer_id, snap, &row) :
 			read_customer_sql(customer_id, snap, &row);
 		UnregisterSnapshot(snap);
 		if (!found)

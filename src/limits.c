@@ -66,6 +66,7 @@
 #include "record.h"
 #include "relations.h"
 #include "reservations.h"
+#include "citus.h"
 #include "usage_billing.h"
 
 PG_FUNCTION_INFO_V1(ub_check_limit);
@@ -164,7 +165,7 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 
 	/* on the SQL path the caller reads the holds whenever there may be some */
 	*held = true;
-	if (!ub_direct_reads)
+	if (!ub_use_direct_reads())
 		return CurrentTotalSql(customer_id, meter, period_start);
 	*held = false;
 	{

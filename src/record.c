@@ -61,6 +61,7 @@
 #include "pricing.h"
 #include "record.h"
 #include "reservations.h"
+#include "citus.h"
 #include "usage_billing.h"
 
 PG_FUNCTION_INFO_V1(ub_increment_usage);
@@ -94,7 +95,7 @@ static void raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const U
 	"        previous_total = a.total," \
 	"        first_usage = least(a.first_usage, EXCLUDED.first_usage)," \
 	"        last_usage = greatest(a.last_usage, EXCLUDED.last_usage)," \
-	"        updated_at = now(),"
+	"        updated_at = EXCLUDED.updated_at,"
 #define AGG_SET_ADD		" total = a.total + EXCLUDED.total"
 #define AGG_SET_MAX		" total = greatest(a.total, EXCLUDED.total)"
 /* the latest occurred_at wins; on a tie the later call does */
@@ -302,7 +303,7 @@ static bool
 escrow_eligible(UbAggregation agg)
 {
 	return (agg == UB_AGG_SUM || agg == UB_AGG_COUNT) &&
-		ub_hot_key_slots != UB_SLOTS_OFF && ub_escrow_installed();
+		ub_hot_key_slots != UB_SLOTS_OFF && ub_escrow_installed() && !ub_distributed();
 }
 
 /* What came of trying to record an event through this backend's slot. */

@@ -1,0 +1,99 @@
+/*-------------------------------------------------------------------------
+ * citus.c
+ *	  Whether the schema is distributed with Citus on this node.
+ *
+ * usage_billing.distribute_with_citus() (sql/usage_billing--1.4--1.5.sql)
+ * distributes the tables by customer_id.  On every node of such a cluster,
+ * coordinator and workers alike, usage_billing.customers is then a Citus
+ * table, and the relation of that name is only the shell of its shards: what
+ * reads it without the executor (the index probes of the catalog and of
+ * check_limit, the escrow slots' reads) would see an empty table, and what a
+ * backend caches may be changed on another node, where no invalidation of
+ * ours reaches.  So, when distributed, every read goes through SQL, which
+ * Citus routes to the shard (on the node that holds it, locally), the
+ * catalog is read afresh on every call instead of cached, and hot keys take
+ * the row path (no escrow slots).
+ *
+ * The answer is found in pg_dist_partition (present when Citus is installed,
+ * synced to the workers with the metadata) and kept until the next relcache
+ * invalidation of any relation: distributing a table invalidates it.
+ *-------------------------------------------------------------------------
+ */
+#include "postgres.h"
+
+#include "access/genam.h"
+#include "access/htup_details.h"
+#include "access/skey.h"
+#include "access/table.h"
+#include "catalog/namespace.h"
+#include "catalog/pg_namespace.h"
+#include "utils/fmgroids.h"
+#include "utils/inval.h"
+#include "utils/lsyscache.h"
+#include "utils/rel.h"
+
+#include "citus.h"
+#include "usage_billing.h"
+
+static bool known = false;
+static bool distributed = false;
+static bool callback_registered = false;
+
+/* Relcache callback: a table may have been distributed (or the extension dropped). */
+static void
+forget_distributed(Datum arg, Oid relid)
+{
+	known = false;
+}
+
+/* Is usage_billing.customers in pg_dist_partition?  (Its first column is logicalrelid.) */
+static bool
+customers_distributed(void)
+{
+	Oid			nsp = get_namespace_oid("usage_billing", true);
+	Oid			customers;
+	Oid			dist_partition;
+	Relation	rel;
+	SysScanDesc scan;
+	ScanKeyData key;
+	bool		found;
+
+	if (!OidIsValid(nsp))
+		return false;
+	customers = get_relname_relid("customers", nsp);
+	dist_partition = get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE);
+	if (!OidIsValid(customers) || !OidIsValid(dist_partition))
+		return false;
+	rel = table_open(dist_partition, AccessShareLock);
+	ScanKeyInit(&key, 1, BTEqualStrategyNumber, F_OIDEQ, ObjectIdGetDatum(customers));
+	scan = systable_beginscan(rel, InvalidOid, false, NULL, 1, &key);
+	found = HeapTupleIsValid(systable_getnext(scan));
+	systable_endscan(scan);
+	table_close(rel, AccessShareLock);
+	return found;
+}
+
+/* Is the schema distributed with Citus on this node? */
+bool
+ub_distributed(void)
+{
+	if (!callback_registered)
+	{
+		CacheRegisterRelcacheCallback(forget_distributed, (Datum) 0);
+		callback_registered = true;
+	}
+	AcceptInvalidationMessages();
+	if (!known)
+	{
+		distributed = customers_distributed();
+		known = true;
+	}
+	return distributed;
+}
+
+/* May the hot path read the tables straight from their indexes (usage_billing.direct_reads)? */
+bool
+ub_use_direct_reads(void)
+{
+	return ub_direct_reads && !ub_distributed();
+}
