@@ -261,3 +261,152 @@ $$;
 COMMENT ON FUNCTION usage_billing.distribute_with_citus() IS
     'On a Citus coordinator: reference tables for the catalog, every customer table distributed and co-located by customer_id, the per-customer functions routed. Idempotent.';
 REVOKE ALL ON FUNCTION usage_billing.distribute_with_citus() FROM PUBLIC;
+
+-- The limits in force now, without a function call per row: Citus runs a view's query on the
+-- shards, where plan_at()'s own query (a query from inside a query on a shard) cannot run.
+-- The plan in force is the latest history row that has begun, else the customer's plan, as
+-- plan_at(customer_id, now()) says.
+CREATE OR REPLACE VIEW usage_billing.effective_limits WITH (security_invoker = true) AS
+SELECT c.customer_id, pl.meter,
+       CASE WHEN cl.customer_id IS NOT NULL THEN cl.included ELSE pl.included END AS included,
+       coalesce(cl.hard_cap, pl.hard_cap) AS hard_cap,
+       pl.overage_price, pl.overage_unit, pl.soft_threshold, pl.tiers, pl.tier_mode,
+       cl.customer_id IS NOT NULL AS overridden
+  FROM usage_billing.customers c
+  LEFT JOIN (SELECT DISTINCT ON (h.customer_id) h.customer_id, h.plan
+               FROM usage_billing.customer_plans h
+              WHERE h.effective_from <= now()
+              ORDER BY h.customer_id, h.effective_from DESC) h ON h.customer_id = c.customer_id
+  JOIN usage_billing.plan_limits pl ON pl.plan = coalesce(h.plan, c.plan)
+  LEFT JOIN usage_billing.customer_limits cl ON cl.customer_id = c.customer_id AND cl.meter = pl.meter
+UNION ALL
+SELECT cl.customer_id, cl.meter, cl.included, coalesce(cl.hard_cap, false),
+       NULL, 1, 0.8, NULL, 'graduated', true
+  FROM usage_billing.customer_limits cl
+  JOIN usage_billing.customers c ON c.customer_id = cl.customer_id
+  LEFT JOIN (SELECT DISTINCT ON (h.customer_id) h.customer_id, h.plan
+               FROM usage_billing.customer_plans h
+              WHERE h.effective_from <= now()
+              ORDER BY h.customer_id, h.effective_from DESC) h ON h.customer_id = c.customer_id
+  LEFT JOIN usage_billing.plan_limits pl ON pl.plan = coalesce(h.plan, c.plan) AND pl.meter = cl.meter
+ WHERE pl.plan IS NULL;
+
+-- plan_at in PL/pgSQL: Citus cannot plan a SQL function's parameterized statement when the
+-- function runs inside a query on a shard; PL/pgSQL hands it the values.
+CREATE OR REPLACE FUNCTION usage_billing.plan_at(customer_id text, at timestamptz)
+RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    p text;
+BEGIN
+    SELECT h.plan INTO p FROM usage_billing.customer_plans h
+     WHERE h.customer_id = plan_at.customer_id AND h.effective_from <= plan_at.at
+     ORDER BY h.effective_from DESC LIMIT 1;
+    IF p IS NULL THEN
+        SELECT c.plan INTO p FROM usage_billing.customers c WHERE c.customer_id = plan_at.customer_id;
+    END IF;
+    RETURN p;
+END
+$$;
+
+-- apply_plan_change: the customer's plan now from the function's argument, not from the row
+-- (Citus refuses a stable function of the row's columns in an UPDATE); otherwise as in 1.4.
+CREATE OR REPLACE FUNCTION usage_billing.apply_plan_change(
+    customer_id text,
+    new_plan text,
+    effective text,
+    at timestamptz,
+    OUT plan text,
+    OUT effective_from timestamptz)
+RETURNS record
+LANGUAGE plpgsql VOLATILE
+SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    cust record;
+    cur record;
+    new record;
+    mode text := apply_plan_change.effective;
+    from_at timestamptz;
+    invoiced_end timestamptz;
+    before_plan text;
+BEGIN
+    IF mode IS NULL OR mode NOT IN ('immediate', 'period_end', 'auto') THEN
+        RAISE EXCEPTION 'invalid effective "%"', coalesce(mode, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use immediate, period_end or auto (an upgrade now, a downgrade at the next period).';
+    END IF;
+    IF apply_plan_change.at IS NULL OR NOT isfinite(apply_plan_change.at) THEN
+        RAISE EXCEPTION 'invalid plan change time'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Field "at" was %s; it must be a finite timestamp.',
+                                  coalesce(apply_plan_change.at::text, 'NULL'));
+    END IF;
+    SELECT c.customer_id, c.billing_anchor INTO cust
+      FROM usage_billing.customers c
+     WHERE c.customer_id = apply_plan_change.customer_id
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'customer "%" does not exist', apply_plan_change.customer_id
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'Create it with usage_billing.upsert_customer().';
+    END IF;
+    SELECT p.plan, p.base_price, p.currency, p.period INTO new
+      FROM usage_billing.plans p WHERE p.plan = new_plan;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'plan "%" does not exist', new_plan
+            USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT p.plan, p.base_price, p.currency, p.period INTO cur
+      FROM usage_billing.plans p
+     WHERE p.plan = usage_billing.plan_at(apply_plan_change.customer_id, apply_plan_change.at);
+    IF new.currency <> cur.currency OR new.period <> cur.period THEN
+        RAISE EXCEPTION 'customer "%" cannot change from plan "%" to plan "%"',
+                        apply_plan_change.customer_id, cur.plan, new.plan
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Plan "%s" bills %s per %s, plan "%s" %s per %s; the plans of one customer share their currency and period.',
+                                  cur.plan, cur.currency, cur.period, new.plan, new.currency, new.period),
+                  HINT = 'Create a plan with the same currency and period, or a new customer for the new subscription.';
+    END IF;
+
+    IF mode = 'auto' THEN
+        -- a lower base price waits for the period's end; a higher or equal one applies now
+        mode := CASE WHEN new.base_price >= cur.base_price THEN 'immediate' ELSE 'period_end' END;
+    END IF;
+    IF mode = 'immediate' THEN
+        from_at := apply_plan_change.at;
+    ELSE
+        SELECT b.period_end INTO from_at
+          FROM usage_billing.period_bounds(cust.billing_anchor, cur.period, apply_plan_change.at) b;
+    END IF;
+
+    SELECT max(i.period_end) INTO invoiced_end
+      FROM usage_billing.invoices i WHERE i.customer_id = apply_plan_change.customer_id;
+    IF invoiced_end > from_at THEN
+        RAISE EXCEPTION 'period of % for customer "%" is invoiced', from_at, apply_plan_change.customer_id
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('A plan change from %s would reprice a finalized invoice; customer "%s" is invoiced until %s.',
+                                  from_at, apply_plan_change.customer_id, invoiced_end),
+                  HINT = 'Change the plan from a later instant.';
+    END IF;
+
+    -- a change supersedes every change from its instant on (scheduled ones included)
+    DELETE FROM usage_billing.customer_plans h
+     WHERE h.customer_id = apply_plan_change.customer_id AND h.effective_from >= from_at;
+    before_plan := usage_billing.plan_at(apply_plan_change.customer_id, from_at);
+    IF before_plan IS DISTINCT FROM new.plan THEN
+        INSERT INTO usage_billing.customer_plans (customer_id, effective_from, plan)
+        VALUES (apply_plan_change.customer_id, from_at, new.plan);
+    END IF;
+    UPDATE usage_billing.customers c
+       SET plan = usage_billing.plan_at(apply_plan_change.customer_id, now()), updated_at = now()
+     WHERE c.customer_id = apply_plan_change.customer_id;
+
+    plan := new.plan;
+    SELECT max(h.effective_from) INTO apply_plan_change.effective_from
+      FROM usage_billing.customer_plans h
+     WHERE h.customer_id = apply_plan_change.customer_id AND h.effective_from <= from_at;
+END
+$$;
