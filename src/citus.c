@@ -25,6 +25,7 @@
 #include "access/htup_details.h"
 #include "access/skey.h"
 #include "access/table.h"
+#include "fmgr.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_namespace.h"
 #include "utils/fmgroids.h"
@@ -96,4 +97,13 @@ bool
 ub_use_direct_reads(void)
 {
 	return ub_direct_reads && !ub_distributed();
+}
+
+PG_FUNCTION_INFO_V1(ub_citus_distributed);
+
+/* SQL: usage_billing.citus_distributed() */
+Datum
+ub_citus_distributed(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_BOOL(ub_distributed());
 }
