@@ -28,6 +28,7 @@
 #include "fmgr.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_namespace.h"
+#include "executor/spi.h"
 #include "utils/fmgroids.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
@@ -106,4 +107,28 @@ Datum
 ub_citus_distributed(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_BOOL(ub_distributed());
+}
+
+/*
+ * Is this node the coordinator of its Citus cluster?  In a transaction;
+ * false when Citus is not installed.
+ */
+bool
+ub_citus_coordinator(void)
+{
+	bool		coordinator = false;
+
+	if (!OidIsValid(get_relname_relid("pg_dist_partition", PG_CATALOG_NAMESPACE)))
+		return false;
+	SPI_connect();
+	if (SPI_execute("SELECT pg_catalog.citus_is_coordinator()", true, 1) == SPI_OK_SELECT &&
+		SPI_processed == 1)
+	{
+		bool		isnull;
+		Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, &isnull);
+
+		coordinator = !isnull && DatumGetBool(d);
+	}
+	SPI_finish();
+	return coordinator;
 }

@@ -8,5 +8,6 @@
 
 extern bool ub_distributed(void);
 extern bool ub_use_direct_reads(void);
+extern bool ub_citus_coordinator(void);
 
 #endif							/* UB_CITUS_H */

@@ -10,7 +10,9 @@
 #    exactly the limit;
 #  - a limit, a plan change and a new customer are seen at once by connections that already
 #    served calls, on every node;
-#  - a shard move in the middle of recording loses and doubles nothing.
+#  - a shard move in the middle of recording loses and doubles nothing;
+#  - the coordinator's export worker sends Stripe (the mock) exactly what the test recorded,
+#    once, although every node runs an export worker.
 # Without Citus the whole file is skipped ("skipped: citus not installed").
 use strict;
 use warnings;
@@ -23,6 +25,10 @@ use Test::More;
 my $pkglibdir = `pg_config --pkglibdir`;
 chomp $pkglibdir;
 plan skip_all => 'citus not installed' unless $pkglibdir && -f "$pkglibdir/citus.so";
+
+do './test/perl/ub_lib.pl' or die "ub_lib.pl: $@ $!";
+our $UB_KEY;
+my $mock = ub_start_mock();
 
 # --- the cluster --------------------------------------------------------------------------
 sub citus_node
@@ -37,6 +43,11 @@ max_connections = 100
 timezone = 'UTC'
 usage_billing.database = 'postgres'
 usage_billing.export_interval = 3600
+usage_billing.stripe_api_key = '$UB_KEY'
+usage_billing.stripe_api_base = '$mock->{url}'
+usage_billing.export_max_rps = 1000
+usage_billing.export_backoff_base = 100ms
+usage_billing.export_backoff_max = 1s
 # what lost usage on 1.3: index probes by relation name, the whole catalog preloaded
 usage_billing.direct_reads = on
 usage_billing.catalog_preload_limit = 100000
@@ -231,6 +242,7 @@ is($coord->safe_psql('postgres', "SELECT count(*) FROM usage_billing.plan_histor
 	'2', 'plan_history');
 $coord->safe_psql('postgres', "SELECT usage_billing.void_usage('c5', 'key-1', 'test')");
 is(citus_total('c5'), '0', 'void_usage');
+$book{c5} = 0;
 
 # --- a hard cap under 8 clients, on two nodes at once ----------------------------------------
 $coord->safe_psql('postgres', q{
@@ -369,5 +381,43 @@ is(citus_total('moving'), $moved, 'every call made during the move is counted on
 is($coord->safe_psql('postgres',
 		"SELECT count(*) FROM usage_billing.usage_events WHERE customer_id = 'moving'"),
 	$moved, 'and the ledger has one row per call');
+
+# --- the export: the coordinator's worker, for every shard --------------------------------------
+# What Stripe must hold: the test's own book, for the customers with a Stripe id (c1..c20).
+my %want;
+for my $c (keys %book)
+{
+	my ($i) = $c =~ /^c(\d+)$/;
+	$want{"cus_$i|api_calls"} = $book{$c} if defined $i && $book{$c} > 0;
+}
+my $want_json = JSON::PP->new->canonical->encode(\%want);
+is(JSON::PP->new->canonical->encode(ub_expected_totals($coord)), $want_json,
+	"the extension's export view agrees with the test's book");
+ok(ub_export_and_wait($coord, $mock, 60), 'export_now() on the coordinator brings the mock in sync');
+is(JSON::PP->new->canonical->encode(ub_mock_totals($coord, $mock)), $want_json,
+	'Stripe holds exactly what the test recorded');
+my $events = scalar @{ ub_mock_get($mock, 'events') };
+# more usage, and a second export: only the difference goes
+$coord->safe_psql('postgres', "SELECT usage_billing.increment_usage('c1', 'api_calls', 11)");
+$want{'cus_1|api_calls'} += 11;
+$want_json = JSON::PP->new->canonical->encode(\%want);
+ok(ub_export_and_wait($coord, $mock, 60), 'a second export');
+is(JSON::PP->new->canonical->encode(ub_mock_totals($coord, $mock)), $want_json,
+	'Stripe holds the new total');
+is(scalar @{ ub_mock_get($mock, 'events') }, $events + 1, 'one more meter event, nothing sent twice');
+is(join(',', ub_identifier_mismatches($coord, $mock)), '',
+	'every event Stripe accepted is recorded as sent, and nothing else');
+is($coord->safe_psql('postgres', q{SELECT count(*) FROM usage_billing.export_status
+    WHERE stripe_customer_id IS NOT NULL AND state <> 'in_sync'}),
+	'0', 'export_status: every key of a Stripe customer is in sync');
+for my $w (0, 1)
+{
+	is($workers[$w]->safe_psql('postgres',
+			q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'usage_billing export worker'}),
+		'1', 'worker ' . ($w + 1) . ' runs an export worker too');
+	$workers[$w]->safe_psql('postgres', 'SELECT usage_billing.export_now()');
+	ok(ub_wait_for(sub { $workers[$w]->log_contains("the coordinator's worker exports") }, 30),
+		'worker ' . ($w + 1) . ": it leaves the export to the coordinator's");
+}
 
 done_testing();
