@@ -11,9 +11,11 @@
 CREATE FUNCTION usage_billing.citus_distributed()
 RETURNS boolean
 LANGUAGE C STABLE
+SET search_path = pg_catalog, pg_temp
 AS 'MODULE_PATHNAME', 'ub_citus_distributed';
 COMMENT ON FUNCTION usage_billing.citus_distributed() IS
-    'Whether the schema is distributed with Citus (distribute_with_citus() ran): every node of such a cluster says true.';
+    'Internal: whether the schema is distributed with Citus (distribute_with_citus() ran); every node of such a cluster says true.';
+REVOKE ALL ON FUNCTION usage_billing.citus_distributed() FROM PUBLIC;
 
 CREATE FUNCTION usage_billing.citus_prepare_schema()
 RETURNS integer
@@ -512,6 +514,24 @@ UPDATE usage_billing.invoice_lines l SET customer_id = i.customer_id
   FROM usage_billing.invoices i WHERE i.invoice_id = l.invoice_id;
 ALTER TABLE usage_billing.invoice_lines ENABLE TRIGGER invoice_lines_immutable;
 ALTER TABLE usage_billing.invoice_lines ALTER COLUMN customer_id SET NOT NULL;
+DO $rls$
+DECLARE
+    t text;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['export_attempts', 'invoice_lines'] LOOP
+        EXECUTE format('ALTER TABLE usage_billing.%I ENABLE ROW LEVEL SECURITY', t);
+        EXECUTE format('CREATE POLICY staff_all ON usage_billing.%I FOR ALL'
+                       ' TO usage_billing_admin, usage_billing_writer, usage_billing_reader'
+                       ' USING (true) WITH CHECK (true)', t);
+        EXECUTE format('CREATE POLICY tenant_own_rows ON usage_billing.%I FOR SELECT TO PUBLIC'
+                       ' USING (customer_id = (SELECT usage_billing.current_customer_id()))', t);
+        EXECUTE format('COMMENT ON POLICY staff_all ON usage_billing.%I IS %L', t,
+                       'The three usage_billing roles see every row (they write only through functions).');
+        EXECUTE format('COMMENT ON POLICY tenant_own_rows ON usage_billing.%I IS %L', t,
+                       'Any other role sees the rows of the customer named by its request: usage_billing.current_customer_id().');
+    END LOOP;
+END
+$rls$;
 
 -- export_record: the attempts name their customer, the batch's instant is read once; otherwise as
 -- in 1.0.
