@@ -192,6 +192,12 @@ BEGIN
     -- foreign keys to reference tables: one connection per node for the whole transaction
     PERFORM set_config('citus.multi_shard_modify_mode', 'sequential', true);
 
+    -- distributed, hot keys take the row path: what escrow slots hold goes back into the rows
+    IF NOT EXISTS (SELECT 1 FROM pg_dist_partition
+                    WHERE logicalrelid = 'usage_billing.usage_aggregate_slots'::regclass) THEN
+        PERFORM usage_billing.fold_escrow_slots();
+    END IF;
+
     -- 0-4. the schema changes Citus needs, on every node (each has the extension's own tables)
     changed := usage_billing.citus_prepare_schema();
     FOR r IN SELECT * FROM run_command_on_workers('SELECT usage_billing.citus_prepare_schema()') LOOP
@@ -551,6 +557,7 @@ AS $$
 DECLARE
     -- one instant for the batch, as a value: Citus refuses volatile functions in UPDATE
     now_t constant timestamptz := clock_timestamp();
+    cids text[];
     cid text;
     row_meter text;
     row_ps timestamptz;
@@ -571,9 +578,13 @@ BEGIN
     IF usage_billing.citus_distributed() THEN
         -- row by row in its customer's shard: Citus cannot join the batch's arrays with the
         -- outbox's shards in one modifying statement
+        -- the rows' customers in one read over the shards
+        SELECT array_agg(o.customer_id ORDER BY k.i) INTO cids
+          FROM unnest(outbox_ids) WITH ORDINALITY AS k(id, i)
+          LEFT JOIN (SELECT x.outbox_id, x.customer_id FROM usage_billing.export_outbox x
+                      WHERE x.outbox_id = ANY (outbox_ids)) o ON o.outbox_id = k.id;
         FOR i IN 1 .. coalesce(array_length(outbox_ids, 1), 0) LOOP
-            SELECT o.customer_id INTO cid FROM usage_billing.export_outbox o
-             WHERE o.outbox_id = outbox_ids[i];
+            cid := cids[i];
             CONTINUE WHEN cid IS NULL;
             -- plain values only in the statements (Citus deparses them for the shard)
             v_id := outbox_ids[i];
@@ -991,3 +1002,33 @@ BEGIN
     RETURN done;
 END
 $$;
+
+-- current_usage: the plan in force found with a join, as in effective_limits above (plan_at()
+-- per row cannot run inside a query on a Citus shard); otherwise as in 1.4.
+CREATE OR REPLACE VIEW usage_billing.current_usage WITH (security_invoker = true) AS
+SELECT c.customer_id, p.plan, m.meter, pb.period_start, pb.period_end,
+       coalesce(a.total, 0) AS total,
+       coalesce(a.event_count, 0) AS event_count,
+       l.included,
+       l.hard_cap,
+       CASE WHEN l.included > 0 THEN round(100 * coalesce(a.total, 0) / l.included, 1) END AS usage_percent,
+       c.status,
+       c.status AS customer_status,
+       -- the rule of increment_usage's status (pricing.c, ub_usage_status)
+       CASE WHEN l.included IS NULL THEN 'ok'
+            WHEN coalesce(a.total, 0) > l.included THEN 'over_limit'
+            WHEN l.soft_threshold IS NOT NULL AND l.included > 0
+                 AND coalesce(a.total, 0) >= l.soft_threshold * l.included THEN 'warning'
+            ELSE 'ok' END AS usage_status
+  FROM usage_billing.customers c
+  LEFT JOIN (SELECT DISTINCT ON (h.customer_id) h.customer_id, h.plan
+               FROM usage_billing.customer_plans h
+              WHERE h.effective_from <= now()
+              ORDER BY h.customer_id, h.effective_from DESC) h ON h.customer_id = c.customer_id
+  JOIN usage_billing.plans p ON p.plan = coalesce(h.plan, c.plan)
+ CROSS JOIN LATERAL usage_billing.period_bounds(c.billing_anchor, p.period, now()) pb
+ CROSS JOIN usage_billing.meters m
+  LEFT JOIN usage_billing.effective_limits l ON l.customer_id = c.customer_id AND l.meter = m.meter
+  LEFT JOIN usage_billing.aggregate_totals a
+         ON a.customer_id = c.customer_id AND a.meter = m.meter AND a.period_start = pb.period_start
+ WHERE a.customer_id IS NOT NULL OR l.meter IS NOT NULL;

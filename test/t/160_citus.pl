@@ -240,6 +240,15 @@ is($coord->safe_psql('postgres',
 	'pro', 'change_plan');
 is($coord->safe_psql('postgres', "SELECT count(*) FROM usage_billing.plan_history WHERE customer_id = 'c11'"),
 	'2', 'plan_history');
+is($coord->safe_psql('postgres',
+		"SELECT sum(usage) FROM usage_billing.usage_history('c1', 'api_calls', now() - interval '1 day')"),
+	$book{c1}, 'usage_history');
+is($workers[0]->safe_psql('postgres',
+		"SELECT total FROM usage_billing.current_usage WHERE customer_id = 'c2' AND meter = 'api_calls'"),
+	$book{c2}, 'current_usage');
+($rc, $out, $err) = $coord->psql('postgres', 'SELECT * FROM usage_billing.alerts',
+	extra_params => [ '-v', 'VERBOSITY=verbose' ]);
+like($err, qr/ERROR:\s+0A000/, 'the alerts view is refused with 0A000 (read alert_log and pending_alerts())');
 $coord->safe_psql('postgres', "SELECT usage_billing.void_usage('c5', 'key-1', 'test')");
 is(citus_total('c5'), '0', 'void_usage');
 $book{c5} = 0;
