@@ -198,7 +198,7 @@ BEGIN
         PERFORM usage_billing.fold_escrow_slots();
     END IF;
 
-    -- 0-4. the schema changes Citus needs, on every node (each has the extension's own tables)
+    -- 1-4. the schema changes Citus needs, on every node (each has the extension's own tables)
     changed := usage_billing.citus_prepare_schema();
     FOR r IN SELECT * FROM run_command_on_workers('SELECT usage_billing.citus_prepare_schema()') LOOP
         IF NOT r.success THEN

@@ -63,20 +63,41 @@ static SPIPlanPtr plan_limits_plan = NULL;
  * cache would otherwise plan a statement anew on every call whenever its
  * generic plan's estimated cost is not lower than the custom plans'.
  * Distributed with Citus, the plan must know the parameters' values (Citus
- * finds the shard from the customer_id while planning): custom plans.
+ * finds the shard of a join or a CTE from the customer_id while planning):
+ * custom plans, but for the statements of ub_prepare_routable().
  */
 static SPIPlanPtr
-prepare_saved(const char *sql, int nargs, Oid *argtypes)
+prepare_saved_with(const char *sql, int nargs, Oid *argtypes, int options)
 {
-	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes,
-										  ub_distributed() ? CURSOR_OPT_CUSTOM_PLAN :
-										  CURSOR_OPT_GENERIC_PLAN);
+	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, options);
 
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 	if (SPI_keepplan(plan) != 0)
 		elog(ERROR, "SPI_keepplan failed");
 	return plan;
+}
+
+static SPIPlanPtr
+prepare_saved(const char *sql, int nargs, Oid *argtypes)
+{
+	return prepare_saved_with(sql, nargs, argtypes,
+							  ub_distributed() ? CURSOR_OPT_CUSTOM_PLAN : CURSOR_OPT_GENERIC_PLAN);
+}
+
+/*
+ * Prepares, once, a statement that Citus can route with a generic plan: one
+ * distributed table keyed by customer_id = $1 (a SELECT, or a single-row
+ * INSERT), or reference tables only.  Citus then picks the shard when the
+ * statement runs and keeps the shard's local plan, where a custom plan is
+ * planned, deparsed and planned again on every call.
+ */
+SPIPlanPtr
+ub_prepare_routable(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types)
+{
+	if (*slot == NULL)
+		*slot = prepare_saved_with(sql, nargs, types, CURSOR_OPT_GENERIC_PLAN);
+	return *slot;
 }
 
 /* Prepares a statement into *slot on first use; the plan lives as long as the backend. */
@@ -351,12 +372,12 @@ lookup_plan_meter(const char *plan, const char *meter, uint64 generation, UbPlan
 	{
 		Oid			types[2] = {TEXTOID, TEXTOID};
 
-		target_plan = prepare_saved(
+		target_plan = prepare_saved_with(
 			"SELECT " UB_PLAN_METER_COLUMNS
 			"  FROM usage_billing.plans p"
 			"  LEFT JOIN usage_billing.meters m ON m.meter = $2"
 			"  LEFT JOIN usage_billing.plan_limits pl ON pl.plan = p.plan AND pl.meter = $2"
-			" WHERE p.plan = $1", 2, types);
+			" WHERE p.plan = $1", 2, types, CURSOR_OPT_GENERIC_PLAN);
 	}
 	args[0] = CStringGetTextDatum(plan);
 	args[1] = CStringGetTextDatum(meter);
@@ -455,6 +476,47 @@ read_customer_direct(const char *customer_id, Snapshot snap, UbCustomerRow *row)
 }
 
 /*
+ * The same in single-table statements, for Citus (citus.c): Citus keeps a
+ * generic plan of a one-table statement keyed by the distribution column and
+ * picks the shard when it runs, where a join has to be planned anew for
+ * every call.
+ */
+static bool
+read_customer_single_tables(const char *customer_id, Snapshot snap, UbCustomerRow *row)
+{
+	static SPIPlanPtr customer_plan = NULL;
+	static SPIPlanPtr overrides_plan = NULL;
+	Oid			types[1] = {TEXTOID};
+	Datum		args[1];
+
+	ub_prepare_routable(&customer_plan,
+						"SELECT plan, billing_anchor, stripe_customer_id, status"
+						"  FROM usage_billing.customers WHERE customer_id = $1", 1, types);
+	ub_prepare_routable(&overrides_plan,
+						"SELECT meter, included, hard_cap"
+						"  FROM usage_billing.customer_limits WHERE customer_id = $1", 1, types);
+	args[0] = CStringGetTextDatum(customer_id);
+	if (SPI_execute_snapshot(customer_plan, args, NULL, snap, InvalidSnapshot, true, false, 1) !=
+		SPI_OK_SELECT)
+		elog(ERROR, "customer lookup failed: %s", SPI_result_code_string(SPI_result));
+	if (SPI_processed == 0)
+		return false;
+	ub_fill_customer_row(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, customer_id, row);
+	SPI_freetuptable(SPI_tuptable);
+	if (SPI_execute_snapshot(overrides_plan, args, NULL, snap, InvalidSnapshot, true, false, 0) !=
+		SPI_OK_SELECT)
+		elog(ERROR, "customer limit lookup failed: %s", SPI_result_code_string(SPI_result));
+	if (SPI_processed > 0)
+		row->overrides = palloc(SPI_processed * sizeof(UbOverride));
+	for (uint64 i = 0; i < SPI_processed; i++)
+		ub_fill_override(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1,
+						 &row->overrides[row->noverrides++]);
+	SPI_freetuptable(SPI_tuptable);
+	ub_read_plan_history(customer_id, snap, row);
+	return true;
+}
+
+/*
  * The same with SQL, for distributed tables (usage_billing.direct_reads =
  * off): one row per override, or one with NULLs when there is none.
  */
@@ -466,6 +528,8 @@ read_customer_sql(const char *customer_id, Snapshot snap, UbCustomerRow *row)
 	int			ret;
 	TupleDesc	desc;
 
+	if (ub_distributed())
+		return read_customer_single_tables(customer_id, snap, row);
 	if (plan == NULL)
 	{
 		Oid			types[1] = {TEXTOID};

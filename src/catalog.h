@@ -79,6 +79,7 @@ extern List *ub_customer_plan_limits(const char *customer_id, const char *plan);
 extern List *ub_plan_limits(const char *plan);
 
 extern SPIPlanPtr ub_prepare_once(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types);
+extern SPIPlanPtr ub_prepare_routable(SPIPlanPtr *slot, const char *sql, int nargs, Oid *types);
 extern Datum ub_array(Datum *elems, bool *nulls, int n, Oid type);
 
 /*

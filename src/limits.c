@@ -106,6 +106,7 @@ static Numeric
 CurrentTotalSql(const char *customer_id, const char *meter, TimestampTz period_start)
 {
 	static SPIPlanPtr plans[2];	/* per schema: ub_totals_plan */
+	static SPIPlanPtr routable;	/* distributed: no slots (citus.c) */
 	Oid			types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
 	MemoryContext caller = CurrentMemoryContext;
 	Datum		args[3];
@@ -120,7 +121,12 @@ CurrentTotalSql(const char *customer_id, const char *meter, TimestampTz period_s
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = CStringGetTextDatum(meter);
 	args[2] = TimestampTzGetDatum(period_start);
-	if (SPI_execute_plan(ub_totals_plan(plans,
+	if (SPI_execute_plan(ub_distributed() ?
+						 ub_prepare_routable(&routable,
+											 "SELECT total FROM usage_billing.usage_aggregates"
+											 " WHERE customer_id = $1 AND meter = $2 AND period_start = $3",
+											 3, types) :
+						 ub_totals_plan(plans,
 										"SELECT total FROM usage_billing.aggregate_totals"
 										" WHERE customer_id = $1 AND meter = $2 AND period_start = $3",
 										3, types),

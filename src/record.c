@@ -123,9 +123,9 @@ ledger_plan(bool keyed)
 	static SPIPlanPtr plans[2];
 
 	if (keyed)
-		return ub_prepare_once(&plans[1], LEDGER_INSERT LEDGER_ON_CONFLICT, 7, record_types);
+		return ub_prepare_routable(&plans[1], LEDGER_INSERT LEDGER_ON_CONFLICT, 7, record_types);
 	/* without a key there is nothing to conflict on: skip the arbiter check */
-	return ub_prepare_once(&plans[0], LEDGER_INSERT, 7, record_types);
+	return ub_prepare_routable(&plans[0], LEDGER_INSERT, 7, record_types);
 }
 
 /* Adds a unique_count value to the period's set; inserts a row when it is new. */
@@ -153,13 +153,13 @@ aggregate_plan(void)
 	static SPIPlanPtr plans[3];
 
 	if (ub_reservations_installed())
-		return ub_prepare_once(&plans[2], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
-							   AGG_SET_ADD AGG_RETURNING_RESERVED, 9, record_types);
+		return ub_prepare_routable(&plans[2], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
+								   AGG_SET_ADD AGG_RETURNING_RESERVED, 9, record_types);
 	if (ub_escrow_installed())
-		return ub_prepare_once(&plans[1], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
-							   AGG_SET_ADD AGG_RETURNING_SLOTTED, 9, record_types);
-	return ub_prepare_once(&plans[0], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
-						   AGG_SET_ADD AGG_RETURNING, 9, record_types);
+		return ub_prepare_routable(&plans[1], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
+								   AGG_SET_ADD AGG_RETURNING_SLOTTED, 9, record_types);
+	return ub_prepare_routable(&plans[0], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
+							   AGG_SET_ADD AGG_RETURNING, 9, record_types);
 }
 
 /*
