@@ -55,6 +55,7 @@
 #include "catalog_preload.h"
 #include "num.h"
 #include "errors.h"
+#include "citus.h"
 #include "relations.h"
 
 bool		ub_direct_reads = true;
@@ -222,12 +223,12 @@ lookup_plan_meter(const char *plan, const char *meter, uint64 generation, UbPlan
 	{
 		Oid			types[2] = {TEXTOID, TEXTOID};
 
-		target_plan = ub_prepare_saved(
+		target_plan = ub_prepare_saved_with(
 			"SELECT " UB_PLAN_METER_COLUMNS
 			"  FROM usage_billing.plans p"
 			"  LEFT JOIN usage_billing.meters m ON m.meter = $2"
 			"  LEFT JOIN usage_billing.plan_limits pl ON pl.plan = p.plan AND pl.meter = $2"
-			" WHERE p.plan = $1", 2, types);
+			" WHERE p.plan = $1", 2, types, CURSOR_OPT_GENERIC_PLAN);
 	}
 	args[0] = CStringGetTextDatum(plan);
 	args[1] = CStringGetTextDatum(meter);
@@ -297,6 +298,47 @@ read_customer_direct(const char *customer_id, Snapshot snap, UbCustomerRow *row)
 }
 
 /*
+ * The same in single-table statements, for Citus (citus.c): Citus keeps a
+ * generic plan of a one-table statement keyed by the distribution column and
+ * picks the shard when it runs, where a join has to be planned anew for
+ * every call.
+ */
+static bool
+read_customer_single_tables(const char *customer_id, Snapshot snap, UbCustomerRow *row)
+{
+	static SPIPlanPtr customer_plan = NULL;
+	static SPIPlanPtr overrides_plan = NULL;
+	Oid			types[1] = {TEXTOID};
+	Datum		args[1];
+
+	ub_prepare_routable(&customer_plan,
+						"SELECT plan, billing_anchor, stripe_customer_id, status"
+						"  FROM usage_billing.customers WHERE customer_id = $1", 1, types);
+	ub_prepare_routable(&overrides_plan,
+						"SELECT meter, included, hard_cap"
+						"  FROM usage_billing.customer_limits WHERE customer_id = $1", 1, types);
+	args[0] = CStringGetTextDatum(customer_id);
+	if (SPI_execute_snapshot(customer_plan, args, NULL, snap, InvalidSnapshot, true, false, 1) !=
+		SPI_OK_SELECT)
+		elog(ERROR, "customer lookup failed: %s", SPI_result_code_string(SPI_result));
+	if (SPI_processed == 0)
+		return false;
+	ub_fill_customer_row(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1, customer_id, row);
+	SPI_freetuptable(SPI_tuptable);
+	if (SPI_execute_snapshot(overrides_plan, args, NULL, snap, InvalidSnapshot, true, false, 0) !=
+		SPI_OK_SELECT)
+		elog(ERROR, "customer limit lookup failed: %s", SPI_result_code_string(SPI_result));
+	if (SPI_processed > 0)
+		row->overrides = palloc(SPI_processed * sizeof(UbOverride));
+	for (uint64 i = 0; i < SPI_processed; i++)
+		ub_fill_override(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1,
+						 &row->overrides[row->noverrides++]);
+	SPI_freetuptable(SPI_tuptable);
+	ub_read_plan_history(customer_id, snap, row);
+	return true;
+}
+
+/*
  * The same with SQL, for distributed tables (usage_billing.direct_reads =
  * off): one row per override, or one with NULLs when there is none.
  */
@@ -308,6 +350,8 @@ read_customer_sql(const char *customer_id, Snapshot snap, UbCustomerRow *row)
 	int			ret;
 	TupleDesc	desc;
 
+	if (ub_distributed())
+		return read_customer_single_tables(customer_id, snap, row);
 	if (plan == NULL)
 	{
 		Oid			types[1] = {TEXTOID};
@@ -373,7 +417,7 @@ ub_lookup_usage_target(const char *customer_id, const char *meter,
 			return false;
 		/* fresh, for the same reason as in lookup_plan_meter */
 		snap = RegisterSnapshot(GetLatestSnapshot());
-		found = ub_direct_reads ? read_customer_direct(customer_id, snap, &row) :
+		found = ub_use_direct_reads() ? read_customer_direct(customer_id, snap, &row) :
 			read_customer_sql(customer_id, snap, &row);
 		UnregisterSnapshot(snap);
 		if (!found)
@@ -532,10 +576,12 @@ ub_require_usage_target(const char *customer_id, const char *meter,
 				 errmsg("meter \"%s\" does not exist", meter)));
 }
 
-/* From _PG_init: the catalog's setting. */
+/* From _PG_init: the catalog's setting; saved plans are custom when distributed. */
 void
 ub_catalog_init(void)
 {
+	ub_custom_plans_hook = ub_distributed;
+
 	DefineCustomBoolVariable("usage_billing.direct_reads",
 							 "Read customers, overrides and aggregates straight from their indexes on the hot path.",
 							 "Turn off when the tables are distributed with Citus: only SQL is routed to the shards.",
@@ -570,4 +616,11 @@ ub_require_customer(const char *customer_id, UbCustomer *customer)
 				 errmsg("customer \"%s\" does not exist", customer_id),
 				 may_create ? errhint("Create it with usage_billing.upsert_customer().") : 0));
 	}
+}
+
+/* May the hot path read the tables straight from their indexes (usage_billing.direct_reads)? */
+bool
+ub_use_direct_reads(void)
+{
+	return ub_direct_reads && !ub_distributed();
 }

@@ -130,5 +130,6 @@ extern Numeric ub_default_max_amount(void);
 /* usage_billing.direct_reads: false reads customers, overrides and aggregates with SQL only */
 extern bool ub_direct_reads;
 extern void ub_catalog_init(void);
+extern bool ub_use_direct_reads(void);
 
 #endif							/* UB_CATALOG_H */

@@ -40,6 +40,10 @@
  * caching what it read before the change.  The own transaction's changes
  * reach the callback at its next command, and on abort PostgreSQL replays
  * them locally, so nothing uncommitted survives.
+ *
+ * On a Citus cluster (citus.c) none of this holds: a change on one node
+ * queues no invalidation on the others, and Citus refuses the triggers.
+ * There nothing is cached: every lookup misses and reads with SQL.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -62,6 +66,7 @@
 #include "catalog_cache.h"
 #include "errors.h"
 #include "relations.h"
+#include "citus.h"
 
 PG_FUNCTION_INFO_V1(ub_catalog_changed);
 
@@ -360,6 +365,9 @@ static CustomerEntry *
 find_customer(const char *customer_id)
 {
 	(void) ub_cache_generation();
+	/* distributed: the catalog may change on another node, so it is read on every call */
+	if (ub_distributed())
+		return NULL;
 	return hash_search(customer_cache, &customer_id, HASH_FIND, NULL);
 }
 
@@ -369,6 +377,8 @@ find_plan_meter(const char *plan, const char *meter)
 {
 	PlanMeterKey key;
 
+	if (ub_distributed())
+		return NULL;
 	key.plan = plan;
 	key.meter = meter;
 	return hash_search(static_cache, &key, HASH_FIND, NULL);
@@ -421,7 +431,7 @@ ub_cache_get_customer(const char *customer_id, UbCustomerRow *row, bool *absent)
 static bool
 make_room(uint64 read_generation)
 {
-	if (read_generation != generation)
+	if (read_generation != generation || ub_distributed())
 		return false;
 	ensure_cache();
 	if (hash_get_num_entries(customer_cache) + hash_get_num_entries(static_cache) >=
@@ -473,7 +483,7 @@ bool
 ub_cache_claim_preload(void)
 {
 	(void) ub_cache_generation();
-	if (complete ||
+	if (complete || ub_distributed() ||
 		(preload_tried && preload_generation == generation) ||
 		hash_get_num_entries(customer_cache) > 0)
 		return false;

@@ -86,9 +86,9 @@ ub_read_plan_history(const char *customer_id, Snapshot snap, UbCustomerRow *row)
 	row->plan_names = NULL;
 	if (!ub_have_plan_history())
 		return;
-	ub_prepare_once(&plan,
-					"SELECT effective_from, plan FROM usage_billing.customer_plans"
-					" WHERE customer_id = $1 ORDER BY effective_from", 1, types);
+	ub_prepare_routable(&plan,
+						"SELECT effective_from, plan FROM usage_billing.customer_plans"
+						" WHERE customer_id = $1 ORDER BY effective_from", 1, types);
 	args[0] = CStringGetTextDatum(customer_id);
 	if (SPI_execute_snapshot(plan, args, NULL, snap, InvalidSnapshot, true, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "plan history lookup failed");

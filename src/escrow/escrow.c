@@ -62,6 +62,7 @@
 #include "utils/rel.h"
 #include "utils/timestamp.h"
 
+#include "citus.h"
 #include "escrow.h"
 #include "num.h"
 #include "relations.h"
@@ -142,7 +143,12 @@ ub_escrow_installed(void)
 SPIPlanPtr
 ub_totals_plan(SPIPlanPtr *plans, const char *sql, int nargs, Oid *types)
 {
-	int			variant = ub_escrow_installed() ? 1 : 0;
+	/*
+	 * Distributed with Citus (citus.c) there are no slots, and the view's
+	 * lateral join would make Citus plan a single-customer read over every
+	 * shard: the aggregates alone.
+	 */
+	int			variant = ub_escrow_installed() && !ub_distributed() ? 1 : 0;
 
 	if (plans[variant] == NULL)
 	{

@@ -153,7 +153,7 @@ ub_cancel_fetch(MemoryContext cxt, int *n)
 									   " ORDER BY x.next_attempt_at, x.cancel_id LIMIT $1",
 									   ub_outbox_has_accounts()
 									   ? "(SELECT o.stripe_account FROM usage_billing.export_outbox o"
-									   "    WHERE o.outbox_id = x.outbox_id)"
+									   "    WHERE o.customer_id = x.customer_id AND o.outbox_id = x.outbox_id)"
 									   : "NULL::text"),
 							  1, argtypes, values, NULL, true, UB_CANCEL_SEND_ROWS) != SPI_OK_SELECT)
 		elog(ERROR, "SPI failed while fetching meter event cancels");

@@ -27,6 +27,7 @@
 
 #include "catalog.h"
 #include "export_worker.h"
+#include "relations.h"
 
 static SPIPlanPtr fetch_plan = NULL;
 static SPIPlanPtr fetch_plan_accounts = NULL;
@@ -54,8 +55,7 @@ ub_outbox_extension_installed(void)
 bool
 ub_outbox_has_accounts(void)
 {
-	Oid			nsp = get_namespace_oid("usage_billing", true);
-	Oid			rel = OidIsValid(nsp) ? get_relname_relid("export_outbox", nsp) : InvalidOid;
+	Oid			rel = ub_schema_relation("export_outbox");
 
 	return OidIsValid(rel) && get_attnum(rel, "stripe_account") != InvalidAttrNumber;
 }

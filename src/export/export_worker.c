@@ -42,6 +42,7 @@
 #include "alerts.h"
 #include "export_cancel.h"
 #include "escrow.h"
+#include "citus.h"
 #include "export_worker.h"
 #include "finalize.h"
 #include "export_shmem.h"
@@ -77,6 +78,7 @@ static bool said_no_key = false;
 static MemoryContext ub_cycle_cxt = NULL;
 static char *ub_cycle_key = NULL;	/* the key of the running cycle, wiped after it */
 static bool said_no_extension = false;
+static bool said_citus_worker = false;
 
 static bool ub_check_api_base(char **newval, void **extra, GucSource source);
 static bool ub_check_api_key(char **newval, void **extra, GucSource source);
@@ -310,6 +312,21 @@ ub_run_cycle(MemoryContext cxt, bool *more)
 	/* escrow slots of keys that cooled down go back into their rows, so they do not pile up */
 	pgstat_report_activity(STATE_RUNNING, "folding idle escrow slots");
 	(void) ub_escrow_fold_all(NULL, ub_escrow_fold_idle);
+
+	/*
+	 * On a Citus cluster (citus.c) the coordinator's worker exports for every
+	 * shard: one planner, one rate ceiling for the Stripe account (see
+	 * doc/scaling.md).  The workers' workers only flush and fold above.
+	 */
+	if (ub_distributed() && !ub_citus_coordinator())
+	{
+		ub_commit();
+		if (!said_citus_worker)
+			ereport(LOG,
+					(errmsg("usage_billing export worker: this is a Citus worker node, the coordinator's worker exports")));
+		said_citus_worker = true;
+		return -1;
+	}
 
 	/* invoices of the periods that ended (finalize.c) */
 	pgstat_report_activity(STATE_RUNNING, "finalizing invoices");

@@ -50,6 +50,7 @@
 #include "results.h"
 #include "errors.h"
 #include "relations.h"
+#include "citus.h"
 
 PG_FUNCTION_INFO_V1(ub_calculate_overage);
 PG_FUNCTION_INFO_V1(ub_preview_invoice);
@@ -248,12 +249,22 @@ FinalizedLines(ReturnSetInfo *rsinfo, const char *customer_id, TimestampTz perio
 
 	if (!OidIsValid(ub_schema_relation("invoices")))
 		return false;
-	ub_prepare_once(&plan,
-					"SELECT l.line, l.meter, l.quantity, l.unit_price, l.amount, l.segment_start"
-					"  FROM usage_billing.invoices i"
-					"  JOIN usage_billing.invoice_lines l ON l.invoice_id = i.invoice_id"
-					" WHERE i.customer_id = $1 AND i.period_start = $2"
-					" ORDER BY l.line_no", 2, types);
+	/* distributed (citus.c), the lines are co-located with their invoice by customer_id */
+	if (ub_distributed())
+		ub_prepare_once(&plan,
+						"SELECT l.line, l.meter, l.quantity, l.unit_price, l.amount, l.segment_start"
+						"  FROM usage_billing.invoices i"
+						"  JOIN usage_billing.invoice_lines l"
+						"    ON l.customer_id = i.customer_id AND l.invoice_id = i.invoice_id"
+						" WHERE i.customer_id = $1 AND i.period_start = $2"
+						" ORDER BY l.line_no", 2, types);
+	else
+		ub_prepare_once(&plan,
+						"SELECT l.line, l.meter, l.quantity, l.unit_price, l.amount, l.segment_start"
+						"  FROM usage_billing.invoices i"
+						"  JOIN usage_billing.invoice_lines l ON l.invoice_id = i.invoice_id"
+						" WHERE i.customer_id = $1 AND i.period_start = $2"
+						" ORDER BY l.line_no", 2, types);
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = TimestampTzGetDatum(period_start);
 	if (SPI_execute_plan(plan, args, NULL, true, 0) != SPI_OK_SELECT)

@@ -53,6 +53,7 @@
 #include "periods.h"
 #include "pricing.h"
 #include "errors.h"
+#include "citus.h"
 
 PG_FUNCTION_INFO_V1(ub_usage_history);
 PG_FUNCTION_INFO_V1(ub_usage_forecast);
@@ -66,6 +67,7 @@ PG_FUNCTION_INFO_V1(ub_recommend_plan);
 #define UB_MAX_PERIODS		1000
 
 static SPIPlanPtr history_plans[5] = {NULL, NULL, NULL, NULL, NULL};
+static SPIPlanPtr distributed_plans[5] = {NULL, NULL, NULL, NULL, NULL};
 static SPIPlanPtr meter_usage_plans[2];	/* per schema: ub_totals_plan */
 static SPIPlanPtr period_totals_plans[2];
 static SPIPlanPtr plans_plan = NULL;
@@ -246,6 +248,32 @@ ub_usage_history(PG_FUNCTION_ARGS)
 		return (Datum) 0;
 	}
 
+	if (ub_distributed())
+	{
+		/*
+		 * Citus cannot plan a correlated subquery over a distributed table
+		 * next to a set-returning function: the customer's events of the
+		 * range are read first (one single-shard statement, materialized),
+		 * then bucketed as on one node.
+		 */
+		char	   *sql = psprintf(
+			"WITH ev AS MATERIALIZED ("
+			"  SELECT e.kind, e.amount, e.occurred_at, e.event_id, e.properties"
+			"    FROM usage_billing.usage_events e"
+			"   WHERE e.customer_id = $1 AND e.meter = $2"
+			"     AND e.occurred_at >= $3[1] AND e.occurred_at < $4[pg_catalog.array_upper($4, 1)]"
+			"     AND (e.kind = 'adjustment' OR (e.kind = 'usage' AND NOT EXISTS ("
+			"          SELECT 1 FROM usage_billing.voided_events v"
+			"           WHERE v.customer_id = e.customer_id AND v.event_id = e.event_id))))"
+			"SELECT b.s, coalesce(("
+			"  SELECT (%s)::numeric FROM ev e"
+			"   WHERE e.occurred_at >= b.s AND e.occurred_at < b.e), 0)"
+			"  FROM ROWS FROM (pg_catalog.unnest($3), pg_catalog.unnest($4)) AS b(s, e)"
+			" ORDER BY b.s", history_expression(meter.aggregation));
+
+		plan = ub_prepare_once(&distributed_plans[meter.aggregation], sql, 5, types);
+	}
+	else
 	{
 		char	   *sql = psprintf(
 			"SELECT b.s, coalesce(("

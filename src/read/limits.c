@@ -68,6 +68,7 @@
 #include "relations.h"
 #include "holds.h"
 #include "errors.h"
+#include "citus.h"
 
 PG_FUNCTION_INFO_V1(ub_check_limit);
 
@@ -106,6 +107,7 @@ static Numeric
 CurrentTotalSql(const char *customer_id, const char *meter, TimestampTz period_start)
 {
 	static SPIPlanPtr plans[2];	/* per schema: ub_totals_plan */
+	static SPIPlanPtr routable;	/* distributed: no slots (citus.c) */
 	Oid			types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
 	MemoryContext caller = CurrentMemoryContext;
 	Datum		args[3];
@@ -117,7 +119,12 @@ CurrentTotalSql(const char *customer_id, const char *meter, TimestampTz period_s
 	args[0] = CStringGetTextDatum(customer_id);
 	args[1] = CStringGetTextDatum(meter);
 	args[2] = TimestampTzGetDatum(period_start);
-	if (SPI_execute_plan(ub_totals_plan(plans,
+	if (SPI_execute_plan(ub_distributed() ?
+						 ub_prepare_routable(&routable,
+											 "SELECT total FROM usage_billing.usage_aggregates"
+											 " WHERE customer_id = $1 AND meter = $2 AND period_start = $3",
+											 3, types) :
+						 ub_totals_plan(plans,
 										"SELECT total FROM usage_billing.aggregate_totals"
 										" WHERE customer_id = $1 AND meter = $2 AND period_start = $3",
 										3, types),
@@ -162,7 +169,7 @@ CurrentTotal(const char *customer_id, const char *meter, TimestampTz period_star
 
 	/* on the SQL path the caller reads the holds whenever there may be some */
 	*held = true;
-	if (!ub_direct_reads)
+	if (!ub_use_direct_reads())
 		return CurrentTotalSql(customer_id, meter, period_start);
 	*held = false;
 	{

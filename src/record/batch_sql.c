@@ -185,7 +185,7 @@ ub_batch_insert_ledger(BatchEvent **events, int n)
 	"        previous_total = a.total," \
 	"        first_usage = least(a.first_usage, EXCLUDED.first_usage)," \
 	"        last_usage = greatest(a.last_usage, EXCLUDED.last_usage)," \
-	"        updated_at = now()," set returning
+	"        updated_at = EXCLUDED.updated_at," set returning
 #define AGG_BULK(set) AGG_BULK_RETURNING(set, " RETURNING a.total, a.previous_total")
 
 /* Upserts the groups of one aggregation kind and checks caps and alerts. */

@@ -62,6 +62,7 @@
 #include "record.h"
 #include "holds.h"
 #include "errors.h"
+#include "citus.h"
 
 PG_FUNCTION_INFO_V1(ub_increment_usage);
 
@@ -94,7 +95,7 @@ static void raise_hard_cap(const UbEventInput *in, const UbMeter *meter, const U
 	"        previous_total = a.total," \
 	"        first_usage = least(a.first_usage, EXCLUDED.first_usage)," \
 	"        last_usage = greatest(a.last_usage, EXCLUDED.last_usage)," \
-	"        updated_at = now(),"
+	"        updated_at = EXCLUDED.updated_at,"
 #define AGG_SET_ADD		" total = a.total + EXCLUDED.total"
 #define AGG_SET_MAX		" total = greatest(a.total, EXCLUDED.total)"
 /* the latest occurred_at wins; on a tie the later call does */
@@ -122,9 +123,9 @@ ledger_plan(bool keyed)
 	static SPIPlanPtr plans[2];
 
 	if (keyed)
-		return ub_prepare_once(&plans[1], LEDGER_INSERT LEDGER_ON_CONFLICT, 7, record_types);
+		return ub_prepare_routable(&plans[1], LEDGER_INSERT LEDGER_ON_CONFLICT, 7, record_types);
 	/* without a key there is nothing to conflict on: skip the arbiter check */
-	return ub_prepare_once(&plans[0], LEDGER_INSERT, 7, record_types);
+	return ub_prepare_routable(&plans[0], LEDGER_INSERT, 7, record_types);
 }
 
 /* Adds a unique_count value to the period's set; inserts a row when it is new. */
@@ -152,13 +153,13 @@ aggregate_plan(void)
 	static SPIPlanPtr plans[3];
 
 	if (ub_reservations_installed())
-		return ub_prepare_once(&plans[2], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
-							   AGG_SET_ADD AGG_RETURNING_RESERVED, 9, record_types);
+		return ub_prepare_routable(&plans[2], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
+								   AGG_SET_ADD AGG_RETURNING_RESERVED, 9, record_types);
 	if (ub_escrow_installed())
-		return ub_prepare_once(&plans[1], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
-							   AGG_SET_ADD AGG_RETURNING_SLOTTED, 9, record_types);
-	return ub_prepare_once(&plans[0], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
-						   AGG_SET_ADD AGG_RETURNING, 9, record_types);
+		return ub_prepare_routable(&plans[1], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
+								   AGG_SET_ADD AGG_RETURNING_SLOTTED, 9, record_types);
+	return ub_prepare_routable(&plans[0], AGG_INSERT "VALUES (" AGG_ROW ")" AGG_ON_CONFLICT
+							   AGG_SET_ADD AGG_RETURNING, 9, record_types);
 }
 
 /*
@@ -302,7 +303,7 @@ static bool
 escrow_eligible(UbAggregation agg)
 {
 	return (agg == UB_AGG_SUM || agg == UB_AGG_COUNT) &&
-		ub_hot_key_slots != UB_SLOTS_OFF && ub_escrow_installed();
+		ub_hot_key_slots != UB_SLOTS_OFF && ub_escrow_installed() && !ub_distributed();
 }
 
 /* What came of trying to record an event through this backend's slot. */
@@ -492,6 +493,26 @@ ub_record_event(const UbEventInput *in, UbRecordResult *out)
 
 		contribution = pe.meter.aggregation == UB_AGG_COUNT ? ub_num_int(1) : in->amount;
 		args[8] = NumericGetDatum(contribution);
+		if (ub_distributed() &&
+			(pe.meter.aggregation == UB_AGG_SUM || pe.meter.aggregation == UB_AGG_COUNT))
+		{
+			/*
+			 * Citus runs the combined statement as an INSERT ... SELECT
+			 * through an intermediate result; two single-row statements
+			 * route straight to the shard at a fraction of the cost.
+			 */
+			ret = SPI_execute_plan(ledger_plan(in->idempotency_key != NULL), args, nulls, false, 0);
+			if (ret != SPI_OK_INSERT)
+				elog(ERROR, "ledger insert failed: %s", SPI_result_code_string(ret));
+			if (SPI_processed == 0)
+			{
+				if (!ub_lookup_duplicate_of(in, out))
+					elog(ERROR, "idempotency conflict without an original event");
+				return;
+			}
+			ret = SPI_execute_plan(aggregate_plan(), args, nulls, false, 0);
+			goto row_written;
+		}
 		escrow = escrow_eligible(pe.meter.aggregation);
 		if (escrow)
 			key = ub_escrow_key_hash(in->customer_id, in->meter, pe.period_start);

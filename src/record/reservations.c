@@ -54,6 +54,7 @@
 #include "relations.h"
 #include "holds.h"
 #include "errors.h"
+#include "citus.h"
 
 PG_FUNCTION_INFO_V1(ub_reserve_usage);
 PG_FUNCTION_INFO_V1(ub_commit_reservation);
@@ -108,12 +109,44 @@ lock_reservation(pg_uuid_t *id, const char *name, Reservation *r)
 	bool		isnull;
 
 	args[0] = UUIDPGetDatum(id);
-	if (SPI_execute_plan(ub_prepare_once(&plan,
-										 "SELECT customer_id, meter, period_start, amount, expires_at, status,"
-										 "       committed_amount, ended_at"
-										 "  FROM usage_billing.reservations WHERE reservation_id = $1 FOR UPDATE",
-										 1, types),
-						 args, NULL, false, 1) != SPI_OK_SELECT)
+	if (ub_distributed())
+	{
+		/*
+		 * Citus locks rows in one shard only: find the reservation's customer
+		 * first (it never changes), then lock the row in its shard.
+		 */
+		static SPIPlanPtr find_plan = NULL;
+		static SPIPlanPtr lock_plan = NULL;
+		Oid			lock_types[2] = {UUIDOID, TEXTOID};
+		Datum		lock_args[2];
+
+		if (SPI_execute_plan(ub_prepare_once(&find_plan,
+											 "SELECT customer_id FROM usage_billing.reservations"
+											 " WHERE reservation_id = $1", 1, types),
+							 args, NULL, true, 1) != SPI_OK_SELECT)
+			elog(ERROR, "reading a reservation failed");
+		if (SPI_processed == 0)
+			ereport(ERROR,
+					(errcode(ERRCODE_NO_DATA_FOUND),
+					 errmsg("reservation %s does not exist", name)));
+		lock_args[0] = args[0];
+		lock_args[1] = CStringGetTextDatum(ub_col_text(SPI_tuptable->vals[0],
+													   SPI_tuptable->tupdesc, 1));
+		if (SPI_execute_plan(ub_prepare_once(&lock_plan,
+											 "SELECT customer_id, meter, period_start, amount, expires_at, status,"
+											 "       committed_amount, ended_at"
+											 "  FROM usage_billing.reservations"
+											 " WHERE reservation_id = $1 AND customer_id = $2 FOR UPDATE",
+											 2, lock_types),
+							 lock_args, NULL, false, 1) != SPI_OK_SELECT)
+			elog(ERROR, "reading a reservation failed");
+	}
+	else if (SPI_execute_plan(ub_prepare_once(&plan,
+											  "SELECT customer_id, meter, period_start, amount, expires_at, status,"
+											  "       committed_amount, ended_at"
+											  "  FROM usage_billing.reservations WHERE reservation_id = $1 FOR UPDATE",
+											  1, types),
+							  args, NULL, false, 1) != SPI_OK_SELECT)
 		elog(ERROR, "reading a reservation failed");
 	if (SPI_processed == 0)
 		ereport(ERROR,
@@ -160,7 +193,7 @@ end_hold(pg_uuid_t *id, const Reservation *r, const char *status, Numeric commit
 										   "WITH ended AS ("
 										   "  UPDATE usage_billing.reservations"
 										   "     SET status = $2, committed_amount = $3, ended_at = pg_catalog.now()"
-										   "   WHERE reservation_id = $1"
+										   "   WHERE reservation_id = $1 AND customer_id = $4"
 										   "  RETURNING 1)"
 										   " UPDATE usage_billing.usage_aggregates a"
 										   "    SET reserved = a.reserved - $7"

@@ -24,23 +24,58 @@
 
 #include "sql.h"
 
+/* Set by the catalog: true when saved plans must be custom (the schema is distributed). */
+UbCustomPlansHook ub_custom_plans_hook = NULL;
+
 /*
- * Prepares a statement once per backend and keeps it, with a generic plan:
- * every statement here finds its rows through a key given as parameters,
- * so a plan made for the parameters' values is never better, and the plan
- * cache would otherwise plan a statement anew on every call whenever its
- * generic plan's estimated cost is not lower than the custom plans'.
+ * Prepares a statement and keeps it for the backend's life, with the plan
+ * options given (CURSOR_OPT_GENERIC_PLAN or CURSOR_OPT_CUSTOM_PLAN).
  */
 SPIPlanPtr
-ub_prepare_saved(const char *sql, int nargs, Oid *argtypes)
+ub_prepare_saved_with(const char *sql, int nargs, Oid *argtypes, int options)
 {
-	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, CURSOR_OPT_GENERIC_PLAN);
+	SPIPlanPtr	plan = SPI_prepare_cursor(sql, nargs, argtypes, options);
 
 	if (plan == NULL)
 		elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
 	if (SPI_keepplan(plan) != 0)
 		elog(ERROR, "SPI_keepplan failed");
 	return plan;
+}
+
+/*
+ * Prepares a statement once per backend and keeps it, with a generic plan:
+ * every statement here finds its rows through a key given as parameters,
+ * so a plan made for the parameters' values is never better, and the plan
+ * cache would otherwise plan a statement anew on every call whenever its
+ * generic plan's estimated cost is not lower than the custom plans'.
+ * Distributed with Citus, the plan must know the parameters' values (Citus
+ * finds the shard of a join or a CTE from the customer_id while planning):
+ * custom plans then, but for the statements of ub_prepare_routable().
+ */
+SPIPlanPtr
+ub_prepare_saved(const char *sql, int nargs, Oid *argtypes)
+{
+	bool		custom = ub_custom_plans_hook != NULL && ub_custom_plans_hook();
+
+	return ub_prepare_saved_with(sql, nargs, argtypes,
+								 custom ? CURSOR_OPT_CUSTOM_PLAN : CURSOR_OPT_GENERIC_PLAN);
+}
+
+/*
+ * Prepares, once, a statement that Citus can route with a generic plan: one
+ * distributed table keyed by customer_id = $1 (a SELECT, or a single-row
+ * INSERT), or reference tables only.  Citus then picks the shard when the
+ * statement runs and keeps the shard's local plan, where a custom plan is
+ * planned, deparsed and planned again on every call.  On one node the same
+ * as ub_prepare_once.
+ */
+SPIPlanPtr
+ub_prepare_routable(SPIPlanPtr *plan, const char *sql, int nargs, Oid *types)
+{
+	if (*plan == NULL)
+		*plan = ub_prepare_saved_with(sql, nargs, types, CURSOR_OPT_GENERIC_PLAN);
+	return *plan;
 }
 
 /* Prepares a statement into *plan on first use; the plan lives as long as the backend. */

@@ -18,7 +18,8 @@
 #   BENCH_SECONDS   seconds per pgbench run (default 10)
 #   BENCH_ROUNDS    alternations per workload (default 3: A B A B A B; each side's median counts)
 #   BENCH_ONLY      space-separated subset of: inc_spread inc_hot check_limit summary batch disk
-#                   export
+#                   export citus (the last runs only when Citus is installed: a coordinator and two
+#                   workers on 127.0.0.1, distributed with distribute_with_citus(), doc/scaling.md)
 #   BENCH_EXPORT_CUSTOMERS, BENCH_EXPORT_ROUNDS   the export case (test/bench/export_bench.sh on
 #                   its own cluster and mock, v1 then v2): customers per round (default 2000)
 #                   and measured rounds per API (default 5)
@@ -35,7 +36,7 @@ SECS=${BENCH_SECONDS:-10}
 ROUNDS=${BENCH_ROUNDS:-3}
 CLIENTS=8
 THREADS=2
-ONLY=${BENCH_ONLY:-inc_spread inc_hot check_limit summary batch disk export}
+ONLY=${BENCH_ONLY:-inc_spread inc_hot check_limit summary batch disk export citus}
 LOAD_TIMEOUT=${BENCH_LOAD_TIMEOUT:-600}
 TMP=""
 ROWS=()        # "workload|ours|baseline|ratio|target|met"
@@ -46,6 +47,7 @@ cleanup() {
     local rc=$?
     set +e
     if [ -n "$TMP" ]; then
+        for n in "$TMP"/citus*; do [ -d "$n/data" ] && ub_pg_stop "$n"; done
         ub_pg_stop "$TMP"
         if [ "${UB_KEEP_TMP:-0}" = 1 ]; then echo "kept $TMP"; else rm -rf "$TMP"; fi
     fi
@@ -341,6 +343,68 @@ if want export; then
         tail -n 5 "$TMP/export.log" | sed 's/^/    /'
         row "export to the mock, v2 stream vs v1 (events/s)" ERR ERR report "events/s"
         NOTES+=("export: $(grep -m1 ERROR "$TMP/export.log" || tail -n 1 "$TMP/export.log")")
+    fi
+fi
+
+if want citus; then
+    if [ ! -f "$("$PG_CONFIG" --pkglibdir)/citus.so" ]; then
+        NOTES+=("citus: skipped, Citus is not installed in $("$PG_CONFIG" --pkglibdir)")
+    else
+        # a coordinator and two workers on loopback, each its own throwaway cluster
+        ub_log "citus: a coordinator and two workers on 127.0.0.1, the same 10,000 customers, distribute_with_citus()"
+        CPORTS=()
+        for k in 0 1 2; do
+            d="$TMP/citus$k"
+            mkdir "$d"
+            if ub_is_root; then chown postgres: "$d"; fi
+            CPORTS+=("$((PORT + 1 + k))")
+            ub_initdb "$d"
+            ub_conf "$d" \
+                "listen_addresses = '127.0.0.1'" \
+                "port = ${CPORTS[$k]}" \
+                "unix_socket_directories = '$d'" \
+                "shared_preload_libraries = 'citus,usage_billing'" \
+                "usage_billing.export_interval = 0" \
+                "max_connections = 100" \
+                "shared_buffers = 256MB" \
+                "synchronous_commit = on" \
+                "max_wal_size = 4GB" \
+                "checkpoint_timeout = 30min" \
+                "timezone = 'UTC'"
+            printf 'host all all 127.0.0.1/32 trust\n' | ub_as_pg tee -a "$d/data/pg_hba.conf" >/dev/null
+            ub_pg_start "$d"
+            ub_as_pg "$PGBIN/psql" -X -q -h 127.0.0.1 -p "${CPORTS[$k]}" -v ON_ERROR_STOP=1 -d postgres \
+                -c "CREATE DATABASE bench" >/dev/null
+            ub_as_pg "$PGBIN/psql" -X -q -h 127.0.0.1 -p "${CPORTS[$k]}" -v ON_ERROR_STOP=1 -d bench \
+                -c "CREATE EXTENSION citus" >/dev/null
+        done
+        psql_c() { ub_as_pg "$PGBIN/psql" -X -q -h 127.0.0.1 -p "${CPORTS[0]}" -v ON_ERROR_STOP=1 -d bench "$@"; }
+        if psql_c -c "SELECT citus_set_coordinator_host('127.0.0.1', ${CPORTS[0]})" \
+                  -c "SELECT citus_add_node('127.0.0.1', ${CPORTS[1]})" \
+                  -c "SELECT citus_add_node('127.0.0.1', ${CPORTS[2]})" \
+                  -c "SET client_min_messages = warning" \
+                  -c "CREATE EXTENSION usage_billing" \
+                  -c "SELECT usage_billing.distribute_with_citus()" >"$TMP/citus.log" 2>&1 &&
+           sed -e '/^CREATE EXTENSION usage_billing;/d' -e '/^-- the naive counter/,$d' test/bench/setup.sql |
+               psql_c -f - >>"$TMP/citus.log" 2>&1; then
+            C="-h 127.0.0.1 -p ${CPORTS[0]}"
+            W="-h 127.0.0.1 -p ${CPORTS[1]}"
+            ab "citus: routed increment_usage vs one node" "$C -f $S/inc_spread.sql" "-f $S/inc_spread.sql"
+            row "citus: increment_usage routed by the coordinator vs one node" "$OURS" "$BASE" report TPS
+            cpu_row "citus: increment_usage routed vs one node" "$OURS_CPU" "$BASE_CPU"
+            ab "citus: routed check_limit vs one node" "$C -f $S/check_limit_spread.sql" "-f $S/check_limit_spread.sql"
+            row "citus: check_limit routed by the coordinator vs one node" "$OURS" "$BASE" report TPS
+            cpu_row "citus: check_limit routed vs one node" "$OURS_CPU" "$BASE_CPU"
+            ab "citus: routed increment_usage vs routed plain SELECT" "$C -f $S/inc_spread.sql" "$C -f $S/routed_select.sql"
+            row "citus: increment_usage routed vs a routed plain SELECT" "$OURS" "$BASE" report TPS
+            cpu_row "citus: increment_usage routed vs routed SELECT" "$OURS_CPU" "$BASE_CPU"
+            ab "citus: increment_usage on a worker vs routed by the coordinator" "$W -f $S/inc_spread.sql" "$C -f $S/inc_spread.sql"
+            row "citus: increment_usage sent to a worker vs routed by the coordinator" "$OURS" "$BASE" report TPS
+            cpu_row "citus: increment_usage on a worker vs via the coordinator" "$OURS_CPU" "$BASE_CPU"
+            NOTES+=("citus: every node on this machine (3 servers sharing its CPUs); calls via the coordinator are delegated to the worker holding the customer's shard, calls sent to a worker run there (half of them route on to the other worker's shard)")
+        else
+            NOTES+=("citus: the cluster could not be set up: $(grep -m1 ERROR "$TMP/citus.log")")
+        fi
     fi
 fi
 
