@@ -10,8 +10,8 @@
  *             and a fixed-size answer buffer (callbacks never allocate, so
  *             they can never throw through libcurl's stack frames)
  *   bucket    token bucket enforcing the requests-per-second ceiling; it
- *             lives across batches, as does the multi handle (which keeps
- *             the connection cache warm)
+ *             lives across batches, as does the multi handle (stripe_http.c's,
+ *             which keeps the connection cache warm)
  *   outcome   SENT, RETRY (with a delay: Retry-After when given, else
  *             exponential backoff with jitter) or FAILED (a 4xx that retrying
  *             cannot fix, with Stripe's message)
@@ -42,7 +42,7 @@ typedef struct UbSlot
 	UbMeterEvent *ev;			/* NULL: the slot is free */
 } UbSlot;
 
-static CURLM *ub_multi = NULL;
+static CURLM *ub_multi = NULL;	/* stripe_http.c's, set for each batch */
 static double ub_tokens = 1.0;
 static TimestampTz ub_tokens_at = 0;
 
@@ -335,16 +335,7 @@ ub_stripe_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 	if (n == 0)
 		return;
 
-	ub_http_init();
-	if (ub_multi == NULL)
-	{
-		ub_multi = curl_multi_init();
-		if (ub_multi == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("could not create a libcurl multi handle")));
-	}
-	curl_multi_setopt(ub_multi, CURLMOPT_MAXCONNECTS, (long) Max(cfg->concurrency, 1));
+	ub_multi = ub_http_multi(cfg->concurrency);
 
 	slots = palloc0(sizeof(UbSlot) * nslots);
 	url = psprintf("%s/v1/billing/meter_events", cfg->api_base);
@@ -367,10 +358,6 @@ ub_stripe_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 void
 ub_stripe_shutdown(void)
 {
-	if (ub_multi)
-	{
-		curl_multi_cleanup(ub_multi);
-		ub_multi = NULL;
-	}
+	ub_multi = NULL;
 	ub_http_shutdown();
 }

@@ -27,7 +27,9 @@
  * answer.  No Idempotency-Key is sent: the identifiers deduplicate, and a
  * resent chunk may be grouped differently.  The token and the key only go
  * into Authorization headers; Stripe's messages are redacted of both before
- * they are stored.  No transaction is open while this runs.
+ * they are stored.  No transaction is open while this runs.  The requests
+ * themselves (handle, headers, answer buffers, error parsing, the retry rule
+ * and the backoff) are stripe_http.c's; the multi handle is its one too.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -68,17 +70,13 @@ typedef struct UbChunk
 
 typedef struct UbStreamSlot
 {
-	CURL	   *easy;
-	struct curl_slist *headers;
-	char	   *body;			/* palloc'd JSON */
-	UbChunk    *chunk;
+	UbHttpRequest req;			/* handle, headers, JSON body (stripe_http.c) */
+	UbHttpAnswer ans;			/* fixed-size answer buffers */
+	UbChunk    *chunk;			/* NULL: the slot is free */
 	uint64		session;		/* generation of the token it was sent with */
-	TimestampTz started;
-	UbAnswer	ans;
 } UbStreamSlot;
 
-static CURLM *ub_stream_multi = NULL;
-static bool ub_stream_curl_initialized = false;
+static CURLM *ub_stream_multi = NULL;	/* stripe_http.c's, set for each batch */
 
 static bool ub_check_events_base(char **newval, void **extra, GucSource source);
 static char *ub_chunk_json(UbChunk *chunk);
@@ -88,7 +86,7 @@ static void ub_stream_slot_release(UbStreamSlot *slot);
 static bool ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig *cfg,
 								  bool *requeue);
 static void ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot,
-							 int http_status, const char *error, int retry_after_ms,
+							 int http_status, const char *error, int retry_in_ms,
 							 const UbStripeConfig *cfg);
 static void ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
 						   const UbStripeConfig *cfg, const char *url, bool *throttled);
@@ -166,103 +164,40 @@ static void
 ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *cfg,
 					 const char *url)
 {
-	struct curl_slist *h;
-	char	   *auth;
-
 	slot->chunk = chunk;
 	slot->session = ub_session_generation();
-	ub_answer_reset(&slot->ans);
-	slot->body = ub_chunk_json(chunk);
-
-	slot->easy = curl_easy_init();
-	if (slot->easy == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("could not create a libcurl handle")));
-
-	auth = psprintf("Authorization: Bearer %s", ub_session_token());
-	h = curl_slist_append(NULL, auth);
-	explicit_bzero(auth, strlen(auth));
-	pfree(auth);
-	if (h)
-		slot->headers = h;
-	h = h ? curl_slist_append(h, "Content-Type: application/json") : NULL;
-	h = h ? curl_slist_append(h, "Expect:") : NULL;
-	if (h && cfg->stripe_version && cfg->stripe_version[0])
-	{
-		char	   *v = psprintf("Stripe-Version: %s", cfg->stripe_version);
-
-		h = curl_slist_append(h, v);
-		pfree(v);
-	}
-	if (h == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory while building request headers")));
-	slot->headers = h;
-
-	curl_easy_setopt(slot->easy, CURLOPT_URL, url);
-	curl_easy_setopt(slot->easy, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(slot->easy, CURLOPT_POST, 1L);
-	curl_easy_setopt(slot->easy, CURLOPT_POSTFIELDS, slot->body);
-	curl_easy_setopt(slot->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(slot->body));
-	curl_easy_setopt(slot->easy, CURLOPT_HTTPHEADER, slot->headers);
-	curl_easy_setopt(slot->easy, CURLOPT_USERAGENT, "usage_billing/1.0 (PostgreSQL extension)");
-	curl_easy_setopt(slot->easy, CURLOPT_WRITEFUNCTION, ub_answer_write_cb);
-	curl_easy_setopt(slot->easy, CURLOPT_WRITEDATA, &slot->ans);
-	curl_easy_setopt(slot->easy, CURLOPT_HEADERFUNCTION, ub_answer_header_cb);
-	curl_easy_setopt(slot->easy, CURLOPT_HEADERDATA, &slot->ans);
-	curl_easy_setopt(slot->easy, CURLOPT_ERRORBUFFER, slot->ans.errbuf);
-	curl_easy_setopt(slot->easy, CURLOPT_CONNECTTIMEOUT_MS, (long) cfg->connect_timeout_ms);
-	curl_easy_setopt(slot->easy, CURLOPT_TIMEOUT_MS, (long) cfg->timeout_ms);
-	curl_easy_setopt(slot->easy, CURLOPT_FOLLOWLOCATION, 0L);
-	curl_easy_setopt(slot->easy, CURLOPT_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(slot->easy, CURLOPT_TCP_KEEPALIVE, 1L);
-	curl_easy_setopt(slot->easy, CURLOPT_PRIVATE, slot);
-
-	if (curl_multi_add_handle(ub_stream_multi, slot->easy) != CURLM_OK)
+	slot->req.answer = &slot->ans;
+	ub_http_prepare_json(&slot->req, cfg, url, ub_chunk_json(chunk), ub_session_token(), NULL);
+	curl_easy_setopt(slot->req.easy, CURLOPT_PRIVATE, slot);
+	if (curl_multi_add_handle(ub_stream_multi, slot->req.easy) != CURLM_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_SYSTEM_ERROR),
 				 errmsg("could not add a request to the libcurl multi handle")));
-	slot->started = GetCurrentTimestamp();
+	slot->req.started = GetCurrentTimestamp();
 }
 
-/* Frees what libcurl allocated for a slot; safe to call twice. */
+/* Frees what libcurl allocated for a slot (the token's header line wiped); safe to call twice. */
 static void
 ub_stream_slot_release(UbStreamSlot *slot)
 {
-	if (slot->easy)
-	{
-		curl_multi_remove_handle(ub_stream_multi, slot->easy);
-		curl_easy_cleanup(slot->easy);
-		slot->easy = NULL;
-	}
-	if (slot->headers)
-	{
-		curl_slist_free_all(slot->headers);
-		slot->headers = NULL;
-	}
-	if (slot->body)
-	{
-		pfree(slot->body);
-		slot->body = NULL;
-	}
+	ub_http_release(&slot->req, ub_stream_multi);
 	slot->chunk = NULL;
 }
 
 /*
  * Gives every event of a chunk the same outcome, answer and error; a RETRY
- * waits retry_after_ms when given (>= 0), else the event's own backoff.
+ * waits retry_in_ms when given (>= 0), else the answer's Retry-After or the
+ * event's own backoff (ub_http_retry_ms).
  */
 static void
 ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot, int http_status,
-				 const char *error, int retry_after_ms, const UbStripeConfig *cfg)
+				 const char *error, int retry_in_ms, const UbStripeConfig *cfg)
 {
 	int			duration_ms = 0;
 	int			i;
 
 	if (slot)
-		duration_ms = (int) ((GetCurrentTimestamp() - slot->started) / 1000);
+		duration_ms = (int) ((GetCurrentTimestamp() - slot->req.started) / 1000);
 	for (i = 0; i < chunk->n; i++)
 	{
 		UbMeterEvent *ev = chunk->evs[i];
@@ -274,23 +209,27 @@ ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot, int http
 		strlcpy(ev->request_id, slot ? slot->ans.request_id : "", sizeof(ev->request_id));
 		strlcpy(ev->error, error ? error : "", sizeof(ev->error));
 		if (outcome == UB_OUT_RETRY)
-			ev->retry_in_ms = retry_after_ms >= 0 ? retry_after_ms : ub_http_backoff_ms(ev->attempts, cfg);
+			ev->retry_in_ms = retry_in_ms >= 0 ? retry_in_ms :
+				ub_http_retry_ms(slot ? &slot->ans : NULL, ev->attempts, cfg);
 	}
 }
 
 /*
- * Classifies a finished stream request into its events' outcomes.  Returns
- * true when throttled (429).  *requeue is set when the chunk must go again
- * with a new session (401): its events stay undecided.
+ * Classifies a finished stream request into its events' outcomes: the one
+ * layer's verdict (stripe_http.c), except where v2 differs: a 401 renews the
+ * session and resends, and a 400 naming events[i] fails that event only.
+ * Returns true when throttled (429).  *requeue is set when the chunk must go
+ * again with a new session (401): its events stay undecided.
  */
 static bool
 ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig *cfg, bool *requeue)
 {
 	UbChunk    *chunk = slot->chunk;
+	UbHttpAnswer *ans = &slot->ans;
 	long		status = 0;
 	UbStripeError err;
 	char		error[UB_ERROR_LEN];
-	int			retry_after_ms = -1;
+	bool		rotate_key;
 	UbOutcome	outcome;
 	int			bad = -1;
 
@@ -299,23 +238,20 @@ ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig 
 	{
 		/* no answer: Stripe may hold some or all of it; the same identifiers go again */
 		snprintf(error, sizeof(error), "network error: %s",
-				 slot->ans.errbuf[0] ? slot->ans.errbuf : curl_easy_strerror(result));
+				 ans->errbuf[0] ? ans->errbuf : curl_easy_strerror(result));
 		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, 0, error, -1, cfg);
 		return false;
 	}
 
-	curl_easy_getinfo(slot->easy, CURLINFO_RESPONSE_CODE, &status);
+	curl_easy_getinfo(slot->req.easy, CURLINFO_RESPONSE_CODE, &status);
 	if (status >= 200 && status < 300)
 	{
 		ub_chunk_outcome(chunk, UB_OUT_SENT, slot, (int) status, NULL, -1, cfg);
 		return false;
 	}
 
-	ub_http_parse_error(slot->ans.body, slot->ans.len, &err);
-	snprintf(error, sizeof(error), "HTTP %ld%s%s%s%s: %s", status,
-			 err.type[0] ? " " : "", err.type, err.code[0] ? "/" : "", err.code,
-			 err.message[0] ? err.message : (slot->ans.truncated ? "(answer too large)" : "(no message)"));
-	ub_redact_keys(error, cfg->api_key);
+	ub_http_parse_error(ans->body, ans->len, &err);
+	ub_http_describe(error, sizeof(error), NULL, status, &err, ans, cfg->api_key);
 	ub_redact_keys(error, ub_session_token());
 
 	if (status == 401)
@@ -332,23 +268,9 @@ ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig 
 		return false;
 	}
 
-	if (slot->ans.retry_after[0])
-	{
-		char	   *end;
-		long		secs = strtol(slot->ans.retry_after, &end, 10);
-
-		if (end != slot->ans.retry_after && secs >= 0)
-			retry_after_ms = (int) Min(secs, 3600) * 1000;
-	}
-
-	if (strcmp(slot->ans.should_retry, "false") == 0)
-		outcome = UB_OUT_FAILED;
-	else if (strcmp(slot->ans.should_retry, "true") == 0 ||
-			 status == 409 || status == 429 || status >= 500 || status == 403 ||
-			 strcmp(err.type, "idempotency_error") == 0)
-		outcome = UB_OUT_RETRY;
-	else
-		outcome = UB_OUT_FAILED;
+	/* no Idempotency-Key on the stream: rotate_key does not apply */
+	outcome = ub_http_verdict(status, ans, &err, &rotate_key) == UB_HTTP_RETRY ?
+		UB_OUT_RETRY : UB_OUT_FAILED;
 
 	/* a refusal that names one event ("events[7].payload") fails that event only */
 	if (outcome == UB_OUT_FAILED && status == 400 &&
@@ -365,7 +287,7 @@ ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig 
 		return false;
 	}
 
-	ub_chunk_outcome(chunk, outcome, slot, (int) status, error, retry_after_ms, cfg);
+	ub_chunk_outcome(chunk, outcome, slot, (int) status, error, -1, cfg);
 	return outcome == UB_OUT_RETRY && status == 429;
 }
 
@@ -498,23 +420,7 @@ ub_stream_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 	if (n == 0)
 		return;
 
-	if (!ub_stream_curl_initialized)
-	{
-		if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_SYSTEM_ERROR),
-					 errmsg("could not initialize libcurl")));
-		ub_stream_curl_initialized = true;
-	}
-	if (ub_stream_multi == NULL)
-	{
-		ub_stream_multi = curl_multi_init();
-		if (ub_stream_multi == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("could not create a libcurl multi handle")));
-	}
-	curl_multi_setopt(ub_stream_multi, CURLMOPT_MAXCONNECTS, (long) Max(cfg->concurrency, 1));
+	ub_stream_multi = ub_http_multi(cfg->concurrency);
 
 	/* events Stripe would refuse are never sent (stripe_client.c says why) */
 	order = palloc(sizeof(UbMeterEvent *) * n);
@@ -563,14 +469,6 @@ void
 ub_stream_shutdown(void)
 {
 	ub_session_forget();
-	if (ub_stream_multi)
-	{
-		curl_multi_cleanup(ub_stream_multi);
-		ub_stream_multi = NULL;
-	}
-	if (ub_stream_curl_initialized)
-	{
-		curl_global_cleanup();
-		ub_stream_curl_initialized = false;
-	}
+	ub_stream_multi = NULL;
+	ub_http_shutdown();
 }
