@@ -8,9 +8,12 @@
  *	      that token carries up to 100 events as JSON and is answered {}.
  *
  * Vocabulary
- *   chunk     up to UB_STREAM_MAX_EVENTS events of the batch, one request.  The
- *             batch holds at most one event per (customer, meter), so no two
- *             requests in flight ever carry the same customer and meter.
+ *   chunk     up to UB_STREAM_MAX_EVENTS events of the batch, one request, all
+ *             of one account: the platform's, or (Connect) one connected
+ *             account's, sent as Stripe-Context (v2's header for it; v1's
+ *             Stripe-Account does not apply to v2).  The batch holds at most
+ *             one event per (customer, meter), so no two requests in flight
+ *             ever carry the same customer and meter.
  *   session   the token and its expiry (stripe_session.c), opened again
  *             before it expires, when the key or the API base changes, and
  *             when the stream answers 401 (then the chunk is resent at once:
@@ -65,6 +68,7 @@ typedef struct UbChunk
 {
 	UbMeterEvent **evs;
 	int			n;
+	const char *account;		/* Connect: every event's account, or NULL (the platform) */
 	int			reauth;			/* resends after a 401 */
 } UbChunk;
 
@@ -80,6 +84,8 @@ static CURLM *ub_stream_multi = NULL;	/* stripe_http.c's, set for each batch */
 
 static bool ub_check_events_base(char **newval, void **extra, GucSource source);
 static char *ub_chunk_json(UbChunk *chunk);
+static const char *ub_event_account(const UbMeterEvent *ev);
+static int	ub_event_account_cmp(const void *a, const void *b);
 static void ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *cfg,
 								 const char *url);
 static void ub_stream_slot_release(UbStreamSlot *slot);
@@ -122,6 +128,28 @@ ub_check_events_base(char **newval, void **extra, GucSource source)
 		return false;
 	}
 	return true;
+}
+
+/* An event's connected account, or NULL for the platform. */
+static const char *
+ub_event_account(const UbMeterEvent *ev)
+{
+	return ev->stripe_account && ev->stripe_account[0] ? ev->stripe_account : NULL;
+}
+
+/* qsort order of the events to send: by account (the platform first), then as in the batch. */
+static int
+ub_event_account_cmp(const void *a, const void *b)
+{
+	const UbMeterEvent *ea = *(const UbMeterEvent *const *) a;
+	const UbMeterEvent *eb = *(const UbMeterEvent *const *) b;
+	const char *xa = ub_event_account(ea);
+	const char *xb = ub_event_account(eb);
+	int			c = strcmp(xa ? xa : "", xb ? xb : "");
+
+	if (c != 0)
+		return c;
+	return ea < eb ? -1 : (ea > eb ? 1 : 0);
 }
 
 /* The request body of a chunk: {"events":[{...}, ...]} with RFC 3339 timestamps. */
@@ -167,7 +195,8 @@ ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *c
 	slot->chunk = chunk;
 	slot->session = ub_session_generation();
 	slot->req.answer = &slot->ans;
-	ub_http_prepare_json(&slot->req, cfg, url, ub_chunk_json(chunk), ub_session_token(), NULL);
+	ub_http_prepare_json(&slot->req, cfg, url, ub_chunk_json(chunk), ub_session_token(),
+						 chunk->account);
 	curl_easy_setopt(slot->req.easy, CURLOPT_PRIVATE, slot);
 	if (curl_multi_add_handle(ub_stream_multi, slot->req.easy) != CURLM_OK)
 		ereport(ERROR,
@@ -432,12 +461,27 @@ ub_stream_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 		pfree(order);
 		return;
 	}
-	chunks = palloc0(sizeof(UbChunk) * ((nsend + UB_STREAM_MAX_EVENTS - 1) / UB_STREAM_MAX_EVENTS));
-	for (i = 0; i < nsend; i += UB_STREAM_MAX_EVENTS)
+
+	/*
+	 * Connect: a request speaks for one account (its Stripe-Context), so the
+	 * events are grouped by account and a chunk never mixes two.
+	 */
+	qsort(order, nsend, sizeof(UbMeterEvent *), ub_event_account_cmp);
+	chunks = palloc0(sizeof(UbChunk) * nsend);
+	for (i = 0; i < nsend;)
 	{
+		const char *account = ub_event_account(order[i]);
+		int			j = i + 1;
+
+		while (j < nsend && j - i < UB_STREAM_MAX_EVENTS &&
+			   strcmp(ub_event_account(order[j]) ? ub_event_account(order[j]) : "",
+					  account ? account : "") == 0)
+			j++;
 		chunks[nchunks].evs = &order[i];
-		chunks[nchunks].n = Min(UB_STREAM_MAX_EVENTS, nsend - i);
+		chunks[nchunks].n = j - i;
+		chunks[nchunks].account = account;
 		nchunks++;
+		i = j;
 	}
 
 	nslots = Max(1, Min(cfg->concurrency, nchunks));
