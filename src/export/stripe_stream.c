@@ -72,13 +72,14 @@ typedef struct UbChunk
 	int			reauth;			/* resends after a 401 */
 } UbChunk;
 
-typedef struct UbStreamSlot
+/* one stream request in flight: a chunk, its request and answer */
+typedef struct UbStreamInflight
 {
-	UbHttpRequest req;			/* handle, headers, JSON body (stripe_http.c) */
+	UbHttpRequest http;			/* handle, headers, JSON body (stripe_http.c) */
 	UbHttpAnswer ans;			/* fixed-size answer buffers */
-	UbChunk    *chunk;			/* NULL: the slot is free */
+	UbChunk    *chunk;			/* NULL: not in use */
 	uint64		session;		/* generation of the token it was sent with */
-} UbStreamSlot;
+} UbStreamInflight;
 
 static CURLM *ub_stream_multi = NULL;	/* stripe_http.c's, set for each batch */
 
@@ -86,15 +87,15 @@ static bool ub_check_events_base(char **newval, void **extra, GucSource source);
 static char *ub_chunk_json(UbChunk *chunk);
 static const char *ub_event_account(const UbMeterEvent *ev);
 static int	ub_event_account_cmp(const void *a, const void *b);
-static void ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *cfg,
+static void ub_stream_inflight_start(UbStreamInflight *req, UbChunk *chunk, const UbStripeConfig *cfg,
 								 const char *url);
-static void ub_stream_slot_release(UbStreamSlot *slot);
-static bool ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig *cfg,
+static void ub_stream_inflight_release(UbStreamInflight *req);
+static bool ub_stream_inflight_finish(UbStreamInflight *req, CURLcode result, const UbStripeConfig *cfg,
 								  bool *requeue);
-static void ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot,
+static void ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamInflight *req,
 							 int http_status, const char *error, int retry_in_ms,
 							 const UbStripeConfig *cfg);
-static void ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
+static void ub_stream_loop(UbStreamInflight *reqs, int nreqs, UbChunk *chunks, int nchunks,
 						   const UbStripeConfig *cfg, const char *url, bool *throttled);
 
 
@@ -189,28 +190,28 @@ ub_chunk_json(UbChunk *chunk)
 
 /* Prepares and adds one stream request to the multi handle. */
 static void
-ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *cfg,
+ub_stream_inflight_start(UbStreamInflight *req, UbChunk *chunk, const UbStripeConfig *cfg,
 					 const char *url)
 {
-	slot->chunk = chunk;
-	slot->session = ub_session_generation();
-	slot->req.answer = &slot->ans;
-	ub_http_prepare_json(&slot->req, cfg, url, ub_chunk_json(chunk), ub_session_token(),
+	req->chunk = chunk;
+	req->session = ub_session_generation();
+	req->http.answer = &req->ans;
+	ub_http_prepare_json(&req->http, cfg, url, ub_chunk_json(chunk), ub_session_token(),
 						 chunk->account);
-	curl_easy_setopt(slot->req.easy, CURLOPT_PRIVATE, slot);
-	if (curl_multi_add_handle(ub_stream_multi, slot->req.easy) != CURLM_OK)
+	curl_easy_setopt(req->http.easy, CURLOPT_PRIVATE, req);
+	if (curl_multi_add_handle(ub_stream_multi, req->http.easy) != CURLM_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_SYSTEM_ERROR),
 				 errmsg("could not add a request to the libcurl multi handle")));
-	slot->req.started = GetCurrentTimestamp();
+	req->http.started = GetCurrentTimestamp();
 }
 
-/* Frees what libcurl allocated for a slot (the token's header line wiped); safe to call twice. */
+/* Frees what libcurl allocated for a request (the token's header line wiped); safe to call twice. */
 static void
-ub_stream_slot_release(UbStreamSlot *slot)
+ub_stream_inflight_release(UbStreamInflight *req)
 {
-	ub_http_release(&slot->req, ub_stream_multi);
-	slot->chunk = NULL;
+	ub_http_release(&req->http, ub_stream_multi);
+	req->chunk = NULL;
 }
 
 /*
@@ -219,14 +220,14 @@ ub_stream_slot_release(UbStreamSlot *slot)
  * event's own backoff (ub_http_retry_ms).
  */
 static void
-ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot, int http_status,
+ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamInflight *req, int http_status,
 				 const char *error, int retry_in_ms, const UbStripeConfig *cfg)
 {
 	int			duration_ms = 0;
 	int			i;
 
-	if (slot)
-		duration_ms = (int) ((GetCurrentTimestamp() - slot->req.started) / 1000);
+	if (req)
+		duration_ms = (int) ((GetCurrentTimestamp() - req->http.started) / 1000);
 	for (i = 0; i < chunk->n; i++)
 	{
 		UbMeterEvent *ev = chunk->evs[i];
@@ -235,11 +236,11 @@ ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot, int http
 		ev->http_status = http_status;
 		ev->duration_ms = duration_ms;
 		ev->rotate_key = false; /* no Idempotency-Key on the stream */
-		strlcpy(ev->request_id, slot ? slot->ans.request_id : "", sizeof(ev->request_id));
+		strlcpy(ev->request_id, req ? req->ans.request_id : "", sizeof(ev->request_id));
 		strlcpy(ev->error, error ? error : "", sizeof(ev->error));
 		if (outcome == UB_OUT_RETRY)
 			ev->retry_in_ms = retry_in_ms >= 0 ? retry_in_ms :
-				ub_http_retry_ms(slot ? &slot->ans : NULL, ev->attempts, cfg);
+				ub_http_retry_ms(req ? &req->ans : NULL, ev->attempts, cfg);
 	}
 }
 
@@ -251,10 +252,10 @@ ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot, int http
  * again with a new session (401): its events stay undecided.
  */
 static bool
-ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig *cfg, bool *requeue)
+ub_stream_inflight_finish(UbStreamInflight *req, CURLcode result, const UbStripeConfig *cfg, bool *requeue)
 {
-	UbChunk    *chunk = slot->chunk;
-	UbHttpAnswer *ans = &slot->ans;
+	UbChunk    *chunk = req->chunk;
+	UbHttpAnswer *ans = &req->ans;
 	long		status = 0;
 	UbStripeError err;
 	char		error[UB_ERROR_LEN];
@@ -268,14 +269,14 @@ ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig 
 		/* no answer: Stripe may hold some or all of it; the same identifiers go again */
 		snprintf(error, sizeof(error), "network error: %s",
 				 ans->errbuf[0] ? ans->errbuf : curl_easy_strerror(result));
-		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, 0, error, -1, cfg);
+		ub_chunk_outcome(chunk, UB_OUT_RETRY, req, 0, error, -1, cfg);
 		return false;
 	}
 
-	curl_easy_getinfo(slot->req.easy, CURLINFO_RESPONSE_CODE, &status);
+	curl_easy_getinfo(req->http.easy, CURLINFO_RESPONSE_CODE, &status);
 	if (status >= 200 && status < 300)
 	{
-		ub_chunk_outcome(chunk, UB_OUT_SENT, slot, (int) status, NULL, -1, cfg);
+		ub_chunk_outcome(chunk, UB_OUT_SENT, req, (int) status, NULL, -1, cfg);
 		return false;
 	}
 
@@ -286,14 +287,14 @@ ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig 
 	if (status == 401)
 	{
 		/* the session expired or was refused: nothing was processed */
-		ub_session_expired(slot->session);
+		ub_session_expired(req->session);
 		if (chunk->reauth < UB_STREAM_MAX_REAUTH)
 		{
 			chunk->reauth++;
 			*requeue = true;
 			return false;
 		}
-		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, (int) status, error, -1, cfg);
+		ub_chunk_outcome(chunk, UB_OUT_RETRY, req, (int) status, error, -1, cfg);
 		return false;
 	}
 
@@ -310,19 +311,19 @@ ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig 
 
 		snprintf(others, sizeof(others), "resent: Stripe refused another event of the request (%s)",
 				 error);
-		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, (int) status, others, 0, cfg);
+		ub_chunk_outcome(chunk, UB_OUT_RETRY, req, (int) status, others, 0, cfg);
 		culprit->outcome = UB_OUT_FAILED;
 		strlcpy(culprit->error, error, sizeof(culprit->error));
 		return false;
 	}
 
-	ub_chunk_outcome(chunk, outcome, slot, (int) status, error, -1, cfg);
+	ub_chunk_outcome(chunk, outcome, req, (int) status, error, -1, cfg);
 	return outcome == UB_OUT_RETRY && status == 429;
 }
 
-/* The dispatch/poll loop of one batch; slots are released by the caller. */
+/* The dispatch/poll loop of one batch; its requests are released by the caller. */
 static void
-ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
+ub_stream_loop(UbStreamInflight *reqs, int nreqs, UbChunk *chunks, int nchunks,
 			   const UbStripeConfig *cfg, const char *url, bool *throttled)
 {
 	int		   *queue;
@@ -347,18 +348,18 @@ ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
 
 		CHECK_FOR_INTERRUPTS();
 
-		/* dispatch while there is a free slot, work left, a session and a token */
-		while (!*throttled && !no_session && qhead < qtail && inflight < nslots)
+		/* dispatch while a request is free, work left, a session and a token */
+		while (!*throttled && !no_session && qhead < qtail && inflight < nreqs)
 		{
-			UbStreamSlot *free_slot = NULL;
+			UbStreamInflight *free_req = NULL;
 
-			for (i = 0; i < nslots; i++)
-				if (slots[i].chunk == NULL)
+			for (i = 0; i < nreqs; i++)
+				if (reqs[i].chunk == NULL)
 				{
-					free_slot = &slots[i];
+					free_req = &reqs[i];
 					break;
 				}
-			if (free_slot == NULL)
+			if (free_req == NULL)
 				break;
 			if (!ub_session_usable(cfg))
 			{
@@ -384,7 +385,7 @@ ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
 			}
 			if (!ub_take_token(cfg->max_rps, &wait_ms))
 				break;
-			ub_stream_slot_start(free_slot, &chunks[queue[qhead++]], cfg, url);
+			ub_stream_inflight_start(free_req, &chunks[queue[qhead++]], cfg, url);
 			inflight++;
 		}
 
@@ -395,26 +396,26 @@ ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
 		completed = 0;
 		while ((msg = curl_multi_info_read(ub_stream_multi, &queued)) != NULL)
 		{
-			UbStreamSlot *slot = NULL;
+			UbStreamInflight *req = NULL;
 			bool		requeue;
 
 			if (msg->msg != CURLMSG_DONE)
 				continue;
-			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &slot);
-			if (slot == NULL)
+			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &req);
+			if (req == NULL)
 				continue;
-			if (ub_stream_slot_finish(slot, msg->data.result, cfg, &requeue))
+			if (ub_stream_inflight_finish(req, msg->data.result, cfg, &requeue))
 				*throttled = true;
 			if (requeue)
 			{
 				Assert(qtail < qcap);
-				queue[qtail++] = (int) (slot->chunk - chunks);
+				queue[qtail++] = (int) (req->chunk - chunks);
 			}
-			ub_stream_slot_release(slot);
+			ub_stream_inflight_release(req);
 			inflight--;
 			completed++;
 		}
-		/* a slot came free: dispatch at once rather than sleep in poll */
+		/* a request came free: dispatch at once rather than sleep in poll */
 		if (completed > 0 && qhead < qtail && !*throttled && !no_session)
 			continue;
 		if (inflight > 0 || qhead < qtail)
@@ -437,10 +438,10 @@ ub_stream_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 {
 	UbChunk    *chunks;
 	UbMeterEvent **order;
-	UbStreamSlot *slots;
+	UbStreamInflight *reqs;
 	volatile int nchunks = 0;
 	int			nsend = 0;
-	volatile int nslots;
+	volatile int nreqs;
 	char	   *base;
 	char	   *url;
 	int			i;
@@ -484,8 +485,8 @@ ub_stream_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 		i = j;
 	}
 
-	nslots = Max(1, Min(cfg->concurrency, nchunks));
-	slots = palloc0(sizeof(UbStreamSlot) * nslots);
+	nreqs = Max(1, Min(cfg->concurrency, nchunks));
+	reqs = palloc0(sizeof(UbStreamInflight) * nreqs);
 	base = pstrdup(ub_events_base);
 	while (strlen(base) > 0 && base[strlen(base) - 1] == '/')
 		base[strlen(base) - 1] = '\0';
@@ -493,13 +494,13 @@ ub_stream_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 
 	PG_TRY();
 	{
-		ub_stream_loop(slots, nslots, chunks, nchunks, cfg, url, throttled);
+		ub_stream_loop(reqs, nreqs, chunks, nchunks, cfg, url, throttled);
 	}
 	PG_FINALLY();
 	{
-		for (i = 0; i < nslots; i++)
-			ub_stream_slot_release(&slots[i]);
-		pfree(slots);
+		for (i = 0; i < nreqs; i++)
+			ub_stream_inflight_release(&reqs[i]);
+		pfree(reqs);
 		pfree(url);
 		pfree(base);
 		pfree(chunks);
