@@ -25,7 +25,6 @@
 #include <cjson/cJSON.h>
 
 #include "common/hashfn.h"
-#include "miscadmin.h"
 #include "utils/timestamp.h"
 
 #include "stripe_http.h"
