@@ -1060,6 +1060,14 @@ def main():
 # customer "cus_bad..." is dropped as an unknown customer (an error report, not a
 # violation).  GET /_mock/v2 lists them.
 #
+# Connect: v2 names a connected account with the Stripe-Context header (acct_...), not
+# Stripe-Account (refused here as a violation, as is a malformed Stripe-Context).  Events
+# that came with a Stripe-Context are kept in that account exactly as v1's Connect events
+# are: identifiers unique per account, totals keyed "acct_...:<customer>|<event_name>",
+# and a registered customer (POST /_mock/customers) named in another account than its
+# own is dropped asynchronously as an unknown customer (an error report, not a violation).
+# stats.accounts_seen counts Stripe-Context values too.  The session carries no account.
+#
 # Duplicates: Stripe keeps identifiers unique over a rolling 24 hours and the stream
 # answers asynchronously, so a duplicate identifier is stored once, counted
 # ("duplicates", as for v1) and the request still answers 200 {}.
@@ -1272,11 +1280,12 @@ def v2_stream(h, raw):
                 state["rate_second"], state["rate_count"] = sec, 0
             state["rate_count"] += 1
             limited = state["rate_count"] > state["rate_limit"]
-    # in flight, overall and per (customer, event name) of every event in the request
+    # in flight, overall and per (account, customer, event name) of every event in the request
+    acct = v2_context(h)
     keys = []
     try:
         for ev in json.loads(raw.decode("utf-8")).get("events", []):
-            keys.append("%s|%s" % (ev["payload"]["stripe_customer_id"], ev["event_name"]))
+            keys.append(tkey(acct, ev["payload"]["stripe_customer_id"], ev["event_name"]))
     except (ValueError, UnicodeDecodeError, AttributeError, KeyError, TypeError):
         pass
     with lock:
@@ -1289,6 +1298,12 @@ def v2_stream(h, raw):
         v2_stream_answer(h, raw, fault, limited)
     finally:
         h.leave()
+
+
+def v2_context(h):
+    """The connected account of a v2 request: its Stripe-Context header (a valid one), else None."""
+    ctx = h.headers.get("Stripe-Context")
+    return ctx if ctx is not None and ACCOUNT.match(ctx) else None
 
 
 def v2_stream_answer(h, raw, fault, limited):
@@ -1329,7 +1344,18 @@ def v2_stream_answer(h, raw, fault, limited):
     if kind == "400_first_event":
         return h.answer(400, error_body("invalid_request_error", "events[0].payload is refused by the mock.",
                                         "invalid_fields", "events[0].payload"))
+    ctx = h.headers.get("Stripe-Context")
+    acct = v2_context(h)
+    if ctx is not None:
+        with lock:
+            state["accounts_seen"][ctx] = state["accounts_seen"].get(ctx, 0) + 1
     try:
+        if h.headers.get("Stripe-Account") is not None:
+            raise Refusal("v2 requests name a connected account with Stripe-Context, not Stripe-Account.",
+                          None, "account_invalid")
+        if ctx is not None and acct is None:
+            raise Refusal("Invalid Stripe-Context header: '%s' is not an account id." % ctx, None,
+                          "account_invalid")
         if not h.headers.get("Content-Type", "").startswith("application/json"):
             raise v2_invalid(None, "Content-Type must be application/json.")
         events = v2_check_body(raw)
@@ -1343,6 +1369,9 @@ def v2_stream_answer(h, raw, fault, limited):
         v2["max_events"] = max(v2["max_events"], len(events))
         for ev in events:
             problem = v2_async_problem(ev, now)
+            cus = ev["payload"].get("stripe_customer_id")
+            if problem is None and cus in state["customers"] and state["customers"][cus] != acct:
+                problem = ("No such customer: '%s' (in %s)" % (cus, acct or "the platform"), False)
             if problem is not None:
                 v2["error_reports"].append("%s: %s" % (ev["identifier"], problem[0]))
                 if problem[1]:
@@ -1353,21 +1382,21 @@ def v2_stream_answer(h, raw, fault, limited):
             ts = parse_rfc3339(ev["timestamp"]) if "timestamp" in ev else int(now)
             if state["max_ahead"] is None or ts - now > state["max_ahead"]:
                 state["max_ahead"] = round(ts - now, 3)
-            if ident in state["by_ident"]:
+            if akey(acct, ident) in state["by_ident"]:
                 state["duplicates"] += 1
                 continue
             cus, name, value = ev["payload"]["stripe_customer_id"], ev["event_name"], int(ev["payload"]["value"])
-            state["identifiers"][ident] = now
-            key = "%s|%s" % (cus, name)
+            state["identifiers"][akey(acct, ident)] = now
+            key = tkey(acct, cus, name)
             state["accepted"] += 1
             state["totals"][key] = state["totals"].get(key, 0) + value
             prev = state["last"].get(key)
             if prev is None or ts >= prev[0]:
                 state["last"][key] = (ts, value)
             rec = {"identifier": ident, "customer": cus, "event_name": name, "value": value, "timestamp": ts,
-                   "payload": ev["payload"], "created": int(now)}
+                   "payload": ev["payload"], "created": int(now), "account": acct}
             state["events"].append(rec)
-            state["by_ident"][ident] = rec
+            state["by_ident"][akey(acct, ident)] = rec
     if kind == "drop_after":
         return h.drop()
     if kind == "500_after":

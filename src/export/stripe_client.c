@@ -6,12 +6,13 @@
  * Vocabulary
  *   batch     an array of UbMeterEvent, at most one per (customer, meter),
  *             sent with up to `concurrency` requests in flight
- *   slot      one in-flight request: its easy handle, headers, form body
- *             and a fixed-size answer buffer (callbacks never allocate, so
- *             they can never throw through libcurl's stack frames)
+ *   in flight one request on its way (UbInflight): its easy handle,
+ *             headers, form body and a fixed-size answer buffer (callbacks
+ *             never allocate, so they can never throw through libcurl's
+ *             stack frames)
  *   bucket    token bucket enforcing the requests-per-second ceiling; it
- *             lives across batches, as does the multi handle (which keeps
- *             the connection cache warm)
+ *             lives across batches, as does the multi handle (stripe_http.c's,
+ *             which keeps the connection cache warm)
  *   outcome   SENT, RETRY (with a delay: Retry-After when given, else
  *             exponential backoff with jitter) or FAILED (a 4xx that retrying
  *             cannot fix, with Stripe's message)
@@ -35,33 +36,33 @@
 #include "stripe_client.h"
 #include "stripe_http.h"
 
-typedef struct UbSlot
+typedef struct UbInflight
 {
-	UbHttpRequest req;			/* handle, headers, form body */
+	UbHttpRequest http;			/* handle, headers, form body */
 	UbHttpAnswer ans;			/* fixed-size answer buffers */
-	UbMeterEvent *ev;			/* NULL: the slot is free */
-} UbSlot;
+	UbMeterEvent *ev;			/* NULL: not in use */
+} UbInflight;
 
-static CURLM *ub_multi = NULL;
+static CURLM *ub_multi = NULL;	/* stripe_http.c's, set for each batch */
 static double ub_tokens = 1.0;
 static TimestampTz ub_tokens_at = 0;
 
-static void ub_slot_start(UbSlot *slot, UbMeterEvent *ev, const UbStripeConfig *cfg,
+static void ub_inflight_start(UbInflight *req, UbMeterEvent *ev, const UbStripeConfig *cfg,
 						  const char *url);
-static void ub_slot_release(UbSlot *slot);
-static bool ub_slot_finish(UbSlot *slot, CURLcode result, const UbStripeConfig *cfg);
+static void ub_inflight_release(UbInflight *req);
+static bool ub_inflight_finish(UbInflight *req, CURLcode result, const UbStripeConfig *cfg);
 static bool ub_is_duplicate(long status, const char *code, const char *param);
-static void ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
+static void ub_batch_loop(UbInflight *reqs, int nreqs, UbMeterEvent *events, int n,
 						  const UbStripeConfig *cfg, const char *url, bool *throttled);
 
 /* Prepares and adds one request to the multi handle. */
 static void
-ub_slot_start(UbSlot *slot, UbMeterEvent *ev, const UbStripeConfig *cfg, const char *url)
+ub_inflight_start(UbInflight *req, UbMeterEvent *ev, const UbStripeConfig *cfg, const char *url)
 {
 	StringInfoData form;
 	char		ts[32];
 
-	slot->ev = ev;
+	req->ev = ev;
 	initStringInfo(&form);
 	snprintf(ts, sizeof(ts), INT64_FORMAT, ev->timestamp);
 	ub_http_form_add(&form, "event_name", ev->event_name);
@@ -70,22 +71,22 @@ ub_slot_start(UbSlot *slot, UbMeterEvent *ev, const UbStripeConfig *cfg, const c
 	ub_http_form_add(&form, "identifier", ev->identifier);
 	ub_http_form_add(&form, "timestamp", ts);
 
-	slot->req.answer = &slot->ans;
-	ub_http_prepare(&slot->req, cfg, url, form.data, ev->idempotency_key, ev->stripe_account);
-	curl_easy_setopt(slot->req.easy, CURLOPT_PRIVATE, slot);
-	if (curl_multi_add_handle(ub_multi, slot->req.easy) != CURLM_OK)
+	req->http.answer = &req->ans;
+	ub_http_prepare(&req->http, cfg, url, form.data, ev->idempotency_key, ev->stripe_account);
+	curl_easy_setopt(req->http.easy, CURLOPT_PRIVATE, req);
+	if (curl_multi_add_handle(ub_multi, req->http.easy) != CURLM_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_SYSTEM_ERROR),
 				 errmsg("could not add a request to the libcurl multi handle")));
-	slot->req.started = GetCurrentTimestamp();
+	req->http.started = GetCurrentTimestamp();
 }
 
-/* Frees what libcurl allocated for a slot; safe to call twice. */
+/* Frees what libcurl allocated for a request; safe to call twice. */
 static void
-ub_slot_release(UbSlot *slot)
+ub_inflight_release(UbInflight *req)
 {
-	ub_http_release(&slot->req, ub_multi);
-	slot->ev = NULL;
+	ub_http_release(&req->http, ub_multi);
+	req->ev = NULL;
 }
 
 /*
@@ -114,15 +115,15 @@ ub_is_duplicate(long status, const char *code, const char *param)
 
 /* Classifies a finished request into the event's outcome; returns true when throttled (429). */
 static bool
-ub_slot_finish(UbSlot *slot, CURLcode result, const UbStripeConfig *cfg)
+ub_inflight_finish(UbInflight *req, CURLcode result, const UbStripeConfig *cfg)
 {
-	UbMeterEvent *ev = slot->ev;
-	UbHttpAnswer *ans = &slot->ans;
+	UbMeterEvent *ev = req->ev;
+	UbHttpAnswer *ans = &req->ans;
 	long		status = 0;
 	UbStripeError err;
 	UbHttpVerdict verdict;
 
-	ev->duration_ms = (int) ((GetCurrentTimestamp() - slot->req.started) / 1000);
+	ev->duration_ms = (int) ((GetCurrentTimestamp() - req->http.started) / 1000);
 	strlcpy(ev->request_id, ans->request_id, sizeof(ev->request_id));
 	ev->rotate_key = false;
 
@@ -137,7 +138,7 @@ ub_slot_finish(UbSlot *slot, CURLcode result, const UbStripeConfig *cfg)
 		return false;
 	}
 
-	curl_easy_getinfo(slot->req.easy, CURLINFO_RESPONSE_CODE, &status);
+	curl_easy_getinfo(req->http.easy, CURLINFO_RESPONSE_CODE, &status);
 	ev->http_status = (int) status;
 	if (status >= 200 && status < 300)
 	{
@@ -245,9 +246,9 @@ ub_refuse_unsendable(UbMeterEvent *ev)
 	return true;
 }
 
-/* The dispatch/poll loop of one batch; slots are released by the caller. */
+/* The dispatch/poll loop of one batch; its requests are released by the caller. */
 static void
-ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
+ub_batch_loop(UbInflight *reqs, int nreqs, UbMeterEvent *events, int n,
 			  const UbStripeConfig *cfg, const char *url, bool *throttled)
 {
 	int			next = 0;
@@ -264,15 +265,15 @@ ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
 
 		CHECK_FOR_INTERRUPTS();
 
-		/* dispatch while there is a free slot, work left and a token */
-		while (!*throttled && next < n && inflight < nslots)
+		/* dispatch while a request is free, work left and a token */
+		while (!*throttled && next < n && inflight < nreqs)
 		{
-			UbSlot	   *free_slot = NULL;
+			UbInflight *free_req = NULL;
 
-			for (i = 0; i < nslots; i++)
-				if (slots[i].ev == NULL)
+			for (i = 0; i < nreqs; i++)
+				if (reqs[i].ev == NULL)
 				{
-					free_slot = &slots[i];
+					free_req = &reqs[i];
 					break;
 				}
 			if (ub_refuse_unsendable(&events[next]))
@@ -280,9 +281,9 @@ ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
 				next++;
 				continue;
 			}
-			if (free_slot == NULL || !ub_take_token(cfg->max_rps, &wait_ms))
+			if (free_req == NULL || !ub_take_token(cfg->max_rps, &wait_ms))
 				break;
-			ub_slot_start(free_slot, &events[next], cfg, url);
+			ub_inflight_start(free_req, &events[next], cfg, url);
 			next++;
 			inflight++;
 		}
@@ -294,20 +295,20 @@ ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
 		completed = 0;
 		while ((msg = curl_multi_info_read(ub_multi, &queued)) != NULL)
 		{
-			UbSlot	   *slot = NULL;
+			UbInflight *req = NULL;
 
 			if (msg->msg != CURLMSG_DONE)
 				continue;
-			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &slot);
-			if (slot == NULL)
+			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &req);
+			if (req == NULL)
 				continue;
-			if (ub_slot_finish(slot, msg->data.result, cfg))
+			if (ub_inflight_finish(req, msg->data.result, cfg))
 				*throttled = true;
-			ub_slot_release(slot);
+			ub_inflight_release(req);
 			inflight--;
 			completed++;
 		}
-		/* a slot came free: dispatch at once rather than sleep in poll */
+		/* a request came free: dispatch at once rather than sleep in poll */
 		if (completed > 0 && next < n && !*throttled)
 			continue;
 		if (inflight > 0 || next < n)
@@ -326,8 +327,8 @@ ub_batch_loop(UbSlot *slots, int nslots, UbMeterEvent *events, int n,
 void
 ub_stripe_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, bool *throttled)
 {
-	UbSlot	   *slots;
-	volatile int nslots = Max(1, Min(cfg->concurrency, n));
+	UbInflight *reqs;
+	volatile int nreqs = Max(1, Min(cfg->concurrency, n));
 	int			i;
 	char	   *url;
 
@@ -335,30 +336,21 @@ ub_stripe_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 	if (n == 0)
 		return;
 
-	ub_http_init();
-	if (ub_multi == NULL)
-	{
-		ub_multi = curl_multi_init();
-		if (ub_multi == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("could not create a libcurl multi handle")));
-	}
-	curl_multi_setopt(ub_multi, CURLMOPT_MAXCONNECTS, (long) Max(cfg->concurrency, 1));
+	ub_multi = ub_http_multi(cfg->concurrency);
 
-	slots = palloc0(sizeof(UbSlot) * nslots);
+	reqs = palloc0(sizeof(UbInflight) * nreqs);
 	url = psprintf("%s/v1/billing/meter_events", cfg->api_base);
 
 	PG_TRY();
 	{
-		ub_batch_loop(slots, nslots, events, n, cfg, url, throttled);
+		ub_batch_loop(reqs, nreqs, events, n, cfg, url, throttled);
 	}
 	PG_FINALLY();
 	{
-		for (i = 0; i < nslots; i++)
-			ub_slot_release(&slots[i]);
+		for (i = 0; i < nreqs; i++)
+			ub_inflight_release(&reqs[i]);
 		pfree(url);
-		pfree(slots);
+		pfree(reqs);
 	}
 	PG_END_TRY();
 }
@@ -367,10 +359,6 @@ ub_stripe_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 void
 ub_stripe_shutdown(void)
 {
-	if (ub_multi)
-	{
-		curl_multi_cleanup(ub_multi);
-		ub_multi = NULL;
-	}
+	ub_multi = NULL;
 	ub_http_shutdown();
 }

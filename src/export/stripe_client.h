@@ -62,14 +62,6 @@ extern void ub_stripe_shutdown(void);
 extern bool ub_take_token(double rps, long *wait_ms);
 extern bool ub_refuse_unsendable(UbMeterEvent *ev);
 
-/* helpers of stripe_client.c that the v2 stream (stripe_stream.c) shares */
-#define UB_ERROR_FIELD_LEN	64	/* type, code and param buffers of ub_parse_error */
-extern void ub_parse_error(const char *body, size_t len, char *type, char *code,
-						   char *param, char *message);
-extern int	ub_backoff_ms(int attempts, const UbStripeConfig *cfg);
-extern bool ub_take_token(double rps, long *wait_ms);
-extern bool ub_refuse_unsendable(UbMeterEvent *ev);
-
 /* export_secrets.c */
 extern void ub_secrets_init(void);
 

@@ -1,16 +1,19 @@
 /*-------------------------------------------------------------------------
  * stripe_http.c
  *	  The one HTTP layer every Stripe request of the export goes through:
- *	  meter events (stripe_client.c, libcurl multi), cancels
- *	  (export_cancel_http.c) and event summaries (reconcile_http.c), the
- *	  last two synchronous.
+ *	  v1 meter events (stripe_client.c) and the v2 meter event stream
+ *	  (stripe_stream.c), both on libcurl multi; the v2 session
+ *	  (stripe_session.c), cancels (export_cancel_http.c) and event summaries
+ *	  (reconcile_http.c), synchronous.
  *
  * Vocabulary
- *   request   an easy handle with its header list and form body, set up in
- *             one place (ub_http_prepare): timeouts, no redirects, http(s)
- *             only, and the headers Authorization, Stripe-Version,
- *             Idempotency-Key (POSTs) and Stripe-Account (Connect: when the
- *             customer belongs to a connected account)
+ *   request   an easy handle with its header list and body, set up in one
+ *             place (ub_http_setup, through ub_http_prepare for v1's forms
+ *             and GETs, ub_http_prepare_json for v2's JSON): timeouts, no
+ *             redirects, http(s) only, and the headers Authorization (the
+ *             key, or a v2 session token), Stripe-Version, Idempotency-Key
+ *             (v1 POSTs) and, when the customer belongs to a connected
+ *             account, Stripe-Account (v1) or Stripe-Context (v2)
  *   answer    status, body and the headers Request-Id, Retry-After and
  *             Stripe-Should-Retry, copied into fixed buffers by callbacks
  *             that never allocate (so they never throw through libcurl)
@@ -21,9 +24,9 @@
  *             replays saved answers, 500s included
  *   backoff   exponential with "equal jitter", capped; Retry-After wins
  *
- * The key only goes into the Authorization header: the header line is
- * wiped once libcurl copied it, and the copies are wiped before they are
- * freed.  Messages built from Stripe's answers are redacted (redact.c).
+ * The key (or a session token) only goes into the Authorization header:
+ * the header line is wiped once libcurl copied it, and the copies are wiped
+ * before they are freed (ub_http_release).  Messages built from Stripe's answers are redacted (redact.c).
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -36,11 +39,14 @@
 #include "stripe_http.h"
 
 static bool ub_http_initialized = false;
+static CURLM *ub_http_multi_handle = NULL;
 
 static size_t ub_http_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata);
 static size_t ub_http_header_cb(char *buffer, size_t size, size_t nitems, void *userdata);
 static int	ub_http_progress_cb(void *clientp, curl_off_t dltotal, curl_off_t dlnow,
 								curl_off_t ultotal, curl_off_t ulnow);
+static void ub_http_header_value(const char *line, size_t len, size_t name_len,
+								 char *dst, size_t dstlen);
 static struct curl_slist *ub_http_append(struct curl_slist *h, const char *line);
 
 /* Initializes libcurl's globals once per process. */
@@ -56,10 +62,36 @@ ub_http_init(void)
 	ub_http_initialized = true;
 }
 
-/* Frees libcurl's globals at worker exit. */
+/*
+ * The process's one multi handle, for the requests of a batch (v1 meter
+ * events or v2 stream requests), with libcurl's globals initialized; it
+ * lives across batches, keeping the connection cache warm.
+ */
+CURLM *
+ub_http_multi(int maxconnects)
+{
+	ub_http_init();
+	if (ub_http_multi_handle == NULL)
+	{
+		ub_http_multi_handle = curl_multi_init();
+		if (ub_http_multi_handle == NULL)
+			ereport(ERROR,
+					(errcode(ERRCODE_OUT_OF_MEMORY),
+					 errmsg("could not create a libcurl multi handle")));
+	}
+	curl_multi_setopt(ub_http_multi_handle, CURLMOPT_MAXCONNECTS, (long) Max(maxconnects, 1));
+	return ub_http_multi_handle;
+}
+
+/* Frees the multi handle and libcurl's globals at worker exit; safe to call twice. */
 void
 ub_http_shutdown(void)
 {
+	if (ub_http_multi_handle)
+	{
+		curl_multi_cleanup(ub_http_multi_handle);
+		ub_http_multi_handle = NULL;
+	}
 	if (ub_http_initialized)
 	{
 		curl_global_cleanup();
@@ -87,7 +119,7 @@ ub_http_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
 }
 
 /* Copies a header line's value, trimmed, into a fixed buffer. */
-void
+static void
 ub_http_header_value(const char *line, size_t len, size_t name_len, char *dst, size_t dstlen)
 {
 	size_t		i = name_len;
@@ -156,14 +188,18 @@ ub_http_append(struct curl_slist *h, const char *line)
 }
 
 /*
- * Sets up one request: form is a palloc'd form body the request takes over
- * (NULL: a GET), idempotency_key and stripe_account are optional.  The
- * answer buffer must be set in req->answer.  On error everything allocated
- * so far is left in req for ub_http_release.
+ * Sets up one request, the one place every Stripe request is built.  body is
+ * a palloc'd body the request takes over (NULL: a GET), sent as JSON when
+ * json is set, else form-urlencoded.  bearer goes into the Authorization
+ * header (the secret key, or a v2 session token); idempotency_key and the
+ * account are optional, the account sent in the header account_header
+ * names.  The answer buffer must be set in req->answer.  On error
+ * everything allocated so far is left in req for ub_http_release.
  */
-void
-ub_http_prepare(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url, char *form,
-				const char *idempotency_key, const char *stripe_account)
+static void
+ub_http_setup(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url, char *body,
+			  bool json, const char *bearer, const char *idempotency_key,
+			  const char *account_header, const char *account)
 {
 	UbHttpAnswer *ans = req->answer;
 	struct curl_slist *h;
@@ -173,7 +209,7 @@ ub_http_prepare(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url, 
 	ans->truncated = false;
 	ans->body[0] = '\0';
 	ans->request_id[0] = ans->retry_after[0] = ans->should_retry[0] = ans->errbuf[0] = '\0';
-	req->form = form;
+	req->body = body;
 	req->headers = NULL;
 
 	req->easy = curl_easy_init();
@@ -182,8 +218,8 @@ ub_http_prepare(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url, 
 				(errcode(ERRCODE_OUT_OF_MEMORY),
 				 errmsg("could not create a libcurl handle")));
 
-	/* the key: only here, and the line is wiped once libcurl copied it */
-	line = psprintf("Authorization: Bearer %s", cfg->api_key ? cfg->api_key : "");
+	/* the key or token: only here, and the line is wiped once libcurl copied it */
+	line = psprintf("Authorization: Bearer %s", bearer ? bearer : "");
 	h = ub_http_append(NULL, line);
 	explicit_bzero(line, strlen(line));
 	pfree(line);
@@ -193,13 +229,13 @@ ub_http_prepare(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url, 
 		h = ub_http_append(h, line);
 		pfree(line);
 	}
-	if (h && stripe_account && stripe_account[0])
+	if (h && account && account[0])
 	{
-		line = psprintf("Stripe-Account: %s", stripe_account);
+		line = psprintf("%s: %s", account_header, account);
 		h = ub_http_append(h, line);
 		pfree(line);
 	}
-	if (h && form != NULL)
+	if (h && body != NULL)
 	{
 		if (idempotency_key && idempotency_key[0])
 		{
@@ -208,7 +244,8 @@ ub_http_prepare(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url, 
 			pfree(line);
 		}
 		if (h)
-			h = ub_http_append(h, "Content-Type: application/x-www-form-urlencoded");
+			h = ub_http_append(h, json ? "Content-Type: application/json" :
+							   "Content-Type: application/x-www-form-urlencoded");
 		if (h)
 			h = ub_http_append(h, "Expect:");
 	}
@@ -220,11 +257,11 @@ ub_http_prepare(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url, 
 
 	curl_easy_setopt(req->easy, CURLOPT_URL, url);
 	curl_easy_setopt(req->easy, CURLOPT_NOSIGNAL, 1L);
-	if (form != NULL)
+	if (body != NULL)
 	{
 		curl_easy_setopt(req->easy, CURLOPT_POST, 1L);
-		curl_easy_setopt(req->easy, CURLOPT_POSTFIELDS, form);
-		curl_easy_setopt(req->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(form));
+		curl_easy_setopt(req->easy, CURLOPT_POSTFIELDS, body);
+		curl_easy_setopt(req->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(body));
 	}
 	else
 		curl_easy_setopt(req->easy, CURLOPT_HTTPGET, 1L);
@@ -241,6 +278,33 @@ ub_http_prepare(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url, 
 	curl_easy_setopt(req->easy, CURLOPT_PROTOCOLS_STR, "http,https");
 	curl_easy_setopt(req->easy, CURLOPT_TCP_KEEPALIVE, 1L);
 	req->started = GetCurrentTimestamp();
+}
+
+/*
+ * A v1 request with the secret key: form is a palloc'd form body the request
+ * takes over (NULL: a GET); idempotency_key (POSTs) and stripe_account
+ * (Connect, sent as Stripe-Account) are optional.
+ */
+void
+ub_http_prepare(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url, char *form,
+				const char *idempotency_key, const char *stripe_account)
+{
+	ub_http_setup(req, cfg, url, form, false, cfg->api_key, idempotency_key,
+				  "Stripe-Account", stripe_account);
+}
+
+/*
+ * A v2 JSON POST: json is a palloc'd body the request takes over, bearer the
+ * secret key (opening a session) or a session token (the stream).  A
+ * connected account goes into Stripe-Context, v2's header for it (it
+ * supersedes Stripe-Account); NULL or empty: the platform.  No
+ * Idempotency-Key: v2's meter events deduplicate by identifier.
+ */
+void
+ub_http_prepare_json(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url, char *json,
+					 const char *bearer, const char *stripe_context)
+{
+	ub_http_setup(req, cfg, url, json, true, bearer, NULL, "Stripe-Context", stripe_context);
 }
 
 /*
@@ -282,10 +346,10 @@ ub_http_release(UbHttpRequest *req, CURLM *multi)
 		curl_slist_free_all(req->headers);
 		req->headers = NULL;
 	}
-	if (req->form)
+	if (req->body)
 	{
-		pfree(req->form);
-		req->form = NULL;
+		pfree(req->body);
+		req->body = NULL;
 	}
 }
 

@@ -1,7 +1,8 @@
 /*-------------------------------------------------------------------------
  * stripe_http.h
- *	  The one HTTP layer of the Stripe export: request setup, form encoding,
- *	  answer reading, error parsing, classification and backoff.
+ *	  The one HTTP layer of the Stripe export: request setup (v1 forms and
+ *	  GETs, v2 JSON), form encoding, answer reading, error parsing,
+ *	  classification and backoff.
  *-------------------------------------------------------------------------
  */
 #ifndef UB_STRIPE_HTTP_H
@@ -52,21 +53,22 @@ typedef struct UbHttpRequest
 {
 	CURL	   *easy;
 	struct curl_slist *headers;
-	char	   *form;			/* palloc'd form body; NULL for a GET */
+	char	   *body;			/* palloc'd form or JSON body; NULL for a GET */
 	UbHttpAnswer *answer;		/* the caller's; reset by ub_http_prepare */
 	TimestampTz started;
 } UbHttpRequest;
 
 extern void ub_http_init(void);
 extern void ub_http_shutdown(void);
+extern CURLM *ub_http_multi(int maxconnects);
 extern void ub_http_form_add(StringInfo buf, const char *name, const char *value);
 extern void ub_http_prepare(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url,
 							char *form, const char *idempotency_key,
 							const char *stripe_account);
+extern void ub_http_prepare_json(UbHttpRequest *req, const UbStripeConfig *cfg, const char *url,
+								 char *json, const char *bearer, const char *stripe_context);
 extern CURLcode ub_http_perform(UbHttpRequest *req, long *status);
 extern void ub_http_release(UbHttpRequest *req, CURLM *multi);
-extern void ub_http_header_value(const char *line, size_t len, size_t name_len,
-								 char *dst, size_t dstlen);
 extern void ub_http_parse_error(const char *body, size_t len, UbStripeError *err);
 extern UbHttpVerdict ub_http_verdict(long status, const UbHttpAnswer *ans,
 									 const UbStripeError *err, bool *rotate_key);

@@ -3,8 +3,8 @@
  *	  The v2 meter event session: POST {stripe_api_base}/v2/billing/
  *	  meter_event_session with the secret key answers an authentication token
  *	  valid 15 minutes, which the meter event stream (stripe_stream.c) sends
- *	  instead of the key.  Also the fixed-size answer buffers and libcurl
- *	  callbacks of the v2 requests.
+ *	  instead of the key.  The request goes through the one HTTP layer
+ *	  (stripe_http.c).
  *
  * Vocabulary
  *   session     the token, when to renew it, and which key and API base
@@ -25,7 +25,6 @@
 #include <cjson/cJSON.h>
 
 #include "common/hashfn.h"
-#include "miscadmin.h"
 #include "utils/timestamp.h"
 
 #include "stripe_http.h"
@@ -43,66 +42,8 @@ static TimestampTz ub_token_renew_at = 0;
 static uint32 ub_token_owner = 0;	/* hash of the key and API base that opened it */
 static uint64 ub_session_gen = 0;
 
-static int	ub_session_progress_cb(void *p, curl_off_t dltotal, curl_off_t dlnow,
-								   curl_off_t ultotal, curl_off_t ulnow);
 static uint32 ub_session_owner(const UbStripeConfig *cfg);
 static bool ub_parse_rfc3339(const char *s, int64 *unix_secs);
-
-/* Empties an answer before its request starts. */
-void
-ub_answer_reset(UbAnswer *a)
-{
-	a->len = 0;
-	a->truncated = false;
-	a->body[0] = '\0';
-	a->request_id[0] = '\0';
-	a->retry_after[0] = '\0';
-	a->should_retry[0] = '\0';
-	a->errbuf[0] = '\0';
-}
-
-/* libcurl write callback: copies into the answer's fixed buffer, drops the excess. */
-size_t
-ub_answer_write_cb(char *ptr, size_t size, size_t nmemb, void *userdata)
-{
-	UbAnswer   *a = (UbAnswer *) userdata;
-	size_t		n = size * nmemb;
-	size_t		room = UB_ANSWER_MAX - a->len;
-
-	if (n > room)
-	{
-		a->truncated = true;
-		n = room;
-	}
-	memcpy(a->body + a->len, ptr, n);
-	a->len += n;
-	a->body[a->len] = '\0';
-	return size * nmemb;
-}
-
-/* libcurl header callback: keeps Request-Id, Retry-After and Stripe-Should-Retry. */
-size_t
-ub_answer_header_cb(char *buffer, size_t size, size_t nitems, void *userdata)
-{
-	UbAnswer   *a = (UbAnswer *) userdata;
-	size_t		len = size * nitems;
-
-	if (len > 11 && pg_strncasecmp(buffer, "request-id:", 11) == 0)
-		ub_http_header_value(buffer, len, 11, a->request_id, sizeof(a->request_id));
-	else if (len > 12 && pg_strncasecmp(buffer, "retry-after:", 12) == 0)
-		ub_http_header_value(buffer, len, 12, a->retry_after, sizeof(a->retry_after));
-	else if (len > 20 && pg_strncasecmp(buffer, "stripe-should-retry:", 20) == 0)
-		ub_http_header_value(buffer, len, 20, a->should_retry, sizeof(a->should_retry));
-	return len;
-}
-
-/* Progress callback of the (blocking) session request: a pending interrupt aborts it. */
-static int
-ub_session_progress_cb(void *p, curl_off_t dltotal, curl_off_t dlnow,
-					   curl_off_t ultotal, curl_off_t ulnow)
-{
-	return InterruptPending ? 1 : 0;
-}
 
 /* Wipes the session token. */
 void
@@ -186,11 +127,9 @@ bool
 ub_session_open(const UbStripeConfig *cfg, char *error, size_t errlen, int *http_status,
 				char *request_id)
 {
-	UbAnswer   *answer;
-	CURL	   *easy;
-	struct curl_slist *volatile headers = NULL;
+	UbHttpAnswer *answer;
+	UbHttpRequest req;
 	char	   *url;
-	char	   *auth;
 	CURLcode	rc;
 	long		status = 0;
 	volatile bool ok = false;
@@ -200,129 +139,79 @@ ub_session_open(const UbStripeConfig *cfg, char *error, size_t errlen, int *http
 	request_id[0] = '\0';
 	*http_status = 0;
 
-	easy = curl_easy_init();
-	if (easy == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("could not create a libcurl handle")));
-	/* from here on the key's copy is wiped on every path (PG_FINALLY) */
-	answer = palloc0(sizeof(UbAnswer));
+	memset(&req, 0, sizeof(req));
+	answer = palloc0(sizeof(UbHttpAnswer));
 	url = psprintf("%s/v2/billing/meter_event_session", cfg->api_base);
-	auth = psprintf("Authorization: Bearer %s", cfg->api_key);
+	req.answer = answer;
 	PG_TRY();
 	{
-		struct curl_slist *h;
-
-		h = curl_slist_append(NULL, auth);
-		if (h)
-			headers = h;
-		h = h ? curl_slist_append(h, "Content-Type: application/json") : NULL;
-		h = h ? curl_slist_append(h, "Expect:") : NULL;
-		if (h && cfg->stripe_version && cfg->stripe_version[0])
-		{
-			char	   *v = psprintf("Stripe-Version: %s", cfg->stripe_version);
-
-			h = curl_slist_append(h, v);
-			pfree(v);
-		}
-		if (h == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("out of memory while building request headers")));
-		headers = h;
-
-		curl_easy_setopt(easy, CURLOPT_URL, url);
-		curl_easy_setopt(easy, CURLOPT_NOSIGNAL, 1L);
-		curl_easy_setopt(easy, CURLOPT_POST, 1L);
-		curl_easy_setopt(easy, CURLOPT_POSTFIELDS, "{}");
-		curl_easy_setopt(easy, CURLOPT_POSTFIELDSIZE, 2L);
-		curl_easy_setopt(easy, CURLOPT_HTTPHEADER, headers);
-		curl_easy_setopt(easy, CURLOPT_USERAGENT, "usage_billing/1.0 (PostgreSQL extension)");
-		curl_easy_setopt(easy, CURLOPT_WRITEFUNCTION, ub_answer_write_cb);
-		curl_easy_setopt(easy, CURLOPT_WRITEDATA, answer);
-		curl_easy_setopt(easy, CURLOPT_HEADERFUNCTION, ub_answer_header_cb);
-		curl_easy_setopt(easy, CURLOPT_HEADERDATA, answer);
-		curl_easy_setopt(easy, CURLOPT_ERRORBUFFER, answer->errbuf);
-		curl_easy_setopt(easy, CURLOPT_CONNECTTIMEOUT_MS, (long) cfg->connect_timeout_ms);
-		curl_easy_setopt(easy, CURLOPT_TIMEOUT_MS, (long) cfg->timeout_ms);
-		curl_easy_setopt(easy, CURLOPT_FOLLOWLOCATION, 0L);
-		curl_easy_setopt(easy, CURLOPT_PROTOCOLS_STR, "http,https");
-		curl_easy_setopt(easy, CURLOPT_NOPROGRESS, 0L);
-		curl_easy_setopt(easy, CURLOPT_XFERINFOFUNCTION, ub_session_progress_cb);
-
-		rc = curl_easy_perform(easy);
+		/* the session belongs to the platform: no Stripe-Context */
+		ub_http_prepare_json(&req, cfg, url, pstrdup("{}"), cfg->api_key, NULL);
+		rc = ub_http_perform(&req, &status);
 		strlcpy(request_id, answer->request_id, UB_REQUEST_ID_LEN);
+		*http_status = (int) status;
 		if (rc != CURLE_OK)
 			snprintf(error, errlen, "could not open a meter event session: network error: %s",
 					 answer->errbuf[0] ? answer->errbuf : curl_easy_strerror(rc));
-		else
+		else if (status >= 200 && status < 300)
 		{
-			curl_easy_getinfo(easy, CURLINFO_RESPONSE_CODE, &status);
-			*http_status = (int) status;
-			if (status >= 200 && status < 300)
+			cJSON	   *root = cJSON_ParseWithLength(answer->body, answer->len);
+			cJSON	   *tok = root ? cJSON_GetObjectItemCaseSensitive(root, "authentication_token") : NULL;
+			cJSON	   *exp = root ? cJSON_GetObjectItemCaseSensitive(root, "expires_at") : NULL;
+			int64		expires;
+			TimestampTz now = GetCurrentTimestamp();
+
+			/* nothing below throws before cJSON_Delete */
+			if (cJSON_IsString(tok) && tok->valuestring && tok->valuestring[0] &&
+				strlen(tok->valuestring) < sizeof(ub_token))
 			{
-				cJSON	   *root = cJSON_ParseWithLength(answer->body, answer->len);
-				cJSON	   *tok = root ? cJSON_GetObjectItemCaseSensitive(root, "authentication_token") : NULL;
-				cJSON	   *exp = root ? cJSON_GetObjectItemCaseSensitive(root, "expires_at") : NULL;
-				int64		expires;
-				TimestampTz now = GetCurrentTimestamp();
-
-				/* nothing below throws before cJSON_Delete */
-				if (cJSON_IsString(tok) && tok->valuestring && tok->valuestring[0] &&
-					strlen(tok->valuestring) < sizeof(ub_token))
+				strlcpy(ub_token, tok->valuestring, sizeof(ub_token));
+				if (cJSON_IsString(exp) && ub_parse_rfc3339(exp->valuestring, &expires))
 				{
-					strlcpy(ub_token, tok->valuestring, sizeof(ub_token));
-					if (cJSON_IsString(exp) && ub_parse_rfc3339(exp->valuestring, &expires))
-					{
-						TimestampTz at = time_t_to_timestamptz((pg_time_t) expires);
-						int64		margin_ms = Min(UB_SESSION_MARGIN_MS,
-													Max((at - now) / 4000, 0));
+					TimestampTz at = time_t_to_timestamptz((pg_time_t) expires);
+					int64		margin_ms = Min(UB_SESSION_MARGIN_MS,
+												Max((at - now) / 4000, 0));
 
-						/* renewed a minute early, or a quarter early for a short session */
-						ub_token_renew_at = TimestampTzPlusMilliseconds(at, -margin_ms);
-					}
-					else
-						ub_token_renew_at = TimestampTzPlusMilliseconds(now, UB_SESSION_FALLBACK_MS);
-					ub_token_owner = ub_session_owner(cfg);
-					ub_session_gen++;
-					ok = true;
+					/* renewed a minute early, or a quarter early for a short session */
+					ub_token_renew_at = TimestampTzPlusMilliseconds(at, -margin_ms);
 				}
 				else
-					snprintf(error, errlen, "could not open a meter event session: HTTP %ld without an authentication_token",
-							 status);
-				if (root)
-				{
-					/* the token must not linger in freed memory either */
-					if (cJSON_IsString(tok) && tok->valuestring)
-						explicit_bzero(tok->valuestring, strlen(tok->valuestring));
-					cJSON_Delete(root);
-				}
+					ub_token_renew_at = TimestampTzPlusMilliseconds(now, UB_SESSION_FALLBACK_MS);
+				ub_token_owner = ub_session_owner(cfg);
+				ub_session_gen++;
+				ok = true;
 			}
 			else
+				snprintf(error, errlen, "could not open a meter event session: HTTP %ld without an authentication_token",
+						 status);
+			if (root)
 			{
-				UbStripeError err;
-
-				ub_http_parse_error(answer->body, answer->len, &err);
-				snprintf(error, errlen, "could not open a meter event session: HTTP %ld%s%s%s%s: %s",
-						 status, err.type[0] ? " " : "", err.type, err.code[0] ? "/" : "", err.code,
-						 err.message[0] ? err.message : "(no message)");
+				/* the token must not linger in freed memory either */
+				if (cJSON_IsString(tok) && tok->valuestring)
+					explicit_bzero(tok->valuestring, strlen(tok->valuestring));
+				cJSON_Delete(root);
 			}
+		}
+		else
+		{
+			UbStripeError err;
+
+			ub_http_parse_error(answer->body, answer->len, &err);
+			ub_http_describe(error, errlen, "could not open a meter event session: ", status,
+							 &err, answer, cfg->api_key);
 		}
 		ub_redact_keys(error, cfg->api_key);
 	}
 	PG_FINALLY();
 	{
-		curl_easy_cleanup(easy);
-		if (headers)
-			curl_slist_free_all(headers);
+		/* wipes the Authorization line (the key) */
+		ub_http_release(&req, NULL);
+		/* the answer held the token */
 		explicit_bzero(answer->body, sizeof(answer->body));
 		pfree(answer);
-		explicit_bzero(auth, strlen(auth));
-		pfree(auth);
 		pfree(url);
 	}
 	PG_END_TRY();
-	CHECK_FOR_INTERRUPTS();
 	return ok;
 }
 

@@ -8,9 +8,12 @@
  *	      that token carries up to 100 events as JSON and is answered {}.
  *
  * Vocabulary
- *   chunk     up to UB_STREAM_MAX_EVENTS events of the batch, one request.  The
- *             batch holds at most one event per (customer, meter), so no two
- *             requests in flight ever carry the same customer and meter.
+ *   chunk     up to UB_STREAM_MAX_EVENTS events of the batch, one request, all
+ *             of one account: the platform's, or (Connect) one connected
+ *             account's, sent as Stripe-Context (v2's header for it; v1's
+ *             Stripe-Account does not apply to v2).  The batch holds at most
+ *             one event per (customer, meter), so no two requests in flight
+ *             ever carry the same customer and meter.
  *   session   the token and its expiry (stripe_session.c), opened again
  *             before it expires, when the key or the API base changes, and
  *             when the stream answers 401 (then the chunk is resent at once:
@@ -27,7 +30,9 @@
  * answer.  No Idempotency-Key is sent: the identifiers deduplicate, and a
  * resent chunk may be grouped differently.  The token and the key only go
  * into Authorization headers; Stripe's messages are redacted of both before
- * they are stored.  No transaction is open while this runs.
+ * they are stored.  No transaction is open while this runs.  The requests
+ * themselves (handle, headers, answer buffers, error parsing, the retry rule
+ * and the backoff) are stripe_http.c's; the multi handle is its one too.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -63,34 +68,34 @@ typedef struct UbChunk
 {
 	UbMeterEvent **evs;
 	int			n;
+	const char *account;		/* Connect: every event's account, or NULL (the platform) */
 	int			reauth;			/* resends after a 401 */
 } UbChunk;
 
-typedef struct UbStreamSlot
+/* one stream request in flight: a chunk, its request and answer */
+typedef struct UbStreamInflight
 {
-	CURL	   *easy;
-	struct curl_slist *headers;
-	char	   *body;			/* palloc'd JSON */
-	UbChunk    *chunk;
+	UbHttpRequest http;			/* handle, headers, JSON body (stripe_http.c) */
+	UbHttpAnswer ans;			/* fixed-size answer buffers */
+	UbChunk    *chunk;			/* NULL: not in use */
 	uint64		session;		/* generation of the token it was sent with */
-	TimestampTz started;
-	UbAnswer	ans;
-} UbStreamSlot;
+} UbStreamInflight;
 
-static CURLM *ub_stream_multi = NULL;
-static bool ub_stream_curl_initialized = false;
+static CURLM *ub_stream_multi = NULL;	/* stripe_http.c's, set for each batch */
 
 static bool ub_check_events_base(char **newval, void **extra, GucSource source);
 static char *ub_chunk_json(UbChunk *chunk);
-static void ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *cfg,
+static const char *ub_event_account(const UbMeterEvent *ev);
+static int	ub_event_account_cmp(const void *a, const void *b);
+static void ub_stream_inflight_start(UbStreamInflight *req, UbChunk *chunk, const UbStripeConfig *cfg,
 								 const char *url);
-static void ub_stream_slot_release(UbStreamSlot *slot);
-static bool ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig *cfg,
+static void ub_stream_inflight_release(UbStreamInflight *req);
+static bool ub_stream_inflight_finish(UbStreamInflight *req, CURLcode result, const UbStripeConfig *cfg,
 								  bool *requeue);
-static void ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot,
-							 int http_status, const char *error, int retry_after_ms,
+static void ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamInflight *req,
+							 int http_status, const char *error, int retry_in_ms,
 							 const UbStripeConfig *cfg);
-static void ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
+static void ub_stream_loop(UbStreamInflight *reqs, int nreqs, UbChunk *chunks, int nchunks,
 						   const UbStripeConfig *cfg, const char *url, bool *throttled);
 
 
@@ -124,6 +129,28 @@ ub_check_events_base(char **newval, void **extra, GucSource source)
 		return false;
 	}
 	return true;
+}
+
+/* An event's connected account, or NULL for the platform. */
+static const char *
+ub_event_account(const UbMeterEvent *ev)
+{
+	return ev->stripe_account && ev->stripe_account[0] ? ev->stripe_account : NULL;
+}
+
+/* qsort order of the events to send: by account (the platform first), then as in the batch. */
+static int
+ub_event_account_cmp(const void *a, const void *b)
+{
+	const UbMeterEvent *ea = *(const UbMeterEvent *const *) a;
+	const UbMeterEvent *eb = *(const UbMeterEvent *const *) b;
+	const char *xa = ub_event_account(ea);
+	const char *xb = ub_event_account(eb);
+	int			c = strcmp(xa ? xa : "", xb ? xb : "");
+
+	if (c != 0)
+		return c;
+	return ea < eb ? -1 : (ea > eb ? 1 : 0);
 }
 
 /* The request body of a chunk: {"events":[{...}, ...]} with RFC 3339 timestamps. */
@@ -163,106 +190,44 @@ ub_chunk_json(UbChunk *chunk)
 
 /* Prepares and adds one stream request to the multi handle. */
 static void
-ub_stream_slot_start(UbStreamSlot *slot, UbChunk *chunk, const UbStripeConfig *cfg,
+ub_stream_inflight_start(UbStreamInflight *req, UbChunk *chunk, const UbStripeConfig *cfg,
 					 const char *url)
 {
-	struct curl_slist *h;
-	char	   *auth;
-
-	slot->chunk = chunk;
-	slot->session = ub_session_generation();
-	ub_answer_reset(&slot->ans);
-	slot->body = ub_chunk_json(chunk);
-
-	slot->easy = curl_easy_init();
-	if (slot->easy == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("could not create a libcurl handle")));
-
-	auth = psprintf("Authorization: Bearer %s", ub_session_token());
-	h = curl_slist_append(NULL, auth);
-	explicit_bzero(auth, strlen(auth));
-	pfree(auth);
-	if (h)
-		slot->headers = h;
-	h = h ? curl_slist_append(h, "Content-Type: application/json") : NULL;
-	h = h ? curl_slist_append(h, "Expect:") : NULL;
-	if (h && cfg->stripe_version && cfg->stripe_version[0])
-	{
-		char	   *v = psprintf("Stripe-Version: %s", cfg->stripe_version);
-
-		h = curl_slist_append(h, v);
-		pfree(v);
-	}
-	if (h == NULL)
-		ereport(ERROR,
-				(errcode(ERRCODE_OUT_OF_MEMORY),
-				 errmsg("out of memory while building request headers")));
-	slot->headers = h;
-
-	curl_easy_setopt(slot->easy, CURLOPT_URL, url);
-	curl_easy_setopt(slot->easy, CURLOPT_NOSIGNAL, 1L);
-	curl_easy_setopt(slot->easy, CURLOPT_POST, 1L);
-	curl_easy_setopt(slot->easy, CURLOPT_POSTFIELDS, slot->body);
-	curl_easy_setopt(slot->easy, CURLOPT_POSTFIELDSIZE, (long) strlen(slot->body));
-	curl_easy_setopt(slot->easy, CURLOPT_HTTPHEADER, slot->headers);
-	curl_easy_setopt(slot->easy, CURLOPT_USERAGENT, "usage_billing/1.0 (PostgreSQL extension)");
-	curl_easy_setopt(slot->easy, CURLOPT_WRITEFUNCTION, ub_answer_write_cb);
-	curl_easy_setopt(slot->easy, CURLOPT_WRITEDATA, &slot->ans);
-	curl_easy_setopt(slot->easy, CURLOPT_HEADERFUNCTION, ub_answer_header_cb);
-	curl_easy_setopt(slot->easy, CURLOPT_HEADERDATA, &slot->ans);
-	curl_easy_setopt(slot->easy, CURLOPT_ERRORBUFFER, slot->ans.errbuf);
-	curl_easy_setopt(slot->easy, CURLOPT_CONNECTTIMEOUT_MS, (long) cfg->connect_timeout_ms);
-	curl_easy_setopt(slot->easy, CURLOPT_TIMEOUT_MS, (long) cfg->timeout_ms);
-	curl_easy_setopt(slot->easy, CURLOPT_FOLLOWLOCATION, 0L);
-	curl_easy_setopt(slot->easy, CURLOPT_PROTOCOLS_STR, "http,https");
-	curl_easy_setopt(slot->easy, CURLOPT_TCP_KEEPALIVE, 1L);
-	curl_easy_setopt(slot->easy, CURLOPT_PRIVATE, slot);
-
-	if (curl_multi_add_handle(ub_stream_multi, slot->easy) != CURLM_OK)
+	req->chunk = chunk;
+	req->session = ub_session_generation();
+	req->http.answer = &req->ans;
+	ub_http_prepare_json(&req->http, cfg, url, ub_chunk_json(chunk), ub_session_token(),
+						 chunk->account);
+	curl_easy_setopt(req->http.easy, CURLOPT_PRIVATE, req);
+	if (curl_multi_add_handle(ub_stream_multi, req->http.easy) != CURLM_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_SYSTEM_ERROR),
 				 errmsg("could not add a request to the libcurl multi handle")));
-	slot->started = GetCurrentTimestamp();
+	req->http.started = GetCurrentTimestamp();
 }
 
-/* Frees what libcurl allocated for a slot; safe to call twice. */
+/* Frees what libcurl allocated for a request (the token's header line wiped); safe to call twice. */
 static void
-ub_stream_slot_release(UbStreamSlot *slot)
+ub_stream_inflight_release(UbStreamInflight *req)
 {
-	if (slot->easy)
-	{
-		curl_multi_remove_handle(ub_stream_multi, slot->easy);
-		curl_easy_cleanup(slot->easy);
-		slot->easy = NULL;
-	}
-	if (slot->headers)
-	{
-		curl_slist_free_all(slot->headers);
-		slot->headers = NULL;
-	}
-	if (slot->body)
-	{
-		pfree(slot->body);
-		slot->body = NULL;
-	}
-	slot->chunk = NULL;
+	ub_http_release(&req->http, ub_stream_multi);
+	req->chunk = NULL;
 }
 
 /*
  * Gives every event of a chunk the same outcome, answer and error; a RETRY
- * waits retry_after_ms when given (>= 0), else the event's own backoff.
+ * waits retry_in_ms when given (>= 0), else the answer's Retry-After or the
+ * event's own backoff (ub_http_retry_ms).
  */
 static void
-ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot, int http_status,
-				 const char *error, int retry_after_ms, const UbStripeConfig *cfg)
+ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamInflight *req, int http_status,
+				 const char *error, int retry_in_ms, const UbStripeConfig *cfg)
 {
 	int			duration_ms = 0;
 	int			i;
 
-	if (slot)
-		duration_ms = (int) ((GetCurrentTimestamp() - slot->started) / 1000);
+	if (req)
+		duration_ms = (int) ((GetCurrentTimestamp() - req->http.started) / 1000);
 	for (i = 0; i < chunk->n; i++)
 	{
 		UbMeterEvent *ev = chunk->evs[i];
@@ -271,26 +236,30 @@ ub_chunk_outcome(UbChunk *chunk, UbOutcome outcome, UbStreamSlot *slot, int http
 		ev->http_status = http_status;
 		ev->duration_ms = duration_ms;
 		ev->rotate_key = false; /* no Idempotency-Key on the stream */
-		strlcpy(ev->request_id, slot ? slot->ans.request_id : "", sizeof(ev->request_id));
+		strlcpy(ev->request_id, req ? req->ans.request_id : "", sizeof(ev->request_id));
 		strlcpy(ev->error, error ? error : "", sizeof(ev->error));
 		if (outcome == UB_OUT_RETRY)
-			ev->retry_in_ms = retry_after_ms >= 0 ? retry_after_ms : ub_http_backoff_ms(ev->attempts, cfg);
+			ev->retry_in_ms = retry_in_ms >= 0 ? retry_in_ms :
+				ub_http_retry_ms(req ? &req->ans : NULL, ev->attempts, cfg);
 	}
 }
 
 /*
- * Classifies a finished stream request into its events' outcomes.  Returns
- * true when throttled (429).  *requeue is set when the chunk must go again
- * with a new session (401): its events stay undecided.
+ * Classifies a finished stream request into its events' outcomes: the one
+ * layer's verdict (stripe_http.c), except where v2 differs: a 401 renews the
+ * session and resends, and a 400 naming events[i] fails that event only.
+ * Returns true when throttled (429).  *requeue is set when the chunk must go
+ * again with a new session (401): its events stay undecided.
  */
 static bool
-ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig *cfg, bool *requeue)
+ub_stream_inflight_finish(UbStreamInflight *req, CURLcode result, const UbStripeConfig *cfg, bool *requeue)
 {
-	UbChunk    *chunk = slot->chunk;
+	UbChunk    *chunk = req->chunk;
+	UbHttpAnswer *ans = &req->ans;
 	long		status = 0;
 	UbStripeError err;
 	char		error[UB_ERROR_LEN];
-	int			retry_after_ms = -1;
+	bool		rotate_key;
 	UbOutcome	outcome;
 	int			bad = -1;
 
@@ -299,56 +268,39 @@ ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig 
 	{
 		/* no answer: Stripe may hold some or all of it; the same identifiers go again */
 		snprintf(error, sizeof(error), "network error: %s",
-				 slot->ans.errbuf[0] ? slot->ans.errbuf : curl_easy_strerror(result));
-		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, 0, error, -1, cfg);
+				 ans->errbuf[0] ? ans->errbuf : curl_easy_strerror(result));
+		ub_chunk_outcome(chunk, UB_OUT_RETRY, req, 0, error, -1, cfg);
 		return false;
 	}
 
-	curl_easy_getinfo(slot->easy, CURLINFO_RESPONSE_CODE, &status);
+	curl_easy_getinfo(req->http.easy, CURLINFO_RESPONSE_CODE, &status);
 	if (status >= 200 && status < 300)
 	{
-		ub_chunk_outcome(chunk, UB_OUT_SENT, slot, (int) status, NULL, -1, cfg);
+		ub_chunk_outcome(chunk, UB_OUT_SENT, req, (int) status, NULL, -1, cfg);
 		return false;
 	}
 
-	ub_http_parse_error(slot->ans.body, slot->ans.len, &err);
-	snprintf(error, sizeof(error), "HTTP %ld%s%s%s%s: %s", status,
-			 err.type[0] ? " " : "", err.type, err.code[0] ? "/" : "", err.code,
-			 err.message[0] ? err.message : (slot->ans.truncated ? "(answer too large)" : "(no message)"));
-	ub_redact_keys(error, cfg->api_key);
+	ub_http_parse_error(ans->body, ans->len, &err);
+	ub_http_describe(error, sizeof(error), NULL, status, &err, ans, cfg->api_key);
 	ub_redact_keys(error, ub_session_token());
 
 	if (status == 401)
 	{
 		/* the session expired or was refused: nothing was processed */
-		ub_session_expired(slot->session);
+		ub_session_expired(req->session);
 		if (chunk->reauth < UB_STREAM_MAX_REAUTH)
 		{
 			chunk->reauth++;
 			*requeue = true;
 			return false;
 		}
-		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, (int) status, error, -1, cfg);
+		ub_chunk_outcome(chunk, UB_OUT_RETRY, req, (int) status, error, -1, cfg);
 		return false;
 	}
 
-	if (slot->ans.retry_after[0])
-	{
-		char	   *end;
-		long		secs = strtol(slot->ans.retry_after, &end, 10);
-
-		if (end != slot->ans.retry_after && secs >= 0)
-			retry_after_ms = (int) Min(secs, 3600) * 1000;
-	}
-
-	if (strcmp(slot->ans.should_retry, "false") == 0)
-		outcome = UB_OUT_FAILED;
-	else if (strcmp(slot->ans.should_retry, "true") == 0 ||
-			 status == 409 || status == 429 || status >= 500 || status == 403 ||
-			 strcmp(err.type, "idempotency_error") == 0)
-		outcome = UB_OUT_RETRY;
-	else
-		outcome = UB_OUT_FAILED;
+	/* no Idempotency-Key on the stream: rotate_key does not apply */
+	outcome = ub_http_verdict(status, ans, &err, &rotate_key) == UB_HTTP_RETRY ?
+		UB_OUT_RETRY : UB_OUT_FAILED;
 
 	/* a refusal that names one event ("events[7].payload") fails that event only */
 	if (outcome == UB_OUT_FAILED && status == 400 &&
@@ -359,19 +311,19 @@ ub_stream_slot_finish(UbStreamSlot *slot, CURLcode result, const UbStripeConfig 
 
 		snprintf(others, sizeof(others), "resent: Stripe refused another event of the request (%s)",
 				 error);
-		ub_chunk_outcome(chunk, UB_OUT_RETRY, slot, (int) status, others, 0, cfg);
+		ub_chunk_outcome(chunk, UB_OUT_RETRY, req, (int) status, others, 0, cfg);
 		culprit->outcome = UB_OUT_FAILED;
 		strlcpy(culprit->error, error, sizeof(culprit->error));
 		return false;
 	}
 
-	ub_chunk_outcome(chunk, outcome, slot, (int) status, error, retry_after_ms, cfg);
+	ub_chunk_outcome(chunk, outcome, req, (int) status, error, -1, cfg);
 	return outcome == UB_OUT_RETRY && status == 429;
 }
 
-/* The dispatch/poll loop of one batch; slots are released by the caller. */
+/* The dispatch/poll loop of one batch; its requests are released by the caller. */
 static void
-ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
+ub_stream_loop(UbStreamInflight *reqs, int nreqs, UbChunk *chunks, int nchunks,
 			   const UbStripeConfig *cfg, const char *url, bool *throttled)
 {
 	int		   *queue;
@@ -396,18 +348,18 @@ ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
 
 		CHECK_FOR_INTERRUPTS();
 
-		/* dispatch while there is a free slot, work left, a session and a token */
-		while (!*throttled && !no_session && qhead < qtail && inflight < nslots)
+		/* dispatch while a request is free, work left, a session and a token */
+		while (!*throttled && !no_session && qhead < qtail && inflight < nreqs)
 		{
-			UbStreamSlot *free_slot = NULL;
+			UbStreamInflight *free_req = NULL;
 
-			for (i = 0; i < nslots; i++)
-				if (slots[i].chunk == NULL)
+			for (i = 0; i < nreqs; i++)
+				if (reqs[i].chunk == NULL)
 				{
-					free_slot = &slots[i];
+					free_req = &reqs[i];
 					break;
 				}
-			if (free_slot == NULL)
+			if (free_req == NULL)
 				break;
 			if (!ub_session_usable(cfg))
 			{
@@ -433,7 +385,7 @@ ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
 			}
 			if (!ub_take_token(cfg->max_rps, &wait_ms))
 				break;
-			ub_stream_slot_start(free_slot, &chunks[queue[qhead++]], cfg, url);
+			ub_stream_inflight_start(free_req, &chunks[queue[qhead++]], cfg, url);
 			inflight++;
 		}
 
@@ -444,26 +396,26 @@ ub_stream_loop(UbStreamSlot *slots, int nslots, UbChunk *chunks, int nchunks,
 		completed = 0;
 		while ((msg = curl_multi_info_read(ub_stream_multi, &queued)) != NULL)
 		{
-			UbStreamSlot *slot = NULL;
+			UbStreamInflight *req = NULL;
 			bool		requeue;
 
 			if (msg->msg != CURLMSG_DONE)
 				continue;
-			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &slot);
-			if (slot == NULL)
+			curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **) &req);
+			if (req == NULL)
 				continue;
-			if (ub_stream_slot_finish(slot, msg->data.result, cfg, &requeue))
+			if (ub_stream_inflight_finish(req, msg->data.result, cfg, &requeue))
 				*throttled = true;
 			if (requeue)
 			{
 				Assert(qtail < qcap);
-				queue[qtail++] = (int) (slot->chunk - chunks);
+				queue[qtail++] = (int) (req->chunk - chunks);
 			}
-			ub_stream_slot_release(slot);
+			ub_stream_inflight_release(req);
 			inflight--;
 			completed++;
 		}
-		/* a slot came free: dispatch at once rather than sleep in poll */
+		/* a request came free: dispatch at once rather than sleep in poll */
 		if (completed > 0 && qhead < qtail && !*throttled && !no_session)
 			continue;
 		if (inflight > 0 || qhead < qtail)
@@ -486,10 +438,10 @@ ub_stream_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 {
 	UbChunk    *chunks;
 	UbMeterEvent **order;
-	UbStreamSlot *slots;
+	UbStreamInflight *reqs;
 	volatile int nchunks = 0;
 	int			nsend = 0;
-	volatile int nslots;
+	volatile int nreqs;
 	char	   *base;
 	char	   *url;
 	int			i;
@@ -498,23 +450,7 @@ ub_stream_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 	if (n == 0)
 		return;
 
-	if (!ub_stream_curl_initialized)
-	{
-		if (curl_global_init(CURL_GLOBAL_DEFAULT) != 0)
-			ereport(ERROR,
-					(errcode(ERRCODE_SYSTEM_ERROR),
-					 errmsg("could not initialize libcurl")));
-		ub_stream_curl_initialized = true;
-	}
-	if (ub_stream_multi == NULL)
-	{
-		ub_stream_multi = curl_multi_init();
-		if (ub_stream_multi == NULL)
-			ereport(ERROR,
-					(errcode(ERRCODE_OUT_OF_MEMORY),
-					 errmsg("could not create a libcurl multi handle")));
-	}
-	curl_multi_setopt(ub_stream_multi, CURLMOPT_MAXCONNECTS, (long) Max(cfg->concurrency, 1));
+	ub_stream_multi = ub_http_multi(cfg->concurrency);
 
 	/* events Stripe would refuse are never sent (stripe_client.c says why) */
 	order = palloc(sizeof(UbMeterEvent *) * n);
@@ -526,16 +462,31 @@ ub_stream_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 		pfree(order);
 		return;
 	}
-	chunks = palloc0(sizeof(UbChunk) * ((nsend + UB_STREAM_MAX_EVENTS - 1) / UB_STREAM_MAX_EVENTS));
-	for (i = 0; i < nsend; i += UB_STREAM_MAX_EVENTS)
+
+	/*
+	 * Connect: a request speaks for one account (its Stripe-Context), so the
+	 * events are grouped by account and a chunk never mixes two.
+	 */
+	qsort(order, nsend, sizeof(UbMeterEvent *), ub_event_account_cmp);
+	chunks = palloc0(sizeof(UbChunk) * nsend);
+	for (i = 0; i < nsend;)
 	{
+		const char *account = ub_event_account(order[i]);
+		int			j = i + 1;
+
+		while (j < nsend && j - i < UB_STREAM_MAX_EVENTS &&
+			   strcmp(ub_event_account(order[j]) ? ub_event_account(order[j]) : "",
+					  account ? account : "") == 0)
+			j++;
 		chunks[nchunks].evs = &order[i];
-		chunks[nchunks].n = Min(UB_STREAM_MAX_EVENTS, nsend - i);
+		chunks[nchunks].n = j - i;
+		chunks[nchunks].account = account;
 		nchunks++;
+		i = j;
 	}
 
-	nslots = Max(1, Min(cfg->concurrency, nchunks));
-	slots = palloc0(sizeof(UbStreamSlot) * nslots);
+	nreqs = Max(1, Min(cfg->concurrency, nchunks));
+	reqs = palloc0(sizeof(UbStreamInflight) * nreqs);
 	base = pstrdup(ub_events_base);
 	while (strlen(base) > 0 && base[strlen(base) - 1] == '/')
 		base[strlen(base) - 1] = '\0';
@@ -543,13 +494,13 @@ ub_stream_send_batch(UbMeterEvent *events, int n, const UbStripeConfig *cfg, boo
 
 	PG_TRY();
 	{
-		ub_stream_loop(slots, nslots, chunks, nchunks, cfg, url, throttled);
+		ub_stream_loop(reqs, nreqs, chunks, nchunks, cfg, url, throttled);
 	}
 	PG_FINALLY();
 	{
-		for (i = 0; i < nslots; i++)
-			ub_stream_slot_release(&slots[i]);
-		pfree(slots);
+		for (i = 0; i < nreqs; i++)
+			ub_stream_inflight_release(&reqs[i]);
+		pfree(reqs);
 		pfree(url);
 		pfree(base);
 		pfree(chunks);
@@ -563,14 +514,6 @@ void
 ub_stream_shutdown(void)
 {
 	ub_session_forget();
-	if (ub_stream_multi)
-	{
-		curl_multi_cleanup(ub_stream_multi);
-		ub_stream_multi = NULL;
-	}
-	if (ub_stream_curl_initialized)
-	{
-		curl_global_cleanup();
-		ub_stream_curl_initialized = false;
-	}
+	ub_stream_multi = NULL;
+	ub_http_shutdown();
 }

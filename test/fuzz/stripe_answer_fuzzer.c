@@ -98,21 +98,21 @@ check_terminated(const char *buf, size_t n, const char *what)
 static void
 fuzz_answer(const uint8_t *data, size_t size)
 {
-	static UbSlot slot;			/* big: UB_HTTP_MAX_BODY */
+	static UbInflight req;			/* big: UB_HTTP_MAX_BODY */
 	UbMeterEvent ev;
 	size_t		pos = 0;
 	CURLcode	result;
 
-	memset(&slot, 0, sizeof(slot));
+	memset(&req, 0, sizeof(req));
 	memset(&ev, 0, sizeof(ev));
 	ev.attempts = size > 0 ? data[0] % 40 : 0;
 	result = (size > 1 && data[1] % 4 == 0) ? CURLE_OPERATION_TIMEDOUT : CURLE_OK;
 	if (result != CURLE_OK && size > 2)
 	{
-		size_t		n = Min(size - 2, sizeof(slot.ans.errbuf) - 1);
+		size_t		n = Min(size - 2, sizeof(req.ans.errbuf) - 1);
 
-		memcpy(slot.ans.errbuf, data + 2, n);
-		slot.ans.errbuf[n] = '\0';
+		memcpy(req.ans.errbuf, data + 2, n);
+		req.ans.errbuf[n] = '\0';
 	}
 	pos = Min(size, 2);
 
@@ -127,12 +127,12 @@ fuzz_answer(const uint8_t *data, size_t size)
 			pos += len;
 			break;
 		}
-		ub_http_header_cb((char *) data + pos, 1, len, &slot.ans);
+		ub_http_header_cb((char *) data + pos, 1, len, &req.ans);
 		pos += len;
 	}
-	check_terminated(slot.ans.request_id, sizeof(slot.ans.request_id), "request_id");
-	check_terminated(slot.ans.retry_after, sizeof(slot.ans.retry_after), "retry_after");
-	check_terminated(slot.ans.should_retry, sizeof(slot.ans.should_retry), "should_retry");
+	check_terminated(req.ans.request_id, sizeof(req.ans.request_id), "request_id");
+	check_terminated(req.ans.retry_after, sizeof(req.ans.retry_after), "retry_after");
+	check_terminated(req.ans.should_retry, sizeof(req.ans.should_retry), "should_retry");
 
 	/* the body, in chunks */
 	while (pos < size)
@@ -140,19 +140,19 @@ fuzz_answer(const uint8_t *data, size_t size)
 		size_t		chunk = 1 + (data[pos] * 97u) % 8192;
 
 		chunk = Min(chunk, size - pos);
-		if (ub_http_write_cb((char *) data + pos, 1, chunk, &slot.ans) != chunk)
+		if (ub_http_write_cb((char *) data + pos, 1, chunk, &req.ans) != chunk)
 			abort();
 		pos += chunk;
 	}
-	if (slot.ans.len > UB_HTTP_MAX_BODY || slot.ans.body[slot.ans.len] != '\0')
+	if (req.ans.len > UB_HTTP_MAX_BODY || req.ans.body[req.ans.len] != '\0')
 		abort();
 
-	slot.ev = &ev;
-	slot.req.easy = curl_easy_init();
-	if (slot.req.easy == NULL)
+	req.ev = &ev;
+	req.http.easy = curl_easy_init();
+	if (req.http.easy == NULL)
 		return;
-	(void) ub_slot_finish(&slot, result, &cfg);
-	curl_easy_cleanup(slot.req.easy);
+	(void) ub_inflight_finish(&req, result, &cfg);
+	curl_easy_cleanup(req.http.easy);
 
 	check_terminated(ev.error, sizeof(ev.error), "error");
 	check_terminated(ev.request_id, sizeof(ev.request_id), "request_id");
