@@ -552,14 +552,20 @@ COMMENT ON FUNCTION usage_billing.set_customer_status(text, text) IS
 
 CREATE FUNCTION usage_billing.plan_at(customer_id text, at timestamptz)
 RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT coalesce((SELECT h.plan FROM usage_billing.customer_plans h
-                      WHERE h.customer_id = plan_at.customer_id AND h.effective_from <= plan_at.at
-                      ORDER BY h.effective_from DESC LIMIT 1),
-                    (SELECT c.plan FROM usage_billing.customers c
-                      WHERE c.customer_id = plan_at.customer_id))
+DECLARE
+    p text;
+BEGIN
+    SELECT h.plan INTO p FROM usage_billing.customer_plans h
+     WHERE h.customer_id = plan_at.customer_id AND h.effective_from <= plan_at.at
+     ORDER BY h.effective_from DESC LIMIT 1;
+    IF p IS NULL THEN
+        SELECT c.plan INTO p FROM usage_billing.customers c WHERE c.customer_id = plan_at.customer_id;
+    END IF;
+    RETURN p;
+END
 $$;
 COMMENT ON FUNCTION usage_billing.plan_at(text, timestamptz) IS
     'The plan in force for a customer at an instant, from its plan history.';
@@ -686,7 +692,7 @@ BEGIN
         VALUES (apply_plan_change.customer_id, from_at, new.plan);
     END IF;
     UPDATE usage_billing.customers c
-       SET plan = usage_billing.plan_at(c.customer_id, now()), updated_at = now()
+       SET plan = usage_billing.plan_at(apply_plan_change.customer_id, now()), updated_at = now()
      WHERE c.customer_id = apply_plan_change.customer_id;
 
     plan := new.plan;
@@ -1280,9 +1286,9 @@ BEGIN
     FOR r IN SELECT * FROM usage_billing.price_period(cid, ps) LOOP
         n := n + 1;
         INSERT INTO usage_billing.invoice_lines
-            (invoice_id, line_no, line, meter, segment_start, quantity, unit_price, amount,
+            (customer_id, invoice_id, line_no, line, meter, segment_start, quantity, unit_price, amount,
              for_period_start, usage_total, pricing)
-        VALUES (iid, n, r.line, r.meter, r.segment_start, r.quantity, r.unit_price, r.amount,
+        VALUES (cid, iid, n, r.line, r.meter, r.segment_start, r.quantity, r.unit_price, r.amount,
                 ps, r.usage_total, r.pricing);
         tot := tot + r.amount;
     END LOOP;
@@ -1315,13 +1321,14 @@ BEGIN
               FROM usage_billing.price_period(cid, k) p
               JOIN usage_billing.invoices oi ON oi.customer_id = cid AND oi.period_start = k
               JOIN usage_billing.invoice_lines o
-                ON o.invoice_id = oi.invoice_id AND o.line = 'usage' AND o.meter = p.meter
+                ON o.customer_id = oi.customer_id AND o.invoice_id = oi.invoice_id AND o.line = 'usage' AND o.meter = p.meter
                AND o.segment_start = p.segment_start
              CROSS JOIN LATERAL (
                    SELECT sum(l.amount) AS billed,
                           (array_agg(l.usage_total ORDER BY l.invoice_id DESC, l.line_no DESC))[1] AS last_total
                      FROM usage_billing.invoices li
-                     JOIN usage_billing.invoice_lines l ON l.invoice_id = li.invoice_id
+                     JOIN usage_billing.invoice_lines l
+                       ON l.customer_id = li.customer_id AND l.invoice_id = li.invoice_id
                     WHERE li.customer_id = cid AND l.for_period_start = k AND l.meter = p.meter
                       AND l.segment_start = p.segment_start
                       AND l.line IN ('usage', 'credit', 'debit')) b
@@ -1331,9 +1338,9 @@ BEGIN
             CONTINUE WHEN r.delta = 0;
             n := n + 1;
             INSERT INTO usage_billing.invoice_lines
-                (invoice_id, line_no, line, meter, segment_start, quantity, unit_price, amount,
+                (customer_id, invoice_id, line_no, line, meter, segment_start, quantity, unit_price, amount,
                  for_period_start, usage_total, pricing)
-            VALUES (iid, n, CASE WHEN r.delta < 0 THEN 'credit' ELSE 'debit' END, r.meter,
+            VALUES (cid, iid, n, CASE WHEN r.delta < 0 THEN 'credit' ELSE 'debit' END, r.meter,
                     r.segment_start, r.quantity, NULL, r.delta, k, r.usage_total, r.pricing);
             tot := tot + r.delta;
         END LOOP;
@@ -1350,8 +1357,8 @@ BEGIN
 
     tot := usage_billing.round_money(tot, cur);
     n := n + 1;
-    INSERT INTO usage_billing.invoice_lines (invoice_id, line_no, line, amount, for_period_start)
-    VALUES (iid, n, 'total', tot, ps);
+    INSERT INTO usage_billing.invoice_lines (customer_id, invoice_id, line_no, line, amount, for_period_start)
+    VALUES (cid, iid, n, 'total', tot, ps);
     SELECT coalesce(max(i.invoice_number), 0) + 1 INTO num
       FROM usage_billing.invoices i WHERE i.customer_id = cid;
     INSERT INTO usage_billing.invoices
@@ -1643,6 +1650,7 @@ AS $$
  * as needs_manual_credit.
  */
 DECLARE
+    ep text;
     n integer;
     now_s bigint := extract(epoch FROM clock_timestamp())::bigint;
     horizon bigint := extract(epoch FROM clock_timestamp() - interval '35 days' + interval '1 hour')::bigint;
@@ -1656,12 +1664,13 @@ BEGIN
     INSERT INTO usage_billing.export_epoch (epoch)
     SELECT left(md5(random()::text || clock_timestamp()::text || pg_backend_pid()::text), 8)
      WHERE NOT EXISTS (SELECT 1 FROM usage_billing.export_epoch);
+    SELECT e.epoch INTO ep FROM usage_billing.export_epoch e;
 
     WITH cand AS (
         SELECT a.customer_id, a.meter, a.period_start, a.period_end,
                floor(a.total) AS target,
                m.aggregation IN ('sum', 'count') AS additive,
-               m.stripe_event_name, c.stripe_customer_id,
+               m.stripe_event_name, c.stripe_customer_id, c.stripe_account,
                coalesce(s.planned, 0) AS planned,
                coalesce(s.last_seq, 0) + 1 AS seq,
                s.last_ts
@@ -1693,13 +1702,16 @@ BEGIN
                CASE WHEN NOT additive AND last_ts IS NOT NULL AND ts_raw <= last_ts
                          AND last_ts + 1 < extract(epoch FROM period_end)::bigint
                     THEN last_ts + 1 ELSE ts_raw END AS event_ts,
-               usage_billing.export_identifier(customer_id, meter, period_start, seq::integer) AS ident
+               'ub-' || ep || '-'
+                   || left(md5(customer_id || chr(31) || meter || chr(31)
+                               || extract(epoch FROM period_start)::bigint::text), 24)
+                   || '-' || seq::text AS ident
           FROM timed
     ), ins AS (
         INSERT INTO usage_billing.export_outbox
-            (customer_id, meter, period_start, seq, stripe_customer_id, event_name, value, additive,
-             identifier, idempotency_key, event_ts, status, last_error)
-        SELECT customer_id, meter, period_start, seq, stripe_customer_id, stripe_event_name,
+            (customer_id, meter, period_start, seq, stripe_customer_id, stripe_account, event_name,
+             value, additive, identifier, idempotency_key, event_ts, status, last_error)
+        SELECT customer_id, meter, period_start, seq, stripe_customer_id, stripe_account, stripe_event_name,
                CASE WHEN additive THEN target - planned ELSE target END, additive,
                ident, ident, event_ts,
                CASE WHEN event_ts < horizon THEN 'failed' ELSE 'pending' END,
@@ -1734,7 +1746,86 @@ AS $$
  * answer with a new Idempotency-Key, since Stripe replays saved answers), failed.
  * A batch holds at most one row per customer and meter.
  */
+DECLARE
+    -- one instant for the batch, as a value: Citus refuses volatile functions in UPDATE
+    now_t constant timestamptz := clock_timestamp();
+    cids text[];
+    cid text;
+    row_meter text;
+    row_ps timestamptz;
+    row_seq integer;
+    row_value numeric;
+    row_additive boolean;
+    row_attempts integer;
+    v_id bigint;
+    v_outcome text;
+    v_status text;
+    v_http integer;
+    v_request text;
+    v_error text;
+    v_next timestamptz;
+    v_sent_at timestamptz;
+    v_rotate boolean;
 BEGIN
+    IF usage_billing.citus_distributed() THEN
+        -- row by row in its customer's shard: Citus cannot join the batch's arrays with the
+        -- outbox's shards in one modifying statement
+        -- the rows' customers in one read over the shards
+        SELECT array_agg(o.customer_id ORDER BY k.i) INTO cids
+          FROM unnest(outbox_ids) WITH ORDINALITY AS k(id, i)
+          LEFT JOIN (SELECT x.outbox_id, x.customer_id FROM usage_billing.export_outbox x
+                      WHERE x.outbox_id = ANY (outbox_ids)) o ON o.outbox_id = k.id;
+        FOR i IN 1 .. coalesce(array_length(outbox_ids, 1), 0) LOOP
+            cid := cids[i];
+            CONTINUE WHEN cid IS NULL;
+            -- plain values only in the statements (Citus deparses them for the shard)
+            v_id := outbox_ids[i];
+            v_outcome := outcomes[i];
+            v_status := CASE v_outcome WHEN 'sent' THEN 'sent' WHEN 'failed' THEN 'failed' ELSE 'pending' END;
+            v_http := http_statuses[i];
+            v_request := request_ids[i];
+            v_error := errors[i];
+            v_next := now_t + coalesce(retry_in_ms[i], 0) * interval '1 millisecond';
+            v_sent_at := CASE WHEN v_outcome = 'sent' THEN now_t END;
+            v_rotate := coalesce(rotate_keys[i], false);
+            UPDATE usage_billing.export_outbox o
+               SET attempts = o.attempts + 1,
+                   status = v_status,
+                   next_attempt_at = v_next,
+                   last_attempt_at = now_t,
+                   last_http_status = v_http,
+                   last_request_id = v_request,
+                   last_error = v_error,
+                   sent_at = v_sent_at,
+                   idempotency_key = CASE WHEN v_rotate
+                                          THEN o.identifier || '-k' || (o.attempts + 1)::text
+                                          ELSE o.idempotency_key END
+             WHERE o.customer_id = cid AND o.outbox_id = v_id AND o.status = 'pending'
+            RETURNING o.meter, o.period_start, o.seq, o.value, o.additive, o.attempts
+                 INTO row_meter, row_ps, row_seq, row_value, row_additive, row_attempts;
+            CONTINUE WHEN NOT FOUND;
+            INSERT INTO usage_billing.export_attempts
+                (customer_id, outbox_id, attempt, attempted_at, outcome, http_status, request_id, error,
+                 duration_ms)
+            VALUES (cid, v_id, row_attempts, now_t, v_outcome, v_http, v_request, v_error, durations_ms[i]);
+            IF v_outcome = 'sent' THEN
+                UPDATE usage_billing.export_state s
+                   SET exported = CASE WHEN row_additive THEN s.exported + row_value
+                                       WHEN row_seq > s.exported_seq THEN row_value
+                                       ELSE s.exported END,
+                       exported_seq = greatest(s.exported_seq, row_seq),
+                       attempts = s.attempts + 1, last_attempt_at = now_t, last_http_status = v_http,
+                       last_request_id = v_request, last_error = v_error
+                 WHERE s.customer_id = cid AND s.meter = row_meter AND s.period_start = row_ps;
+            ELSE
+                UPDATE usage_billing.export_state s
+                   SET attempts = s.attempts + 1, last_attempt_at = now_t, last_http_status = v_http,
+                       last_request_id = v_request, last_error = v_error
+                 WHERE s.customer_id = cid AND s.meter = row_meter AND s.period_start = row_ps;
+            END IF;
+        END LOOP;
+        RETURN;
+    END IF;
     WITH r AS (
         SELECT * FROM unnest(outbox_ids, outcomes, http_statuses, request_ids, errors,
                              retry_in_ms, rotate_keys, durations_ms)
@@ -1743,12 +1834,12 @@ BEGIN
         UPDATE usage_billing.export_outbox o
            SET attempts = o.attempts + 1,
                status = CASE r.outcome WHEN 'sent' THEN 'sent' WHEN 'failed' THEN 'failed' ELSE 'pending' END,
-               next_attempt_at = clock_timestamp() + make_interval(secs => coalesce(r.retry_ms, 0) / 1000.0),
-               last_attempt_at = clock_timestamp(),
+               next_attempt_at = now_t + make_interval(secs => coalesce(r.retry_ms, 0) / 1000.0),
+               last_attempt_at = now_t,
                last_http_status = r.http_status,
                last_request_id = r.request_id,
                last_error = r.error,
-               sent_at = CASE WHEN r.outcome = 'sent' THEN clock_timestamp() END,
+               sent_at = CASE WHEN r.outcome = 'sent' THEN now_t END,
                idempotency_key = CASE WHEN r.rotate
                                       THEN o.identifier || '-k' || (o.attempts + 1)::text
                                       ELSE o.idempotency_key END
@@ -1759,8 +1850,10 @@ BEGIN
                   r.duration_ms
     ), att AS (
         INSERT INTO usage_billing.export_attempts
-            (outbox_id, attempt, attempted_at, outcome, http_status, request_id, error, duration_ms)
-        SELECT outbox_id, attempts, last_attempt_at, outcome, http_status, request_id, error, duration_ms
+            (customer_id, outbox_id, attempt, attempted_at, outcome, http_status, request_id, error,
+             duration_ms)
+        SELECT customer_id, outbox_id, attempts, last_attempt_at, outcome, http_status, request_id, error,
+               duration_ms
           FROM upd
     )
     UPDATE usage_billing.export_state s
@@ -1978,7 +2071,8 @@ BEGIN
             ON o.customer_id = over.customer_id AND o.meter = over.meter AND o.period_start = over.period_start
          WHERE o.status = 'sent' AND o.additive AND o.value > 0
            AND o.created_at > clock_timestamp() - cancel_window
-           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_cancels x WHERE x.identifier = o.identifier)
+           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_cancels x
+                            WHERE x.customer_id = o.customer_id AND x.identifier = o.identifier)
     )
     INSERT INTO usage_billing.export_cancels
         (customer_id, meter, period_start, outbox_id, identifier, event_name, value, idempotency_key)
@@ -2008,6 +2102,7 @@ AS $$
  * Returns whether the cancel was confirmed now.
  */
 DECLARE
+    now_t constant timestamptz := clock_timestamp();
     done boolean;
 BEGIN
     IF outcome NOT IN ('cancelled', 'refused', 'retry') THEN
@@ -2020,13 +2115,13 @@ BEGIN
            SET attempts = x.attempts + 1,
                status = CASE export_cancel_record.outcome WHEN 'retry' THEN 'pending'
                              ELSE export_cancel_record.outcome END,
-               next_attempt_at = clock_timestamp()
+               next_attempt_at = now_t
                                  + make_interval(secs => coalesce(retry_in_ms, 0) / 1000.0),
-               last_attempt_at = clock_timestamp(),
+               last_attempt_at = now_t,
                last_http_status = export_cancel_record.http_status,
                last_request_id = export_cancel_record.request_id,
                last_error = export_cancel_record.error,
-               done_at = CASE WHEN export_cancel_record.outcome <> 'retry' THEN clock_timestamp() END,
+               done_at = CASE WHEN export_cancel_record.outcome <> 'retry' THEN now_t END,
                idempotency_key = CASE WHEN rotate_key
                                       THEN 'ubc-' || x.identifier || '-k' || (x.attempts + 1)::text
                                       ELSE x.idempotency_key END
@@ -2037,7 +2132,7 @@ BEGIN
            SET planned = CASE WHEN c.status = 'cancelled' THEN s.planned - c.value ELSE s.planned END,
                exported = CASE WHEN c.status = 'cancelled' THEN s.exported - c.value ELSE s.exported END,
                attempts = s.attempts + 1,
-               last_attempt_at = clock_timestamp(),
+               last_attempt_at = now_t,
                last_http_status = export_cancel_record.http_status,
                last_request_id = export_cancel_record.request_id,
                last_error = export_cancel_record.error
@@ -2877,7 +2972,8 @@ $tenant$;
 -- Version 1.5: scale-out on Citus, Stripe reconciliation and v2 streams
 -- ---------------------------------------------------------------------------
 -- What usage_billing--1.4--1.5.sql adds, one section per subsystem in the same order: a
--- section added there is copied here.
+-- section added there is copied here, but for the functions it replaces, which are written in
+-- their final form in place above.
 
 -- ---------------------------------------------------------------------------
 -- Scale-out: one-call distribution on Citus (doc/scaling.md)
@@ -3163,226 +3259,6 @@ SELECT cl.customer_id, cl.meter, cl.included, coalesce(cl.hard_cap, false),
   LEFT JOIN usage_billing.plan_limits pl ON pl.plan = coalesce(h.plan, c.plan) AND pl.meter = cl.meter
  WHERE pl.plan IS NULL;
 
--- plan_at in PL/pgSQL: Citus cannot plan a SQL function's parameterized statement when the
--- function runs inside a query on a shard; PL/pgSQL hands it the values.
-CREATE OR REPLACE FUNCTION usage_billing.plan_at(customer_id text, at timestamptz)
-RETURNS text
-LANGUAGE plpgsql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    p text;
-BEGIN
-    SELECT h.plan INTO p FROM usage_billing.customer_plans h
-     WHERE h.customer_id = plan_at.customer_id AND h.effective_from <= plan_at.at
-     ORDER BY h.effective_from DESC LIMIT 1;
-    IF p IS NULL THEN
-        SELECT c.plan INTO p FROM usage_billing.customers c WHERE c.customer_id = plan_at.customer_id;
-    END IF;
-    RETURN p;
-END
-$$;
-
--- apply_plan_change: the customer's plan now from the function's argument, not from the row
--- (Citus refuses a stable function of the row's columns in an UPDATE); otherwise as in 1.4.
-CREATE OR REPLACE FUNCTION usage_billing.apply_plan_change(
-    customer_id text,
-    new_plan text,
-    effective text,
-    at timestamptz,
-    OUT plan text,
-    OUT effective_from timestamptz)
-RETURNS record
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    cust record;
-    cur record;
-    new record;
-    mode text := apply_plan_change.effective;
-    from_at timestamptz;
-    invoiced_end timestamptz;
-    before_plan text;
-BEGIN
-    IF mode IS NULL OR mode NOT IN ('immediate', 'period_end', 'auto') THEN
-        RAISE EXCEPTION 'invalid effective "%"', coalesce(mode, 'NULL')
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Use immediate, period_end or auto (an upgrade now, a downgrade at the next period).';
-    END IF;
-    IF apply_plan_change.at IS NULL OR NOT isfinite(apply_plan_change.at) THEN
-        RAISE EXCEPTION 'invalid plan change time'
-            USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = format('Field "at" was %s; it must be a finite timestamp.',
-                                  coalesce(apply_plan_change.at::text, 'NULL'));
-    END IF;
-    SELECT c.customer_id, c.billing_anchor INTO cust
-      FROM usage_billing.customers c
-     WHERE c.customer_id = apply_plan_change.customer_id
-       FOR UPDATE;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'customer "%" does not exist', apply_plan_change.customer_id
-            USING ERRCODE = 'no_data_found',
-                  HINT = 'Create it with usage_billing.upsert_customer().';
-    END IF;
-    SELECT p.plan, p.base_price, p.currency, p.period INTO new
-      FROM usage_billing.plans p WHERE p.plan = new_plan;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'plan "%" does not exist', new_plan
-            USING ERRCODE = 'no_data_found';
-    END IF;
-    SELECT p.plan, p.base_price, p.currency, p.period INTO cur
-      FROM usage_billing.plans p
-     WHERE p.plan = usage_billing.plan_at(apply_plan_change.customer_id, apply_plan_change.at);
-    IF new.currency <> cur.currency OR new.period <> cur.period THEN
-        RAISE EXCEPTION 'customer "%" cannot change from plan "%" to plan "%"',
-                        apply_plan_change.customer_id, cur.plan, new.plan
-            USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = format('Plan "%s" bills %s per %s, plan "%s" %s per %s; the plans of one customer share their currency and period.',
-                                  cur.plan, cur.currency, cur.period, new.plan, new.currency, new.period),
-                  HINT = 'Create a plan with the same currency and period, or a new customer for the new subscription.';
-    END IF;
-
-    IF mode = 'auto' THEN
-        -- a lower base price waits for the period's end; a higher or equal one applies now
-        mode := CASE WHEN new.base_price >= cur.base_price THEN 'immediate' ELSE 'period_end' END;
-    END IF;
-    IF mode = 'immediate' THEN
-        from_at := apply_plan_change.at;
-    ELSE
-        SELECT b.period_end INTO from_at
-          FROM usage_billing.period_bounds(cust.billing_anchor, cur.period, apply_plan_change.at) b;
-    END IF;
-
-    SELECT max(i.period_end) INTO invoiced_end
-      FROM usage_billing.invoices i WHERE i.customer_id = apply_plan_change.customer_id;
-    IF invoiced_end > from_at THEN
-        RAISE EXCEPTION 'period of % for customer "%" is invoiced', from_at, apply_plan_change.customer_id
-            USING ERRCODE = 'invalid_parameter_value',
-                  DETAIL = format('A plan change from %s would reprice a finalized invoice; customer "%s" is invoiced until %s.',
-                                  from_at, apply_plan_change.customer_id, invoiced_end),
-                  HINT = 'Change the plan from a later instant.';
-    END IF;
-
-    -- a change supersedes every change from its instant on (scheduled ones included)
-    DELETE FROM usage_billing.customer_plans h
-     WHERE h.customer_id = apply_plan_change.customer_id AND h.effective_from >= from_at;
-    before_plan := usage_billing.plan_at(apply_plan_change.customer_id, from_at);
-    IF before_plan IS DISTINCT FROM new.plan THEN
-        INSERT INTO usage_billing.customer_plans (customer_id, effective_from, plan)
-        VALUES (apply_plan_change.customer_id, from_at, new.plan);
-    END IF;
-    UPDATE usage_billing.customers c
-       SET plan = usage_billing.plan_at(apply_plan_change.customer_id, now()), updated_at = now()
-     WHERE c.customer_id = apply_plan_change.customer_id;
-
-    plan := new.plan;
-    SELECT max(h.effective_from) INTO apply_plan_change.effective_from
-      FROM usage_billing.customer_plans h
-     WHERE h.customer_id = apply_plan_change.customer_id AND h.effective_from <= from_at;
-END
-$$;
-
--- export_plan: the identifier (export_identifier()'s formula) computed in the statement from the
--- epoch read once, so that the statement can run on Citus shards (a function that reads a table
--- cannot run inside a query on a shard); otherwise as in 1.3.
-CREATE OR REPLACE FUNCTION usage_billing.export_plan(max_rows integer DEFAULT 10000)
-RETURNS integer
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-/*
- * Writes the outbox rows that bring Stripe from "planned" to floor(total), at most one open
- * (pending or failed) row per customer, meter and period.  Timestamps: now, clamped into the
- * period (at most period_end - 1 s, at least period_start); for formula-last meters strictly
- * after the previous event of the period when the period leaves room.  A period whose events
- * would be older than Stripe's 35-day window (less a one-hour margin) is not sent: its row is
- * created failed with that reason, so the gap shows in export_status instead of landing in the
- * wrong Stripe period.  A lowered sum/count total is never sent (no negative events): it shows
- * as needs_manual_credit.
- */
-DECLARE
-    ep text;
-    n integer;
-    now_s bigint := extract(epoch FROM clock_timestamp())::bigint;
-    horizon bigint := extract(epoch FROM clock_timestamp() - interval '35 days' + interval '1 hour')::bigint;
-BEGIN
-    IF max_rows IS NULL OR max_rows < 1 THEN
-        RAISE EXCEPTION 'max_rows must be positive'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    -- one planner at a time (the worker; a manual call waits)
-    PERFORM pg_advisory_xact_lock(7245170349586201);
-    INSERT INTO usage_billing.export_epoch (epoch)
-    SELECT left(md5(random()::text || clock_timestamp()::text || pg_backend_pid()::text), 8)
-     WHERE NOT EXISTS (SELECT 1 FROM usage_billing.export_epoch);
-    SELECT e.epoch INTO ep FROM usage_billing.export_epoch e;
-
-    WITH cand AS (
-        SELECT a.customer_id, a.meter, a.period_start, a.period_end,
-               floor(a.total) AS target,
-               m.aggregation IN ('sum', 'count') AS additive,
-               m.stripe_event_name, c.stripe_customer_id, c.stripe_account,
-               coalesce(s.planned, 0) AS planned,
-               coalesce(s.last_seq, 0) + 1 AS seq,
-               s.last_ts
-          FROM usage_billing.aggregate_totals a
-          JOIN usage_billing.meters m ON m.meter = a.meter
-          JOIN usage_billing.customers c ON c.customer_id = a.customer_id
-          LEFT JOIN usage_billing.export_state s
-                 ON s.customer_id = a.customer_id AND s.meter = a.meter AND s.period_start = a.period_start
-         WHERE m.stripe_event_name IS NOT NULL
-           AND c.stripe_customer_id IS NOT NULL
-           AND a.total >= 0
-           AND extract(epoch FROM a.period_start) <= now_s + 240
-           AND CASE WHEN m.aggregation IN ('sum', 'count')
-                    THEN floor(a.total) > coalesce(s.planned, 0)
-                    ELSE floor(a.total) <> coalesce(s.planned, 0) END
-           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_outbox o
-                            WHERE o.customer_id = a.customer_id AND o.meter = a.meter
-                              AND o.period_start = a.period_start
-                              AND o.status IN ('pending', 'failed'))
-         ORDER BY a.period_start, a.customer_id, a.meter
-         LIMIT max_rows
-    ), timed AS (
-        SELECT cand.*,
-               greatest(least(now_s, extract(epoch FROM period_end)::bigint - 1),
-                        extract(epoch FROM period_start)::bigint) AS ts_raw
-          FROM cand
-    ), ev AS (
-        SELECT timed.*,
-               CASE WHEN NOT additive AND last_ts IS NOT NULL AND ts_raw <= last_ts
-                         AND last_ts + 1 < extract(epoch FROM period_end)::bigint
-                    THEN last_ts + 1 ELSE ts_raw END AS event_ts,
-               'ub-' || ep || '-'
-                   || left(md5(customer_id || chr(31) || meter || chr(31)
-                               || extract(epoch FROM period_start)::bigint::text), 24)
-                   || '-' || seq::text AS ident
-          FROM timed
-    ), ins AS (
-        INSERT INTO usage_billing.export_outbox
-            (customer_id, meter, period_start, seq, stripe_customer_id, stripe_account, event_name,
-             value, additive, identifier, idempotency_key, event_ts, status, last_error)
-        SELECT customer_id, meter, period_start, seq, stripe_customer_id, stripe_account, stripe_event_name,
-               CASE WHEN additive THEN target - planned ELSE target END, additive,
-               ident, ident, event_ts,
-               CASE WHEN event_ts < horizon THEN 'failed' ELSE 'pending' END,
-               CASE WHEN event_ts < horizon
-                    THEN 'the period ended more than 35 days ago: Stripe no longer accepts events for it' END
-          FROM ev
-        RETURNING customer_id, meter, period_start, seq, event_ts
-    )
-    INSERT INTO usage_billing.export_state AS s (customer_id, meter, period_start, planned, last_seq, last_ts)
-    SELECT i.customer_id, i.meter, i.period_start, e.target, i.seq, i.event_ts
-      FROM ins i
-      JOIN ev e ON e.customer_id = i.customer_id AND e.meter = i.meter AND e.period_start = i.period_start
-    ON CONFLICT (customer_id, meter, period_start) DO UPDATE
-        SET planned = EXCLUDED.planned, last_seq = EXCLUDED.last_seq, last_ts = EXCLUDED.last_ts;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
-$$;
-
 -- The export attempts and the finalized invoice lines name their customer, as every other row
 -- with customer data does: on Citus they live in their customer's shard (distribute_with_citus).
 ALTER TABLE usage_billing.export_attempts ADD COLUMN customer_id text;
@@ -3413,384 +3289,6 @@ BEGIN
     END LOOP;
 END
 $rls$;
-
--- export_record: the attempts name their customer, the batch's instant is read once; otherwise as
--- in 1.0.
-CREATE OR REPLACE FUNCTION usage_billing.export_record(
-    outbox_ids bigint[], outcomes text[], http_statuses integer[], request_ids text[], errors text[],
-    retry_in_ms integer[], rotate_keys boolean[], durations_ms integer[])
-RETURNS void
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-/*
- * Records the outcomes of one batch of HTTP attempts (parallel arrays, one element per
- * outbox row): sent (Stripe holds it), retry (later, same identifier; after an error
- * answer with a new Idempotency-Key, since Stripe replays saved answers), failed.
- * A batch holds at most one row per customer and meter.
- */
-DECLARE
-    -- one instant for the batch, as a value: Citus refuses volatile functions in UPDATE
-    now_t constant timestamptz := clock_timestamp();
-    cids text[];
-    cid text;
-    row_meter text;
-    row_ps timestamptz;
-    row_seq integer;
-    row_value numeric;
-    row_additive boolean;
-    row_attempts integer;
-    v_id bigint;
-    v_outcome text;
-    v_status text;
-    v_http integer;
-    v_request text;
-    v_error text;
-    v_next timestamptz;
-    v_sent_at timestamptz;
-    v_rotate boolean;
-BEGIN
-    IF usage_billing.citus_distributed() THEN
-        -- row by row in its customer's shard: Citus cannot join the batch's arrays with the
-        -- outbox's shards in one modifying statement
-        -- the rows' customers in one read over the shards
-        SELECT array_agg(o.customer_id ORDER BY k.i) INTO cids
-          FROM unnest(outbox_ids) WITH ORDINALITY AS k(id, i)
-          LEFT JOIN (SELECT x.outbox_id, x.customer_id FROM usage_billing.export_outbox x
-                      WHERE x.outbox_id = ANY (outbox_ids)) o ON o.outbox_id = k.id;
-        FOR i IN 1 .. coalesce(array_length(outbox_ids, 1), 0) LOOP
-            cid := cids[i];
-            CONTINUE WHEN cid IS NULL;
-            -- plain values only in the statements (Citus deparses them for the shard)
-            v_id := outbox_ids[i];
-            v_outcome := outcomes[i];
-            v_status := CASE v_outcome WHEN 'sent' THEN 'sent' WHEN 'failed' THEN 'failed' ELSE 'pending' END;
-            v_http := http_statuses[i];
-            v_request := request_ids[i];
-            v_error := errors[i];
-            v_next := now_t + coalesce(retry_in_ms[i], 0) * interval '1 millisecond';
-            v_sent_at := CASE WHEN v_outcome = 'sent' THEN now_t END;
-            v_rotate := coalesce(rotate_keys[i], false);
-            UPDATE usage_billing.export_outbox o
-               SET attempts = o.attempts + 1,
-                   status = v_status,
-                   next_attempt_at = v_next,
-                   last_attempt_at = now_t,
-                   last_http_status = v_http,
-                   last_request_id = v_request,
-                   last_error = v_error,
-                   sent_at = v_sent_at,
-                   idempotency_key = CASE WHEN v_rotate
-                                          THEN o.identifier || '-k' || (o.attempts + 1)::text
-                                          ELSE o.idempotency_key END
-             WHERE o.customer_id = cid AND o.outbox_id = v_id AND o.status = 'pending'
-            RETURNING o.meter, o.period_start, o.seq, o.value, o.additive, o.attempts
-                 INTO row_meter, row_ps, row_seq, row_value, row_additive, row_attempts;
-            CONTINUE WHEN NOT FOUND;
-            INSERT INTO usage_billing.export_attempts
-                (customer_id, outbox_id, attempt, attempted_at, outcome, http_status, request_id, error,
-                 duration_ms)
-            VALUES (cid, v_id, row_attempts, now_t, v_outcome, v_http, v_request, v_error, durations_ms[i]);
-            IF v_outcome = 'sent' THEN
-                UPDATE usage_billing.export_state s
-                   SET exported = CASE WHEN row_additive THEN s.exported + row_value
-                                       WHEN row_seq > s.exported_seq THEN row_value
-                                       ELSE s.exported END,
-                       exported_seq = greatest(s.exported_seq, row_seq),
-                       attempts = s.attempts + 1, last_attempt_at = now_t, last_http_status = v_http,
-                       last_request_id = v_request, last_error = v_error
-                 WHERE s.customer_id = cid AND s.meter = row_meter AND s.period_start = row_ps;
-            ELSE
-                UPDATE usage_billing.export_state s
-                   SET attempts = s.attempts + 1, last_attempt_at = now_t, last_http_status = v_http,
-                       last_request_id = v_request, last_error = v_error
-                 WHERE s.customer_id = cid AND s.meter = row_meter AND s.period_start = row_ps;
-            END IF;
-        END LOOP;
-        RETURN;
-    END IF;
-    WITH r AS (
-        SELECT * FROM unnest(outbox_ids, outcomes, http_statuses, request_ids, errors,
-                             retry_in_ms, rotate_keys, durations_ms)
-               AS r(outbox_id, outcome, http_status, request_id, error, retry_ms, rotate, duration_ms)
-    ), upd AS (
-        UPDATE usage_billing.export_outbox o
-           SET attempts = o.attempts + 1,
-               status = CASE r.outcome WHEN 'sent' THEN 'sent' WHEN 'failed' THEN 'failed' ELSE 'pending' END,
-               next_attempt_at = now_t + make_interval(secs => coalesce(r.retry_ms, 0) / 1000.0),
-               last_attempt_at = now_t,
-               last_http_status = r.http_status,
-               last_request_id = r.request_id,
-               last_error = r.error,
-               sent_at = CASE WHEN r.outcome = 'sent' THEN now_t END,
-               idempotency_key = CASE WHEN r.rotate
-                                      THEN o.identifier || '-k' || (o.attempts + 1)::text
-                                      ELSE o.idempotency_key END
-          FROM r
-         WHERE o.outbox_id = r.outbox_id AND o.status = 'pending'
-        RETURNING o.outbox_id, o.customer_id, o.meter, o.period_start, o.seq, o.value, o.additive,
-                  o.attempts, o.last_attempt_at, r.outcome, r.http_status, r.request_id, r.error,
-                  r.duration_ms
-    ), att AS (
-        INSERT INTO usage_billing.export_attempts
-            (customer_id, outbox_id, attempt, attempted_at, outcome, http_status, request_id, error,
-             duration_ms)
-        SELECT customer_id, outbox_id, attempts, last_attempt_at, outcome, http_status, request_id, error,
-               duration_ms
-          FROM upd
-    )
-    UPDATE usage_billing.export_state s
-       SET exported = CASE WHEN u.outcome <> 'sent' THEN s.exported
-                           WHEN u.additive THEN s.exported + u.value
-                           WHEN u.seq > s.exported_seq THEN u.value
-                           ELSE s.exported END,
-           exported_seq = CASE WHEN u.outcome = 'sent' THEN greatest(s.exported_seq, u.seq) ELSE s.exported_seq END,
-           attempts = s.attempts + 1,
-           last_attempt_at = u.last_attempt_at,
-           last_http_status = u.http_status,
-           last_request_id = u.request_id,
-           last_error = u.error
-      FROM upd u
-     WHERE s.customer_id = u.customer_id AND s.meter = u.meter AND s.period_start = u.period_start;
-END
-$$;
-
--- export_cancel_plan: a cancel is looked up with its customer (an identifier belongs to one),
--- which Citus needs to join co-located shards; otherwise as in 1.3.
-CREATE OR REPLACE FUNCTION usage_billing.export_cancel_plan(cancel_window interval, max_rows integer DEFAULT 1000)
-RETURNS integer
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-/*
- * Writes the cancels that bring what Stripe holds down to floor(total) where a correction
- * lowered a sum/count total: per customer, meter and period, the cancellable events newest
- * first, as long as the ones before cover less than the excess.  Skips a period with an open
- * (pending or failed) outbox row or a pending cancel: its level is not known yet.
- */
-DECLARE
-    n integer;
-BEGIN
-    IF max_rows IS NULL OR max_rows < 1 THEN
-        RAISE EXCEPTION 'max_rows must be positive'
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF cancel_window IS NULL OR cancel_window <= interval '0' THEN
-        RETURN 0;
-    END IF;
-    PERFORM pg_advisory_xact_lock(7245170349586201);
-
-    WITH over AS (
-        SELECT s.customer_id, s.meter, s.period_start, s.planned - floor(a.total) AS excess
-          FROM usage_billing.export_state s
-          JOIN usage_billing.aggregate_totals a
-            ON a.customer_id = s.customer_id AND a.meter = s.meter AND a.period_start = s.period_start
-          JOIN usage_billing.meters m ON m.meter = s.meter
-         WHERE m.aggregation IN ('sum', 'count')
-           AND s.planned > floor(a.total)
-           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_outbox o
-                            WHERE o.customer_id = s.customer_id AND o.meter = s.meter
-                              AND o.period_start = s.period_start
-                              AND o.status IN ('pending', 'failed'))
-           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_cancels x
-                            WHERE x.customer_id = s.customer_id AND x.meter = s.meter
-                              AND x.period_start = s.period_start AND x.status = 'pending')
-         ORDER BY s.period_start, s.customer_id, s.meter
-         LIMIT max_rows
-    ), cand AS (
-        SELECT o.outbox_id, o.customer_id, o.meter, o.period_start, o.identifier, o.event_name,
-               o.value, over.excess,
-               coalesce(sum(o.value) OVER (PARTITION BY o.customer_id, o.meter, o.period_start
-                                           ORDER BY o.seq DESC
-                                           ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS newer
-          FROM over
-          JOIN usage_billing.export_outbox o
-            ON o.customer_id = over.customer_id AND o.meter = over.meter AND o.period_start = over.period_start
-         WHERE o.status = 'sent' AND o.additive AND o.value > 0
-           AND o.created_at > clock_timestamp() - cancel_window
-           AND NOT EXISTS (SELECT 1 FROM usage_billing.export_cancels x
-                            WHERE x.customer_id = o.customer_id AND x.identifier = o.identifier)
-    )
-    INSERT INTO usage_billing.export_cancels
-        (customer_id, meter, period_start, outbox_id, identifier, event_name, value, idempotency_key)
-    SELECT customer_id, meter, period_start, outbox_id, identifier, event_name, value,
-           'ubc-' || identifier
-      FROM cand
-     WHERE newer < excess;
-    GET DIAGNOSTICS n = ROW_COUNT;
-    RETURN n;
-END
-$$;
-
--- finalize_one: the lines name their customer and are joined with it; otherwise as in 1.4.
-CREATE OR REPLACE FUNCTION usage_billing.finalize_one(cid text, ps timestamptz, pe timestamptz)
-RETURNS bigint
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-DECLARE
-    iid bigint;
-    num integer;
-    cur text;
-    n integer := 0;
-    tot numeric := 0;
-    k timestamptz;
-    r record;
-BEGIN
-    SELECT p.currency INTO cur
-      FROM usage_billing.customers c JOIN usage_billing.plans p ON p.plan = c.plan
-     WHERE c.customer_id = cid;
-    iid := nextval(pg_get_serial_sequence('usage_billing.invoices', 'invoice_id'));
-
-    FOR r IN SELECT * FROM usage_billing.price_period(cid, ps) LOOP
-        n := n + 1;
-        INSERT INTO usage_billing.invoice_lines
-            (customer_id, invoice_id, line_no, line, meter, segment_start, quantity, unit_price, amount,
-             for_period_start, usage_total, pricing)
-        VALUES (cid, iid, n, r.line, r.meter, r.segment_start, r.quantity, r.unit_price, r.amount,
-                ps, r.usage_total, r.pricing);
-        tot := tot + r.amount;
-    END LOOP;
-
-    FOR k IN
-        SELECT i.period_start
-          FROM usage_billing.invoices i
-         WHERE i.customer_id = cid AND i.period_start < ps
-           AND (EXISTS (SELECT 1
-                          FROM usage_billing.invoiced_totals t
-                          LEFT JOIN usage_billing.aggregate_totals a
-                                 ON a.customer_id = t.customer_id AND a.meter = t.meter
-                                AND a.period_start = t.period_start
-                         WHERE t.customer_id = cid AND t.period_start = i.period_start
-                           AND t.total IS DISTINCT FROM coalesce(a.total, 0))
-                OR EXISTS (SELECT 1
-                             FROM usage_billing.aggregate_totals a
-                            WHERE a.customer_id = cid AND a.period_start = i.period_start
-                              AND a.total <> 0
-                              AND NOT EXISTS (SELECT 1 FROM usage_billing.invoiced_totals t
-                                               WHERE t.customer_id = cid AND t.meter = a.meter
-                                                 AND t.period_start = a.period_start)))
-         ORDER BY i.period_start
-    LOOP
-        FOR r IN
-            SELECT p.meter, p.segment_start, p.usage_total, o.pricing,
-                   p.usage_total - b.last_total AS quantity,
-                   usage_billing.round_money(coalesce(usage_billing.price_usage(o.pricing, p.usage_total), 0), cur)
-                       - b.billed AS delta
-              FROM usage_billing.price_period(cid, k) p
-              JOIN usage_billing.invoices oi ON oi.customer_id = cid AND oi.period_start = k
-              JOIN usage_billing.invoice_lines o
-                ON o.customer_id = oi.customer_id AND o.invoice_id = oi.invoice_id AND o.line = 'usage' AND o.meter = p.meter
-               AND o.segment_start = p.segment_start
-             CROSS JOIN LATERAL (
-                   SELECT sum(l.amount) AS billed,
-                          (array_agg(l.usage_total ORDER BY l.invoice_id DESC, l.line_no DESC))[1] AS last_total
-                     FROM usage_billing.invoices li
-                     JOIN usage_billing.invoice_lines l
-                       ON l.customer_id = li.customer_id AND l.invoice_id = li.invoice_id
-                    WHERE li.customer_id = cid AND l.for_period_start = k AND l.meter = p.meter
-                      AND l.segment_start = p.segment_start
-                      AND l.line IN ('usage', 'credit', 'debit')) b
-             WHERE p.line = 'usage'
-             ORDER BY p.segment_start, p.meter
-        LOOP
-            CONTINUE WHEN r.delta = 0;
-            n := n + 1;
-            INSERT INTO usage_billing.invoice_lines
-                (customer_id, invoice_id, line_no, line, meter, segment_start, quantity, unit_price, amount,
-                 for_period_start, usage_total, pricing)
-            VALUES (cid, iid, n, CASE WHEN r.delta < 0 THEN 'credit' ELSE 'debit' END, r.meter,
-                    r.segment_start, r.quantity, NULL, r.delta, k, r.usage_total, r.pricing);
-            tot := tot + r.delta;
-        END LOOP;
-        -- the period is billed as it is now
-        DELETE FROM usage_billing.invoiced_totals t WHERE t.customer_id = cid AND t.period_start = k;
-        INSERT INTO usage_billing.invoiced_totals (customer_id, meter, period_start, total)
-        SELECT cid, a.meter, k, a.total FROM usage_billing.aggregate_totals a
-         WHERE a.customer_id = cid AND a.period_start = k;
-    END LOOP;
-
-    INSERT INTO usage_billing.invoiced_totals (customer_id, meter, period_start, total)
-    SELECT cid, a.meter, ps, a.total FROM usage_billing.aggregate_totals a
-     WHERE a.customer_id = cid AND a.period_start = ps;
-
-    tot := usage_billing.round_money(tot, cur);
-    n := n + 1;
-    INSERT INTO usage_billing.invoice_lines (customer_id, invoice_id, line_no, line, amount, for_period_start)
-    VALUES (cid, iid, n, 'total', tot, ps);
-    SELECT coalesce(max(i.invoice_number), 0) + 1 INTO num
-      FROM usage_billing.invoices i WHERE i.customer_id = cid;
-    INSERT INTO usage_billing.invoices
-        (invoice_id, invoice_number, customer_id, period_start, period_end, currency, total,
-         status, finalized_at)
-    OVERRIDING SYSTEM VALUE
-    VALUES (iid, num, cid, ps, pe, cur, tot, 'finalized', now());
-    PERFORM pg_notify('usage_billing_invoices',
-                      json_build_object('invoice_id', iid, 'invoice_number', num, 'customer_id', cid,
-                                        'period_start', ps, 'period_end', pe, 'currency', cur,
-                                        'total', tot)::text);
-    RETURN iid;
-END
-$$;
-
--- export_cancel_record: the instant read once, as a value; otherwise as in 1.0.
-CREATE OR REPLACE FUNCTION usage_billing.export_cancel_record(
-    cancel_id bigint, outcome text, http_status integer, request_id text, error text,
-    retry_in_ms integer, rotate_key boolean)
-RETURNS boolean
-LANGUAGE plpgsql VOLATILE
-SET search_path = pg_catalog, pg_temp
-AS $$
-/*
- * Records one cancel attempt: cancelled (Stripe dropped the event: its value leaves planned
- * and exported), refused (for good: the value stays, needs_manual_credit shows it) or retry
- * (same identifier later; with a new Idempotency-Key after an error answer, since Stripe
- * replays saved answers).  Only a pending row changes, so a replayed outcome counts once.
- * Returns whether the cancel was confirmed now.
- */
-DECLARE
-    now_t constant timestamptz := clock_timestamp();
-    done boolean;
-BEGIN
-    IF outcome NOT IN ('cancelled', 'refused', 'retry') THEN
-        RAISE EXCEPTION 'unknown cancel outcome "%"', outcome
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    PERFORM pg_advisory_xact_lock(7245170349586201);
-    WITH c AS (
-        UPDATE usage_billing.export_cancels x
-           SET attempts = x.attempts + 1,
-               status = CASE export_cancel_record.outcome WHEN 'retry' THEN 'pending'
-                             ELSE export_cancel_record.outcome END,
-               next_attempt_at = now_t
-                                 + make_interval(secs => coalesce(retry_in_ms, 0) / 1000.0),
-               last_attempt_at = now_t,
-               last_http_status = export_cancel_record.http_status,
-               last_request_id = export_cancel_record.request_id,
-               last_error = export_cancel_record.error,
-               done_at = CASE WHEN export_cancel_record.outcome <> 'retry' THEN now_t END,
-               idempotency_key = CASE WHEN rotate_key
-                                      THEN 'ubc-' || x.identifier || '-k' || (x.attempts + 1)::text
-                                      ELSE x.idempotency_key END
-         WHERE x.cancel_id = export_cancel_record.cancel_id AND x.status = 'pending'
-        RETURNING x.customer_id, x.meter, x.period_start, x.value, x.status
-    ), st AS (
-        UPDATE usage_billing.export_state s
-           SET planned = CASE WHEN c.status = 'cancelled' THEN s.planned - c.value ELSE s.planned END,
-               exported = CASE WHEN c.status = 'cancelled' THEN s.exported - c.value ELSE s.exported END,
-               attempts = s.attempts + 1,
-               last_attempt_at = now_t,
-               last_http_status = export_cancel_record.http_status,
-               last_request_id = export_cancel_record.request_id,
-               last_error = export_cancel_record.error
-          FROM c
-         WHERE s.customer_id = c.customer_id AND s.meter = c.meter AND s.period_start = c.period_start
-        RETURNING c.status
-    )
-    SELECT coalesce(bool_or(st.status = 'cancelled'), false) INTO done FROM st;
-    RETURN done;
-END
-$$;
 
 -- current_usage: the plan in force found with a join, as in effective_limits above (plan_at()
 -- per row cannot run inside a query on a Citus shard); otherwise as in 1.4.
