@@ -30,16 +30,6 @@
 
 static Oid	key_types[3] = {TEXTOID, TEXTOID, TIMESTAMPTZOID};
 
-/* A numeric column of the first result row, copied; NULL for SQL NULL. */
-static Numeric
-first_numeric(int col)
-{
-	bool		isnull;
-	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col, &isnull);
-
-	return isnull ? NULL : DatumGetNumericCopy(d);
-}
-
 /* Does this database's schema have reservations (version 1.4 on)? */
 bool
 ub_reservations_installed(void)
@@ -77,7 +67,7 @@ ub_reservations_expire(const char *customer_id, const char *meter, TimestampTz p
 						   args, NULL, false, 0);
 	if (ret != SPI_OK_UPDATE_RETURNING)
 		elog(ERROR, "expiring reservations failed: %s", SPI_result_code_string(ret));
-	return SPI_processed > 0 ? first_numeric(1) : ub_num_zero();
+	return SPI_processed > 0 ? ub_col_numeric(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1) : ub_num_zero();
 }
 
 /* The live holds of a key (not past expires_at), for readers.  Inside SPI. */
@@ -97,5 +87,5 @@ ub_reservations_live(const char *customer_id, const char *meter, TimestampTz per
 										 3, key_types),
 						 args, NULL, true, 1) != SPI_OK_SELECT || SPI_processed != 1)
 		elog(ERROR, "reading reservations failed");
-	return first_numeric(1);
+	return ub_col_numeric(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 }

@@ -76,16 +76,6 @@ typedef struct Reservation
 	TimestampTz ended_at;
 } Reservation;
 
-/* A numeric column of the first result row, copied; NULL for SQL NULL. */
-static Numeric
-first_numeric(int col)
-{
-	bool		isnull;
-	Datum		d = SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, col, &isnull);
-
-	return isnull ? NULL : DatumGetNumericCopy(d);
-}
-
 /* Raises 22023 for an argument of a reservation function. */
 static void
 bad_argument(const char *msg, const char *detail, const char *hint)
@@ -160,7 +150,7 @@ lock_reservation(pg_uuid_t *id, const char *name, Reservation *r)
 	r->amount = DatumGetNumericCopy(SPI_getbinval(t, d, 4, &isnull));
 	r->expires_at = DatumGetTimestampTz(SPI_getbinval(t, d, 5, &isnull));
 	r->status = ub_col_text(t, d, 6);
-	r->committed_amount = first_numeric(7);
+	r->committed_amount = ub_col_numeric(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 7);
 	r->ended_at = DatumGetTimestampTz(SPI_getbinval(t, d, 8, &isnull));
 	if (isnull)
 		r->ended_at = 0;
@@ -332,9 +322,9 @@ ub_reserve_usage(PG_FUNCTION_ARGS)
 						   args, nulls, false, 0);
 	if (ret != SPI_OK_INSERT_RETURNING || SPI_processed != 1)
 		elog(ERROR, "locking the aggregate failed: %s", SPI_result_code_string(ret));
-	total = first_numeric(1);
+	total = ub_col_numeric(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 1);
 	slotted = DatumGetBool(SPI_getbinval(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 2, &isnull));
-	held = first_numeric(3);
+	held = ub_col_numeric(SPI_tuptable->vals[0], SPI_tuptable->tupdesc, 3);
 	/* a hold is a decision at the cap: on the exact total */
 	if (slotted)
 		total = ub_num_add(total, ub_escrow_fold_locked(in.customer_id, in.meter, pe.period_start));
