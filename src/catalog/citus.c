@@ -16,7 +16,8 @@
  *
  * The answer is found in pg_dist_partition (present when Citus is installed,
  * synced to the workers with the metadata) and kept until the next relcache
- * invalidation of any relation: distributing a table invalidates it.
+ * invalidation of any relation: distributing a table invalidates it, and
+ * every transaction takes the invalidations committed before it starts.
  *-------------------------------------------------------------------------
  */
 #include "postgres.h"
@@ -80,7 +81,6 @@ ub_distributed(void)
 		CacheRegisterRelcacheCallback(forget_distributed, (Datum) 0);
 		callback_registered = true;
 	}
-	AcceptInvalidationMessages();
 	if (!known)
 	{
 		distributed = customers_distributed();
